@@ -1,0 +1,25 @@
+"""transformer_jax: the Transformer family (encoder-decoder, GPT, BERT) as Flax Linen modules.
+
+    import jax, jax.numpy as jnp
+    from transformer_jax import GPT, GPTConfig
+
+    model = GPT(GPTConfig.gpt2())
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+    logits = model.apply({'params': params}, ids)  # (B, T, V) float32
+"""
+
+from transformer_jax import masks
+from transformer_jax.config import BlockConfig
+from transformer_jax.masks import causal_mask, combine_masks, cross_attention_mask, key_mask, padding_mask
+from transformer_jax.models import (BERT, GPT, BERTConfig, BERTForMaskedLM, BERTForSequenceClassification,
+                                    GPTConfig, Transformer, TransformerConfig)
+from transformer_jax.modules import *  # noqa: F401,F403
+from transformer_jax.modules import __all__ as _modules_all
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'BERT', 'BERTConfig', 'BERTForMaskedLM', 'BERTForSequenceClassification', 'BlockConfig', 'GPT', 'GPTConfig',
+    'Transformer', 'TransformerConfig', 'causal_mask', 'combine_masks', 'cross_attention_mask', 'key_mask', 'masks',
+    'padding_mask', *_modules_all,
+]

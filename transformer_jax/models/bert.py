@@ -1,0 +1,120 @@
+"""BERT: an encoder-only Transformer with a pooler, a masked-LM head and a classification head."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from transformer_jax.config import BlockConfig
+from transformer_jax.models.common import default_positions, key_mask_or_none, token_validity
+from transformer_jax.modules.blocks import EncoderLayer, Stack, make_norm
+from transformer_jax.modules.embeddings import LearnedPositionalEmbedding, TokenEmbedding
+from transformer_jax.activations import ACTIVATIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class BERTConfig(BlockConfig):
+  """Encoder-only architecture. Defaults are BERT-base (uncased)."""
+
+  vocab_size: int = 30522
+  type_vocab_size: int = 2  # segments A/B
+  max_len: int = 512
+  num_layers: int = 12
+  d_model: int = 768
+  num_heads: int = 12
+  d_ff: int = 3072
+  activation: str = 'gelu'  # exact erf GELU
+  norm_eps: float = 1e-12
+  init_std: float | None = 0.02
+  pad_id: int | None = 0
+  num_labels: int = 2  # classification head outputs
+  classifier_dropout_rate: float | None = None  # None: dropout_rate
+
+  def _check(self):
+    problems = []
+    for name in ('vocab_size', 'type_vocab_size', 'num_labels'):
+      if getattr(self, name) < 1:
+        problems.append(f'{name} must be positive, got {getattr(self, name)}')
+    if self.pre_norm:
+      problems.append('BERT is post-norm; pre_norm=True is not this architecture')
+    if self.pad_id is not None and not 0 <= self.pad_id < self.vocab_size:
+      problems.append(f'pad_id={self.pad_id} is outside the vocabulary [0, {self.vocab_size})')
+    return problems
+
+  @classmethod
+  def base(cls, **overrides):
+    """BERT-base: 12 layers, d_model 768, 12 heads (110M parameters)."""
+    return cls(**overrides)
+
+  @classmethod
+  def large(cls, **overrides):
+    """BERT-large: 24 layers, d_model 1024, 16 heads."""
+    return cls(**{**dict(num_layers=24, d_model=1024, num_heads=16, d_ff=4096), **overrides})
+
+
+class BERT(nn.Module):
+  """The encoder: ``(B, T)`` ids -> ``((B, T, D)`` sequence output, ``(B, D)`` pooled ``[CLS]`` or ``None``)."""
+
+  config: BERTConfig
+  add_pooler: bool = True
+
+  @nn.compact
+  def __call__(self, ids, *, token_type_ids=None, valid=None, deterministic: bool = True):
+    """``valid``: ``(B, T)``, True for real tokens (default from ``pad_id``); ``token_type_ids`` default 0."""
+    cfg = self.config
+    valid = token_validity(ids, valid, cfg.pad_id, cfg.max_len, 'input')
+    token_type_ids = jnp.zeros_like(ids) if token_type_ids is None else token_type_ids
+    if token_type_ids.shape != ids.shape:
+      raise ValueError(f'token_type_ids has shape {tuple(token_type_ids.shape)}, expected {tuple(ids.shape)}')
+    table = lambda vocab, name: TokenEmbedding(  # noqa: E731
+        vocab, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, embedding_init=cfg.kernel_init,
+        name=name)
+    x = table(cfg.vocab_size, 'token_embed')(ids)  # (B, T, D)
+    x = x + LearnedPositionalEmbedding(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
+                                       param_dtype=cfg.weight_dtype, embedding_init=cfg.kernel_init,
+                                       name='positions')(default_positions(ids))
+    x = x + table(cfg.type_vocab_size, 'token_type_embed')(token_type_ids)
+    x = make_norm(cfg, 'embed_norm')(x)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = Stack(cfg, EncoderLayer, cfg.num_layers, name='encoder')(x, key_mask_or_none(valid),
+                                                                 deterministic=deterministic)
+    pooled = None
+    if self.add_pooler:
+      pooled = jnp.tanh(nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                                 kernel_init=cfg.kernel_init, name='pooler')(x[:, 0]))  # (B, D)
+    return x, pooled
+
+
+class BERTForMaskedLM(nn.Module):
+  """BERT with the masked-LM head: ``(B, T)`` ids -> ``(B, T, V)`` float32 logits (decoder tied to the embedding)."""
+
+  config: BERTConfig
+
+  @nn.compact
+  def __call__(self, ids, *, token_type_ids=None, valid=None, deterministic: bool = True):
+    cfg = self.config
+    bert = BERT(cfg, add_pooler=False, name='bert')
+    x, _ = bert(ids, token_type_ids=token_type_ids, valid=valid, deterministic=deterministic)
+    x = nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, kernel_init=cfg.kernel_init,
+                 name='mlm_dense')(x)
+    x = make_norm(cfg, 'mlm_norm')(ACTIVATIONS[cfg.activation](x))
+    table = bert.variables['params']['token_embed']['embedding']  # (V, D), tied decoder
+    bias = self.param('mlm_bias', nn.initializers.zeros, (cfg.vocab_size,), cfg.weight_dtype)
+    return jnp.einsum('btd,vd->btv', x.astype(jnp.float32), table.astype(jnp.float32)) + bias.astype(jnp.float32)
+
+
+class BERTForSequenceClassification(nn.Module):
+  """BERT with a classifier on the pooled ``[CLS]`` output: ``(B, T)`` ids -> ``(B, num_labels)`` float32 logits."""
+
+  config: BERTConfig
+
+  @nn.compact
+  def __call__(self, ids, *, token_type_ids=None, valid=None, deterministic: bool = True):
+    cfg = self.config
+    _, pooled = BERT(cfg, name='bert')(ids, token_type_ids=token_type_ids, valid=valid, deterministic=deterministic)
+    rate = cfg.dropout_rate if cfg.classifier_dropout_rate is None else cfg.classifier_dropout_rate
+    pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
+    return nn.Dense(cfg.num_labels, dtype=jnp.float32, param_dtype=cfg.weight_dtype, kernel_init=cfg.kernel_init,
+                    name='classifier')(pooled.astype(jnp.float32))

@@ -1,0 +1,112 @@
+"""GPT: a decoder-only Transformer (learned positions, pre-norm, final norm, tied head)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from transformer_jax import masks
+from transformer_jax.config import BlockConfig
+from transformer_jax.models.common import (POSITION_ENCODINGS, default_positions, key_mask_or_none,
+                                           make_position_encoding, token_validity)
+from transformer_jax.modules.blocks import EncoderLayer, Stack
+from transformer_jax.modules.embeddings import TokenEmbedding
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig(BlockConfig):
+  """Decoder-only architecture. Defaults are GPT-2 small; see :meth:`gpt2` and :meth:`course` for presets."""
+
+  vocab_size: int = 50257
+  max_len: int = 1024  # block size
+  num_layers: int = 12
+  d_model: int = 768
+  num_heads: int = 12
+  d_ff: int = 3072
+  activation: str = 'gelu_tanh'
+  pre_norm: bool = True
+  final_norm: bool = True
+  init_std: float | None = 0.02
+  fused_qkv: bool = True  # GPT-2 stores one c_attn projection
+  tie_output: bool = True  # logits = final hidden @ token embedding^T
+  output_bias: bool = False
+  position_encoding: str = 'learned'
+  pad_id: int | None = None  # GPT-2 has no padding token: pass `valid` for padded batches
+
+  def _check(self):
+    problems = []
+    if self.vocab_size < 1:
+      problems.append('vocab_size must be positive')
+    if self.position_encoding not in POSITION_ENCODINGS:
+      problems.append(f'position_encoding must be one of {POSITION_ENCODINGS}, got {self.position_encoding!r}')
+    if self.pad_id is not None and not 0 <= self.pad_id < self.vocab_size:
+      problems.append(f'pad_id={self.pad_id} is outside the vocabulary [0, {self.vocab_size})')
+    return problems
+
+  @classmethod
+  def gpt2(cls, size: str = 'small', **overrides):
+    """GPT-2 ``'small'`` (124M), ``'medium'``, ``'large'`` or ``'xl'``."""
+    shapes = {'small': (12, 768, 12), 'medium': (24, 1024, 16), 'large': (36, 1280, 20), 'xl': (48, 1600, 25)}
+    if size not in shapes:
+      raise ValueError(f'unknown GPT-2 size {size!r}; expected one of {sorted(shapes)}')
+    layers, width, heads = shapes[size]
+    return cls(**{**dict(num_layers=layers, d_model=width, num_heads=heads, d_ff=4 * width), **overrides})
+
+  @classmethod
+  def course(cls, **overrides):
+    """The course's nanoGPT-style model (seed 004): bias-free Q/K/V, ReLU FFN, a separate biased output layer."""
+    return cls(**{**dict(vocab_size=65, max_len=256, num_layers=6, d_model=384, num_heads=6, d_ff=1536,
+                         activation='relu', qkv_bias=False, fused_qkv=False, tie_output=False, output_bias=True,
+                         dropout_rate=0.2, attention_dropout_rate=0.2), **overrides})
+
+
+class GPT(nn.Module):
+  """Causal language model: ``(B, T)`` ids -> ``(B, T, V)`` float32 next-token logits.
+
+  Parameters: ``token_embed``, ``positions`` (learned), ``decoder`` (:class:`Stack` of causal :class:`EncoderLayer`\\ s
+  with a final norm), and ``output`` unless the head is tied.
+  """
+
+  config: GPTConfig
+
+  def setup(self):
+    cfg = self.config
+    self.token_embed = TokenEmbedding(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                                      param_dtype=cfg.weight_dtype, embedding_init=cfg.kernel_init)
+    self.positions = make_position_encoding(cfg, cfg.position_encoding)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.decoder = Stack(cfg, EncoderLayer, cfg.num_layers)
+    if not cfg.tie_output:
+      self.output = nn.Dense(cfg.vocab_size, use_bias=cfg.output_bias, dtype=jnp.float32,
+                             param_dtype=cfg.weight_dtype, kernel_init=cfg.kernel_init)
+    elif cfg.output_bias:
+      self.output_bias = self.param('output_bias', nn.initializers.zeros, (cfg.vocab_size,), cfg.weight_dtype)
+
+  def hidden_states(self, ids, *, valid=None, positions=None, deterministic: bool = True):
+    """``(B, T)`` ids -> ``(B, T, D)`` final (normed) hidden states.
+
+    ``valid``: ``(B, T)``, True for real tokens (Hugging Face's ``attention_mask``); padded keys are never attended.
+    ``positions``: ``(B, T)`` position ids, default ``0..T-1`` (left-padded prompts pass their own).
+    """
+    cfg = self.config
+    valid = token_validity(ids, valid, cfg.pad_id, cfg.max_len, 'input')
+    positions = default_positions(ids) if positions is None else positions
+    x = self.token_embed(ids)  # (B, T, D)
+    if self.positions is not None:
+      x = x + self.positions(positions)
+    x = self.dropout(x, deterministic=deterministic)
+    mask = masks.combine_masks(masks.causal_mask(ids.shape[1]), key_mask_or_none(valid))  # (B|1, 1, T, T)
+    return self.decoder(x, mask, deterministic=deterministic)
+
+  def logits(self, x):
+    """``(B, T, D)`` -> ``(B, T, V)`` float32 logits."""
+    cfg = self.config
+    if cfg.tie_output:
+      out = self.token_embed.attend(x)
+      return out + self.output_bias.astype(jnp.float32) if cfg.output_bias else out
+    return self.output(x.astype(jnp.float32))
+
+  def __call__(self, ids, *, valid=None, positions=None, deterministic: bool = True):
+    return self.logits(self.hidden_states(ids, valid=valid, positions=positions, deterministic=deterministic))

@@ -1,0 +1,129 @@
+"""Scaled dot-product attention and multi-head attention.
+
+Layouts: queries ``(B, T, H, K)``, keys and values ``(B, S, H, K)``, weights ``(B, H, T, S)``; masks are boolean with
+``True`` = may attend, broadcastable to ``[B, H, T, S]`` (see :mod:`transformer_jax.masks`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from transformer_jax.validation import check_attention_mask
+
+Implementation = Literal['xla', 'cudnn'] | None
+
+
+def _full_mask(mask, batch: int, q_len: int, kv_len: int):
+  """Broadcast batch and sequence axes (not heads): ``jax.nn.dot_product_attention``'s cuDNN path rejects a mask
+  with singleton sequence axes (jax#28974)."""
+  return jnp.broadcast_to(mask, (batch, mask.shape[1], q_len, kv_len))
+
+
+def dot_product_attention(query, key, value, mask=None, *, dropout_rate: float = 0.0, dropout_rng=None,
+                          deterministic: bool = True, return_weights: bool = False,
+                          implementation: Implementation = None):
+  """``softmax(q k^T / sqrt(K)) v`` with boolean masking.
+
+  Args:
+    query: ``(B, T, H, K)``.
+    key: ``(B, S, H, K)``.
+    value: ``(B, S, H, K)``.
+    mask: boolean, broadcastable to ``(B, H, T, S)``; ``True`` = may attend.
+    dropout_rate, dropout_rng, deterministic: dropout on the attention weights (needs ``dropout_rng`` when active).
+    return_weights: also return the ``(B, H, T, S)`` float32 weights (forces the explicit path).
+    implementation: passed to ``jax.nn.dot_product_attention`` on the fast path (``'cudnn'`` on GPUs).
+
+  Returns:
+    ``(B, T, H, K)`` in the query's dtype, or ``(output, weights)``. A query row whose every key is masked gets zero
+    weights and a zero output (never NaN). Logits and softmax are float32 whatever the input dtype.
+  """
+  batch, q_len, heads, head_dim = query.shape
+  kv_len = key.shape[1]
+  if key.shape != value.shape or key.shape[0] != batch or key.shape[2:] != (heads, head_dim):
+    raise ValueError(f'attention shapes disagree: query {query.shape}, key {key.shape}, value {value.shape}')
+  if mask is not None:
+    check_attention_mask(mask, batch, heads, q_len, kv_len)
+  use_dropout = dropout_rate > 0.0 and not deterministic
+  if use_dropout and dropout_rng is None:
+    raise ValueError('attention dropout is active (deterministic=False) but no dropout_rng was given')
+
+  if not return_weights and not use_dropout:
+    full = None if mask is None else _full_mask(mask, batch, q_len, kv_len)
+    out = jax.nn.dot_product_attention(query, key, value, mask=full, implementation=implementation)
+    if mask is not None:  # rows with no visible key: zeros, not a uniform average over masked keys
+      row_ok = jnp.any(full, axis=-1)  # (B, H|1, T)
+      out = jnp.where(jnp.transpose(row_ok, (0, 2, 1))[..., None], out, 0)
+    return out
+
+  logits = jnp.einsum('BTHK,BSHK->BHTS', query, key, preferred_element_type=jnp.float32)
+  logits = logits.astype(jnp.float32) / math.sqrt(head_dim)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1)  # (B, H, T, S)
+  if mask is not None:
+    weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+  applied = weights
+  if use_dropout:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    applied = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum('BHTS,BSHK->BTHK', applied.astype(value.dtype), value)
+  return (out, weights) if return_weights else out
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention for self- (``inputs_kv=None``) and cross-attention.
+
+  Parameters: ``query``/``key``/``value`` kernels ``(D, H, K)`` or, with ``fused_qkv``, one ``qkv`` kernel
+  ``(D, 3, H, K)`` (self-attention only); ``out`` kernel ``(H, K, D)``. Applied with ``mutable=['intermediates']``
+  it also sows the ``(B, H, T, S)`` attention weights under ``attention_weights``.
+  """
+
+  num_heads: int
+  head_dim: int | None = None  # default: D // num_heads
+  qkv_bias: bool = True
+  out_bias: bool = True
+  fused_qkv: bool = False
+  dropout_rate: float = 0.0
+  implementation: Implementation = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv=None, mask=None, *, deterministic: bool = True):
+    """``(B, T, D)`` queries, optional ``(B, S, D)`` keys/values -> ``(B, T, D)``."""
+    features = inputs_q.shape[-1]
+    if self.head_dim is None and features % self.num_heads:
+      raise ValueError(f'd_model={features} is not divisible by num_heads={self.num_heads}')
+    head_dim = self.head_dim or features // self.num_heads
+    dense = lambda shape, name: nn.DenseGeneral(  # noqa: E731
+        shape, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init, name=name)
+
+    if self.fused_qkv:
+      if inputs_kv is not None:
+        raise ValueError('fused_qkv projects one input; cross-attention needs separate query and key/value inputs')
+      qkv = dense((3, self.num_heads, head_dim), 'qkv')(inputs_q)  # (B, T, 3, H, K)
+      query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+      query = dense((self.num_heads, head_dim), 'query')(inputs_q)  # (B, T, H, K)
+      key = dense((self.num_heads, head_dim), 'key')(inputs_kv)  # (B, S, H, K)
+      value = dense((self.num_heads, head_dim), 'value')(inputs_kv)  # (B, S, H, K)
+
+    want_weights = self.is_mutable_collection('intermediates')
+    use_dropout = self.dropout_rate > 0.0 and not deterministic
+    result = dot_product_attention(
+        query, key, value, mask, dropout_rate=self.dropout_rate,
+        dropout_rng=self.make_rng('dropout') if use_dropout else None, deterministic=deterministic,
+        return_weights=want_weights, implementation=self.implementation)
+    if want_weights:
+      result, weights = result
+      self.sow('intermediates', 'attention_weights', weights)
+    return nn.DenseGeneral(features, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
+                           param_dtype=self.param_dtype, kernel_init=self.kernel_init, name='out')(result)
