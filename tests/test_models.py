@@ -111,15 +111,14 @@ def test_bert_parameter_counts():
 
 # ---------------------------------------------------------------- shapes and dtypes
 
-def init_apply(model, *args, **kw):
-  variables = model.init(jax.random.key(0), *args, **kw)
-  return variables, model.apply(variables, *args, **kw)
+def init_apply(model, *args):
+  variables = jax.jit(model.init)(jax.random.key(0), *args)
+  return variables, jax.jit(model.apply)(variables, *args)
 
 
 def test_output_shapes():
-  _, logits = init_apply(Transformer(tiny_transformer()), SRC, TGT)
+  variables, logits = init_apply(Transformer(tiny_transformer()), SRC, TGT)
   assert logits.shape == (B, T, TGT_V) and logits.dtype == jnp.float32
-  variables = Transformer(tiny_transformer()).init(jax.random.key(0), SRC, TGT)
   memory = Transformer(tiny_transformer()).apply(variables, SRC, method=Transformer.encode)
   assert memory.shape == (B, S, D)
   _, logits = init_apply(GPT(tiny_gpt()), IDS)
@@ -283,11 +282,11 @@ def test_scan_and_remat_equal_the_plain_stack(family, variant):
   other_params = to_scan_layout(params, stacks) if variant.get('scan_layers') else params
   assert jax.tree.map(jnp.shape, other.init(jax.random.key(0), *args)['params']) == jax.tree.map(jnp.shape,
                                                                                                   other_params)
-  np.testing.assert_allclose(other.apply({'params': other_params}, *args), plain.apply({'params': params}, *args),
-                             atol=1e-5)
+  np.testing.assert_allclose(jax.jit(other.apply)({'params': other_params}, *args),
+                             jax.jit(plain.apply)({'params': params}, *args), atol=1e-5)
   loss = lambda m: lambda p: jnp.mean(m.apply({'params': p}, *args) ** 2)  # noqa: E731
-  g_plain = jax.grad(loss(plain))(params)
-  g_other = jax.grad(loss(other))(other_params)
+  g_plain = jax.jit(jax.grad(loss(plain)))(params)
+  g_other = jax.jit(jax.grad(loss(other)))(other_params)
   expected = to_scan_layout(g_plain, stacks) if variant.get('scan_layers') else g_plain
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_other, expected)
 
