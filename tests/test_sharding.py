@@ -1,0 +1,85 @@
+"""Logical axis names, mesh construction and sharded equality (8 simulated devices in a subprocess)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from transformer_jax import BERTForMaskedLM, BERTConfig, GPT, GPTConfig, Transformer, TransformerConfig
+from transformer_jax.sharding import (check_batch_divisible, make_mesh, param_logical_axes, param_shardings)
+
+TINY = dict(num_layers=2, d_model=12, num_heads=3, d_ff=20, max_len=16)
+IDS = jnp.ones((2, 5), jnp.int32)
+WORKER = pathlib.Path(__file__).parent / 'workers' / 'sharded_forward.py'
+
+
+def shapes(model, *args):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), *args))['params']
+
+
+@pytest.mark.parametrize('model,args', [
+    (GPT(GPTConfig(vocab_size=41, **TINY)), (IDS,)),
+    (GPT(GPTConfig(vocab_size=41, scan_layers=True, fused_qkv=False, tie_output=False, **TINY)), (IDS,)),
+    (Transformer(TransformerConfig(src_vocab_size=31, tgt_vocab_size=37, **TINY)), (IDS, IDS)),
+    (BERTForMaskedLM(BERTConfig(vocab_size=41, **TINY)), (IDS,)),
+], ids=['gpt', 'gpt_scan_untied', 'transformer', 'bert_mlm'])
+def test_every_parameter_gets_one_name_per_axis(model, args):
+  params = shapes(model, *args)
+  axes = param_logical_axes(params)
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  for (path, leaf), names in zip(flat, jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+    assert len(names) == leaf.ndim, (path, names)
+    keys = [getattr(k, 'key', '') for k in path]
+    if 'layers' in keys:
+      assert names[0] == 'layers'
+    if keys[-1] == 'kernel' and keys[-2] in ('query', 'qkv', 'fc_in'):
+      assert names[-len(leaf.shape) + ('layers' in keys)] == 'embed'
+
+
+def test_shardings_on_a_single_device_mesh_replicate():
+  params = shapes(GPT(GPTConfig(vocab_size=41, **TINY)), IDS)
+  mesh = make_mesh(devices=jax.devices()[:1])
+  for sharding in jax.tree.leaves(param_shardings(params, mesh)):
+    assert all(axis is None for axis in sharding.spec), sharding.spec
+
+
+@pytest.mark.parametrize('sizes,message', [
+    ((2, 1, 1), r'mesh data=2 x fsdp=1 x tensor=1 = 2 devices, but 1 are available'),
+    ((-1, -1, 1), 'at most one -1'),
+    ((0, 1, 1), 'positive'),
+    ((-1, 3, 1), 'not divisible by the fixed axes'),
+], ids=['too_big', 'two_wildcards', 'zero', 'indivisible'])
+def test_impossible_meshes_are_rejected(sizes, message):
+  with pytest.raises(ValueError, match=message):
+    make_mesh(*sizes, devices=jax.devices()[:1])
+
+
+def test_batch_must_divide_over_data_axes():
+  class FakeMesh:
+    shape = {'data': 2, 'fsdp': 2, 'tensor': 2}
+  check_batch_divisible(8, FakeMesh())
+  with pytest.raises(ValueError, match='batch size 6 does not divide across the 4 data-parallel devices'):
+    check_batch_divisible(6, FakeMesh())
+
+
+@pytest.mark.slow
+def test_sharded_forward_and_gradients_equal_one_device():
+  result = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True, timeout=600, check=True)
+  rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+  assert {(r['model'], r['mesh']) for r in rows} == {
+      (m, mesh) for m in ('gpt', 'transformer') for mesh in ('data', 'fsdp', 'tensor', 'fsdp_tensor')}
+  for r in rows:
+    assert r['out_diff'] < 1e-5 and r['grad_diff'] < 1e-5, r
+    specs = r['specs']
+    qkv = specs.get('decoder/layers_0/self_attention/qkv/kernel') or specs['decoder/layers_0/self_attention/query/kernel']
+    ffn = specs['decoder/layers_0/ffn/fc_in/kernel']
+    if r['mesh'] == 'data':
+      assert all('fsdp' not in s and 'tensor' not in s for s in specs.values())
+    if r['mesh'] in ('fsdp', 'fsdp_tensor'):
+      assert qkv.startswith("P('fsdp'"), qkv
+    if r['mesh'] in ('tensor', 'fsdp_tensor'):
+      assert "'tensor'" in qkv and ffn.endswith("'tensor')"), (qkv, ffn)
