@@ -13,6 +13,7 @@ from transformer_jax.models.common import (POSITION_ENCODINGS, default_positions
                                            make_position_encoding, token_validity)
 from transformer_jax.modules.blocks import EncoderLayer, Stack
 from transformer_jax.modules.embeddings import TokenEmbedding
+from transformer_jax.validation import check_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +94,26 @@ class GPT(nn.Module):
     cfg = self.config
     valid = token_validity(ids, valid, cfg.pad_id, cfg.max_len, 'input')
     positions = default_positions(ids) if positions is None else positions
+    x = self._embed(ids, positions, deterministic)
+    mask = masks.combine_masks(masks.causal_mask(ids.shape[1]), key_mask_or_none(valid))  # (B|1, 1, T, T)
+    return self.decoder(x, mask, deterministic=deterministic)
+
+  def decode_step(self, ids, *, positions, cache_valid=None):
+    """Cached decoding (apply with ``mutable=['cache']``): ``(B, T)`` ids continuing the cached sequence -> ``(B, T, V)``
+    float32 logits. The first call prefills the prompt, later ones feed one token each.
+
+    ``positions``: ``(B, T)`` position ids of the new tokens. ``cache_valid``: ``(B, S)`` over every cache slot, True
+    for real tokens (False for left padding); slots not yet written are hidden by causality whatever it says.
+    """
+    check_shape(positions, ids.shape, 'positions')
+    x = self._embed(ids, positions, deterministic=True)
+    return self.logits(self.decoder(x, key_mask_or_none(cache_valid), decode=True))
+
+  def _embed(self, ids, positions, deterministic):
     x = self.token_embed(ids)  # (B, T, D)
     if self.positions is not None:
       x = x + self.positions(positions)
-    x = self.dropout(x, deterministic=deterministic)
-    mask = masks.combine_masks(masks.causal_mask(ids.shape[1]), key_mask_or_none(valid))  # (B|1, 1, T, T)
-    return self.decoder(x, mask, deterministic=deterministic)
+    return self.dropout(x, deterministic=deterministic)
 
   def logits(self, x):
     """``(B, T, D)`` -> ``(B, T, V)`` float32 logits."""

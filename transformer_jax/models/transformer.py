@@ -13,6 +13,7 @@ from transformer_jax.models.common import (POSITION_ENCODINGS, default_positions
                                            make_position_encoding, token_validity)
 from transformer_jax.modules.blocks import DecoderLayer, EncoderLayer, Stack
 from transformer_jax.modules.embeddings import TokenEmbedding
+from transformer_jax.validation import check_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +99,10 @@ class Transformer(nn.Module):
   def _target_table(self) -> TokenEmbedding:
     return self.source_embed if self.config.share_embeddings else self.target_embed
 
-  def _embed(self, ids, table, positions_module, deterministic):
+  def _embed(self, ids, table, positions_module, deterministic, positions=None):
     x = table(ids)  # (B, T, D)
     if positions_module is not None:
-      x = x + positions_module(default_positions(ids))
+      x = x + positions_module(default_positions(ids) if positions is None else positions)
     return self.dropout(x, deterministic=deterministic)
 
   def encode(self, src_ids, *, src_valid=None, deterministic: bool = True):
@@ -125,6 +126,18 @@ class Transformer(nn.Module):
     x = self._embed(tgt_ids, self._target_table(), self.target_positions, deterministic)
     x = self.decoder(x, self_mask, memory, key_mask_or_none(memory_valid), deterministic=deterministic)
     return self.logits(x)
+
+  def decode_step(self, tgt_ids, memory, *, positions, memory_valid=None):
+    """Cached decoding (apply with ``mutable=['cache']``): ``(B, T)`` target ids continuing the cached prefix ->
+    ``(B, T, V)`` float32 logits.
+
+    ``memory``: the ``(B, S, D)`` encoder output on the first call, whose cross-attention keys/values are cached;
+    ``None`` on later calls. ``positions``: ``(B, T)`` target positions. ``memory_valid``: ``(B, S)`` real source
+    tokens, on every call. Every fed target token counts as real.
+    """
+    check_shape(positions, tgt_ids.shape, 'positions')
+    x = self._embed(tgt_ids, self._target_table(), self.target_positions, True, positions)
+    return self.logits(self.decoder(x, None, memory, key_mask_or_none(memory_valid), decode=True))
 
   def logits(self, x):
     """``(B, T, D)`` decoder output -> ``(B, T, V)`` float32 logits."""

@@ -12,7 +12,9 @@ from typing import Any, Callable, Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
+from transformer_jax import masks
 from transformer_jax.validation import check_attention_mask
 
 Implementation = Literal['xla', 'cudnn'] | None
@@ -81,6 +83,12 @@ class MultiHeadAttention(nn.Module):
   Parameters: ``query``/``key``/``value`` kernels ``(D, H, K)`` or, with ``fused_qkv``, one ``qkv`` kernel
   ``(D, 3, H, K)`` (self-attention only); ``out`` kernel ``(H, K, D)``. Applied with ``mutable=['intermediates']``
   it also sows the ``(B, H, T, S)`` attention weights under ``attention_weights``.
+
+  With ``decode=True`` (applied with ``mutable=['cache']``, see :mod:`transformer_jax.generation`) it reads and writes
+  the ``'cache'`` collection. Self-attention writes the chunk's keys and values into fixed-size ``cached_key`` /
+  ``cached_value`` buffers ``(B, S, H, K)`` at ``cache_index`` and attends to every slot written so far.
+  Cross-attention stores the projected encoder output as ``memory_key`` / ``memory_value`` when ``inputs_kv`` is given,
+  and later calls pass ``inputs_kv=None`` to reuse them, so the memory is projected once per sequence.
   """
 
   num_heads: int
@@ -95,12 +103,13 @@ class MultiHeadAttention(nn.Module):
   kernel_init: Callable = nn.initializers.xavier_uniform()
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv=None, mask=None, *, deterministic: bool = True):
+  def __call__(self, inputs_q, inputs_kv=None, mask=None, *, deterministic: bool = True, decode: bool = False):
     """``(B, T, D)`` queries, optional ``(B, S, D)`` keys/values -> ``(B, T, D)``."""
     features = inputs_q.shape[-1]
     if self.head_dim is None and features % self.num_heads:
       raise ValueError(f'd_model={features} is not divisible by num_heads={self.num_heads}')
     head_dim = self.head_dim or features // self.num_heads
+    cross = inputs_kv is not None
     dense = lambda shape, name: nn.DenseGeneral(  # noqa: E731
         shape, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=self.kernel_init, name=name)
@@ -115,6 +124,8 @@ class MultiHeadAttention(nn.Module):
       query = dense((self.num_heads, head_dim), 'query')(inputs_q)  # (B, T, H, K)
       key = dense((self.num_heads, head_dim), 'key')(inputs_kv)  # (B, S, H, K)
       value = dense((self.num_heads, head_dim), 'value')(inputs_kv)  # (B, S, H, K)
+    if decode:
+      key, value, mask = self._use_cache(key, value, mask, cross)
 
     want_weights = self.is_mutable_collection('intermediates')
     use_dropout = self.dropout_rate > 0.0 and not deterministic
@@ -127,3 +138,22 @@ class MultiHeadAttention(nn.Module):
       self.sow('intermediates', 'attention_weights', weights)
     return nn.DenseGeneral(features, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
                            param_dtype=self.param_dtype, kernel_init=self.kernel_init, name='out')(result)
+
+  def _use_cache(self, key, value, mask, cross: bool):
+    """The keys, values ``(B, S, H, K)`` and mask to attend with in cached decoding (see the class docstring)."""
+    if cross:
+      self.put_variable('cache', 'memory_key', key)
+      self.put_variable('cache', 'memory_value', value)
+      return key, value, mask
+    if self.has_variable('cache', 'memory_key'):
+      # Cross-attention after the first step; the keys/values just projected from the query are unused (XLA drops them).
+      return self.get_variable('cache', 'memory_key'), self.get_variable('cache', 'memory_value'), mask
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+    index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+    start, chunk, size = index.value, key.shape[1], cached_key.value.shape[1]
+    cached_key.value = lax.dynamic_update_slice(cached_key.value, key, (0, start, 0, 0))
+    cached_value.value = lax.dynamic_update_slice(cached_value.value, value, (0, start, 0, 0))
+    index.value = start + chunk
+    # Slots past the chunk hold zeros (or stale entries): causality with the chunk's offset hides them.
+    return cached_key.value, cached_value.value, masks.combine_masks(mask, masks.causal_mask(chunk, size, start))

@@ -43,13 +43,14 @@ class EncoderLayer(nn.Module):
 
   config: BlockConfig
   deterministic: bool = True
+  decode: bool = False  # cached decoding: see MultiHeadAttention
 
   @nn.compact
   def __call__(self, x, mask=None):
     """``(B, T, D)``, mask broadcastable to ``(B, H, T, T)`` -> ``(B, T, D)``."""
     cfg = self.config
     attn = make_attention(cfg, 'self_attention', cfg.fused_qkv)
-    x = residual(cfg, x, lambda h: attn(h, mask=mask, deterministic=self.deterministic),
+    x = residual(cfg, x, lambda h: attn(h, mask=mask, deterministic=self.deterministic, decode=self.decode),
                  make_norm(cfg, 'self_attention_norm'), self.deterministic)
     ffn = FeedForward(cfg.d_ff, cfg.activation, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                       kernel_init=cfg.kernel_init, name='ffn')
@@ -61,16 +62,18 @@ class DecoderLayer(nn.Module):
 
   config: BlockConfig
   deterministic: bool = True
+  decode: bool = False  # cached decoding: memory=None after the first step reuses the cached memory keys/values
 
   @nn.compact
   def __call__(self, x, self_mask, memory, cross_mask=None):
     """``(B, T, D)`` targets, ``(B, S, D)`` memory; masks ``(B, H, T, T)`` and ``(B, H, T, S)`` -> ``(B, T, D)``."""
     cfg = self.config
     self_attn = make_attention(cfg, 'self_attention', cfg.fused_qkv)
-    x = residual(cfg, x, lambda h: self_attn(h, mask=self_mask, deterministic=self.deterministic),
+    x = residual(cfg, x, lambda h: self_attn(h, mask=self_mask, deterministic=self.deterministic, decode=self.decode),
                  make_norm(cfg, 'self_attention_norm'), self.deterministic)
     cross_attn = make_attention(cfg, 'cross_attention', fused_qkv=False)
-    x = residual(cfg, x, lambda h: cross_attn(h, memory, mask=cross_mask, deterministic=self.deterministic),
+    x = residual(cfg, x, lambda h: cross_attn(h, memory, mask=cross_mask, deterministic=self.deterministic,
+                                              decode=self.decode),
                  make_norm(cfg, 'cross_attention_norm'), self.deterministic)
     ffn = FeedForward(cfg.d_ff, cfg.activation, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                       kernel_init=cfg.kernel_init, name='ffn')
@@ -94,21 +97,24 @@ class Stack(nn.Module):
   num_layers: int
 
   @nn.compact
-  def __call__(self, x, *args, deterministic: bool = True):
-    """``(B, T, D)`` and the layer's extra arguments (masks, memory) -> ``(B, T, D)``."""
+  def __call__(self, x, *args, deterministic: bool = True, decode: bool = False):
+    """``(B, T, D)`` and the layer's extra arguments (masks, memory) -> ``(B, T, D)``.
+
+    ``decode``: cached decoding (apply with ``mutable=['cache']``); under scan each cache leaf gains a leading ``L``.
+    """
     cfg = self.config
     layer_cls = self.layer_cls
     if cfg.remat_policy != 'none':
       # prevent_cse only matters outside scan; inside scan it just blocks optimisations.
       layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      scan = nn.scan(_scan_body, variable_axes={'params': 0, 'intermediates': 0},
+      scan = nn.scan(_scan_body, variable_axes={'params': 0, 'intermediates': 0, 'cache': 0},
                      split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,) * len(args),
                      length=self.num_layers)
-      x, _ = scan(layer_cls(cfg, deterministic, name='layers'), x, *args)
+      x, _ = scan(layer_cls(cfg, deterministic, decode, name='layers'), x, *args)
     else:
       for i in range(self.num_layers):
-        x = layer_cls(cfg, deterministic, name=f'layers_{i}')(x, *args)
+        x = layer_cls(cfg, deterministic, decode, name=f'layers_{i}')(x, *args)
     if cfg.final_norm:
       x = make_norm(cfg, 'final_norm')(x)
     return x
