@@ -1,0 +1,89 @@
+"""The default job: a small character-level GPT on the Python reference docs (``pydoc_data.topics``), a few
+minutes on two CPU cores. Every other preset starts from this one."""
+
+import ml_collections
+
+from train.configs import model_fields
+from transformer_jax import GPTConfig
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Which model family and objective: 'lm' (GPT), 'translation' (encoder-decoder), 'mlm' or 'classify' (BERT).
+  config.task = 'lm'
+  # Seeds parameter init, dropout and the data order.
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  # A UTF-8 text file, a folder of them, or 'builtin' (the Python reference docs, no download).
+  config.data.path = 'builtin'
+  # 'char', 'byte', 'word' or 'bpe' (trained with `tokenizers`); saved as vocab.json in the workdir.
+  config.data.vocab = 'char'
+  # Vocabulary size of a 'bpe' vocab, specials included.
+  config.data.bpe_vocab_size = 4096
+  # The tail of the token stream held out for evaluation.
+  config.data.val_fraction = 0.05
+  # Tokens per training sequence (at most model.max_len).
+  config.data.seq_len = 128
+
+  config.model = model_fields(
+      GPTConfig,
+      num_layers=3,
+      d_model=128,
+      num_heads=4,
+      d_ff=512,
+      max_len=128,  # positions the model learns; >= data.seq_len
+      dropout_rate=0.0,  # 250 steps see each token about once: nothing to overfit yet
+      attention_dropout_rate=0.0,
+      dtype='float32',  # compute dtype: 'bfloat16' on accelerators; parameters stay float32 (param_dtype)
+  )
+
+  # Sequences per optimizer step (split over grad_accum_steps micro-batches).
+  config.batch_size = 16
+  # Micro-batches per step: the gradient of the whole batch, at the memory of one micro-batch.
+  config.grad_accum_steps = 1
+  # Optimizer steps of this run; re-running with a larger value continues a finished run.
+  config.num_train_steps = 250
+  # Length of the learning-rate schedule; 0 means num_train_steps.
+  config.decay_steps = 0
+
+  # Peak learning rate, reached after warmup_steps.
+  config.learning_rate = 3e-3
+  config.warmup_steps = 25
+  # 'cosine', 'linear', 'constant' or 'rsqrt' (the original Transformer's inverse square root).
+  config.lr_schedule = 'cosine'
+  # Final learning rate of 'cosine'/'linear' as a fraction of the peak.
+  config.end_lr_ratio = 0.1
+  # AdamW; decay applies to kernels only, never to biases, norms or embeddings.
+  config.weight_decay = 0.1
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.99
+  config.adam_eps = 1e-8
+  # Gradients are rescaled to at most this global norm; 0 disables clipping.
+  config.grad_clip_norm = 1.0
+  # Target mass spread uniformly over the vocabulary; padding never counts.
+  config.label_smoothing = 0.0
+  # A non-finite loss or gradient: False stops the run (last good checkpoint kept), True skips that update.
+  config.skip_nonfinite_updates = False
+
+  # Progress line, TensorBoard and metrics.jsonl every this many steps.
+  config.log_every_steps = 25
+  # Evaluate on the held-out split every this many steps (and at the end).
+  config.eval_every_steps = 50
+  # Batches of the held-out split per evaluation.
+  config.eval_batches = 4
+  # Save every this many steps (and at the end, and on SIGTERM/SIGINT).
+  config.checkpoint_every_steps = 100
+  # Checkpoints kept: the newest keep_last plus the keep_best with the best validation metric.
+  config.keep_last = 2
+  config.keep_best = 1
+  # Where compiled programs are cached across runs; '' = ~/.cache/transformer_jax/jax (or $XDG_CACHE_HOME).
+  config.compilation_cache_dir = ''
+
+  config.sample = ml_collections.ConfigDict()
+  # The end-of-run sample: a prompt, then sampled tokens.
+  config.sample.prompt = 'The '
+  config.sample.max_new_tokens = 300
+  config.sample.temperature = 0.8
+  config.sample.top_k = 0  # 0: no top-k filtering
+  return config

@@ -1,0 +1,237 @@
+"""Data: text sources, memory-mapped token files, and batches that are a pure function of the step.
+
+Every batch is drawn by ``numpy.random.default_rng([seed, step])`` (or from the per-epoch permutation of that seed),
+so the data position of a run is its step: a resumed run reads exactly the batches the uninterrupted run would have.
+Everything here raises a clear ``ValueError``/``FileNotFoundError`` before any compiling starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from typing import Iterator
+
+import numpy as np
+
+from train.vocab import BOS, EOS, MASK, PAD, SPECIALS, Vocab
+from transformer_jax.validation import check_token_ids
+
+BUILTIN = 'builtin'
+CHUNK_CHARS = 1 << 20  # texts are read and tokenized about a megabyte at a time, so memory stays flat
+
+
+# ----------------------------------------------------------------------------------------------------------- text
+def text_files(path: str) -> list[str]:
+  """The files a text source names: one file, or every file under a folder (sorted, hidden ones skipped)."""
+  if os.path.isdir(path):
+    files = sorted(f for f in glob.glob(os.path.join(path, '**', '*'), recursive=True)
+                   if os.path.isfile(f) and not os.path.basename(f).startswith('.'))
+    if not files:
+      raise ValueError(f'the folder {path} holds no files')
+    return files
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'data file {path} does not exist')
+  return [path]
+
+
+def builtin_corpus() -> str:
+  """The Python reference documentation that ships with every Python (``pydoc_data.topics``), about 0.5 MB."""
+  from pydoc_data.topics import topics
+  return '\n\n'.join(topics[k] for k in sorted(topics))
+
+
+def read_texts(path: str) -> Iterator[str]:
+  """Yields the UTF-8 text of ``path`` (a file, a folder, or ``'builtin'``) in chunks of whole lines.
+
+  Raises ``ValueError`` naming the file for undecodable bytes or when the source holds no text at all.
+  """
+  if path == BUILTIN:
+    yield builtin_corpus()
+    return
+  empty = True
+  for name in text_files(path):
+    try:
+      with open(name, encoding='utf-8') as f:
+        while chunk := ''.join(f.readlines(CHUNK_CHARS)):
+          empty = empty and not chunk.strip()
+          yield chunk
+    except UnicodeDecodeError as e:
+      raise ValueError(f'{name} is not valid UTF-8 text ({e.reason} at byte {e.start} of a chunk)') from None
+  if empty:
+    raise ValueError(f'the text source {path} is empty')
+
+
+# ----------------------------------------------------------------------------------------------------- token file
+def write_token_file(texts: Iterator[str], vocab: Vocab, path: str) -> np.memmap:
+  """Tokenizes ``texts`` chunk by chunk into a flat binary file and returns it memory-mapped (read-only)."""
+  dtype = token_dtype(vocab.size)
+  with open(path + '.tmp', 'wb') as f:
+    for chunk in texts:
+      ids = np.asarray(vocab.encode(chunk), dtype=np.int64)
+      check_token_ids(ids, vocab.size, f'token ids of {path}')
+      f.write(ids.astype(dtype).tobytes())
+  os.replace(path + '.tmp', path)  # a killed run never leaves a half-written token file under the final name
+  return open_token_file(path, vocab.size)
+
+
+def token_dtype(vocab_size: int):
+  return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def open_token_file(path: str, vocab_size: int) -> np.memmap:
+  if os.path.getsize(path) == 0:
+    raise ValueError(f'the token file {path} is empty: the corpus holds no tokens')
+  return np.memmap(path, dtype=token_dtype(vocab_size), mode='r')
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first ``1 - val_fraction`` of the stream trains, the rest validates; each must hold a whole sequence."""
+  cut = int(len(tokens) * (1 - val_fraction))
+  train, val = tokens[:cut], tokens[cut:]
+  for name, part in (('training', train), ('validation', val)):
+    if len(part) < seq_len + 1:
+      raise ValueError(f'the {name} split has {len(part)} tokens, fewer than one sequence of seq_len + 1 = '
+                       f'{seq_len + 1}: use a bigger corpus, a shorter seq_len or another val_fraction')
+  return train, val
+
+
+def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
+  """Cross-entropy (nats/token) of ``val`` under the training split's token frequencies (add-one smoothed): the loss
+  of a model that ignores context, which a language model must beat."""
+  counts = np.ones(vocab_size)
+  for start in range(0, len(train), CHUNK_CHARS):
+    counts += np.bincount(train[start:start + CHUNK_CHARS], minlength=vocab_size)
+  log_p = np.log(counts / counts.sum())
+  val_counts = sum(np.bincount(val[s:s + CHUNK_CHARS], minlength=vocab_size) for s in range(0, len(val), CHUNK_CHARS))
+  return float(-(val_counts * log_p).sum() / val_counts.sum())
+
+
+# -------------------------------------------------------------------------------------------------------- windows
+def random_windows(tokens: np.ndarray, batch_size: int, length: int, seed: int, step: int) -> np.ndarray:
+  """``(B, length)`` windows at random offsets, drawn from ``(seed, step)`` alone."""
+  starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - length + 1, batch_size)
+  return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32)
+
+
+def consecutive_windows(tokens: np.ndarray, length: int, limit: int) -> np.ndarray:
+  """Up to ``limit`` non-overlapping ``(length,)`` windows from the start of ``tokens``: a fixed evaluation set."""
+  count = min(limit, len(tokens) // length)
+  return np.asarray(tokens[:count * length], dtype=np.int32).reshape(count, length)
+
+
+def lm_example(window: np.ndarray) -> dict:
+  """Next-token prediction on ``(B, T + 1)`` windows."""
+  return {'inputs': window[:, :-1], 'targets': window[:, 1:], 'weights': np.ones(window[:, 1:].shape, np.float32)}
+
+
+def mask_tokens(ids: np.ndarray, vocab_size: int, rng: np.random.Generator, prob: float = 0.15) -> dict:
+  """BERT's masking: ``prob`` of the tokens are predicted; of those 80% become ``[MASK]``, 10% a random token, 10%
+  stay. Only predicted positions carry loss weight. Specials are never chosen."""
+  chosen = (rng.random(ids.shape) < prob) & (ids >= len(SPECIALS))
+  action = rng.random(ids.shape)
+  random_ids = rng.integers(len(SPECIALS), vocab_size, ids.shape)
+  inputs = np.where(chosen & (action < 0.8), MASK, ids)
+  inputs = np.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+  return {'inputs': inputs.astype(np.int32), 'targets': ids.astype(np.int32), 'weights': chosen.astype(np.float32)}
+
+
+# ---------------------------------------------------------------------------------------------- example datasets
+def epoch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """The example indices of batch ``step``: consecutive slices of one shuffled permutation per epoch."""
+  flat = step * batch_size + np.arange(batch_size)
+  epochs, positions = np.divmod(flat, num_examples)
+  perms = {int(e): np.random.default_rng([seed, int(e)]).permutation(num_examples) for e in np.unique(epochs)}
+  return np.array([perms[int(e)][p] for e, p in zip(epochs, positions)])
+
+
+def pad_rows(rows: list[list[int]], length: int) -> np.ndarray:
+  """``(N, length)`` int32, right-padded with ``[PAD]``; rows must already fit."""
+  out = np.full((len(rows), length), PAD, np.int32)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row
+  return out
+
+
+def read_pairs(path: str) -> list[tuple[str, str]]:
+  """``source<TAB>target`` lines of a UTF-8 file; blank lines are skipped."""
+  pairs = []
+  for number, line in enumerate(_lines(path), 1):
+    if not line.strip():
+      continue
+    if '\t' not in line:
+      raise ValueError(f'{path}:{number}: no tab in this line; expected "source<TAB>target"')
+    source, target = line.rstrip('\r\n').split('\t', 1)
+    pairs.append((source, target))
+  if not pairs:
+    raise ValueError(f'{path} holds no "source<TAB>target" lines')
+  return pairs
+
+
+def encode_pairs(pairs, src_vocab: Vocab, tgt_vocab: Vocab, src_len: int, tgt_len: int) -> dict:
+  """Sources ``(N, S)``; target inputs ``[BOS] t`` and targets ``t [EOS]`` ``(N, T)``; longer pairs truncated."""
+  sources = [src_vocab.encode(s)[:src_len] for s, _ in pairs]
+  targets = [tgt_vocab.encode(t)[:tgt_len - 1] for _, t in pairs]
+  data = {'sources': pad_rows(sources, src_len), 'inputs': pad_rows([[BOS] + t for t in targets], tgt_len),
+          'targets': pad_rows([t + [EOS] for t in targets], tgt_len)}
+  check_token_ids(data['sources'], src_vocab.size, 'source ids')
+  check_token_ids(data['targets'], tgt_vocab.size, 'target ids')
+  data['weights'] = (data['targets'] != PAD).astype(np.float32)
+  return data
+
+
+def read_labelled(path: str) -> list[tuple[str, int]]:
+  """``text,label`` rows of a CSV (or a TSV, by extension); a first row whose label is not an integer is a header."""
+  delimiter = '\t' if path.endswith('.tsv') else ','
+  rows = []
+  for number, row in enumerate(csv.reader(_lines(path), delimiter=delimiter), 1):
+    if not row:
+      continue
+    if len(row) < 2:
+      raise ValueError(f'{path}:{number}: expected "text{delimiter}label", got {row!r}')
+    text, label = delimiter.join(row[:-1]), row[-1].strip()
+    try:
+      rows.append((text, int(label)))
+    except ValueError:
+      if number > 1:
+        raise ValueError(f'{path}:{number}: the label {label!r} is not an integer') from None
+  if not rows:
+    raise ValueError(f'{path} holds no "text,label" rows')
+  return rows
+
+
+def encode_labelled(rows, vocab: Vocab, max_len: int, num_labels: int) -> dict:
+  """``[CLS] text`` ids ``(N, max_len)`` (truncated) and labels ``(N,)``; labels must lie in ``[0, num_labels)``."""
+  labels = np.array([label for _, label in rows], np.int32)
+  bad = labels[(labels < 0) | (labels >= num_labels)]
+  if bad.size:
+    raise ValueError(f'labels {sorted(set(bad.tolist()))[:8]} lie outside [0, num_labels={num_labels})')
+  ids = pad_rows([[BOS] + vocab.encode(text)[:max_len - 1] for text, _ in rows], max_len)
+  check_token_ids(ids, vocab.size, 'text ids')
+  return {'inputs': ids, 'labels': labels}
+
+
+def _lines(path: str) -> Iterator[str]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'data file {path} does not exist')
+  try:
+    with open(path, encoding='utf-8', newline='') as f:
+      yield from f
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path} is not valid UTF-8 text ({e.reason} at byte {e.start} of a chunk)') from None
+
+
+def builtin_sentiment(count: int, seed: int) -> list[tuple[str, int]]:
+  """A tiny generated sentiment task (1 = positive) for running ``classify`` without files. A "not" before the
+  adjective flips the label, so a bag of words is not enough."""
+  subjects = ['the film', 'this book', 'the food', 'our trip', 'the show', 'that song', 'the hotel', 'my day']
+  good = ['great', 'wonderful', 'fun', 'lovely', 'excellent', 'charming']
+  bad = ['awful', 'boring', 'terrible', 'dull', 'bad', 'painful']
+  rng = np.random.default_rng(seed)
+  rows = []
+  for _ in range(count):
+    positive, negated = bool(rng.integers(2)), bool(rng.integers(2))
+    adjective = rng.choice(good if positive else bad)
+    text = f"{rng.choice(subjects)} was {'not ' if negated else ''}{adjective}"
+    rows.append((text, int(positive != negated)))
+  return rows

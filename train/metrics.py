@@ -1,0 +1,51 @@
+"""Where metrics go: TensorBoard scalars and ``metrics.jsonl`` in the workdir (one JSON object per line)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of ``workdir/metrics.jsonl``: ``{'step': ..., 'split': 'train' | 'eval', <metric>: value, ...}``."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricWriter:
+  """Writes ``{name: float}`` per step and split to TensorBoard (``workdir/tensorboard``) and ``metrics.jsonl``.
+
+  Opened for a run resuming at ``start_step``, it first drops the records past that step (written after the last
+  checkpoint of a killed run), so the file reads as one uninterrupted run.
+  """
+
+  def __init__(self, workdir: str, start_step: int):
+    path = os.path.join(workdir, METRICS_FILE)
+    kept = [r for r in read_metrics(workdir) if r['step'] <= start_step]
+    with open(path, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in kept)
+    self.jsonl = open(path, 'a')
+    self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, split: str, metrics: dict) -> None:
+    for name, value in metrics.items():
+      self.tensorboard.add_scalar(f'{split}/{name}', value, step)
+    self.jsonl.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
+    self.jsonl.flush()
+
+  def close(self) -> None:
+    self.jsonl.close()
+    self.tensorboard.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -1,0 +1,245 @@
+"""``train_and_evaluate(config, workdir)``: the whole training run, in small steps.
+
+Order of work: check the config, check it against any checkpoint in the workdir, read the data (every input error
+surfaces here, before anything compiles), build or restore the state, loop, save, summarise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from train.checkpoint import Checkpoints
+from train.metrics import MetricWriter
+from train.optim import SCHEDULES, make_optimizer
+from train.steps import create_state, evaluate, make_eval_step, make_train_step, split_micro_batches
+from train.tasks import TASKS, build_task
+from train.vocab import KINDS
+
+log = logging.getLogger('train')
+
+
+class NonFiniteError(RuntimeError):
+  """A non-finite loss or gradient with ``skip_nonfinite_updates=False``."""
+
+
+def check_config(config) -> None:
+  """Raises ``ValueError`` naming every impossible value (the model's own fields are checked by its config class)."""
+  problems = []
+  if config.task not in TASKS:
+    problems.append(f'task must be one of {sorted(TASKS)}, got {config.task!r}')
+  for name in ('batch_size', 'grad_accum_steps', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
+               'eval_batches', 'checkpoint_every_steps', 'keep_last'):
+    if not isinstance(config[name], int) or config[name] < 1:
+      problems.append(f'{name} must be a positive integer, got {config[name]!r}')
+  if not problems and config.batch_size % config.grad_accum_steps:
+    problems.append(f'batch_size={config.batch_size} is not divisible by grad_accum_steps={config.grad_accum_steps}')
+  for name in ('warmup_steps', 'decay_steps', 'keep_best'):
+    if config[name] < 0:
+      problems.append(f'{name} must be >= 0, got {config[name]}')
+  if not config.learning_rate > 0:
+    problems.append(f'learning_rate must be positive, got {config.learning_rate}')
+  if not 0 <= config.label_smoothing < 1:
+    problems.append(f'label_smoothing must lie in [0, 1), got {config.label_smoothing}')
+  if config.lr_schedule not in SCHEDULES:
+    problems.append(f'lr_schedule must be one of {SCHEDULES}, got {config.lr_schedule!r}')
+  if not 0 < config.data.get('val_fraction', 0.5) < 1:
+    problems.append(f'data.val_fraction must lie in (0, 1), got {config.data.val_fraction}')
+  for name in ('vocab', 'target_vocab'):
+    if config.data.get(name, 'char') not in KINDS:
+      problems.append(f'data.{name} must be one of {KINDS}, got {config.data[name]!r}')
+  if problems:
+    raise ValueError('invalid config: ' + '; '.join(problems))
+
+
+def setup_logging() -> None:
+  """Progress lines of the ``train`` logger to stderr (once), and the libraries' per-save chatter (Orbax logs every
+  file it writes at INFO) down to warnings."""
+  if not log.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+  logging.getLogger('absl').setLevel(logging.WARNING)
+
+
+def enable_compilation_cache(path: str) -> None:
+  """JAX's persistent cache: a re-run (or a resumed run) skips compiling. Private to this user: cached programs run
+  as code."""
+  cache_root = os.environ.get('XDG_CACHE_HOME', os.path.join(os.path.expanduser('~'), '.cache'))
+  path = path or os.path.join(cache_root, 'transformer_jax', 'jax')
+  os.makedirs(path, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', path)
+
+
+class StopSignals(contextlib.AbstractContextManager):
+  """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag the loop checks between steps, so the run saves a
+  checkpoint and returns instead of dying mid-step. A second signal of the same kind is handled by the default."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    self.received = signal.Signals(signum).name
+    signal.signal(signum, self._previous[signum])
+    log.warning('%s received: saving a checkpoint after this step, then stopping', self.received)
+
+  def __enter__(self):
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
+        pass
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def _due(step: int, every: int, last_step: int) -> bool:
+  return step % every == 0 or step == last_step
+
+
+class Run:
+  """One training run's moving parts, so the loop functions take one argument instead of ten."""
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.checkpoints = Checkpoints(workdir, config.keep_last, config.keep_best, TASKS[config.task].metric,
+                                   TASKS[config.task].metric_mode)
+    self.checkpoints.check_config(config.to_dict())
+    self.task = build_task(config, workdir)
+    self.eval_data = self.task.eval_batches()
+    optimizer, schedule = make_optimizer(config)
+    self.train_step = make_train_step(self.task, optimizer, schedule, config.label_smoothing,
+                                      config.skip_nonfinite_updates)
+    self.eval_step = make_eval_step(self.task)
+    self.state, meta = self.checkpoints.restore(create_state(self.task, optimizer, config.seed))
+    self.start_step = 0 if meta is None else meta['step']
+    self.last_eval: dict = {}
+    self.last_train: dict = {}
+
+  def meta(self, step: int) -> dict:
+    """The JSON record saved beside the state."""
+    return {'step': step, 'examples_seen': step * self.config.batch_size, 'config': self.config.to_dict()}
+
+  def check_finite(self) -> None:
+    """In stop mode, raises :class:`NonFiniteError` once any update was not finite (one small transfer)."""
+    bad = int(self.state.nonfinite_step)
+    if bad >= 0 and not self.config.skip_nonfinite_updates:
+      steps = self.checkpoints.steps()
+      kept = f'the last good checkpoint is step {steps[-1]} in {self.checkpoints.directory}' if steps else 'no checkpoint was saved'
+      raise NonFiniteError(f'non-finite loss or gradient at step {bad}: stopping ({kept}); set '
+                           'skip_nonfinite_updates=True to skip such updates instead')
+
+  def save(self, step: int, metrics: dict | None) -> None:
+    self.check_finite()
+    self.checkpoints.save(step, self.state, self.meta(step), metrics)
+
+
+def log_train(run: Run, writer: MetricWriter, step: int, pending: list, tokens: int, started: float, bar) -> None:
+  """Averages the metrics of the steps since the last log (one transfer), writes them and updates the bar."""
+  history = jax.device_get(pending)  # waits for the queued steps, so the clock below covers their work
+  metrics = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+  metrics['tokens_per_sec'] = tokens / max(time.perf_counter() - started, 1e-9)
+  metrics['skipped_updates'] = int(run.state.skipped)
+  run.check_finite()
+  writer.write(step, 'train', metrics)
+  run.last_train = metrics
+  bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
+                  tok_s=f"{metrics['tokens_per_sec']:,.0f}")
+
+
+def run_eval(run: Run, writer: MetricWriter, step: int) -> dict:
+  metrics = evaluate(run.task, run.eval_step, run.state.params, run.eval_data)
+  writer.write(step, 'eval', metrics)
+  log.info('step %d eval: %s', step, '  '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+  run.last_eval = metrics
+  return metrics
+
+
+def train_loop(run: Run, writer: MetricWriter, stop: StopSignals) -> int:
+  """Steps from the restored position to ``num_train_steps``; returns the step reached."""
+  config = run.config
+  last = config.num_train_steps
+  pending, tokens, started = [], 0, time.perf_counter()
+  step = run.start_step
+  with tqdm(total=last, initial=step, desc='train', unit='step', dynamic_ncols=True) as bar:
+    while step < last and stop.received is None:
+      batch = run.task.train_batch(step)
+      run.state, metrics = run.train_step(run.state, split_micro_batches(batch, config.grad_accum_steps))
+      step += 1
+      pending.append(metrics)
+      tokens += batch['inputs'].size
+      bar.update()
+      if _due(step, config.log_every_steps, last):
+        log_train(run, writer, step, pending, tokens, started, bar)
+        pending, tokens, started = [], 0, time.perf_counter()
+      evaluated = _due(step, config.eval_every_steps, last) and run_eval(run, writer, step)
+      if _due(step, config.checkpoint_every_steps, last):
+        run.save(step, evaluated or None)
+      if evaluated:
+        started = time.perf_counter()  # tokens/s counts training only
+  if stop.received is not None and step > run.start_step:
+    run.save(step, None)
+  return step
+
+
+def summarise(run: Run, step: int, interrupted: str | None) -> dict:
+  """Logs where the run ended and what it learned; returns the same as a dict."""
+  baseline = run.task.baseline()
+  summary = {'step': step, 'interrupted': interrupted, 'train': run.last_train, 'eval': run.last_eval,
+             'baseline': baseline, 'checkpoint_dir': run.checkpoints.directory,
+             'checkpoints': run.checkpoints.steps()}
+  if interrupted:
+    log.info('stopped by %s at step %d; re-run the same command to resume', interrupted, step)
+  if run.last_eval:
+    log.info('final validation %s %.4f%s', run.task.metric, run.last_eval[run.task.metric],
+             ''.join(f' | {k} {v:.4f}' for k, v in baseline.items()))
+  log.info('checkpoints (steps %s) in %s', summary['checkpoints'], run.checkpoints.directory)
+  return summary
+
+
+def write_config(config, workdir: str) -> None:
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(config.to_dict(), f, indent=2)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains ``config.task`` in ``workdir`` (resuming from its checkpoints) and returns a summary: the step reached,
+  the last train and eval metrics, the task's baseline, the checkpoint steps and an end-of-run sample (unless the run
+  was interrupted)."""
+  setup_logging()
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  enable_compilation_cache(config.compilation_cache_dir)
+  run = Run(config, workdir)
+  write_config(config, workdir)
+  if run.start_step:
+    log.info('resuming from step %d in %s', run.start_step, run.checkpoints.directory)
+  for name, value in run.task.baseline().items():
+    log.info('baseline %s %.4f', name, value)
+  try:
+    with MetricWriter(workdir, run.start_step) as writer, StopSignals() as stop, logging_redirect_tqdm():
+      step = train_loop(run, writer, stop)
+      if not run.last_eval and stop.received is None:
+        run_eval(run, writer, step)  # the run was already complete: still report where it stands
+  finally:
+    run.checkpoints.close()
+  summary = summarise(run, step, stop.received)
+  if stop.received is None:
+    summary['sample'] = run.task.sample(run.state.params, jax.random.PRNGKey(config.seed))
+    log.info('sample:\n%s', summary['sample'])
+  return summary
