@@ -192,10 +192,11 @@ class MaskedLanguageModelTask(TextTask):
     batch = jax.tree.map(lambda x: x[:1], self.eval_batches()[0])
     predicted = np.asarray(self.logits(params, batch, deterministic=True).argmax(-1))[0]
     chosen = batch['weights'][0] > 0
-    show = lambda ids: self.vocab.decode(ids)  # noqa: E731
-    return (f'original : {show(batch["targets"][0])!r}\n'
-            f'masked   : {show(np.where(chosen, batch["inputs"][0], BOS))!r} ({int(chosen.sum())} tokens masked)\n'
-            f'predicted: {show(np.where(chosen, predicted, batch["targets"][0]))!r}')
+    original = batch['targets'][0]
+    hits = int((predicted == original)[chosen].sum())
+    return (f'original : {self.vocab.decode(original)!r}\n'
+            f'predicted: {self.vocab.decode(np.where(chosen, predicted, original))!r} '
+            f'({hits} of {int(chosen.sum())} masked tokens right)')
 
 
 # ------------------------------------------------------------------------------------------- example datasets
@@ -247,11 +248,11 @@ class TranslationTask(ExampleTask):
   def model_inputs(self, batch):
     return batch['sources'], batch['inputs']
 
-  def translate(self, params, sources: np.ndarray) -> list[str]:
-    """Greedy translations of ``(N, S)`` source ids, as detokenized text."""
+  def translate(self, params, sources: np.ndarray, beam_size: int = 1) -> list[str]:
+    """Translations of ``(N, S)`` source ids (greedy unless ``beam_size > 1``), as detokenized text."""
     from transformer_jax.generation import translate
     ids = translate(self.model, params, jnp.asarray(sources), max_len=self.config.data.tgt_len, bos_id=BOS,
-                    eos_id=EOS, beam_size=1)
+                    eos_id=EOS, beam_size=beam_size)
     return [self.tgt_vocab.decode(cut_at_eos(row)) for row in np.asarray(ids)]
 
   def extra_eval(self, params):
