@@ -1,0 +1,124 @@
+"""Hugging Face model directories on disk: ``load_hf`` (GPT-2, BERT) and ``save_hf``.
+
+A directory holds ``config.json`` and the weights as ``model.safetensors`` or ``pytorch_model.bin``, either one file
+or shards listed in ``*.index.json``. Safetensors are read with ``safetensors.numpy`` (no torch); ``.bin`` files need
+torch and are read with ``torch.load(..., weights_only=True)``, which unpickles nothing but tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+
+from transformer_jax.convert import hf
+from transformer_jax.convert.common import export_state, import_state, to_numpy, weight_dtype
+from transformer_jax.convert.tables import ConversionError
+from transformer_jax.models import GPT
+
+WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')  # in order of preference
+
+
+def read_config(path: Path) -> dict:
+  file = path / 'config.json'
+  if not file.is_file():
+    raise ConversionError(f'{path} is not a Hugging Face model directory: config.json is missing')
+  try:
+    return json.loads(file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConversionError(f'{file} is not valid JSON: {e}') from e
+
+
+def _read_file(file: Path) -> dict[str, np.ndarray]:
+  """One weights file -> ``{name: array}``; unreadable content is a :class:`ConversionError` naming the file."""
+  try:
+    if file.suffix == '.safetensors':
+      return safetensors.numpy.load_file(file)
+    import torch  # .bin checkpoints are torch pickles
+
+    return {k: to_numpy(v) for k, v in torch.load(file, map_location='cpu', weights_only=True).items()}
+  except Exception as e:  # safetensors and torch raise many types for a damaged file; report them all alike
+    raise ConversionError(f'cannot read weights file {file}: {type(e).__name__}: {e}') from e
+
+
+def read_weights(path: Path) -> dict[str, np.ndarray]:
+  """All tensors of the directory: a single weights file, or every shard its ``*.index.json`` names."""
+  for name in WEIGHT_FILES:
+    if (path / name).is_file():
+      return _read_file(path / name)
+    index = path / f'{name}.index.json'
+    if index.is_file():
+      try:
+        shards = sorted(set(json.loads(index.read_text())['weight_map'].values()))
+      except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise ConversionError(f'{index} is not a valid shard index: {e}') from e
+      missing = [s for s in shards if not (path / s).is_file()]
+      if missing:
+        raise ConversionError(f'{index} lists shards that are missing: {missing}')
+      return {k: v for s in shards for k, v in _read_file(path / s).items()}
+  raise ConversionError(f'no weights in {path}: expected one of {list(WEIGHT_FILES)} or a sharded *.index.json')
+
+
+def _architecture(config: dict, classes: dict, default: str) -> str:
+  names = config.get('architectures') or [default]
+  supported = [n for n in names if n in classes]
+  if not supported:
+    raise ConversionError(f'unsupported architectures {names} for model_type {config["model_type"]!r}; '
+                          f'supported: {sorted(classes)}')
+  return supported[0]
+
+
+def load_hf(path: str | os.PathLike, dtype=None) -> tuple:
+  """Loads a Hugging Face GPT-2 or BERT directory: ``(model, params)``.
+
+  ``model_type`` ``'gpt2'`` gives a :class:`~transformer_jax.GPT` (``GPT2LMHeadModel`` or ``GPT2Model``); ``'bert'``
+  gives :class:`~transformer_jax.BERT`, :class:`~transformer_jax.BERTForMaskedLM` or
+  :class:`~transformer_jax.BERTForSequenceClassification` after ``architectures``. ``dtype``: the params' dtype
+  (default: the checkpoint's; float32, float16 and bfloat16 load). Raises :class:`ConversionError` for a missing or
+  corrupt file, an unsupported ``model_type`` or architecture, and any weight that does not fit.
+
+      model, params = load_hf('path/to/gpt2')
+      logits = model.apply({'params': params}, ids)
+  """
+  path = Path(path)
+  config = read_config(path)
+  model_type = config.get('model_type')
+  if model_type not in ('gpt2', 'bert'):
+    raise ConversionError(f'unsupported model_type {model_type!r} in {path / "config.json"}; supported: bert, gpt2')
+  state = read_weights(path)
+  dtype = weight_dtype(state, dtype)
+  if model_type == 'gpt2':
+    architecture = _architecture(config, hf.GPT2_CLASSES, 'GPT2Model')
+    model = GPT(hf.gpt2_config(config, dtype))
+    mapping = hf.gpt2_mapping(model.config, head=architecture == 'GPT2LMHeadModel')
+  else:
+    architecture = _architecture(config, hf.BERT_CLASSES, 'BertModel')
+    model = hf.BERT_CLASSES[architecture](hf.bert_config(config, dtype))
+    mapping = hf.bert_mapping(model.config, architecture)
+  return model, import_state(state, model, mapping, dtype)
+
+
+def save_hf(model, params: dict, path: str | os.PathLike) -> None:
+  """Writes ``config.json`` and ``model.safetensors`` that ``transformers``' ``from_pretrained`` loads.
+
+  A :class:`~transformer_jax.GPT` is saved as ``GPT2LMHeadModel``; the BERT classes as their Hugging Face twins.
+  Tied copies (``lm_head.weight``, the MLM decoder) are left out, as ``save_pretrained`` does.
+  """
+  if isinstance(model, GPT):
+    config = hf.gpt2_hf_config(model.config)
+    mapping = hf.gpt2_mapping(model.config)
+  elif type(model) in hf.BERT_CLASSES.values():
+    config = hf.bert_hf_config(model.config, hf.our_bert_architecture(model))
+    mapping = hf.bert_mapping(model.config, config['architectures'][0])
+  else:
+    raise ConversionError(f'save_hf supports GPT and the BERT classes, not {type(model).__name__}')
+  state = export_state(model, params, mapping)
+  for alias in mapping.aliases:
+    del state[alias]
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / 'config.json').write_text(json.dumps(config, indent=2))
+  safetensors.numpy.save_file(state, path / 'model.safetensors', metadata={'format': 'pt'})
