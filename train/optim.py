@@ -29,7 +29,7 @@ def make_schedule(peak: float, warmup_steps: int, decay_steps: int, kind: str, e
     decay = optax.constant_schedule(peak)
   else:
     warm = max(warmup_steps, 1)
-    decay = lambda count: peak * jnp.sqrt(warm / (count + warm))  # noqa: E731  (count counts from the peak)
+    decay = lambda count: peak * jnp.sqrt(warm / jnp.maximum(count + warm, warm))  # noqa: E731  (count from the peak)
   if warmup_steps == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), decay], [warmup_steps])

@@ -63,6 +63,7 @@ class Task:
 
   def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
+    os.makedirs(workdir, exist_ok=True)
 
   def train_batch(self, step: int) -> dict:
     raise NotImplementedError

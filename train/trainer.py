@@ -219,8 +219,8 @@ def write_config(config, workdir: str) -> None:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains ``config.task`` in ``workdir`` (resuming from its checkpoints) and returns a summary: the step reached,
-  the last train and eval metrics, the task's baseline, the checkpoint steps and an end-of-run sample (unless the run
-  was interrupted)."""
+  the last train and eval metrics, the task's baseline, the checkpoint steps, the final ``state`` (params under
+  ``state.params``) and an end-of-run sample (unless the run was interrupted)."""
   setup_logging()
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
@@ -239,7 +239,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   finally:
     run.checkpoints.close()
   summary = summarise(run, step, stop.received)
-  if stop.received is None:
+  summary['state'] = run.state
+  if stop.received is None and config.sample.enabled:
     summary['sample'] = run.task.sample(run.state.params, jax.random.PRNGKey(config.seed))
     log.info('sample:\n%s', summary['sample'])
   return summary

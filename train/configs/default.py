@@ -81,7 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.compilation_cache_dir = ''
 
   config.sample = ml_collections.ConfigDict()
-  # The end-of-run sample: a prompt, then sampled tokens.
+  # Show what the model does at the end of the run (for lm: a prompt, then sampled tokens).
+  config.sample.enabled = True
   config.sample.prompt = 'The '
   config.sample.max_new_tokens = 300
   config.sample.temperature = 0.8
