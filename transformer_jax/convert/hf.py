@@ -82,7 +82,7 @@ def gpt2_mapping(config: GPTConfig, head: bool = True) -> Mapping:
     rules += dense(f'{ours}/ffn/fc_out', f'{h}mlp.c_proj', transpose=False)
   rules += norm('decoder/final_norm', f'{p}ln_f')
   return Mapping(tuple(rules), aliases={'lm_head.weight': f'{p}wte.weight'} if head else {},
-                 buffers=(r'.*attn\.(bias|masked_bias)',))  # causal-mask buffers of older checkpoints
+                 buffers=(r'.*\.attn\.(bias|masked_bias)',))  # causal-mask buffers of older checkpoints
 
 
 def _hf_config_dict(model_or_config) -> dict:
