@@ -33,7 +33,7 @@ def make_seq2seq(layers=2):
 def make_torch_transformer(norm_first=False, batch_first=False, activation='relu'):
   """``nn.ModuleDict`` of an ``nn.Transformer`` with the embeddings and output layer a user builds around it."""
   return torch.nn.ModuleDict(dict(
-      transformer=torch.nn.Transformer(D, H, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=F,
+      transformer=torch.nn.Transformer(D, H, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=F,
                                        dropout=0.0, activation=activation, norm_first=norm_first,
                                        batch_first=batch_first),
       source_embed=torch.nn.Embedding(SRC_V, D), target_embed=torch.nn.Embedding(TGT_V, D),
@@ -113,9 +113,9 @@ def test_nanogpt_reference_forward(rng):
 # ------------------------------------------------------------------------------------ gradients and training
 
 
-def gpt_task(rng):
-  """(torch module, ours, params, to_torch, batch fn, torch loss fn, jax loss fn) for the nanoGPT reference."""
-  ref = make_nanogpt()
+def gpt_task(rng, layers):
+  """(torch module, ours, params, to_torch, batch fn, torch logits fn, jax logits fn) for the nanoGPT reference."""
+  ref = make_nanogpt(layers)
   model, params = convert.from_reference_gpt(ref)
 
   def batch():
@@ -131,8 +131,8 @@ def gpt_task(rng):
   return ref, model, params, convert.to_reference_gpt, batch, torch_logits, jax_logits
 
 
-def seq2seq_task(rng):
-  ref = make_seq2seq()
+def seq2seq_task(rng, layers):
+  ref = make_seq2seq(layers)
   model, params = convert.from_reference_transformer(ref)
 
   def batch():
@@ -169,7 +169,7 @@ def jax_loss(logits, labels):
 @pytest.mark.parametrize('task', TASKS)
 def test_gradient_parity(rng, task):
   torch.manual_seed(0)
-  ref, model, params, to_torch, batch, torch_logits, jax_logits = task(rng)
+  ref, model, params, to_torch, batch, torch_logits, jax_logits = task(rng, layers=2)
   inputs, labels = batch()
   torch_loss(torch_logits(inputs), labels).backward()
   grads = jax.jit(jax.grad(lambda p: jax_loss(jax_logits(p, inputs), labels)))(params)
@@ -185,7 +185,7 @@ def test_gradient_parity(rng, task):
 def test_adamw_training_parity(rng, task):
   """20 AdamW steps from the same converted weights on the same batches: the losses agree at every step."""
   torch.manual_seed(0)
-  ref, model, params, _, batch, torch_logits, jax_logits = task(rng)
+  ref, model, params, _, batch, torch_logits, jax_logits = task(rng, layers=1)  # 1 layer: compile time
   lr, wd, eps = 3e-3, 0.01, 1e-8
   torch_opt = torch.optim.AdamW(ref.parameters(), lr=lr, betas=(0.9, 0.999), eps=eps, weight_decay=wd)
   tx = optax.adamw(lr, b1=0.9, b2=0.999, eps=eps, weight_decay=wd)  # optax's default weight_decay is 1e-4, not 1e-2
