@@ -10,6 +10,7 @@
 
 from transformer_jax import masks
 from transformer_jax.config import BlockConfig
+from transformer_jax.generation import Beams, beam_search, generate, translate, translate_beams
 from transformer_jax.masks import causal_mask, combine_masks, cross_attention_mask, key_mask, padding_mask
 from transformer_jax.models import (BERT, GPT, BERTConfig, BERTForMaskedLM, BERTForSequenceClassification,
                                     GPTConfig, Transformer, TransformerConfig)
@@ -22,4 +23,5 @@ __all__ = [
     'BERT', 'BERTConfig', 'BERTForMaskedLM', 'BERTForSequenceClassification', 'BlockConfig', 'GPT', 'GPTConfig',
     'Transformer', 'TransformerConfig', 'causal_mask', 'combine_masks', 'cross_attention_mask', 'key_mask', 'masks',
     'padding_mask', *_modules_all,
+    'Beams', 'beam_search', 'generate', 'translate', 'translate_beams',
 ]
