@@ -41,8 +41,13 @@ def n_params(params):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-def shapes_of(model, *args, **kw):
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kw))['params']
+def shapes_of(model, *args):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), *args))['params']
+
+
+def init(model, *args):
+  """Variables from a compiled ``init`` (eager init dispatches op by op and is many times slower)."""
+  return jax.jit(model.init)(jax.random.key(0), *args)
 
 
 # ---------------------------------------------------------------- closed-form parameter counts
@@ -112,7 +117,7 @@ def test_bert_parameter_counts():
 # ---------------------------------------------------------------- shapes and dtypes
 
 def init_apply(model, *args):
-  variables = jax.jit(model.init)(jax.random.key(0), *args)
+  variables = init(model, *args)
   return variables, jax.jit(model.apply)(variables, *args)
 
 
@@ -140,8 +145,8 @@ def test_bf16_compute_keeps_float32_params_and_logits(family):
   }[family]
   full = model({})
   half = model({'dtype': 'bfloat16'})
-  variables = full.init(jax.random.key(0), *args)
-  half_variables = half.init(jax.random.key(0), *args)
+  variables = init(full, *args)
+  half_variables = init(half, *args)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(half_variables))
   out32, out16 = full.apply(variables, *args), half.apply(variables, *args)
   assert out16.dtype == jnp.float32
@@ -151,14 +156,14 @@ def test_bf16_compute_keeps_float32_params_and_logits(family):
 
 def test_bf16_param_storage():
   cfg = tiny_gpt(param_dtype='bfloat16', dtype='bfloat16')
-  variables = GPT(cfg).init(jax.random.key(0), IDS)
+  variables = init(GPT(cfg), IDS)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(variables))
   assert GPT(cfg).apply(variables, IDS).dtype == jnp.float32
 
 
 def test_jit_and_eager_agree():
   model = Transformer(tiny_transformer())
-  variables = model.init(jax.random.key(0), SRC, TGT)
+  variables = init(model, SRC, TGT)
   np.testing.assert_allclose(jax.jit(model.apply)(variables, SRC, TGT), model.apply(variables, SRC, TGT),
                              atol=1e-6)
 
@@ -176,7 +181,7 @@ def embedding_gradient(model, variables, embed_name, args, reduce, shape):
       return out
     with nn.intercept_methods(add_delta):
       return reduce(model.apply(variables, *args))
-  return np.asarray(jax.grad(reduced)(jnp.zeros(shape)))
+  return np.asarray(jax.jit(jax.grad(reduced))(jnp.zeros(shape)))
 
 
 @pytest.mark.parametrize('family', ['gpt', 'transformer_decoder'])
@@ -185,7 +190,7 @@ def test_causality_through_gradients(family):
     model, args, name = GPT(tiny_gpt()), (IDS,), 'token_embed'
   else:  # an unpadded target, so every past position is a real token
     model, args, name = Transformer(tiny_transformer()), (SRC, ids_of((B, T), TGT_V, 4)), 'target_embed'
-  variables = model.init(jax.random.key(0), *args)
+  variables = init(model, *args)
   for t in range(T):
     grad = embedding_gradient(model, variables, name, args, lambda out, t=t: out[:, t].sum(), (B, T, D))
     assert np.all(grad[:, t + 1:] == 0), f'position {t} sees the future'
@@ -194,7 +199,7 @@ def test_causality_through_gradients(family):
 
 def test_encoder_sees_every_real_source_token_and_no_padding():
   model = Transformer(tiny_transformer())
-  variables = model.init(jax.random.key(0), SRC, TGT)
+  variables = init(model, SRC, TGT)
   grad = embedding_gradient(model, variables, 'source_embed', (SRC, TGT), jnp.sum, (B, S, D))
   real = np.asarray(SRC != 0)
   assert np.all(np.abs(grad).sum(-1)[real] > 0)
@@ -205,44 +210,44 @@ def test_encoder_sees_every_real_source_token_and_no_padding():
 def test_prefix_outputs_do_not_depend_on_later_tokens(family):
   if family == 'gpt':
     model = GPT(tiny_gpt())
-    variables = model.init(jax.random.key(0), IDS)
-    full, prefix = model.apply(variables, IDS), model.apply(variables, IDS[:, :3])
+    variables = init(model, IDS)
+    full, prefix = jax.jit(model.apply)(variables, IDS), jax.jit(model.apply)(variables, IDS[:, :3])
   else:
     model = Transformer(tiny_transformer())
     tgt = ids_of((B, T), TGT_V, 5)
-    variables = model.init(jax.random.key(0), SRC, tgt)
-    full, prefix = model.apply(variables, SRC, tgt), model.apply(variables, SRC, tgt[:, :3])
+    variables = init(model, SRC, tgt)
+    full, prefix = jax.jit(model.apply)(variables, SRC, tgt), jax.jit(model.apply)(variables, SRC, tgt[:, :3])
   np.testing.assert_allclose(full[:, :3], prefix, atol=1e-5)
 
 
 def test_transformer_padding_does_not_change_outputs():
   model = Transformer(tiny_transformer())
-  variables = model.init(jax.random.key(0), SRC, TGT)
-  base = model.apply(variables, SRC, TGT)
+  variables = init(model, SRC, TGT)
+  base = jax.jit(model.apply)(variables, SRC, TGT)
   more_src = jnp.pad(SRC, ((0, 0), (0, 3)))
   more_tgt = jnp.pad(TGT, ((0, 0), (0, 2)))
-  padded = model.apply(variables, more_src, more_tgt)
+  padded = jax.jit(model.apply)(variables, more_src, more_tgt)
   real = np.asarray(TGT != 0)
   np.testing.assert_allclose(np.asarray(padded[:, :T])[real], np.asarray(base)[real], atol=1e-5)
 
 
 def test_gpt_left_padding_with_shifted_positions_equals_unpadded():
   model = GPT(tiny_gpt())
-  variables = model.init(jax.random.key(0), IDS)
-  base = model.apply(variables, IDS)
+  variables = init(model, IDS)
+  base = jax.jit(model.apply)(variables, IDS)
   padded = jnp.concatenate([jnp.zeros((B, 2), IDS.dtype), IDS], axis=1)
   valid = jnp.arange(T + 2)[None, :] >= 2
   positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-  out = model.apply(variables, padded, valid=jnp.broadcast_to(valid, padded.shape), positions=positions)
+  out = jax.jit(model.apply)(variables, padded, valid=jnp.broadcast_to(valid, padded.shape), positions=positions)
   np.testing.assert_allclose(out[:, 2:], base, atol=1e-5)
 
 
 @pytest.mark.parametrize('head', ['bert', 'bert_mlm', 'bert_cls'])
 def test_bert_padding_does_not_change_outputs(head):
   model = {'bert': BERT, 'bert_mlm': BERTForMaskedLM, 'bert_cls': BERTForSequenceClassification}[head](tiny_bert())
-  variables = model.init(jax.random.key(0), IDS)
-  base = model.apply(variables, IDS)
-  padded = model.apply(variables, jnp.pad(IDS, ((0, 0), (0, 4))))
+  variables = init(model, IDS)
+  base = jax.jit(model.apply)(variables, IDS)
+  padded = jax.jit(model.apply)(variables, jnp.pad(IDS, ((0, 0), (0, 4))))
   if head == 'bert':
     np.testing.assert_allclose(padded[0][:, :T], base[0], atol=1e-5)
     np.testing.assert_allclose(padded[1], base[1], atol=1e-5)
@@ -254,9 +259,9 @@ def test_bert_padding_does_not_change_outputs(head):
 
 def test_bert_token_types_matter():
   model = BERT(tiny_bert())
-  variables = model.init(jax.random.key(0), IDS)
-  a = model.apply(variables, IDS)[0]
-  b = model.apply(variables, IDS, token_type_ids=jnp.ones_like(IDS))[0]
+  variables = init(model, IDS)
+  a = jax.jit(model.apply)(variables, IDS)[0]
+  b = jax.jit(model.apply)(variables, IDS, token_type_ids=jnp.ones_like(IDS))[0]
   assert not np.allclose(a, b)
 
 
@@ -277,10 +282,10 @@ def test_scan_and_remat_equal_the_plain_stack(family, variant):
   else:
     make, args, stacks = (lambda **c: GPT(tiny_gpt(**c))), (IDS,), {'decoder': L}
   plain = make()
-  params = plain.init(jax.random.key(0), *args)['params']
+  params = init(plain, *args)['params']
   other = make(**variant)
   other_params = to_scan_layout(params, stacks) if variant.get('scan_layers') else params
-  assert jax.tree.map(jnp.shape, other.init(jax.random.key(0), *args)['params']) == jax.tree.map(jnp.shape,
+  assert jax.tree.map(jnp.shape, shapes_of(other, *args)) == jax.tree.map(jnp.shape,
                                                                                                   other_params)
   np.testing.assert_allclose(jax.jit(other.apply)({'params': other_params}, *args),
                              jax.jit(plain.apply)({'params': params}, *args), atol=1e-5)
@@ -293,7 +298,7 @@ def test_scan_and_remat_equal_the_plain_stack(family, variant):
 
 def test_dropout_is_off_when_deterministic_and_reproducible_from_the_rng():
   model = GPT(tiny_gpt(dropout_rate=0.3, attention_dropout_rate=0.3))
-  variables = model.init(jax.random.key(0), IDS)
+  variables = init(model, IDS)
   det_a = model.apply(variables, IDS, rngs={'dropout': jax.random.key(1)})
   det_b = model.apply(variables, IDS, rngs={'dropout': jax.random.key(2)})
   np.testing.assert_array_equal(det_a, det_b)
@@ -308,24 +313,24 @@ def test_dropout_is_off_when_deterministic_and_reproducible_from_the_rng():
 
 def test_out_of_range_token_ids_are_named():
   gpt = GPT(tiny_gpt())
-  variables = gpt.init(jax.random.key(0), IDS)
+  variables = init(gpt, IDS)
   with pytest.raises(ValueError, match=rf'out of range.*\[{V}\].*\[0, {V}\)'):
     gpt.apply(variables, IDS.at[0, 2].set(V))
   model = Transformer(tiny_transformer())
-  variables = model.init(jax.random.key(0), SRC, TGT)
+  variables = init(model, SRC, TGT)
   with pytest.raises(ValueError, match=rf'out of range.*\[0, {TGT_V}\)'):
     model.apply(variables, SRC, TGT.at[0, 0].set(TGT_V + 3))
   with pytest.raises(ValueError, match='out of range.*-1'):
     model.apply(variables, SRC.at[1, 1].set(-1), TGT)
   bert = BERT(tiny_bert())
-  variables = bert.init(jax.random.key(0), IDS)
+  variables = init(bert, IDS)
   with pytest.raises(ValueError, match=r'out of range.*\[0, 2\)'):
     bert.apply(variables, IDS, token_type_ids=jnp.full_like(IDS, 2))
 
 
 def test_bad_ids_under_jit_give_nan_not_plausible_logits():
   gpt = GPT(tiny_gpt())
-  variables = gpt.init(jax.random.key(0), IDS)
+  variables = init(gpt, IDS)
   out = jax.jit(gpt.apply)(variables, IDS.at[0, 2].set(V + 5))
   assert np.isnan(np.asarray(out)[0, 2:]).all()
 
@@ -335,29 +340,29 @@ def test_sequence_longer_than_max_len_is_rejected(family):
   long = ids_of((B, 17), 10, 7)
   with pytest.raises(ValueError, match='length 17 exceeds the model maximum max_len=16'):
     if family == 'gpt':
-      GPT(tiny_gpt()).init(jax.random.key(0), long)
+      init(GPT(tiny_gpt()), long)
     elif family == 'bert':
-      BERT(tiny_bert()).init(jax.random.key(0), long)
+      init(BERT(tiny_bert()), long)
     elif family == 'transformer_source':
-      Transformer(tiny_transformer()).init(jax.random.key(0), long, TGT)
+      init(Transformer(tiny_transformer()), long, TGT)
     else:
-      Transformer(tiny_transformer()).init(jax.random.key(0), SRC, long)
+      init(Transformer(tiny_transformer()), SRC, long)
 
 
 def test_validity_mask_of_wrong_shape_is_rejected():
   gpt = GPT(tiny_gpt())
-  variables = gpt.init(jax.random.key(0), IDS)
+  variables = init(gpt, IDS)
   with pytest.raises(ValueError, match=r'validity mask has shape \(2, 4\), expected \(2, 5\)'):
     gpt.apply(variables, IDS, valid=jnp.ones((B, T - 1), bool))
   model = Transformer(tiny_transformer())
-  variables = model.init(jax.random.key(0), SRC, TGT)
+  variables = init(model, SRC, TGT)
   with pytest.raises(ValueError, match='source validity mask'):
     model.apply(variables, SRC, TGT, src_valid=jnp.ones((B, S + 1), bool))
 
 
 def test_ids_must_be_two_dimensional():
   with pytest.raises(ValueError, match=r'must have shape \(B, T\)'):
-    GPT(tiny_gpt()).init(jax.random.key(0), IDS[0])
+    init(GPT(tiny_gpt()), IDS[0])
 
 
 @pytest.mark.parametrize('make,message', [
