@@ -70,7 +70,7 @@ def make_train_step(task, optimizer, schedule, label_smoothing: float, skip_nonf
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(count)))
     weight = jnp.maximum(sums['weight'], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
