@@ -12,6 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from transformer_jax import GPT, GPTConfig, Transformer, TransformerConfig, generation
+from transformer_jax.convert import from_gpt2
 from transformer_jax.generation import beam_search, generate, translate, translate_beams
 
 B, T, S, H, K, F, L = 2, 5, 7, 3, 4, 19, 2
@@ -113,38 +114,13 @@ def test_transformer_cached_logits_equal_full_forward_with_padded_source(scan):
 
 # ---------------------------------------------------------------- greedy == Hugging Face
 
-def gpt2_params_from_hf(hf: GPT2LMHeadModel, num_heads: int) -> dict:
-  """Our GPT parameters from a Hugging Face GPT-2 (Conv1D weights are [in, out]: no transposes)."""
-  sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-  d = sd['transformer.wte.weight'].shape[1]
-  k = d // num_heads
-  norm = lambda p: {'scale': sd[f'{p}.weight'], 'bias': sd[f'{p}.bias']}  # noqa: E731
-  layers = {}
-  for i in range(hf.config.n_layer):
-    p = f'transformer.h.{i}'
-    layers[f'layers_{i}'] = {
-        'self_attention': {
-            'qkv': {'kernel': sd[f'{p}.attn.c_attn.weight'].reshape(d, 3, num_heads, k),  # (D, 3, H, K)
-                    'bias': sd[f'{p}.attn.c_attn.bias'].reshape(3, num_heads, k)},
-            'out': {'kernel': sd[f'{p}.attn.c_proj.weight'].reshape(num_heads, k, d),  # (H, K, D)
-                    'bias': sd[f'{p}.attn.c_proj.bias']}},
-        'self_attention_norm': norm(f'{p}.ln_1'),
-        'ffn': {'fc_in': {'kernel': sd[f'{p}.mlp.c_fc.weight'], 'bias': sd[f'{p}.mlp.c_fc.bias']},
-                'fc_out': {'kernel': sd[f'{p}.mlp.c_proj.weight'], 'bias': sd[f'{p}.mlp.c_proj.bias']}},
-        'ffn_norm': norm(f'{p}.ln_2')}
-  return {'token_embed': {'embedding': sd['transformer.wte.weight']},
-          'positions': {'embedding': sd['transformer.wpe.weight']},
-          'decoder': {**layers, 'final_norm': norm('transformer.ln_f')}}
-
-
 @pytest.mark.parametrize('padded', [False, True], ids=['unpadded', 'left_padded'])
 def test_greedy_equals_hugging_face_gpt2(padded):
   torch.manual_seed(0)
   hf_cfg = GPT2Config(n_layer=L, n_head=H, n_embd=D, vocab_size=V, n_positions=16, initializer_range=0.3,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
   hf = GPT2LMHeadModel(hf_cfg).eval()
-  model = GPT(GPTConfig(**{**TINY, 'vocab_size': V, 'd_ff': 4 * D, 'norm_eps': hf_cfg.layer_norm_epsilon}))
-  params = gpt2_params_from_hf(hf, H)
+  model, params = from_gpt2(hf)
   valid = LEFT_PADDED if padded else np.ones((B, T), bool)
   prompt = np.where(valid, PROMPT, 0)
   with torch.no_grad():

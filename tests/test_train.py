@@ -1,6 +1,5 @@
 """Trainer pieces without training: schedules, the decay mask, the loss, accumulation, data and input errors."""
 
-import json
 import math
 
 import jax

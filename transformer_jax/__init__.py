@@ -14,14 +14,17 @@ from transformer_jax.generation import Beams, beam_search, generate, translate, 
 from transformer_jax.masks import causal_mask, combine_masks, cross_attention_mask, key_mask, padding_mask
 from transformer_jax.models import (BERT, GPT, BERTConfig, BERTForMaskedLM, BERTForSequenceClassification,
                                     GPTConfig, Transformer, TransformerConfig)
-from transformer_jax.modules import *  # noqa: F401,F403
-from transformer_jax.modules import __all__ as _modules_all
+from transformer_jax.modules import (DecoderLayer, EncoderLayer, FeedForward, LayerNorm, LearnedPositionalEmbedding,
+                                     MultiHeadAttention, SinusoidalPositionalEncoding, Stack, TokenEmbedding,
+                                     dot_product_attention, sinusoidal_table, stack_layers, unstack_layers)
 
 __version__ = '0.1.0'
 
 __all__ = [
     'BERT', 'BERTConfig', 'BERTForMaskedLM', 'BERTForSequenceClassification', 'BlockConfig', 'GPT', 'GPTConfig',
     'Transformer', 'TransformerConfig', 'causal_mask', 'combine_masks', 'cross_attention_mask', 'key_mask', 'masks',
-    'padding_mask', *_modules_all,
+    'padding_mask', 'DecoderLayer', 'EncoderLayer', 'FeedForward', 'LayerNorm', 'LearnedPositionalEmbedding',
+    'MultiHeadAttention', 'SinusoidalPositionalEncoding', 'Stack', 'TokenEmbedding', 'dot_product_attention',
+    'sinusoidal_table', 'stack_layers', 'unstack_layers',
     'Beams', 'beam_search', 'generate', 'translate', 'translate_beams',
 ]
