@@ -9,6 +9,7 @@ import time
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 
 def machine_info() -> dict:
@@ -31,9 +32,60 @@ def machine_info() -> dict:
     import torch
     info['torch'] = torch.__version__
     info['torch_threads'] = torch.get_num_threads()
+    info['torch_interop_threads'] = torch.get_num_interop_threads()
   except ImportError:
     pass
+  # XLA:CPU sizes its thread pool from the CPUs this process may run on; XLA_FLAGS can change that.
+  info['xla_cpu_threads'] = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  info['xla_flags'] = os.environ.get('XLA_FLAGS', '')
+  info['load_average'] = os.getloadavg() if hasattr(os, 'getloadavg') else None
   return info
+
+
+def print_machine(info: dict) -> None:
+  keys = ('processor', 'cpu_count', 'jax', 'jax_backend', 'devices', 'flax', 'torch', 'torch_threads',
+          'torch_interop_threads', 'xla_cpu_threads', 'xla_flags', 'load_average')
+  print('; '.join(f'{k}={info[k]}' for k in keys if k in info), flush=True)
+
+
+def on_accelerator() -> bool:
+  return jax.default_backend() in ('gpu', 'tpu')
+
+
+# Dense bf16 peaks from the vendors' datasheets (FLOP/s), keyed by a substring of jax's device_kind.
+DATASHEET_BF16_PEAK = {
+    'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, 'V100': 125e12,
+    'TPU v6': 918e12, 'TPU v5p': 459e12, 'TPU v5': 197e12, 'TPU v4': 275e12,
+}
+
+
+def matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+  """Achieved FLOP/s of one large ``(size, size) @ (size, size)`` ``jnp.dot``: the machine's practical peak."""
+  a = jnp.ones((size, size), dtype)
+  dot = jax.jit(jnp.dot)
+  return 2 * size**3 / time_call(lambda: dot(a, a), warmup=2, repeats=repeats)
+
+
+def peak_flops() -> tuple[float, str]:
+  """``(FLOP/s, where it comes from)``: the datasheet bf16 peak on a known GPU/TPU, else a measured matmul."""
+  kind = jax.devices()[0].device_kind
+  if on_accelerator():
+    for name, flops in DATASHEET_BF16_PEAK.items():
+      if name.lower() in kind.lower():
+        return flops, f'datasheet bf16 peak of {kind}'
+    return matmul_peak(8192, jnp.bfloat16), f'measured bf16 8192^2 jnp.dot on {kind}'
+  return matmul_peak(), f'measured float32 2048^2 jnp.dot on {kind}'
+
+
+def memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+  """Read bandwidth in bytes/s: the sum of a ``mib`` MiB float32 array (read once, nothing written back)."""
+  x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  return x.nbytes / time_call(lambda: total(x), warmup=2, repeats=repeats)
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def time_call(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5,

@@ -1,6 +1,6 @@
 """Compile time against depth (plain loop vs ``nn.scan``) and peak memory with and without remat.
 
-    python benchmarks/compile_time.py [--layers 2 6 12 24] [--out benchmarks/results/compile_time.json]
+    python -m benchmarks.compile_time [--layers 2 6 12 24] [--out benchmarks/results/compile_time.json]
 
 Compile time is the wall time of ``jax.jit(train_step).lower(...).compile()`` for a GPT training step (forward,
 backward, AdamW). Memory is XLA's own estimate of the compiled step's temporary buffers (``memory_analysis``), the

@@ -1,0 +1,110 @@
+"""Greedy decoding tokens/s: ``transformer_jax.generation.generate`` against Hugging Face's ``GPT2LMHeadModel.generate``.
+
+    python -m benchmarks.decode [--shapes gpt2-small small] [--batches 1 8] [--prompt 16] [--new 64]
+        [--dtypes float32 bfloat16]
+
+One randomly initialised ``GPT2LMHeadModel`` per shape (built from a config, no download) is converted with
+``transformer_jax.convert.from_gpt2``, so both sides hold the same weights. Both decode ``--new`` tokens greedily after
+the same random ``--prompt``-token prompt, never stopping early; a call's time includes the prompt's prefill, and the
+first (compiling) call is excluded. ``match`` is the fraction of generated tokens on which the two agree (float32).
+
+Decoding one token at a small batch reads every weight once, so memory bandwidth bounds it: ``bound_tokens_s`` is
+``batch x bandwidth / weight bytes``, with the bandwidth measured here (the sum of a large array). ``bfloat16`` rows
+decode our model with bf16 weights (half the bytes to read); Hugging Face stays in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import (machine_info, memory_bandwidth, print_machine, print_table, time_call, tree_bytes,
+                               write_json)
+from transformer_jax.convert import from_gpt2
+from transformer_jax.generation import generate
+
+SHAPES = {'gpt2-small': dict(n_layer=12, n_head=12, n_embd=768), 'small': dict(n_layer=6, n_head=6, n_embd=384)}
+
+
+def hf_model(shape: str, vocab: int):
+  import torch
+  from transformers import GPT2Config, GPT2LMHeadModel
+  torch.manual_seed(0)
+  # No end token: every row decodes exactly --new tokens on both sides.
+  config = GPT2Config(vocab_size=vocab, n_positions=1024, bos_token_id=None, eos_token_id=None, **SHAPES[shape])
+  return GPT2LMHeadModel(config).eval()
+
+
+def run_hf(model, prompt: np.ndarray, new: int, repeats: int):
+  import torch
+  ids = torch.from_numpy(prompt.astype(np.int64))
+  mask = torch.ones_like(ids)
+
+  def call():
+    with torch.inference_mode():
+      return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+
+  out = call()[:, prompt.shape[1]:].numpy()
+  return time_call(call, warmup=0, repeats=repeats, sync=lambda x: x), out
+
+
+def run_ours(model, params, prompt: np.ndarray, new: int, repeats: int):
+  prompt = jnp.asarray(prompt)
+  call = lambda: generate(model, params, prompt, max_new_tokens=new, temperature=None)  # noqa: E731
+  out = np.asarray(call())  # compiles
+  return time_call(call, warmup=1, repeats=repeats), out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=['gpt2-small', 'small'])
+  parser.add_argument('--batches', type=int, nargs='+', default=[1, 8])
+  parser.add_argument('--prompt', type=int, default=16, help='prompt tokens')
+  parser.add_argument('--new', type=int, default=64, help='generated tokens')
+  parser.add_argument('--vocab', type=int, default=50257)
+  parser.add_argument('--dtypes', nargs='+', choices=['float32', 'bfloat16'], default=['float32', 'bfloat16'],
+                      help="our weights' dtypes")
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--out', default='benchmarks/results/decode.json')
+  args = parser.parse_args()
+
+  info = machine_info()
+  print_machine(info)
+  bandwidth = memory_bandwidth()
+  print(f'memory bandwidth {bandwidth / 1e9:.1f} GB/s (sum of a 512 MiB float32 array)', flush=True)
+  rows = []
+  for shape in args.shapes:
+    hf = hf_model(shape, args.vocab)
+    ours = {dtype: from_gpt2(hf, dtype=dtype) for dtype in args.dtypes}
+    for batch in args.batches:
+      prompt = np.random.default_rng(batch).integers(0, args.vocab, (batch, args.prompt), dtype=np.int32)
+      hf_s, hf_tokens = run_hf(hf, prompt, args.new, args.repeats)
+      hf_row = {'shape': shape, 'batch': batch, 'impl': 'transformers', 'dtype': 'float32', 's': hf_s}
+      results = [(hf_row, tree_bytes(ours['float32'][1]) if 'float32' in ours else None)]
+      for dtype, (model, params) in ours.items():
+        s, tokens = run_ours(model, params, prompt, args.new, args.repeats)
+        row = {'shape': shape, 'batch': batch, 'impl': 'jax', 'dtype': dtype, 's': s}
+        if dtype == 'float32':
+          row['match'] = float(np.mean(tokens == hf_tokens))
+        results.append((row, tree_bytes(params)))
+      for row, weight_bytes in results:
+        row['tokens_s'] = batch * args.new / row['s']
+        row['ms_per_step'] = row['s'] / args.new * 1e3
+        row['vs_transformers'] = hf_s / row['s']
+        if weight_bytes:
+          row['weights_MB'] = weight_bytes / 1e6
+          row['bound_tokens_s'] = batch * bandwidth / weight_bytes
+          row['pct_of_bound'] = 100 * row['tokens_s'] / row['bound_tokens_s']
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != 's'}, flush=True)
+  print()
+  print_table(rows, ['shape', 'batch', 'impl', 'dtype', 'weights_MB', 'ms_per_step', 'tokens_s', 'bound_tokens_s',
+                     'pct_of_bound', 'vs_transformers', 'match'])
+  write_json(args.out, 'decode', {**vars(args), 'bandwidth_bytes_s': bandwidth}, rows)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,264 @@
+"""Training-step throughput of our GPT, encoder-decoder and BERT against PyTorch (eager and ``torch.compile``).
+
+    python -m benchmarks.train_throughput [--models gpt seq2seq bert] [--batch 8] [--seq 256]
+        [--gpt-layers 6] [--seq2seq-layers 2] [--bert-layers 2] [--dropout 0.0] [--override fused_qkv=True]
+
+Each model is built twice with the same shapes: ours in Flax and its PyTorch counterpart (``torch_reference.NanoGPT``
+for the course GPT, ``torch_reference.Seq2SeqTransformer`` for the course encoder-decoder, Hugging Face's
+``BertForMaskedLM`` from a config, random init). One step is forward, cross-entropy, backward and AdamW. Warm-up
+(compilation) is excluded and timed separately; each JAX step ends in ``block_until_ready``, each PyTorch step in
+``loss.item()``. The median step time gives tokens/s (every input token, source and target for the encoder-decoder),
+achieved FLOP/s from the matmul count (6 x dense weights + 12 x L x D x context per token, the usual estimate, with
+no discount for causal masking) and the model FLOPs utilisation against the machine's peak (measured with a large
+float32 ``jnp.dot`` on CPU, the datasheet bf16 peak on a GPU/TPU). On a GPU/TPU both sides compute in bf16 (our
+``dtype='bfloat16'`` with float32 master weights; ``torch.autocast``) and ours asks for cuDNN attention on GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks.common import (machine_info, on_accelerator, peak_flops, print_machine, print_table, time_call,
+                               write_json)
+from transformer_jax import GPT, BERTConfig, BERTForMaskedLM, GPTConfig, Transformer, TransformerConfig
+
+LR, WEIGHT_DECAY = 3e-4, 0.01  # the same AdamW on both sides (optax's default decay is 1e-4, PyTorch's 1e-2)
+
+
+@dataclasses.dataclass
+class Case:
+  """One model family on both sides, with the same shapes and the same batch."""
+
+  name: str
+  model: Any  # our Flax module
+  loss: Callable  # (params, batch, dropout_rng) -> scalar
+  batch: dict  # numpy int arrays
+  torch_model: Any  # builds the PyTorch module
+  torch_loss: Callable  # (module, batch as torch tensors) -> scalar
+  tokens: int  # input tokens per step
+  flops: float  # model FLOPs per step (forward + backward)
+
+
+def xent(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def torch_xent(logits, labels):
+  import torch
+  return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def dense_flops(layers: int, d: int, f: int, attn_projections: int = 4) -> int:
+  """Multiply-adds x 2 of one token through ``layers`` blocks' weight matmuls (forward)."""
+  return 2 * layers * (attn_projections * d * d + 2 * d * f)
+
+
+def attention_flops(layers: int, d: int, context: int) -> int:
+  """``q k^T`` and ``weights v`` of one query over ``context`` keys in every layer (forward)."""
+  return 4 * layers * d * context
+
+
+def gpt_case(args, overrides: dict) -> Case:
+  from transformer_jax.torch_reference import NanoGPT
+  # The reference has no attention-weight dropout; neither has ours here.
+  cfg = GPTConfig.course(num_layers=args.gpt_layers, max_len=args.seq, dropout_rate=args.dropout,
+                         attention_dropout_rate=0.0, **overrides)
+  model = GPT(cfg)
+
+  def loss(params, batch, rng):
+    ids = batch['ids']
+    logits = model.apply({'params': params}, ids[:, :-1], deterministic=args.dropout == 0, rngs={'dropout': rng})
+    return xent(logits, ids[:, 1:])
+
+  ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
+  per_token = dense_flops(cfg.num_layers, cfg.d_model, cfg.d_ff) + 2 * cfg.d_model * cfg.vocab_size
+  return Case(
+      'gpt', model, loss, {'ids': ids},
+      lambda: NanoGPT(vocab_size=cfg.vocab_size, block_size=args.seq, n_embd=cfg.d_model, n_head=cfg.num_heads,
+                      n_layer=cfg.num_layers, dropout=args.dropout),
+      lambda m, b: torch_xent(m(b['ids'][:, :-1]), b['ids'][:, 1:]),
+      args.batch * args.seq, 3 * args.batch * args.seq * (per_token + attention_flops(cfg.num_layers, cfg.d_model,
+                                                                                      args.seq)))
+
+
+def seq2seq_case(args, overrides: dict) -> Case:
+  from transformer_jax.torch_reference import Seq2SeqTransformer
+  cfg = TransformerConfig.course(num_layers=args.seq2seq_layers, max_len=args.seq + 1, dropout_rate=args.dropout,
+                                 attention_dropout_rate=0.0, **overrides)
+  model = Transformer(cfg)
+
+  def loss(params, batch, rng):
+    tgt = batch['tgt']
+    logits = model.apply({'params': params}, batch['src'], tgt[:, :-1], deterministic=args.dropout == 0,
+                         rngs={'dropout': rng})
+    return xent(logits, tgt[:, 1:])
+
+  rng = np.random.default_rng(0)  # ids from 1: no padding, but both sides still build and apply their masks
+  src = rng.integers(1, cfg.src_vocab_size, (args.batch, args.seq), dtype=np.int32)
+  tgt = rng.integers(1, cfg.tgt_vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
+  d, f, layers, n = cfg.d_model, cfg.d_ff, cfg.num_layers, args.batch * args.seq
+  encoder = n * (dense_flops(layers, d, f) + attention_flops(layers, d, args.seq))
+  decoder = n * (dense_flops(layers, d, f, attn_projections=8) + 2 * d * cfg.tgt_vocab_size
+                 + attention_flops(2 * layers, d, args.seq))  # self- and cross-attention
+  return Case(
+      'seq2seq', model, loss, {'src': src, 'tgt': tgt},
+      lambda: Seq2SeqTransformer(cfg.src_vocab_size, cfg.tgt_vocab_size, d_model=d, num_layers=layers,
+                                 num_heads=cfg.num_heads, d_ff=f, max_seq_length=args.seq + 1, dropout=args.dropout),
+      lambda m, b: torch_xent(m(b['src'], b['tgt'][:, :-1]), b['tgt'][:, 1:]),
+      2 * n, 3 * (encoder + decoder))
+
+
+def bert_case(args, overrides: dict) -> Case:
+  from transformers import BertConfig, BertForMaskedLM
+  cfg = BERTConfig(num_layers=args.bert_layers, max_len=max(512, args.seq), dropout_rate=args.dropout,
+                   attention_dropout_rate=args.dropout, **overrides)
+  model = BERTForMaskedLM(cfg)
+
+  def loss(params, batch, rng):
+    ids = batch['ids']
+    logits = model.apply({'params': params}, ids, deterministic=args.dropout == 0, rngs={'dropout': rng})
+    return xent(logits, ids)  # every position is a target: the MLM head's full cost
+
+  ids = np.random.default_rng(0).integers(1, cfg.vocab_size, (args.batch, args.seq), dtype=np.int32)
+  hf = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
+                  num_attention_heads=cfg.num_heads, intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_len,
+                  hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+  d = cfg.d_model
+  per_token = dense_flops(cfg.num_layers, d, cfg.d_ff) + 2 * d * d + 2 * d * cfg.vocab_size  # + MLM transform, decoder
+  return Case(
+      'bert', model, loss, {'ids': ids}, lambda: BertForMaskedLM(hf),
+      lambda m, b: torch_xent(m(input_ids=b['ids']).logits, b['ids']),
+      args.batch * args.seq, 3 * args.batch * args.seq * (per_token + attention_flops(cfg.num_layers, d, args.seq)))
+
+
+CASES = {'gpt': gpt_case, 'seq2seq': seq2seq_case, 'bert': bert_case}
+
+
+def run_jax(case: Case, repeats: int) -> dict:
+  optimizer = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
+  init_args = [jnp.asarray(v[:1, :8]) for v in case.batch.values()]
+  params = jax.jit(case.model.init)(jax.random.key(0), *init_args)['params']
+  opt_state = optimizer.init(params)
+
+  def step(params, opt_state, batch, rng):
+    loss, grads = jax.value_and_grad(case.loss)(params, batch, rng)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  batch = jax.device_put(case.batch)  # on the device before timing: the step never waits for the host
+  rng = jax.random.key(1)
+  start = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch, rng).compile()
+  compile_s = time.perf_counter() - start
+  state = [params, opt_state]
+
+  def call():
+    state[0], state[1], loss = compiled(state[0], state[1], batch, rng)
+    return loss
+
+  return {'impl': 'jax', 'step_s': time_call(call, warmup=2, repeats=repeats), 'compile_s': compile_s,
+          'params_M': sum(x.size for x in jax.tree.leaves(params)) / 1e6}
+
+
+def run_torch(case: Case, repeats: int, compile_model: bool) -> dict:
+  import torch
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  torch.manual_seed(0)
+  module = case.torch_model().to(device).train()
+  params_m = sum(p.numel() for p in module.parameters()) / 1e6
+  model = torch.compile(module) if compile_model else module
+  optimizer = torch.optim.AdamW(module.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+  batch = {k: torch.from_numpy(v.astype(np.int64)).to(device) for k, v in case.batch.items()}
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda')
+
+  def call():
+    with autocast:
+      loss = case.torch_loss(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+  start = time.perf_counter()
+  call().item()  # torch.compile compiles here; eager warms its caches
+  first_s = time.perf_counter() - start
+  step_s = time_call(call, warmup=1, repeats=repeats, sync=lambda loss: loss.item())
+  return {'impl': 'torch.compile' if compile_model else 'torch eager', 'step_s': step_s,
+          'compile_s': first_s if compile_model else None, 'params_M': params_m}
+
+
+def parse_value(text: str):
+  """``'True'`` -> True, ``'2'`` -> 2, ``'none'`` -> ``'none'``: a Python literal, else the string itself."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--models', nargs='+', choices=sorted(CASES), default=['gpt', 'seq2seq', 'bert'])
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--seq', type=int, default=256, help='context length (source and target for seq2seq)')
+  parser.add_argument('--gpt-layers', type=int, default=6)
+  parser.add_argument('--seq2seq-layers', type=int, default=2, help='encoder layers = decoder layers')
+  parser.add_argument('--bert-layers', type=int, default=2)
+  parser.add_argument('--dropout', type=float, default=0.0)
+  parser.add_argument('--repeats', type=int, default=5, help='timed steps per implementation (median reported)')
+  parser.add_argument('--no-torch', action='store_true', help='ours only')
+  parser.add_argument('--no-torch-compile', action='store_true')
+  parser.add_argument('--override', action='append', default=[], metavar='FIELD=VALUE',
+                      help='a config field of our models, e.g. fused_qkv=True or scan_layers=True (repeatable)')
+  parser.add_argument('--out', default='benchmarks/results/train_throughput.json')
+  args = parser.parse_args()
+
+  overrides = {}
+  if on_accelerator():
+    overrides['dtype'] = 'bfloat16'  # float32 master weights (param_dtype) stay
+    if jax.default_backend() == 'gpu':
+      overrides['attention_implementation'] = 'cudnn'
+  for item in args.override:
+    field, value = item.split('=', 1)
+    overrides[field] = parse_value(value)
+  info = machine_info()
+  print_machine(info)
+  peak, peak_source = peak_flops()
+  print(f'peak {peak / 1e9:,.0f} GFLOP/s ({peak_source}); our config overrides: {overrides}', flush=True)
+
+  rows = []
+  for name in args.models:
+    case = CASES[name](args, overrides)
+    results = [run_jax(case, args.repeats)]
+    if not args.no_torch:
+      results.append(run_torch(case, args.repeats, compile_model=False))
+      if not args.no_torch_compile:
+        try:
+          results.append(run_torch(case, args.repeats, compile_model=True))
+        except Exception as e:  # noqa: BLE001: a compiler failure is a result to report, not a crash
+          results.append({'impl': 'torch.compile', 'error': f'{type(e).__name__}: {str(e).splitlines()[0][:120]}'})
+    jax_s = results[0]['step_s']
+    for r in results:
+      row = {'model': name, **r}
+      if 'step_s' in r:
+        row.update(step_ms=r['step_s'] * 1e3, tokens_s=case.tokens / r['step_s'], gflop_s=case.flops / r['step_s'] / 1e9,
+                   mfu_pct=100 * case.flops / r['step_s'] / peak, jax_speedup=r['step_s'] / jax_s)
+      rows.append(row)
+      print({k: v for k, v in row.items() if k != 'step_s'}, flush=True)
+  print()
+  print_table(rows, ['model', 'impl', 'params_M', 'step_ms', 'tokens_s', 'gflop_s', 'mfu_pct', 'jax_speedup',
+                     'compile_s', 'error'])
+  write_json(args.out, 'train_throughput', {**vars(args), 'overrides': overrides, 'peak_flops': peak,
+                                            'peak_source': peak_source}, rows)
+
+
+if __name__ == '__main__':
+  main()
