@@ -13,9 +13,10 @@ from train.checkpoint import Checkpoints
 from train.losses import cross_entropy_sums
 from train.number_words import number_dataset, number_to_words
 from train.optim import decay_mask, make_optimizer, make_schedule
-from train.steps import create_state, make_train_step, split_micro_batches
+from train.parallel import micro_batch_rows
+from train.steps import create_state, train_step_fn
 from train.tasks import build_task
-from train.trainer import check_config
+from train.trainer import check_config, train_and_evaluate
 from train.vocab import build_vocab, load_vocab
 from train_helpers import tiny_config
 from transformer_jax import GPT, GPTConfig
@@ -86,12 +87,13 @@ def test_grad_accumulation_equals_the_whole_batch(tmp_path):
   task = build_task(config, str(tmp_path))
   # Plain SGD, so the update is the gradient itself (Adam's first step is about sign(g): float noise would show).
   optimizer = optax.sgd(1.0)
-  step = make_train_step(task, optimizer, optax.constant_schedule(1.0), config.label_smoothing, skip_nonfinite=False)
+  step = jax.jit(train_step_fn(task, optimizer, optax.constant_schedule(1.0), config.label_smoothing,
+                              skip_nonfinite=False))
+  split = lambda b, count: {k: v.reshape((count, -1) + v.shape[1:]) for k, v in b.items()}  # noqa: E731
   uneven = lambda b: len({int(w.sum()) for w in np.split(b['weights'], 2)}) == 2  # noqa: E731
   batch = next(b for b in map(task.train_batch, range(50)) if uneven(b))  # halves with different token counts
   state = create_state(task, optimizer, 0)
-  copies = [jax.tree.map(jnp.copy, state) for _ in range(2)]  # the step donates its input: one copy per call
-  results = [step(copy, split_micro_batches(batch, count)) for copy, count in zip(copies, (1, 2))]
+  results = [step(state, split(batch, count)) for count in (1, 2)]
   (whole, m1), (accumulated, m2) = results
   np.testing.assert_allclose(float(m1['loss']), float(m2['loss']), rtol=1e-5)
   np.testing.assert_allclose(float(m1['grad_norm']), float(m2['grad_norm']), rtol=1e-4)
@@ -196,3 +198,31 @@ def test_impossible_config_is_a_clear_error(overrides, message):
 def test_sequence_longer_than_the_model_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match='seq_len=32 exceeds model.max_len=16'):
     build_task(tiny_config(**{'data.seq_len': 32}), str(tmp_path))
+
+
+@pytest.mark.parametrize('task', ['lm', 'mlm', 'translation', 'classify'])
+def test_a_process_reads_exactly_its_rows_of_the_batch(task, tmp_path):
+  config = tiny_config(task, batch_size=8)
+  built = build_task(config, str(tmp_path))
+  rows = np.array([2, 3, 6, 7])  # what process 1 of 2 feeds with grad_accum_steps=2
+  whole, part = built.train_batch(5), built.train_batch(5, rows)
+  assert set(part) == set(whole)
+  for key in whole:
+    np.testing.assert_array_equal(part[key], whole[key][rows], err_msg=key)
+
+
+def test_process_rows_cover_each_micro_batch_once():
+  # A batch of 8 in 2 micro-batches of 4, split over 2 processes: each takes its half of every micro-batch.
+  np.testing.assert_array_equal(micro_batch_rows(2, 4, 0, 2), [0, 1, 4, 5])
+  np.testing.assert_array_equal(micro_batch_rows(2, 4, 2, 4), [2, 3, 6, 7])
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'parallelism': 'pmap', 'mesh.fsdp': 2}, 'parallelism=pmap is data parallel only'),
+    ({'parallelism': 'pmap', 'mesh.data': 4}, 'pmap runs on all 1 devices; mesh.data=4'),
+    ({'parallelism': 'shard'}, "parallelism must be one of \\('jit', 'pmap'\\)"),
+    ({'mesh.data': 2}, 'mesh data=2 x fsdp=1 x tensor=1 = 2 devices, but 1 are available'),
+], ids=['pmap_fsdp', 'pmap_size', 'unknown', 'too_many_devices'])
+def test_impossible_layout_is_a_clear_error(overrides, message, tmp_path):
+  with pytest.raises(ValueError, match=message):
+    train_and_evaluate(tiny_config(**overrides), str(tmp_path))

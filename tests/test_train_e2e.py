@@ -68,8 +68,8 @@ def poisoned_step_3(monkeypatch):
   """Batch 3 of every LM run holds an id beyond the vocabulary: its embedding row, and so the loss, is NaN."""
   clean = LanguageModelTask.train_batch
 
-  def train_batch(self, step):
-    batch = clean(self, step)
+  def train_batch(self, step, rows=None):
+    batch = clean(self, step, rows)
     if step == 3:
       batch['inputs'][0, 0] = self.vocab.size + UNK
     return batch

@@ -17,10 +17,11 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 log = logging.getLogger('train')
 
-# Fields a resumed run may change: how long it runs and how it reports, never what it computes.
+# Fields a resumed run may change: how long it runs, how it reports and how it spreads over devices, never what it
+# computes.
 RESUMABLE_FIELDS = ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'eval_batches',
                     'checkpoint_every_steps', 'keep_last', 'keep_best', 'compilation_cache_dir',
-                    'skip_nonfinite_updates', 'sample')
+                    'skip_nonfinite_updates', 'sample', 'parallelism', 'mesh', 'distributed')
 
 
 class ConfigMismatchError(ValueError):
@@ -88,7 +89,10 @@ class Checkpoints:
           'values:\n  ' + '\n  '.join(differences))
 
   def restore(self, state):
-    """``(state, meta)`` from the newest checkpoint that restores onto ``state``'s structure, or ``(state, None)``."""
+    """``(state, meta)`` from the newest checkpoint that restores onto ``state``'s structure, or ``(state, None)``.
+
+    ``state`` may hold arrays or ``jax.ShapeDtypeStruct`` leaves; either way each is restored with that leaf's
+    sharding, which need not be the one it was saved with (8 devices to 1, FSDP to data parallel, ...)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     for step in reversed(self.steps()):
       try:

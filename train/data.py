@@ -108,9 +108,12 @@ def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -
 
 
 # -------------------------------------------------------------------------------------------------------- windows
-def random_windows(tokens: np.ndarray, batch_size: int, length: int, seed: int, step: int) -> np.ndarray:
-  """``(B, length)`` windows at random offsets, drawn from ``(seed, step)`` alone."""
+def random_windows(tokens: np.ndarray, batch_size: int, length: int, seed: int, step: int,
+                   rows: np.ndarray | None = None) -> np.ndarray:
+  """``(B, length)`` windows at random offsets, drawn from ``(seed, step)`` alone; with ``rows``, only those rows
+  of the batch are read (one process's share of a multi-process batch)."""
   starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - length + 1, batch_size)
+  starts = starts if rows is None else starts[rows]
   return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32)
 
 
@@ -137,9 +140,11 @@ def mask_tokens(ids: np.ndarray, vocab_size: int, rng: np.random.Generator, prob
 
 
 # ---------------------------------------------------------------------------------------------- example datasets
-def epoch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-  """The example indices of batch ``step``: consecutive slices of one shuffled permutation per epoch."""
-  flat = step * batch_size + np.arange(batch_size)
+def epoch_indices(num_examples: int, batch_size: int, seed: int, step: int,
+                  rows: np.ndarray | None = None) -> np.ndarray:
+  """The example indices of batch ``step`` (of its ``rows`` only, when given): consecutive slices of one shuffled
+  permutation per epoch."""
+  flat = step * batch_size + (np.arange(batch_size) if rows is None else rows)
   epochs, positions = np.divmod(flat, num_examples)
   perms = {int(e): np.random.default_rng([seed, int(e)]).permutation(num_examples) for e in np.unique(epochs)}
   return np.array([perms[int(e)][p] for e, p in zip(epochs, positions)])

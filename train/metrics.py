@@ -23,10 +23,14 @@ class MetricWriter:
   """Writes ``{name: float}`` per step and split to TensorBoard (``workdir/tensorboard``) and ``metrics.jsonl``.
 
   Opened for a run resuming at ``start_step``, it first drops the records past that step (written after the last
-  checkpoint of a killed run), so the file reads as one uninterrupted run.
+  checkpoint of a killed run), so the file reads as one uninterrupted run. With ``enabled=False`` (every process
+  but the first of a multi-process run) it writes nothing.
   """
 
-  def __init__(self, workdir: str, start_step: int):
+  def __init__(self, workdir: str, start_step: int, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
     path = os.path.join(workdir, METRICS_FILE)
     kept = [r for r in read_metrics(workdir) if r['step'] <= start_step]
     with open(path, 'w') as f:
@@ -35,12 +39,16 @@ class MetricWriter:
     self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, split: str, metrics: dict) -> None:
+    if not self.enabled:
+      return
     for name, value in metrics.items():
       self.tensorboard.add_scalar(f'{split}/{name}', value, step)
     self.jsonl.write(json.dumps({'step': step, 'split': split, **metrics}) + '\n')
     self.jsonl.flush()
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     self.jsonl.close()
     self.tensorboard.close()
 

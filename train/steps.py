@@ -32,23 +32,23 @@ def create_state(task, optimizer: optax.GradientTransformation, seed: int) -> Tr
                     nonfinite_step=jnp.int32(-1), skipped=jnp.int32(0))
 
 
-def split_micro_batches(batch: dict, count: int) -> dict:
-  """``(B, ...)`` host arrays -> ``(count, B / count, ...)``, the layout the train step scans over."""
-  return {k: v.reshape((count, v.shape[0] // count) + v.shape[1:]) for k, v in batch.items()}
-
-
 def _where_tree(keep_new, new, old):
   return jax.tree.map(lambda a, b: jnp.where(keep_new, a, b), new, old)
 
 
-def make_train_step(task, optimizer, schedule, label_smoothing: float, skip_nonfinite: bool):
-  """The jitted ``(state, batch) -> (state, metrics)``; the state's buffers are donated (pass it positionally).
+def train_step_fn(task, optimizer, schedule, label_smoothing: float, skip_nonfinite: bool,
+                  axis_name: str | None = None):
+  """The pure ``(state, batch) -> (state, metrics)``, for :mod:`train.parallel` to compile under a mesh or ``pmap``.
 
   The batch holds ``(A, B / A, ...)`` micro-batches. Gradients of the *summed* loss are accumulated over them and
   divided once by the total weight (non-padding tokens), which is exactly the gradient of the whole batch's mean
   loss, however the padding falls. A non-finite loss or gradient never reaches the parameters: with
   ``skip_nonfinite`` that update is skipped; otherwise the state freezes at its last good values and records the
   step in ``nonfinite_step`` for the host to report (no host round trip inside the step).
+
+  Under ``pmap`` (``axis_name`` given) each device holds a slice of every micro-batch: the gradient and loss sums
+  are added across devices before the division, so the update equals the one-device update, and dropout draws
+  differ per device. Under ``jit`` the batch is one global array and XLA inserts the reductions itself.
   """
 
   def micro_step(params, micro, rng):
@@ -59,6 +59,8 @@ def make_train_step(task, optimizer, schedule, label_smoothing: float, skip_nonf
 
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
     def accumulate(carry, xs):
       micro, index = xs
@@ -68,6 +70,8 @@ def make_train_step(task, optimizer, schedule, label_smoothing: float, skip_nonf
     zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.float32(0) for k in SUM_KEYS})
     count = jax.tree.leaves(batch)[0].shape[0]
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(count)))
+    if axis_name is not None:
+      grads, sums = jax.lax.psum((grads, sums), axis_name)
     weight = jnp.maximum(sums['weight'], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     grad_norm = optax.tree.norm(grads)
@@ -85,17 +89,22 @@ def make_train_step(task, optimizer, schedule, label_smoothing: float, skip_nonf
                'learning_rate': schedule(state.step)}
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,))
+  return train_step
 
 
-def make_eval_step(task):
-  """The jitted ``(params, batch) -> sums`` of the unsmoothed loss, hits and weight."""
-  return jax.jit(lambda params, batch: task.loss_sums(params, batch, None, deterministic=True))
+def eval_step_fn(task, axis_name: str | None = None):
+  """The pure ``(params, batch) -> sums`` of the unsmoothed loss, hits and weight (added across ``axis_name``)."""
+
+  def eval_step(params, batch):
+    sums = task.loss_sums(params, batch, None, deterministic=True)
+    return sums if axis_name is None else jax.lax.psum(sums, axis_name)
+
+  return eval_step
 
 
-def evaluate(task, eval_step, params, batches: list[dict]) -> dict:
-  """Loss (nats per token or example), accuracy and, for token tasks, perplexity over ``batches``, plus the task's
-  own metrics (BLEU). Sums stay on the device until the end: one transfer per evaluation."""
+def evaluate(eval_step, params, batches: list[dict], token_level: bool) -> dict:
+  """Loss (nats per token or example), accuracy and, for token tasks, perplexity over ``batches``. Sums stay on the
+  device until the end: one transfer per evaluation."""
   totals = None
   for batch in batches:
     sums = eval_step(params, batch)
@@ -103,6 +112,6 @@ def evaluate(task, eval_step, params, batches: list[dict]) -> dict:
   totals = jax.device_get(totals)
   weight = max(float(totals['weight']), 1.0)
   metrics = {'loss': float(totals['nll']) / weight, 'accuracy': float(totals['correct']) / weight}
-  if task.token_level:
+  if token_level:
     metrics['perplexity'] = float(np.exp(min(metrics['loss'], 50.0)))
-  return {**metrics, **task.extra_eval(params)}
+  return metrics

@@ -65,7 +65,9 @@ class Task:
     self.config, self.workdir = config, workdir
     os.makedirs(workdir, exist_ok=True)
 
-  def train_batch(self, step: int) -> dict:
+  def train_batch(self, step: int, rows: np.ndarray | None = None) -> dict:
+    """Batch ``step`` as numpy arrays; with ``rows`` (indices into the batch), only those rows: what one process
+    feeds to its devices. Either way a row's content depends only on ``(seed, step, row)``."""
     raise NotImplementedError
 
   def eval_batches(self) -> list[dict]:
@@ -146,10 +148,10 @@ class LanguageModelTask(TextTask):
     super().__init__(config, workdir)
     self.model = GPT(model_config(GPTConfig, config, vocab_size=self.vocab.size, pad_id=None))
 
-  def train_batch(self, step):
+  def train_batch(self, step, rows=None):
     cfg = self.config
     return data.lm_example(data.random_windows(self.train_tokens, cfg.batch_size, cfg.data.seq_len + 1, cfg.seed,
-                                               step))
+                                               step, rows))
 
   def eval_batches(self):
     cfg = self.config
@@ -179,10 +181,14 @@ class MaskedLanguageModelTask(TextTask):
   def _mask(self, windows, *seed):
     return data.mask_tokens(windows, self.vocab.size, np.random.default_rng(seed), self.config.data.mask_prob)
 
-  def train_batch(self, step):
+  def train_batch(self, step, rows=None):
     cfg = self.config
-    windows = data.random_windows(self.train_tokens, cfg.batch_size, cfg.data.seq_len, cfg.seed, step)
-    return self._mask(windows, cfg.seed, step, 1)  # the 1 keeps the mask draws apart from the window draws
+    rows = np.arange(cfg.batch_size) if rows is None else rows
+    windows = data.random_windows(self.train_tokens, cfg.batch_size, cfg.data.seq_len, cfg.seed, step, rows)
+    # One draw per row, so a process masking only its rows masks them as a single process would; the 1 keeps the
+    # mask draws apart from the window draws.
+    parts = [self._mask(window[None], cfg.seed, step, 1, int(row)) for window, row in zip(windows, rows)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def eval_batches(self):
     cfg = self.config
@@ -214,9 +220,9 @@ def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list
 class ExampleTask(Task):
   """Shared by ``translation`` and ``classify``: whole examples in numpy arrays, shuffled once per epoch."""
 
-  def train_batch(self, step):
-    rows = data.epoch_indices(len(self.train['weights']), self.config.batch_size, self.config.seed, step)
-    return {k: v[rows] for k, v in self.train.items()}
+  def train_batch(self, step, rows=None):
+    examples = data.epoch_indices(len(self.train['weights']), self.config.batch_size, self.config.seed, step, rows)
+    return {k: v[examples] for k, v in self.train.items()}
 
   def eval_batches(self):
     return fixed_batches(self.val, self.config.batch_size, self.config.eval_batches)

@@ -7,6 +7,7 @@ surfaces here, before anything compiles), build or restore the state, loop, save
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from train.checkpoint import Checkpoints
 from train.metrics import MetricWriter
 from train.optim import SCHEDULES, make_optimizer
-from train.steps import create_state, evaluate, make_eval_step, make_train_step, split_micro_batches
+from train.parallel import host_copy, initialize_distributed, is_primary, make_layout, primary_first
+from train.steps import create_state, eval_step_fn, evaluate, train_step_fn
 from train.tasks import TASKS, build_task
 from train.vocab import KINDS
 
@@ -62,14 +64,14 @@ def check_config(config) -> None:
 
 
 def setup_logging() -> None:
-  """Progress lines of the ``train`` logger to stderr (once), and the libraries' per-save chatter (Orbax logs every
-  file it writes at INFO) down to warnings."""
+  """Progress lines of the ``train`` logger to stderr (once; warnings only from processes other than 0), and the
+  libraries' per-save chatter (Orbax logs every file it writes at INFO) down to warnings."""
   if not log.handlers:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
     log.propagate = False
+  log.setLevel(logging.INFO if is_primary() else logging.WARNING)
   logging.getLogger('absl').setLevel(logging.WARNING)
 
 
@@ -119,17 +121,29 @@ class Run:
     self.config, self.workdir = config, workdir
     self.checkpoints = Checkpoints(workdir, config.keep_last, config.keep_best, TASKS[config.task].metric,
                                    TASKS[config.task].metric_mode)
-    self.checkpoints.check_config(config.to_dict())
-    self.task = build_task(config, workdir)
-    self.eval_data = self.task.eval_batches()
-    optimizer, schedule = make_optimizer(config)
-    self.train_step = make_train_step(self.task, optimizer, schedule, config.label_smoothing,
-                                      config.skip_nonfinite_updates)
-    self.eval_step = make_eval_step(self.task)
-    self.state, meta = self.checkpoints.restore(create_state(self.task, optimizer, config.seed))
+    try:
+      self.checkpoints.check_config(config.to_dict())
+      self.task = primary_first(lambda: build_task(config, workdir), 'data')
+      self.eval_data = self.task.eval_batches()
+      optimizer, schedule = make_optimizer(config)
+      create = functools.partial(create_state, self.task, optimizer, config.seed)
+      self.layout = make_layout(config, jax.eval_shape(create))
+      self.train_step = self.layout.compile_train(train_step_fn(
+          self.task, optimizer, schedule, config.label_smoothing, config.skip_nonfinite_updates,
+          self.layout.axis_name))
+      self.eval_step = self.layout.compile_eval(eval_step_fn(self.task, self.layout.axis_name))
+      state, meta = self.checkpoints.restore(self.layout.abstract_state(jax.eval_shape(create)))
+      self.state = self.layout.to_device(self.layout.init_state(create) if meta is None else state)
+    except BaseException:  # the manager's background threads must not outlive a failed start
+      self.checkpoints.close()
+      raise
     self.start_step = 0 if meta is None else meta['step']
     self.last_eval: dict = {}
     self.last_train: dict = {}
+
+  def canonical_state(self):
+    """The state as checkpoints hold it (global arrays, one copy), whatever the layout."""
+    return self.layout.canonical(self.state)
 
   def meta(self, step: int) -> dict:
     """The JSON record saved beside the state."""
@@ -137,7 +151,7 @@ class Run:
 
   def check_finite(self) -> None:
     """In stop mode, raises :class:`NonFiniteError` once any update was not finite (one small transfer)."""
-    bad = int(self.state.nonfinite_step)
+    bad = int(self.canonical_state().nonfinite_step)
     if bad >= 0 and not self.config.skip_nonfinite_updates:
       steps = self.checkpoints.steps()
       kept = f'the last good checkpoint is step {steps[-1]} in {self.checkpoints.directory}' if steps else 'no checkpoint was saved'
@@ -146,7 +160,7 @@ class Run:
 
   def save(self, step: int, metrics: dict | None) -> None:
     self.check_finite()
-    self.checkpoints.save(step, self.state, self.meta(step), metrics)
+    self.checkpoints.save(step, self.canonical_state(), self.meta(step), metrics)
 
 
 def log_train(run: Run, writer: MetricWriter, step: int, pending: list, tokens: int, started: float, bar) -> None:
@@ -154,7 +168,7 @@ def log_train(run: Run, writer: MetricWriter, step: int, pending: list, tokens: 
   history = jax.device_get(pending)  # waits for the queued steps, so the clock below covers their work
   metrics = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
   metrics['tokens_per_sec'] = tokens / max(time.perf_counter() - started, 1e-9)
-  metrics['skipped_updates'] = int(run.state.skipped)
+  metrics['skipped_updates'] = int(run.canonical_state().skipped)
   run.check_finite()
   writer.write(step, 'train', metrics)
   run.last_train = metrics
@@ -163,7 +177,8 @@ def log_train(run: Run, writer: MetricWriter, step: int, pending: list, tokens: 
 
 
 def run_eval(run: Run, writer: MetricWriter, step: int) -> dict:
-  metrics = evaluate(run.task, run.eval_step, run.state.params, run.eval_data)
+  metrics = evaluate(run.eval_step, run.state.params, run.eval_data, run.task.token_level)
+  metrics.update(run.task.extra_eval(host_copy(run.canonical_state().params)))
   writer.write(step, 'eval', metrics)
   log.info('step %d eval: %s', step, '  '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
   run.last_eval = metrics
@@ -176,13 +191,13 @@ def train_loop(run: Run, writer: MetricWriter, stop: StopSignals) -> int:
   last = config.num_train_steps
   pending, tokens, started = [], 0, time.perf_counter()
   step = run.start_step
-  with tqdm(total=last, initial=step, desc='train', unit='step', dynamic_ncols=True) as bar:
+  with tqdm(total=last, initial=step, desc='train', unit='step', dynamic_ncols=True, disable=not is_primary()) as bar:
     while step < last and stop.received is None:
-      batch = run.task.train_batch(step)
-      run.state, metrics = run.train_step(run.state, split_micro_batches(batch, config.grad_accum_steps))
+      batch = run.task.train_batch(step, run.layout.train_rows)  # only this process's rows
+      run.state, metrics = run.train_step(run.state, batch)
       step += 1
       pending.append(metrics)
-      tokens += batch['inputs'].size
+      tokens += batch['inputs'][0].size * config.batch_size
       bar.update()
       if _due(step, config.log_every_steps, last):
         log_train(run, writer, step, pending, tokens, started, bar)
@@ -213,6 +228,8 @@ def summarise(run: Run, step: int, interrupted: str | None) -> dict:
 
 
 def write_config(config, workdir: str) -> None:
+  if not is_primary():
+    return
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(config.to_dict(), f, indent=2)
 
@@ -221,26 +238,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains ``config.task`` in ``workdir`` (resuming from its checkpoints) and returns a summary: the step reached,
   the last train and eval metrics, the task's baseline, the checkpoint steps, the final ``state`` (params under
   ``state.params``) and an end-of-run sample (unless the run was interrupted)."""
-  setup_logging()
   check_config(config)
+  initialize_distributed(config)
+  setup_logging()
   os.makedirs(workdir, exist_ok=True)
   enable_compilation_cache(config.compilation_cache_dir)
   run = Run(config, workdir)
   write_config(config, workdir)
+  log.info('layout: %s', run.layout.describe())
   if run.start_step:
     log.info('resuming from step %d in %s', run.start_step, run.checkpoints.directory)
   for name, value in run.task.baseline().items():
     log.info('baseline %s %.4f', name, value)
   try:
-    with MetricWriter(workdir, run.start_step) as writer, StopSignals() as stop, logging_redirect_tqdm():
+    with MetricWriter(workdir, run.start_step, enabled=is_primary()) as writer, StopSignals() as stop, logging_redirect_tqdm():
       step = train_loop(run, writer, stop)
       if not run.last_eval and stop.received is None:
         run_eval(run, writer, step)  # the run was already complete: still report where it stands
   finally:
     run.checkpoints.close()
   summary = summarise(run, step, stop.received)
-  summary['state'] = run.state
+  summary['state'] = run.canonical_state()
   if stop.received is None and config.sample.enabled:
-    summary['sample'] = run.task.sample(run.state.params, jax.random.PRNGKey(config.seed))
+    summary['sample'] = run.task.sample(host_copy(summary['state'].params), jax.random.PRNGKey(config.seed))
     log.info('sample:\n%s', summary['sample'])
   return summary

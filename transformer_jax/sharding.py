@@ -78,6 +78,17 @@ def _leaf_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
   return ('layers',) + core if scanned else core
 
 
+def shard_activation(x, *names: str | None, rules=DEFAULT_RULES):
+  """Constrains activation ``x`` to the sharding its logical axis ``names`` get under the mesh set with
+  ``jax.set_mesh`` (e.g. ``('batch', None, None)`` for the residual stream: split over the data axes, whole in
+  ``D``). Without a mesh in context (one device, ``pmap``, generation) it returns ``x`` unchanged, so model code
+  carries these hints everywhere at no cost."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, _spec(names, x.shape, mesh, rules))
+
+
 def param_logical_axes(params) -> Any:
   """A pytree like ``params`` whose leaves are tuples of logical axis names."""
   return jax.tree_util.tree_map_with_path(

@@ -80,6 +80,24 @@ def get_config() -> ml_collections.ConfigDict:
   # Where compiled programs are cached across runs; '' = ~/.cache/transformer_jax/jax (or $XDG_CACHE_HOME).
   config.compilation_cache_dir = ''
 
+  # How the run spreads over devices: 'jit' (one program over the mesh below) or 'pmap' (per-device data
+  # parallelism, JAX's older API, kept in maintenance; mesh.fsdp and mesh.tensor must then be 1).
+  config.parallelism = 'jit'
+  config.mesh = ml_collections.ConfigDict()
+  # Devices per mesh axis; one may be -1 (all the rest). The batch splits over data x fsdp; fsdp also splits the
+  # parameters and optimizer state; tensor splits heads, FFN units and the vocabulary.
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+
+  config.distributed = ml_collections.ConfigDict()
+  # Multi-process runs: True on a TPU pod, Slurm or Open MPI (JAX finds the processes itself); elsewhere set the
+  # three fields below (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every process.
+  config.distributed.enabled = False
+  config.distributed.coordinator_address = ''  # host:port of process 0
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
+
   config.sample = ml_collections.ConfigDict()
   # Show what the model does at the end of the run (for lm: a prompt, then sampled tokens).
   config.sample.enabled = True

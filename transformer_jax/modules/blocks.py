@@ -16,6 +16,7 @@ from transformer_jax.config import REMAT_POLICIES, BlockConfig
 from transformer_jax.modules.attention import MultiHeadAttention
 from transformer_jax.modules.feedforward import FeedForward
 from transformer_jax.modules.normalization import LayerNorm
+from transformer_jax.sharding import shard_activation
 
 
 def make_norm(config: BlockConfig, name: str) -> LayerNorm:
@@ -81,7 +82,7 @@ class DecoderLayer(nn.Module):
 
 
 def _scan_body(layer, carry, *args):
-  return layer(carry, *args), None
+  return shard_activation(layer(carry, *args), 'batch', None, None), None
 
 
 class Stack(nn.Module):
@@ -104,6 +105,9 @@ class Stack(nn.Module):
     """
     cfg = self.config
     layer_cls = self.layer_cls
+    # The residual stream stays split by batch under a mesh, whatever the parameters' layout: XLA then gathers
+    # FSDP-sharded weights instead of resharding activations.
+    x = shard_activation(x, 'batch', None, None)  # (B, T, D)
     if cfg.remat_policy != 'none':
       # prevent_cse only matters outside scan; inside scan it just blocks optimisations.
       layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
@@ -114,7 +118,7 @@ class Stack(nn.Module):
       x, _ = scan(layer_cls(cfg, deterministic, decode, name='layers'), x, *args)
     else:
       for i in range(self.num_layers):
-        x = layer_cls(cfg, deterministic, decode, name=f'layers_{i}')(x, *args)
+        x = shard_activation(layer_cls(cfg, deterministic, decode, name=f'layers_{i}')(x, *args), 'batch', None, None)
     if cfg.final_norm:
       x = make_norm(cfg, 'final_norm')(x)
     return x

@@ -1,0 +1,49 @@
+"""Trains tiny runs under device layouts, in a fresh process; the test compares what they leave in ``OUT``.
+
+    python train_layouts.py DEVICES OUT RUN [RUN ...]
+
+Each ``RUN`` is ``name:task:layout:steps[:from]`` where ``layout`` is ``single``, ``pmap`` or a mesh
+``DATAxFSDPxTENSOR`` and ``from`` names an earlier run whose workdir this one continues (a restore under another
+layout). Every run leaves ``OUT/<name>/`` (its workdir, with metrics.jsonl) plus ``OUT/<name>.npz`` (final parameters,
+by path) and ``OUT/<name>.json`` (the ``PartitionSpec`` of every parameter of the final train state).
+"""
+
+import json
+import os
+import shutil
+import sys
+
+DEVICES = int(sys.argv[1])
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={DEVICES}'
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update('jax_default_matmul_precision', 'highest')
+
+from train.trainer import train_and_evaluate  # noqa: E402
+from train_helpers import layout_fields, tiny_config  # noqa: E402
+
+
+def flat(tree) -> dict:
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf for path, leaf in
+          jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def main(out: str, runs: list[str]) -> None:
+  for run in runs:
+    name, task, layout, steps, *start = run.split(':')
+    workdir = os.path.join(out, name)
+    if start:
+      shutil.copytree(os.path.join(out, start[0]), workdir)
+    config = tiny_config(task, layout_fields(task, layout), num_train_steps=int(steps))
+    params = flat(train_and_evaluate(config, workdir)['state'].params)
+    np.savez(os.path.join(out, f'{name}.npz'), **{k: np.asarray(v) for k, v in params.items()})
+    with open(os.path.join(out, f'{name}.json'), 'w') as f:
+      json.dump({k: str(v.sharding.spec) for k, v in params.items()}, f)
+    print(f'{name}: done', flush=True)
+
+
+if __name__ == '__main__':
+  main(sys.argv[2], sys.argv[3:])

@@ -1,0 +1,263 @@
+"""How a run spreads over devices and processes: the layout of the state and of every batch, and the compiled steps.
+
+``config.parallelism`` picks one of two strategies:
+
+- ``'jit'`` (the default): one program over a ``('data', 'fsdp', 'tensor')`` mesh sized by ``config.mesh``. The
+  parameters and the optimizer state are sharded by the logical-axis rules of :mod:`transformer_jax.sharding` (FSDP
+  splits them over ``fsdp``, tensor parallelism splits heads, FFN units and the vocabulary over ``tensor``), every
+  batch is split over ``data`` x ``fsdp``, and XLA inserts the collectives. Any mix of the three runs the same code.
+- ``'pmap'``: the older per-device map, data parallel only: the state is replicated on every device and gradients are
+  summed with ``psum``. JAX keeps ``pmap`` in maintenance (it now runs on ``shard_map``); it is here for code and
+  habits that come from it.
+
+Either way each process builds only its own rows of the global batch (``process_rows``), and the canonical state
+(what checkpoints hold) is a set of global arrays, so a checkpoint restores under any other layout or device count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from transformer_jax.sharding import DEFAULT_RULES, batch_sharding, data_parallel_size, make_mesh, param_shardings
+
+log = logging.getLogger('train')
+
+STRATEGIES = ('jit', 'pmap')
+PMAP_AXIS = 'batch'
+
+
+# ------------------------------------------------------------------------------------------------------ processes
+def initialize_distributed(config) -> None:
+  """Joins a multi-process run when ``config.distributed`` (or the environment) asks for one; a no-op otherwise.
+
+  ``distributed.enabled=True`` alone lets JAX detect the cluster (Cloud TPU pods, Slurm, Open MPI, Kubernetes). On
+  GPU or CPU hosts without such a launcher, give ``coordinator_address`` (host:port of process 0), ``num_processes``
+  and ``process_id`` as config fields or as ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``.
+  Must run before anything touches a device.
+  """
+  cfg = config.distributed
+  address = cfg.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', '')
+  if not (cfg.enabled or address) or jax.distributed.is_initialized():
+    return
+  num_processes = cfg.num_processes or int(os.environ.get('JAX_NUM_PROCESSES', 0)) or None
+  process_id = cfg.process_id if cfg.process_id >= 0 else int(os.environ.get('JAX_PROCESS_ID', -1))
+  # CPU devices of different processes talk through gloo; the setting is ignored by other backends.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=address or None, num_processes=num_processes,
+                             process_id=None if process_id < 0 else process_id)
+
+
+def is_primary() -> bool:
+  """Process 0 writes logs, metrics and the config; every process takes part in steps and checkpoints."""
+  return jax.process_index() == 0
+
+
+def primary_first(fn, name: str):
+  """Runs ``fn`` on process 0, then on the others once it is done, so files ``fn`` writes to a shared workdir (the
+  vocabulary, the token file) are written once and then read."""
+  if jax.process_count() == 1:
+    return fn()
+  if is_primary():
+    result = fn()
+    multihost_utils.sync_global_devices(name)
+    return result
+  multihost_utils.sync_global_devices(name)
+  return fn()
+
+
+def host_copy(tree):
+  """Arrays this process can use in its own computations (generation, samples): the global arrays themselves in a
+  single-process run, full numpy copies gathered from every process otherwise."""
+  if jax.process_count() == 1:
+    return tree
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+# -------------------------------------------------------------------------------------------------------- layouts
+def _path_keys(path) -> tuple:
+  return tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path)
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
+  """Shardings of a whole :class:`~train.steps.TrainState`: parameters by their logical axes, and every optimizer
+  leaf that mirrors a parameter (Adam's moments: the path ends in that parameter's path, with its shape) like that
+  parameter, so FSDP splits the optimizer state too. Counters, keys and step numbers are replicated."""
+  replicated = NamedSharding(mesh, P())
+  params = param_shardings(abstract_state.params, mesh, rules)
+  by_path = {_path_keys(path): (sharding, leaf.shape) for (path, sharding), leaf in
+             zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(abstract_state.params))}
+
+  def opt_leaf(path, leaf):
+    keys = _path_keys(path)
+    for start in range(len(keys)):
+      match = by_path.get(keys[start:])
+      if match is not None and match[1] == leaf.shape:
+        return match[0]
+    return replicated
+
+  return abstract_state.replace(
+      step=replicated, params=params, rng=replicated, nonfinite_step=replicated, skipped=replicated,
+      opt_state=jax.tree_util.tree_map_with_path(opt_leaf, abstract_state.opt_state))
+
+
+def _local_block(sharding, shape: tuple, axis: int) -> tuple[int, int]:
+  """The contiguous ``[start, stop)`` of ``axis`` that this process's devices hold under ``sharding``."""
+  spans = {(s[axis].start or 0, shape[axis] if s[axis].stop is None else s[axis].stop)
+           for s in sharding.addressable_devices_indices_map(shape).values()}
+  start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != stop - start:
+    raise ValueError(f'the batch rows of process {jax.process_index()} are not contiguous under {sharding}; '
+                     'order the mesh so each process holds one block of the data axes')
+  return start, stop
+
+
+def micro_batch_rows(micro_batches: int, micro_size: int, start: int, stop: int) -> np.ndarray:
+  """Global row numbers of ``[start, stop)`` of every micro-batch, micro-batch after micro-batch."""
+  return (np.arange(micro_batches)[:, None] * micro_size + np.arange(start, stop)).reshape(-1)
+
+
+class Layout:
+  """What both strategies share: the batch geometry, the restore target and the sharded initialisation."""
+
+  axis_name: str | None = None  # the named device axis the steps reduce over, when they run per device
+
+  def __init__(self, config, mesh: Mesh, data_devices: int, state_shardings):
+    self.mesh, self.state_shardings = mesh, state_shardings
+    self.replicated = NamedSharding(mesh, P())
+    self.micro_batches = config.grad_accum_steps
+    self.micro_size = config.batch_size // config.grad_accum_steps
+    if self.micro_size % data_devices:
+      raise ValueError(f'batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps} = '
+                       f'{self.micro_size} sequences per micro-batch do not divide across the {data_devices} '
+                       f'data-parallel devices ({self.describe()})')
+
+  def abstract_state(self, abstract):
+    """Checkpoint restore target: shapes and dtypes with this layout's shardings."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                        self.state_shardings)
+
+  def init_state(self, create):
+    """A fresh canonical state, each array created where its sharding puts it."""
+    return jax.jit(create, out_shardings=self.state_shardings)()
+
+
+class MeshLayout(Layout):
+  """``parallelism='jit'``: the state sharded over a ``('data', 'fsdp', 'tensor')`` mesh, global batch arrays."""
+
+  def __init__(self, config, abstract_state):
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    super().__init__(config, mesh, data_parallel_size(mesh), state_shardings(abstract_state, mesh))
+    batch = batch_sharding(self.mesh)
+    self.micro_sharding = NamedSharding(self.mesh, P(None, *batch.spec))  # (A, B / A, ...): split within each
+    self.eval_sharding = batch
+    start, stop = _local_block(self.micro_sharding, (self.micro_batches, self.micro_size), 1)
+    self.train_rows = micro_batch_rows(self.micro_batches, self.micro_size, start, stop)
+    self.eval_rows = np.arange(*_local_block(batch, (config.batch_size,), 0))
+
+  def describe(self) -> str:
+    return f'jit over mesh {dict(self.mesh.shape)} ({jax.device_count()} devices, {jax.process_count()} processes)'
+
+  def to_device(self, state):
+    """The canonical state as the train step takes it (here: already is)."""
+    return state
+
+  def canonical(self, state):
+    """The device state as checkpoints and samples take it (here: already is)."""
+    return state
+
+  def compile_train(self, step_fn):
+    step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.micro_sharding),
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+    return self._in_mesh(lambda state, batch: step(state, self._global(self.micro_sharding, self._micro(batch))))
+
+  def compile_eval(self, eval_fn):
+    step = jax.jit(eval_fn, in_shardings=(self.state_shardings.params, self.eval_sharding),
+                   out_shardings=self.replicated)
+    return self._in_mesh(lambda params, batch: step(params, self._global(
+        self.eval_sharding, {k: v[self.eval_rows] for k, v in batch.items()})))
+
+  def _in_mesh(self, fn):
+    """``fn`` run with the mesh in context, so the models' activation constraints
+    (:func:`~transformer_jax.sharding.shard_activation`) apply when it traces."""
+    def call(*args):
+      with jax.set_mesh(self.mesh):
+        return fn(*args)
+    return call
+
+  def _micro(self, batch: dict) -> dict:
+    """This process's rows (``train_rows`` order) -> ``(A, rows / A, ...)``."""
+    return {k: v.reshape((self.micro_batches, -1) + v.shape[1:]) for k, v in batch.items()}
+
+  def _global(self, sharding, local: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+class PmapLayout(Layout):
+  """``parallelism='pmap'``: the state replicated per device (a leading device axis), batches split per device."""
+
+  axis_name = PMAP_AXIS
+
+  def __init__(self, config, abstract_state):
+    if config.mesh.fsdp != 1 or config.mesh.tensor != 1:
+      raise ValueError(f'parallelism=pmap is data parallel only; it cannot use mesh.fsdp={config.mesh.fsdp} or '
+                       f'mesh.tensor={config.mesh.tensor} (use parallelism=jit)')
+    if config.mesh.data not in (-1, jax.device_count()):
+      raise ValueError(f'parallelism=pmap runs on all {jax.device_count()} devices; mesh.data={config.mesh.data} '
+                       'must be -1 or that number')
+    mesh = Mesh(np.array(jax.devices()), (PMAP_AXIS,))  # pmap's own device order
+    replicated = NamedSharding(mesh, P())
+    super().__init__(config, mesh, jax.device_count(), jax.tree.map(lambda _: replicated, abstract_state))
+    self.devices = jax.local_device_count()
+    per_process = self.micro_size // jax.process_count()
+    start = jax.process_index() * per_process
+    self.train_rows = micro_batch_rows(self.micro_batches, self.micro_size, start, start + per_process)
+    eval_per_process = config.batch_size // jax.process_count()
+    self.eval_rows = np.arange(eval_per_process) + jax.process_index() * eval_per_process
+    self._replicate = jax.jit(lambda s: jax.tree.map(lambda x: jnp.broadcast_to(x, (len(self.mesh.devices),) + x.shape), s),
+                              out_shardings=NamedSharding(self.mesh, P(PMAP_AXIS)))
+    self._first = jax.jit(lambda s: jax.tree.map(lambda x: x[0], s), out_shardings=self.replicated)
+
+  def describe(self) -> str:
+    return f'pmap over {jax.device_count()} devices ({jax.process_count()} processes)'
+
+  def to_device(self, state):
+    return self._replicate(state)
+
+  def canonical(self, state):
+    return self._first(state)
+
+  def compile_train(self, step_fn):
+    step = jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=(0,))
+
+    def train_step(state, batch):
+      state, metrics = step(state, self._split(batch, leading=self.micro_batches))
+      return state, self._first(metrics)
+
+    return train_step
+
+  def compile_eval(self, eval_fn):
+    step = jax.pmap(eval_fn, axis_name=PMAP_AXIS)
+    return lambda params, batch: self._first(step(params, self._split({k: v[self.eval_rows] for k, v in batch.items()})))
+
+  def _split(self, batch: dict, leading: int | None = None) -> dict:
+    """Local rows -> ``(devices, [A,] rows / devices, ...)``: each local device's slice of every micro-batch."""
+    def split(v):
+      if leading is None:
+        return v.reshape((self.devices, -1) + v.shape[1:])
+      v = v.reshape((leading, self.devices, -1) + v.shape[1:])
+      return np.swapaxes(v, 0, 1)
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_layout(config, abstract_state):
+  """The layout ``config.parallelism`` names, checked against the devices and the batch."""
+  if config.parallelism not in STRATEGIES:
+    raise ValueError(f'parallelism must be one of {STRATEGIES}, got {config.parallelism!r}')
+  return (MeshLayout if config.parallelism == 'jit' else PmapLayout)(config, abstract_state)
