@@ -40,10 +40,11 @@ MASKS = {
 
 
 @pytest.mark.parametrize('mask', MASKS.values(), ids=MASKS.keys())
-@pytest.mark.parametrize('fast', [True, False], ids=['fast_path', 'weights_path'])
-def test_attention_matches_reference(mask, fast):
+@pytest.mark.parametrize('fast, implementation', [(True, None), (True, 'xla'), (False, None)],
+                         ids=['einsum', 'jax_xla', 'weights_path'])
+def test_attention_matches_reference(mask, fast, implementation):
   q, k, v = qkv()
-  got = dot_product_attention(q, k, v, mask, return_weights=not fast)
+  got = dot_product_attention(q, k, v, mask, return_weights=not fast, implementation=implementation)
   out = got if fast else got[0]
   ref_out, ref_w = reference_attention(q, k, v, np.ones((1, 1, 1, 1), bool) if mask is None else mask)
   assert out.shape == (B, T, H, K)
@@ -63,18 +64,21 @@ def test_weights_sum_to_one_over_unmasked_keys_and_zero_elsewhere():
   np.testing.assert_allclose(np.asarray(w).sum(-1)[row_has_key], 1.0, atol=1e-6)
 
 
-def test_fully_masked_row_gives_zeros_not_nan_in_value_and_gradient():
+@pytest.mark.parametrize('implementation', [None, 'xla'])
+def test_fully_masked_row_gives_zeros_not_nan_in_value_and_gradient(implementation):
   q, k, v = qkv(2)
   mask = MASKS['fully_masked_row']
   def output(q, fast):
-    return dot_product_attention(q, k, v, mask) if fast else dot_product_attention(q, k, v, mask,
-                                                                                   return_weights=True)[0]
+    if fast:
+      return dot_product_attention(q, k, v, mask, implementation=implementation)
+    return dot_product_attention(q, k, v, mask, return_weights=True)[0]
   for fast in (True, False):
     out = output(q, fast)
     assert np.isfinite(np.asarray(out)).all()
     assert np.all(np.asarray(out)[0, 2] == 0)
     grad = jax.grad(lambda q: jnp.sum(output(q, fast) ** 2))(q)
     assert np.isfinite(np.asarray(grad)).all()
+    assert np.all(np.asarray(grad)[0, 2] == 0)
 
 
 def test_padding_keys_never_influence_the_output():

@@ -43,7 +43,7 @@ class BlockConfig:
   qkv_bias: bool = True
   fused_qkv: bool = False  # one (D, 3, H, K) projection for self-attention
   init_std: float | None = None  # normal(init_std) kernels; None: Xavier uniform (the original Transformer)
-  attention_implementation: str | None = None  # jax.nn.dot_product_attention's: None/'xla', or 'cudnn' on GPUs
+  attention_implementation: str | None = None  # None/'einsum' (ours, fastest on CPU); 'xla' or 'cudnn' (GPUs, bf16)
   dtype: str = 'float32'  # compute dtype; norm statistics, softmax and logits stay float32
   param_dtype: str = 'float32'  # storage dtype of the parameters
   scan_layers: bool = False  # run the stack under nn.scan: compile time flat in depth
@@ -67,8 +67,9 @@ class BlockConfig:
       problems.append(f'norm_eps must be positive, got {self.norm_eps}')
     if self.remat_policy not in REMAT_POLICIES:
       problems.append(f'remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}')
-    if self.attention_implementation not in (None, 'xla', 'cudnn'):
-      problems.append(f"attention_implementation must be None, 'xla' or 'cudnn', got {self.attention_implementation!r}")
+    if self.attention_implementation not in (None, 'einsum', 'xla', 'cudnn'):
+      problems.append("attention_implementation must be None, 'einsum', 'xla' or 'cudnn', got "
+                      f'{self.attention_implementation!r}')
     for name in ('dtype', 'param_dtype'):
       try:
         jnp.dtype(getattr(self, name))

@@ -17,7 +17,7 @@ from jax import lax
 from transformer_jax import masks
 from transformer_jax.validation import check_attention_mask
 
-Implementation = Literal['xla', 'cudnn'] | None
+Implementation = Literal['einsum', 'xla', 'cudnn'] | None
 
 
 def _full_mask(mask, batch: int, q_len: int, kv_len: int):
@@ -37,8 +37,10 @@ def dot_product_attention(query, key, value, mask=None, *, dropout_rate: float =
     value: ``(B, S, H, K)``.
     mask: boolean, broadcastable to ``(B, H, T, S)``; ``True`` = may attend.
     dropout_rate, dropout_rng, deterministic: dropout on the attention weights (needs ``dropout_rng`` when active).
-    return_weights: also return the ``(B, H, T, S)`` float32 weights (forces the explicit path).
-    implementation: passed to ``jax.nn.dot_product_attention`` on the fast path (``'cudnn'`` on GPUs).
+    return_weights: also return the ``(B, H, T, S)`` float32 weights (forces the einsum path).
+    implementation: ``None``/``'einsum'``: two einsums around a float32 softmax, written out here (the fastest on
+      CPU); ``'xla'`` or ``'cudnn'``: ``jax.nn.dot_product_attention`` with that implementation (``'cudnn'`` on
+      GPUs, bf16 only). Dropout and ``return_weights`` always take the einsum path.
 
   Returns:
     ``(B, T, H, K)`` in the query's dtype, or ``(output, weights)``. A query row whose every key is masked gets zero
@@ -53,22 +55,26 @@ def dot_product_attention(query, key, value, mask=None, *, dropout_rate: float =
   use_dropout = dropout_rate > 0.0 and not deterministic
   if use_dropout and dropout_rng is None:
     raise ValueError('attention dropout is active (deterministic=False) but no dropout_rng was given')
+  # Rows with no visible key: zeros, not a uniform average over masked keys. (B, H|1, T, 1)
+  row_ok = None if mask is None else jnp.any(mask, axis=-1, keepdims=True)
 
-  if not return_weights and not use_dropout:
+  if implementation in ('xla', 'cudnn') and not return_weights and not use_dropout:
     full = None if mask is None else _full_mask(mask, batch, q_len, kv_len)
     out = jax.nn.dot_product_attention(query, key, value, mask=full, implementation=implementation)
-    if mask is not None:  # rows with no visible key: zeros, not a uniform average over masked keys
-      row_ok = jnp.any(full, axis=-1)  # (B, H|1, T)
-      out = jnp.where(jnp.transpose(row_ok, (0, 2, 1))[..., None], out, 0)
-    return out
+    return out if mask is None else jnp.where(jnp.swapaxes(row_ok, 1, 2), out, 0)
 
-  logits = jnp.einsum('BTHK,BSHK->BHTS', query, key, preferred_element_type=jnp.float32)
-  logits = logits.astype(jnp.float32) / math.sqrt(head_dim)
+  # Scaling the (B, T, H, K) query instead of the (B, H, T, S) logits saves a pass over the larger array.
+  scaled = query * jnp.asarray(1 / math.sqrt(head_dim), query.dtype)
+  logits = jnp.einsum('BTHK,BSHK->BHTS', scaled, key, preferred_element_type=jnp.float32).astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1)  # (B, H, T, S)
+  if not return_weights and not use_dropout:
+    out = jnp.einsum('BHTS,BSHK->BTHK', weights.astype(value.dtype), value)
+    # Zeroing the (B, T, H, K) output costs less than zeroing the (B, H, T, S) weights, and gives the same values.
+    return out if mask is None else jnp.where(jnp.swapaxes(row_ok, 1, 2), out, 0)
   if mask is not None:
-    weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+    weights = jnp.where(row_ok, weights, 0.0)
   applied = weights
   if use_dropout:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
