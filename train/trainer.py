@@ -72,7 +72,8 @@ def setup_logging() -> None:
     log.addHandler(handler)
     log.propagate = False
   log.setLevel(logging.INFO if is_primary() else logging.WARNING)
-  logging.getLogger('absl').setLevel(logging.WARNING)
+  for library in ('absl', 'jax'):  # e.g. jax's note that it found no TPU, on every CPU run
+    logging.getLogger(library).setLevel(logging.WARNING)
 
 
 def enable_compilation_cache(path: str) -> None:
