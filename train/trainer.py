@@ -66,14 +66,14 @@ def check_config(config) -> None:
 def setup_logging() -> None:
   """Progress lines of the ``train`` logger to stderr (once; warnings only from processes other than 0), and the
   libraries' per-save chatter (Orbax logs every file it writes at INFO) down to warnings."""
+  for library in ('absl', 'jax'):  # e.g. jax's note that it found no TPU, on every CPU run
+    logging.getLogger(library).setLevel(logging.WARNING)
   if not log.handlers:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
     log.addHandler(handler)
     log.propagate = False
   log.setLevel(logging.INFO if is_primary() else logging.WARNING)
-  for library in ('absl', 'jax'):  # e.g. jax's note that it found no TPU, on every CPU run
-    logging.getLogger(library).setLevel(logging.WARNING)
 
 
 def enable_compilation_cache(path: str) -> None:
