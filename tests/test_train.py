@@ -116,6 +116,12 @@ def test_number_dataset_is_disjoint_and_consistent():
   assert all(number_to_words(int(s)) == t for s, t in train + val)
 
 
+def test_short_numbers_all_train_and_validation_holds_longer_ones():
+  train, val = number_dataset(2000, 100, 5, seed=0)
+  assert all(len(s) >= 3 for s, _ in val)
+  assert {int(s) for s, _ in train} >= set(range(100))
+
+
 @pytest.mark.parametrize('kind', ['char', 'byte', 'word', 'bpe'])
 def test_vocab_round_trip(kind, tmp_path):
   texts = ['the cat sat on the mat', 'a dog ate the hat'] * 20

@@ -44,21 +44,23 @@ def number_to_words(n: int) -> str:
   return ' '.join(words)
 
 
-def number_pairs(count: int, max_digits: int, seed: int, exclude: frozenset[int] = frozenset()) -> list[tuple[str, str]]:
-  """``count`` distinct (digits, words) pairs, not in ``exclude``.
+def number_pairs(count: int, max_digits: int, seed: int, exclude: frozenset[int] = frozenset(),
+                 min_digits: int = 1) -> list[tuple[str, str]]:
+  """``count`` distinct (digits, words) pairs with ``min_digits`` to ``max_digits`` digits, not in ``exclude``.
 
   The number of digits is drawn uniformly first, so short numbers are as common as long ones (drawing the number
   uniformly would make almost every example ``max_digits`` long).
   """
-  if max_digits < 1 or max_digits > 12:
-    raise ValueError(f'max_digits must lie in [1, 12], got {max_digits}')
-  available = 10**max_digits - len(exclude)
+  if not 1 <= min_digits <= max_digits <= 12:
+    raise ValueError(f'need 1 <= min_digits <= max_digits <= 12, got {min_digits} and {max_digits}')
+  low = 0 if min_digits == 1 else 10**(min_digits - 1)
+  available = 10**max_digits - low - len(exclude)
   if count > available:
-    raise ValueError(f'cannot draw {count} distinct numbers with at most {max_digits} digits')
+    raise ValueError(f'cannot draw {count} distinct numbers with {min_digits} to {max_digits} digits')
   rng = np.random.default_rng(seed)
   chosen: dict[int, None] = {}  # insertion-ordered set
   while len(chosen) < count:
-    digits = int(rng.integers(1, max_digits + 1))
+    digits = int(rng.integers(min_digits, max_digits + 1))
     n = int(rng.integers(0 if digits == 1 else 10**(digits - 1), 10**digits))
     if n not in exclude:
       chosen[n] = None
@@ -66,7 +68,9 @@ def number_pairs(count: int, max_digits: int, seed: int, exclude: frozenset[int]
 
 
 def number_dataset(train_size: int, val_size: int, max_digits: int, seed: int):
-  """Train and validation pairs with no number in both."""
-  val = number_pairs(val_size, max_digits, seed + 1)
+  """Train and validation pairs with no number in both. Validation numbers have at least three digits (when
+  ``max_digits`` allows): the hundred numbers below 100 are the words every longer number is built from, and there
+  are too few of them to hold any out, so training sees them all."""
+  val = number_pairs(val_size, max_digits, seed + 1, min_digits=min(3, max_digits))
   train = number_pairs(train_size, max_digits, seed, exclude=frozenset(int(s) for s, _ in val))
   return train, val
