@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from benchmarks.common import (machine_info, on_accelerator, peak_flops, print_machine, print_table, time_call,
-                               write_json)
+                               torch_matmul_peak, write_json)
 from transformer_jax import GPT, BERTConfig, BERTForMaskedLM, GPTConfig, Transformer, TransformerConfig
 
 LR, WEIGHT_DECAY = 3e-4, 0.01  # the same AdamW on both sides (optax's default decay is 1e-4, PyTorch's 1e-2)
@@ -229,10 +229,13 @@ def main():
   for item in args.override:
     field, value = item.split('=', 1)
     overrides[field] = parse_value(value)
-  info = machine_info()
-  print_machine(info)
+  print_machine(machine_info())
   peak, peak_source = peak_flops()
   print(f'peak {peak / 1e9:,.0f} GFLOP/s ({peak_source}); our config overrides: {overrides}', flush=True)
+  torch_peak = None
+  if not on_accelerator() and not args.no_torch:
+    torch_peak = torch_matmul_peak()
+    print(f'torch.mm float32 2048^2: {torch_peak / 1e9:,.0f} GFLOP/s', flush=True)
 
   rows = []
   for name in args.models:
@@ -257,7 +260,7 @@ def main():
   print_table(rows, ['model', 'impl', 'params_M', 'step_ms', 'tokens_s', 'gflop_s', 'mfu_pct', 'jax_speedup',
                      'compile_s', 'error'])
   write_json(args.out, 'train_throughput', {**vars(args), 'overrides': overrides, 'peak_flops': peak,
-                                            'peak_source': peak_source}, rows)
+                                            'peak_source': peak_source, 'torch_matmul_peak_flops': torch_peak}, rows)
 
 
 if __name__ == '__main__':
