@@ -22,8 +22,8 @@ def tiny_fields(task: str) -> dict:
 
 def layout_fields(task: str, layout: str) -> dict:
   """Tiny-run fields for the device-layout tests: 4 heads and FFN width 32 (so a 4-way tensor axis splits them), a
-  batch of 16 (an LM step in two micro-batches), one evaluation and one checkpoint at the end. ``layout`` is ``'single'``,
-  ``'pmap'`` or a mesh ``'DATAxFSDPxTENSOR'``."""
+  batch of 16 (an LM step in two micro-batches), one evaluation and one checkpoint at the end. ``layout`` is
+  ``'single'``, ``'pmap'`` or a mesh ``'DATAxFSDPxTENSOR'``."""
   # adam_eps: a key projection's bias has an exactly zero gradient (softmax ignores a shift shared by all keys), so
   # what reaches Adam there is float noise that differs with the reduction order; the default eps of 1e-8 would
   # scale that noise up to steps of the learning rate's size.

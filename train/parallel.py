@@ -220,7 +220,8 @@ class PmapLayout(Layout):
     self.train_rows = micro_batch_rows(self.micro_batches, self.micro_size, start, start + per_process)
     eval_per_process = config.batch_size // jax.process_count()
     self.eval_rows = np.arange(eval_per_process) + jax.process_index() * eval_per_process
-    self._replicate = jax.jit(lambda s: jax.tree.map(lambda x: jnp.broadcast_to(x, (len(self.mesh.devices),) + x.shape), s),
+    copies = jax.device_count()
+    self._replicate = jax.jit(lambda s: jax.tree.map(lambda x: jnp.broadcast_to(x, (copies,) + x.shape), s),
                               out_shardings=NamedSharding(self.mesh, P(PMAP_AXIS)))
     self._first = jax.jit(lambda s: jax.tree.map(lambda x: x[0], s), out_shardings=self.replicated)
 
@@ -244,7 +245,8 @@ class PmapLayout(Layout):
 
   def compile_eval(self, eval_fn):
     step = jax.pmap(eval_fn, axis_name=PMAP_AXIS)
-    return lambda params, batch: self._first(step(params, self._split({k: v[self.eval_rows] for k, v in batch.items()})))
+    return lambda params, batch: self._first(step(params, self._split(
+        {k: v[self.eval_rows] for k, v in batch.items()})))
 
   def _split(self, batch: dict, leading: int | None = None) -> dict:
     """Local rows -> ``(devices, [A,] rows / devices, ...)``: each local device's slice of every micro-batch."""

@@ -152,10 +152,11 @@ class Run:
 
   def check_finite(self) -> None:
     """In stop mode, raises :class:`NonFiniteError` once any update was not finite (one small transfer)."""
-    bad = int(self.canonical_state().nonfinite_step)
+    bad = int(self.layout.canonical(self.state.nonfinite_step))
     if bad >= 0 and not self.config.skip_nonfinite_updates:
       steps = self.checkpoints.steps()
-      kept = f'the last good checkpoint is step {steps[-1]} in {self.checkpoints.directory}' if steps else 'no checkpoint was saved'
+      kept = (f'the last good checkpoint is step {steps[-1]} in {self.checkpoints.directory}' if steps
+              else 'no checkpoint was saved')
       raise NonFiniteError(f'non-finite loss or gradient at step {bad}: stopping ({kept}); set '
                            'skip_nonfinite_updates=True to skip such updates instead')
 
@@ -169,7 +170,7 @@ def log_train(run: Run, writer: MetricWriter, step: int, pending: list, tokens: 
   history = jax.device_get(pending)  # waits for the queued steps, so the clock below covers their work
   metrics = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
   metrics['tokens_per_sec'] = tokens / max(time.perf_counter() - started, 1e-9)
-  metrics['skipped_updates'] = int(run.canonical_state().skipped)
+  metrics['skipped_updates'] = int(run.layout.canonical(run.state.skipped))
   run.check_finite()
   writer.write(step, 'train', metrics)
   run.last_train = metrics
@@ -252,7 +253,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for name, value in run.task.baseline().items():
     log.info('baseline %s %.4f', name, value)
   try:
-    with MetricWriter(workdir, run.start_step, enabled=is_primary()) as writer, StopSignals() as stop, logging_redirect_tqdm():
+    with (MetricWriter(workdir, run.start_step, enabled=is_primary()) as writer, StopSignals() as stop,
+          logging_redirect_tqdm()):
       step = train_loop(run, writer, stop)
       if not run.last_eval and stop.received is None:
         run_eval(run, writer, step)  # the run was already complete: still report where it stands
