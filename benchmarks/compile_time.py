@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import machine_info, print_machine, print_table, write_json
 from transformer_jax import GPT, GPTConfig
 
 
@@ -59,6 +59,7 @@ def main():
   parser.add_argument('--out', default='benchmarks/results/compile_time.json')
   args = parser.parse_args()
 
+  print_machine(machine_info())
   base = GPTConfig.course(d_model=args.d_model, num_heads=args.heads, d_ff=4 * args.d_model, max_len=args.seq)
   rows = []
   for layers in args.layers:

@@ -40,15 +40,17 @@ def hf_model(shape: str, vocab: int):
 
 def run_hf(model, prompt: np.ndarray, new: int, repeats: int):
   import torch
-  ids = torch.from_numpy(prompt.astype(np.int64))
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  model = model.to(device)
+  ids = torch.from_numpy(prompt.astype(np.int64)).to(device)
   mask = torch.ones_like(ids)
 
   def call():
     with torch.inference_mode():
       return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
 
-  out = call()[:, prompt.shape[1]:].numpy()
-  return time_call(call, warmup=0, repeats=repeats, sync=lambda x: x), out
+  out = call()[:, prompt.shape[1]:].cpu().numpy()
+  return time_call(call, warmup=0, repeats=repeats, sync=lambda x: x.cpu()), out
 
 
 def run_ours(model, params, prompt: np.ndarray, new: int, repeats: int):
