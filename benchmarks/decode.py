@@ -1,4 +1,4 @@
-"""Greedy decoding tokens/s: ``transformer_jax.generation.generate`` against Hugging Face's ``GPT2LMHeadModel.generate``.
+"""Greedy decoding tokens/s: ``transformer_jax.generation.generate`` against ``GPT2LMHeadModel.generate``.
 
     python -m benchmarks.decode [--shapes gpt2-small small] [--batches 1 8] [--prompt 16] [--new 64]
         [--dtypes float32 bfloat16]

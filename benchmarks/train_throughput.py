@@ -1,17 +1,20 @@
 """Training-step throughput of our GPT, encoder-decoder and BERT against PyTorch (eager and ``torch.compile``).
 
     python -m benchmarks.train_throughput [--models gpt seq2seq bert] [--batch 8] [--seq 256]
-        [--gpt-layers 6] [--seq2seq-layers 2] [--bert-layers 2] [--dropout 0.0] [--override fused_qkv=True]
+        [--gpt-shape course|gpt2-small] [--gpt-layers N] [--seq2seq-layers 2] [--bert-layers 2] [--dropout 0.0]
+        [--override fused_qkv=True]
+    python -m benchmarks.train_throughput --models gpt --gpt-shape gpt2-small --seq 1024   # GPT-2 small, on a GPU
 
 Each model is built twice with the same shapes: ours in Flax and its PyTorch counterpart (``torch_reference.NanoGPT``
-for the course GPT, ``torch_reference.Seq2SeqTransformer`` for the course encoder-decoder, Hugging Face's
-``BertForMaskedLM`` from a config, random init). One step is forward, cross-entropy, backward and AdamW. Warm-up
-(compilation) is excluded and timed separately; each JAX step ends in ``block_until_ready``, each PyTorch step in
-``loss.item()``. The median step time gives tokens/s (every input token, source and target for the encoder-decoder),
-achieved FLOP/s from the matmul count (6 x dense weights + 12 x L x D x context per token, the usual estimate, with
-no discount for causal masking) and the model FLOPs utilisation against the machine's peak (measured with a large
-float32 ``jnp.dot`` on CPU, the datasheet bf16 peak on a GPU/TPU). On a GPU/TPU both sides compute in bf16 (our
-``dtype='bfloat16'`` with float32 master weights; ``torch.autocast``) and ours asks for cuDNN attention on GPUs.
+for the course GPT, Hugging Face's ``GPT2LMHeadModel`` for GPT-2 small, ``torch_reference.Seq2SeqTransformer`` for the
+course encoder-decoder, Hugging Face's ``BertForMaskedLM`` from a config, random init). One step is forward,
+cross-entropy, backward and AdamW. Warm-up (compilation) is excluded and timed separately; each JAX step ends in
+``block_until_ready``, each PyTorch step in ``loss.item()``. The median step time gives tokens/s (every input token,
+source and target for the encoder-decoder), achieved FLOP/s from the matmul count (6 x dense weights + 12 x L x D x
+context per token, the usual estimate, with no discount for causal masking) and the model FLOPs utilisation against
+the machine's peak (measured with a large float32 ``jnp.dot`` on CPU, the datasheet bf16 peak on a GPU/TPU). On a
+GPU/TPU both sides compute in bf16 (our ``dtype='bfloat16'`` with float32 master weights; ``torch.autocast``) and ours
+asks for cuDNN attention on GPUs.
 """
 
 from __future__ import annotations
@@ -68,10 +71,16 @@ def attention_flops(layers: int, d: int, context: int) -> int:
 
 
 def gpt_case(args, overrides: dict) -> Case:
-  from transformer_jax.torch_reference import NanoGPT
-  # The reference has no attention-weight dropout; neither has ours here.
-  cfg = GPTConfig.course(num_layers=args.gpt_layers, max_len=args.seq, dropout_rate=args.dropout,
-                         attention_dropout_rate=0.0, **overrides)
+  """``--gpt-shape course``: ``GPTConfig.course()`` against ``torch_reference.NanoGPT``; ``gpt2-small``:
+  ``GPTConfig.gpt2()`` against Hugging Face's ``GPT2LMHeadModel``."""
+  if args.gpt_shape == 'course':
+    from transformer_jax.torch_reference import NanoGPT
+    # The reference has no attention-weight dropout; neither has ours here.
+    cfg = GPTConfig.course(max_len=args.seq, dropout_rate=args.dropout, attention_dropout_rate=0.0, **overrides)
+  else:
+    cfg = GPTConfig.gpt2('small', max_len=args.seq, dropout_rate=args.dropout, attention_dropout_rate=args.dropout,
+                         **overrides)
+  cfg = cfg.replace(num_layers=args.gpt_layers or cfg.num_layers)
   model = GPT(cfg)
 
   def loss(params, batch, rng):
@@ -79,15 +88,23 @@ def gpt_case(args, overrides: dict) -> Case:
     logits = model.apply({'params': params}, ids[:, :-1], deterministic=args.dropout == 0, rngs={'dropout': rng})
     return xent(logits, ids[:, 1:])
 
+  def torch_model():
+    if args.gpt_shape == 'course':
+      return NanoGPT(vocab_size=cfg.vocab_size, block_size=args.seq, n_embd=cfg.d_model, n_head=cfg.num_heads,
+                     n_layer=cfg.num_layers, dropout=args.dropout)
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=args.seq, n_layer=cfg.num_layers, n_embd=cfg.d_model,
+        n_head=cfg.num_heads, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout))
+
+  def torch_loss(m, b):
+    out = m(b['ids'][:, :-1])
+    return torch_xent(out if args.gpt_shape == 'course' else out.logits, b['ids'][:, 1:])
+
   ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
   per_token = dense_flops(cfg.num_layers, cfg.d_model, cfg.d_ff) + 2 * cfg.d_model * cfg.vocab_size
-  return Case(
-      'gpt', model, loss, {'ids': ids},
-      lambda: NanoGPT(vocab_size=cfg.vocab_size, block_size=args.seq, n_embd=cfg.d_model, n_head=cfg.num_heads,
-                      n_layer=cfg.num_layers, dropout=args.dropout),
-      lambda m, b: torch_xent(m(b['ids'][:, :-1]), b['ids'][:, 1:]),
-      args.batch * args.seq, 3 * args.batch * args.seq * (per_token + attention_flops(cfg.num_layers, cfg.d_model,
-                                                                                      args.seq)))
+  return Case('gpt', model, loss, {'ids': ids}, torch_model, torch_loss, args.batch * args.seq,
+              3 * args.batch * args.seq * (per_token + attention_flops(cfg.num_layers, cfg.d_model, args.seq)))
 
 
 def seq2seq_case(args, overrides: dict) -> Case:
@@ -210,7 +227,9 @@ def main():
   parser.add_argument('--models', nargs='+', choices=sorted(CASES), default=['gpt', 'seq2seq', 'bert'])
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--seq', type=int, default=256, help='context length (source and target for seq2seq)')
-  parser.add_argument('--gpt-layers', type=int, default=6)
+  parser.add_argument('--gpt-shape', choices=['course', 'gpt2-small'], default='course',
+                      help='course: 6 x 384 vs torch_reference.NanoGPT; gpt2-small: 12 x 768 vs GPT2LMHeadModel')
+  parser.add_argument('--gpt-layers', type=int, default=None, help="default: the shape's own depth")
   parser.add_argument('--seq2seq-layers', type=int, default=2, help='encoder layers = decoder layers')
   parser.add_argument('--bert-layers', type=int, default=2)
   parser.add_argument('--dropout', type=float, default=0.0)
@@ -253,8 +272,9 @@ def main():
     for r in results:
       row = {'model': name, **r}
       if 'step_s' in r:
-        row.update(step_ms=r['step_s'] * 1e3, tokens_s=case.tokens / r['step_s'], gflop_s=case.flops / r['step_s'] / 1e9,
-                   mfu_pct=100 * case.flops / r['step_s'] / peak, jax_speedup=r['step_s'] / jax_s)
+        s = r['step_s']
+        row.update(step_ms=s * 1e3, tokens_s=case.tokens / s, gflop_s=case.flops / s / 1e9,
+                   mfu_pct=100 * case.flops / s / peak, jax_speedup=s / jax_s)
       rows.append(row)
       print({k: v for k, v in row.items() if k != 'step_s'}, flush=True)
   print()
