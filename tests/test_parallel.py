@@ -82,8 +82,20 @@ def max_param_diff(out, name: str, reference: str) -> float:
   return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
-def specs(out, name: str) -> dict:
+def record(out, name: str) -> dict:
+  """``{'specs': {parameter: PartitionSpec}, 'log': [trainer messages]}`` of one run."""
   return json.loads((out / f'{name}.json').read_text())
+
+
+def specs(out, name: str) -> dict:
+  return record(out, name)['specs']
+
+
+def assert_resumed(out, name: str, step: int):
+  """The run restored its checkpoint (a failed restore would start afresh and could still match one device)."""
+  log = record(out, name)['log']
+  assert any(m.startswith(f'resuming from step {step} ') for m in log), log
+  assert not any('could not be restored' in m for m in log), log
 
 
 @pytest.mark.parametrize('layout', LAYOUTS)
@@ -111,6 +123,7 @@ def test_parameters_are_sharded_as_configured(runs, model):
 
 def test_two_processes_train_like_one_process(runs):
   np.testing.assert_allclose(train_losses(runs / 'two_processes'), train_losses(runs / 'gpt_single'), rtol=1e-5)
+  assert_resumed(runs, 'two_processes_restored', STEPS)  # its parameters are the ones the two processes saved
   assert max_param_diff(runs, 'two_processes_restored', 'gpt_single') < 1e-5
   log = (runs / 'two_processes.log').read_text()
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} (8 devices, 2 processes)" in log
@@ -119,5 +132,6 @@ def test_two_processes_train_like_one_process(runs):
 @pytest.mark.parametrize('name', ['resumed_tensor', 'resumed_single'])
 def test_checkpoint_restores_under_another_layout(runs, name):
   """Saved under FSDP on 8 devices at step 2, continued to step 3 under another layout: the uninterrupted numbers."""
+  assert_resumed(runs, name, 2)
   assert max_param_diff(runs, name, 'gpt_single') < 1e-5
   np.testing.assert_allclose(train_losses(runs / name), train_losses(runs / 'gpt_single'), rtol=1e-5, atol=1e-6)

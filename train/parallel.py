@@ -124,12 +124,17 @@ def micro_batch_rows(micro_batches: int, micro_size: int, start: int, stop: int)
 
 
 class Layout:
-  """What both strategies share: the batch geometry, the restore target and the sharded initialisation."""
+  """What both strategies share: the batch geometry (which rows of every batch this process feeds), the restore
+  target, the sharded initialisation and the placement of the fixed evaluation batches.
+
+  ``micro_sharding`` lays out the ``(A, B / A, ...)`` training micro-batches, ``eval_sharding`` the ``(B, ...)``
+  evaluation batches; this process's rows are the block of the batch axis its devices hold under them."""
 
   axis_name: str | None = None  # the named device axis the steps reduce over, when they run per device
 
-  def __init__(self, config, mesh: Mesh, data_devices: int, state_shardings):
+  def __init__(self, config, mesh: Mesh, data_devices: int, state_shardings, micro_sharding, eval_sharding):
     self.mesh, self.state_shardings = mesh, state_shardings
+    self.micro_sharding, self.eval_sharding = micro_sharding, eval_sharding
     self.replicated = NamedSharding(mesh, P())
     self.micro_batches = config.grad_accum_steps
     self.micro_size = config.batch_size // config.grad_accum_steps
@@ -137,6 +142,9 @@ class Layout:
       raise ValueError(f'batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps} = '
                        f'{self.micro_size} sequences per micro-batch do not divide across the {data_devices} '
                        f'data-parallel devices ({self.describe()})')
+    start, stop = _local_block(micro_sharding, (self.micro_batches, self.micro_size), 1)
+    self.train_rows = micro_batch_rows(self.micro_batches, self.micro_size, start, stop)
+    self.eval_rows = np.arange(*_local_block(eval_sharding, (config.batch_size,), 0))
 
   def abstract_state(self, abstract):
     """Checkpoint restore target: shapes and dtypes with this layout's shardings."""
@@ -147,19 +155,27 @@ class Layout:
     """A fresh canonical state, each array created where its sharding puts it."""
     return jax.jit(create, out_shardings=self.state_shardings)()
 
+  def place_eval(self, batch: dict) -> dict:
+    """A fixed ``(B, ...)`` evaluation batch on the devices, once for the whole run: this process's rows only."""
+    return self._global(self.eval_sharding, self._eval_local({k: v[self.eval_rows] for k, v in batch.items()}))
+
+  def _eval_local(self, rows: dict) -> dict:
+    """This process's evaluation rows in the layout of ``eval_sharding`` (as they are, by default)."""
+    return rows
+
+  @staticmethod
+  def _global(sharding, local: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
 
 class MeshLayout(Layout):
   """``parallelism='jit'``: the state sharded over a ``('data', 'fsdp', 'tensor')`` mesh, global batch arrays."""
 
   def __init__(self, config, abstract_state):
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    super().__init__(config, mesh, data_parallel_size(mesh), state_shardings(abstract_state, mesh))
-    batch = batch_sharding(self.mesh)
-    self.micro_sharding = NamedSharding(self.mesh, P(None, *batch.spec))  # (A, B / A, ...): split within each
-    self.eval_sharding = batch
-    start, stop = _local_block(self.micro_sharding, (self.micro_batches, self.micro_size), 1)
-    self.train_rows = micro_batch_rows(self.micro_batches, self.micro_size, start, stop)
-    self.eval_rows = np.arange(*_local_block(batch, (config.batch_size,), 0))
+    batch = batch_sharding(mesh)
+    micro = NamedSharding(mesh, P(None, *batch.spec))  # (A, B / A, ...): each micro-batch split over the data axes
+    super().__init__(config, mesh, data_parallel_size(mesh), state_shardings(abstract_state, mesh), micro, batch)
 
   def describe(self) -> str:
     return f'jit over mesh {dict(self.mesh.shape)} ({jax.device_count()} devices, {jax.process_count()} processes)'
@@ -178,10 +194,9 @@ class MeshLayout(Layout):
     return self._in_mesh(lambda state, batch: step(state, self._global(self.micro_sharding, self._micro(batch))))
 
   def compile_eval(self, eval_fn):
-    step = jax.jit(eval_fn, in_shardings=(self.state_shardings.params, self.eval_sharding),
-                   out_shardings=self.replicated)
-    return self._in_mesh(lambda params, batch: step(params, self._global(
-        self.eval_sharding, {k: v[self.eval_rows] for k, v in batch.items()})))
+    """``(params, placed batch) -> sums``; batches come from :meth:`place_eval`."""
+    return self._in_mesh(jax.jit(eval_fn, in_shardings=(self.state_shardings.params, self.eval_sharding),
+                                 out_shardings=self.replicated))
 
   def _in_mesh(self, fn):
     """``fn`` run with the mesh in context, so the models' activation constraints
@@ -194,9 +209,6 @@ class MeshLayout(Layout):
   def _micro(self, batch: dict) -> dict:
     """This process's rows (``train_rows`` order) -> ``(A, rows / A, ...)``."""
     return {k: v.reshape((self.micro_batches, -1) + v.shape[1:]) for k, v in batch.items()}
-
-  def _global(self, sharding, local: dict) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
 class PmapLayout(Layout):
@@ -213,16 +225,13 @@ class PmapLayout(Layout):
                        'must be -1 or that number')
     mesh = Mesh(np.array(jax.devices()), (PMAP_AXIS,))  # pmap's own device order
     replicated = NamedSharding(mesh, P())
-    super().__init__(config, mesh, jax.device_count(), jax.tree.map(lambda _: replicated, abstract_state))
-    self.devices = jax.local_device_count()
-    per_process = self.micro_size // jax.process_count()
-    start = jax.process_index() * per_process
-    self.train_rows = micro_batch_rows(self.micro_batches, self.micro_size, start, start + per_process)
-    eval_per_process = config.batch_size // jax.process_count()
-    self.eval_rows = np.arange(eval_per_process) + jax.process_index() * eval_per_process
+    # pmap's arrays carry a leading device axis: one slice per device.
+    self.per_device = NamedSharding(mesh, P(PMAP_AXIS))
+    super().__init__(config, mesh, jax.device_count(), jax.tree.map(lambda _: replicated, abstract_state),
+                     NamedSharding(mesh, P(None, PMAP_AXIS)), self.per_device)
     copies = jax.device_count()
     self._replicate = jax.jit(lambda s: jax.tree.map(lambda x: jnp.broadcast_to(x, (copies,) + x.shape), s),
-                              out_shardings=NamedSharding(self.mesh, P(PMAP_AXIS)))
+                              out_shardings=self.per_device)
     self._first = jax.jit(lambda s: jax.tree.map(lambda x: x[0], s), out_shardings=self.replicated)
 
   def describe(self) -> str:
@@ -238,24 +247,21 @@ class PmapLayout(Layout):
     step = jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=(0,))
 
     def train_step(state, batch):
-      state, metrics = step(state, self._split(batch, leading=self.micro_batches))
+      # Local rows (train_rows order) -> (local devices, A, rows per device, ...).
+      local = {k: np.swapaxes(v.reshape((self.micro_batches, jax.local_device_count(), -1) + v.shape[1:]), 0, 1)
+               for k, v in batch.items()}
+      state, metrics = step(state, local)
       return state, self._first(metrics)
 
     return train_step
 
   def compile_eval(self, eval_fn):
+    """``(params, placed batch) -> sums``; batches come from :meth:`place_eval`."""
     step = jax.pmap(eval_fn, axis_name=PMAP_AXIS)
-    return lambda params, batch: self._first(step(params, self._split(
-        {k: v[self.eval_rows] for k, v in batch.items()})))
+    return lambda params, batch: self._first(step(params, batch))
 
-  def _split(self, batch: dict, leading: int | None = None) -> dict:
-    """Local rows -> ``(devices, [A,] rows / devices, ...)``: each local device's slice of every micro-batch."""
-    def split(v):
-      if leading is None:
-        return v.reshape((self.devices, -1) + v.shape[1:])
-      v = v.reshape((leading, self.devices, -1) + v.shape[1:])
-      return np.swapaxes(v, 0, 1)
-    return {k: split(v) for k, v in batch.items()}
+  def _eval_local(self, rows: dict) -> dict:
+    return {k: v.reshape((jax.local_device_count(), -1) + v.shape[1:]) for k, v in rows.items()}
 
 
 def make_layout(config, abstract_state):

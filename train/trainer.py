@@ -125,10 +125,10 @@ class Run:
     try:
       self.checkpoints.check_config(config.to_dict())
       self.task = primary_first(lambda: build_task(config, workdir), 'data')
-      self.eval_data = self.task.eval_batches()
       optimizer, schedule = make_optimizer(config)
       create = functools.partial(create_state, self.task, optimizer, config.seed)
       self.layout = make_layout(config, jax.eval_shape(create))
+      self.eval_data = [self.layout.place_eval(batch) for batch in self.task.eval_batches()]  # fixed: placed once
       self.train_step = self.layout.compile_train(train_step_fn(
           self.task, optimizer, schedule, config.label_smoothing, config.skip_nonfinite_updates,
           self.layout.axis_name))
@@ -180,7 +180,7 @@ def log_train(run: Run, writer: MetricWriter, step: int, pending: list, tokens: 
 
 def run_eval(run: Run, writer: MetricWriter, step: int) -> dict:
   metrics = evaluate(run.eval_step, run.state.params, run.eval_data, run.task.token_level)
-  metrics.update(run.task.extra_eval(host_copy(run.canonical_state().params)))
+  metrics.update(run.task.extra_eval(host_copy(run.layout.canonical(run.state.params))))
   writer.write(step, 'eval', metrics)
   log.info('step %d eval: %s', step, '  '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
   run.last_eval = metrics

@@ -5,10 +5,12 @@
 Each ``RUN`` is ``name:task:layout:steps[:from]`` where ``layout`` is ``single``, ``pmap`` or a mesh
 ``DATAxFSDPxTENSOR`` and ``from`` names an earlier run whose workdir this one continues (a restore under another
 layout). Every run leaves ``OUT/<name>/`` (its workdir, with metrics.jsonl) plus ``OUT/<name>.npz`` (final parameters,
-by path) and ``OUT/<name>.json`` (the ``PartitionSpec`` of every parameter of the final train state).
+by path) and ``OUT/<name>.json`` (``specs``: the ``PartitionSpec`` of every parameter of the final train state;
+``log``: the trainer's log messages).
 """
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -31,8 +33,20 @@ def flat(tree) -> dict:
           jax.tree_util.tree_leaves_with_path(tree)}
 
 
+class Messages(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
 def main(out: str, runs: list[str]) -> None:
+  messages = Messages()
+  logging.getLogger('train').addHandler(messages)
   for run in runs:
+    messages.messages.clear()
     name, task, layout, steps, *start = run.split(':')
     workdir = os.path.join(out, name)
     if start:
@@ -41,7 +55,7 @@ def main(out: str, runs: list[str]) -> None:
     params = flat(train_and_evaluate(config, workdir)['state'].params)
     np.savez(os.path.join(out, f'{name}.npz'), **{k: np.asarray(v) for k, v in params.items()})
     with open(os.path.join(out, f'{name}.json'), 'w') as f:
-      json.dump({k: str(v.sharding.spec) for k, v in params.items()}, f)
+      json.dump({'specs': {k: str(v.sharding.spec) for k, v in params.items()}, 'log': messages.messages}, f)
     print(f'{name}: done', flush=True)
 
 

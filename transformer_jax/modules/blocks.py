@@ -81,8 +81,14 @@ class DecoderLayer(nn.Module):
     return residual(cfg, x, ffn, make_norm(cfg, 'ffn_norm'), self.deterministic)
 
 
+def _residual_stream(x):
+  """``(B, T, D)`` kept split by batch under a mesh, whatever the parameters' layout: XLA then gathers FSDP-sharded
+  weights instead of resharding activations."""
+  return shard_activation(x, 'batch', None, None)
+
+
 def _scan_body(layer, carry, *args):
-  return shard_activation(layer(carry, *args), 'batch', None, None), None
+  return _residual_stream(layer(carry, *args)), None
 
 
 class Stack(nn.Module):
@@ -105,9 +111,7 @@ class Stack(nn.Module):
     """
     cfg = self.config
     layer_cls = self.layer_cls
-    # The residual stream stays split by batch under a mesh, whatever the parameters' layout: XLA then gathers
-    # FSDP-sharded weights instead of resharding activations.
-    x = shard_activation(x, 'batch', None, None)  # (B, T, D)
+    x = _residual_stream(x)
     if cfg.remat_policy != 'none':
       # prevent_cse only matters outside scan; inside scan it just blocks optimisations.
       layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
@@ -118,7 +122,7 @@ class Stack(nn.Module):
       x, _ = scan(layer_cls(cfg, deterministic, decode, name='layers'), x, *args)
     else:
       for i in range(self.num_layers):
-        x = shard_activation(layer_cls(cfg, deterministic, decode, name=f'layers_{i}')(x, *args), 'batch', None, None)
+        x = _residual_stream(layer_cls(cfg, deterministic, decode, name=f'layers_{i}')(x, *args))
     if cfg.final_norm:
       x = make_norm(cfg, 'final_norm')(x)
     return x
