@@ -135,10 +135,12 @@ def test_load_hf_dtypes(tmp_path, stored, requested):
   """Half-precision checkpoints load; params keep the stored dtype or take the requested one, values unchanged."""
   hf_model = gpt2().to(getattr(torch, stored))
   hf_model.save_pretrained(tmp_path)
-  _, params = convert.load_hf(tmp_path, dtype=requested)
+  model, params = convert.load_hf(tmp_path, dtype=requested)
+  expected = jnp.dtype(requested or stored)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {expected}
+  assert jnp.dtype(model.config.param_dtype) == expected
   ours = params['decoder']['layers_1']['ffn']['fc_in']['kernel']
   theirs = hf_model.transformer.h[1].mlp.c_fc.weight.float().detach().numpy()  # Conv1D: already (in, out)
-  assert ours.dtype == jnp.dtype(requested or stored)
   np.testing.assert_array_equal(np.asarray(ours, np.float32), theirs)
 
 
@@ -188,19 +190,29 @@ def test_untied_head_is_refused():
     convert.from_gpt2(state, hf_model.config)
 
 
-def saved(tmp_path, edit):
-  gpt2().save_pretrained(tmp_path)
+def saved(tmp_path, edit, sharded=False):
+  gpt2().save_pretrained(tmp_path, max_shard_size='5KB' if sharded else '5GB')
   edit(tmp_path)
   return tmp_path
 
 
-def set_model_type(path):
-  config = json.loads((path / 'config.json').read_text())
-  (path / 'config.json').write_text(json.dumps({**config, 'model_type': 'llama'}))
+def edit_config(**fields):
+  def edit(path):
+    config = json.loads((path / 'config.json').read_text())
+    (path / 'config.json').write_text(json.dumps({**config, **fields}))
+  return edit
+
+
+def drop_a_shard(path):
+  sorted(path.glob('model-*.safetensors'))[0].unlink()
 
 
 BROKEN_DIRS = {
-    'unsupported_model_type': (set_model_type, "unsupported model_type 'llama'"),
+    'unsupported_model_type': (edit_config(model_type='llama'), "unsupported model_type 'llama'"),
+    'unsupported_architecture': (edit_config(architectures=['GPT2DoubleHeadsModel']),
+                                 r"unsupported architectures \['GPT2DoubleHeadsModel'\]"),
+    'missing_shard': (drop_a_shard, 'lists shards that are missing'),
+    'corrupt_index': (lambda p: next(p.glob('*.index.json')).write_text('{"weight_map": '), 'is not a valid shard index'),
     'corrupt_weights': (lambda p: (p / 'model.safetensors').write_bytes(b'\x08not a safetensors file'),
                         'cannot read weights file .*model.safetensors'),
     'truncated_weights': (lambda p: (p / 'model.safetensors').write_bytes((p / 'model.safetensors').read_bytes()[:900]),
@@ -215,10 +227,10 @@ BROKEN_DIRS = {
 def test_broken_directories(tmp_path, case):
   edit, message = BROKEN_DIRS[case]
   with pytest.raises(ConversionError, match=message):
-    convert.load_hf(saved(tmp_path, edit))
+    convert.load_hf(saved(tmp_path, edit, sharded=case in ('missing_shard', 'corrupt_index')))
 
 
-def test_unsupported_architecture_and_options(tmp_path):
+def test_unsupported_options_are_refused(tmp_path):
   with pytest.raises(ConversionError, match='scale_attn_by_inverse_layer_idx=True'):
     convert.from_gpt2(gpt2(scale_attn_by_inverse_layer_idx=True))
   model, params = convert.from_gpt2(gpt2())

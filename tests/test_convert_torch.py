@@ -14,11 +14,15 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from transformer_jax import convert, torch_reference  # noqa: E402
+from transformer_jax import GPT, GPTConfig, Transformer, TransformerConfig, convert, torch_reference  # noqa: E402
+from transformer_jax.convert import ConversionError  # noqa: E402
 from transformer_jax.convert.common import flatten  # noqa: E402
 
 B, T, S, H, K, F, SRC_V, TGT_V, MAX_LEN = 2, 5, 7, 3, 4, 20, 37, 41, 16
 D = H * K
+SMALL_SEQ2SEQ = dict(src_vocab_size=SRC_V, tgt_vocab_size=TGT_V, d_model=D, num_heads=H, d_ff=F, num_layers=1,
+                     max_len=MAX_LEN)
+SMALL_GPT = dict(vocab_size=SRC_V, max_len=MAX_LEN, d_model=D, num_heads=H, d_ff=F, num_layers=1)
 
 
 def make_nanogpt(layers=2):
@@ -229,17 +233,37 @@ def test_ours_to_torch_to_ours_is_identity(rng, source):
   module.load_state_dict(to_torch(model, params, as_torch=True), strict=True)
   _, back = from_torch(module)
   assert jax.tree.structure(back) == jax.tree.structure(params)
+  back = flatten(back)
   for path, value in flatten(params).items():
-    np.testing.assert_array_equal(np.asarray(flatten(back)[path]), np.asarray(value), err_msg=path)
+    np.testing.assert_array_equal(np.asarray(back[path]), np.asarray(value), err_msg=path)
 
 
 def test_scan_layout_exports_like_the_loop_layout():
   """Params of a ``scan_layers`` model (stacked layers) export to the same state dict as the loop layout."""
   model, params = convert.from_reference_gpt(make_nanogpt(layers=3))
   scan_model = model.clone(config=model.config.replace(scan_layers=True))
-  stacked = {**params, 'decoder': convert.common.to_model_layout(params, scan_model.config)['decoder']}
-  assert 'layers' in stacked['decoder']
+  stacked = convert.common.to_model_layout(params, scan_model.config)
+  # The layout the scanned model itself creates, not the converter's idea of it.
+  real = jax.eval_shape(scan_model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+  assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, real)
   loop_state, scan_state = convert.to_reference_gpt(model, params), convert.to_reference_gpt(scan_model, stacked)
   assert set(loop_state) == set(scan_state)
   for name in loop_state:
     np.testing.assert_array_equal(scan_state[name], loop_state[name], err_msg=name)
+
+
+@pytest.mark.parametrize('export, model, message', [
+    (convert.to_reference_transformer, lambda: Transformer(TransformerConfig.course(norm_variant='standard', **SMALL_SEQ2SEQ)),
+     r"the seed 002 encoder-decoder cannot express this model: norm_variant='standard' \(needs 'seed'\)"),
+    (convert.to_reference_gpt, lambda: GPT(GPTConfig.course(activation='gelu', **SMALL_GPT)),
+     r"the seed 004 nanoGPT cannot express this model: activation='gelu' \(needs 'relu'\)"),
+    (convert.to_torch_transformer, lambda: Transformer(TransformerConfig(activation='gelu_tanh', **SMALL_SEQ2SEQ)),
+     r"nn.Transformer cannot express this model: .*activation='gelu_tanh'"),
+], ids=['seq2seq_standard_norm', 'nanogpt_gelu', 'nn_transformer_tanh_gelu'])
+def test_export_refuses_a_model_the_format_cannot_express(export, model, message):
+  """Weights that would load into the target and compute something else are refused, never written."""
+  model = model()
+  ids = jnp.ones((1, 3), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), *((ids, ids) if isinstance(model, Transformer) else (ids,)))
+  with pytest.raises(ConversionError, match=message):
+    export(model, params['params'])

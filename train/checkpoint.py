@@ -13,6 +13,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
 log = logging.getLogger('train')
@@ -28,19 +29,9 @@ class ConfigMismatchError(ValueError):
   """The workdir holds checkpoints of a differently configured run."""
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
-
-
 def config_differences(saved: dict, current: dict) -> list[str]:
   """``'field: checkpoint X, now Y'`` for every field that differs, except :data:`RESUMABLE_FIELDS`."""
-  saved, current = _flatten(saved), _flatten(current)
+  saved, current = (traverse_util.flatten_dict(c, sep='.') for c in (saved, current))
   resumable = lambda key: key.split('.')[0] in RESUMABLE_FIELDS  # noqa: E731
   return [f'{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}'
           for key in sorted(set(saved) | set(current)) if not resumable(key) and saved.get(key) != current.get(key)]

@@ -131,40 +131,40 @@ class DecoderLayer(nn.Module):
     return self.layernorm3(x + self.dropout3(self.ffn(x)))
 
 
-class Encoder(nn.Module):
+class _EmbeddedStack(nn.Module):
+  """The course's encoder and decoder: scaled embeddings plus sinusoids, dropout, then ``num_layers`` layers. The
+  layer list keeps the course's attribute name (``encoder_layers`` / ``decoder_layers``), so state dicts match."""
+
+  layer_cls: type
+  layers_name: str
+
   def __init__(self, vocab_size, d_model, num_layers, num_heads, d_ff, max_seq_length, dropout=0.1):
     super().__init__()
     self.d_model = d_model
     self.embedding = nn.Embedding(vocab_size, d_model)
     self.pos_encoding = PositionalEncoding(d_model, max_seq_length)
-    self.encoder_layers = nn.ModuleList(
-        [EncoderLayer(d_model, num_heads, d_ff, dropout) for _ in range(num_layers)])
+    setattr(self, self.layers_name,
+            nn.ModuleList([self.layer_cls(d_model, num_heads, d_ff, dropout) for _ in range(num_layers)]))
     self.dropout = nn.Dropout(dropout)
 
-  def forward(self, x, mask=None):
-    """``(B, S)`` ids -> ``(B, S, D)``."""
+  def forward(self, x, *context):
+    """``(B, L)`` ids and the layers' other arguments (masks; the encoder output for the decoder) -> ``(B, L, D)``."""
     x = self.dropout(self.pos_encoding(self.embedding(x) * math.sqrt(self.d_model)))
-    for layer in self.encoder_layers:
-      x = layer(x, mask)
+    for layer in getattr(self, self.layers_name):
+      x = layer(x, *context)
     return x
 
 
-class Decoder(nn.Module):
-  def __init__(self, vocab_size, d_model, num_layers, num_heads, d_ff, max_seq_length, dropout=0.1):
-    super().__init__()
-    self.d_model = d_model
-    self.embedding = nn.Embedding(vocab_size, d_model)
-    self.pos_encoding = PositionalEncoding(d_model, max_seq_length)
-    self.decoder_layers = nn.ModuleList(
-        [DecoderLayer(d_model, num_heads, d_ff, dropout) for _ in range(num_layers)])
-    self.dropout = nn.Dropout(dropout)
+class Encoder(_EmbeddedStack):
+  """``forward(ids, mask)``: ``(B, S)`` ids -> ``(B, S, D)``."""
 
-  def forward(self, x, enc_output, self_mask=None, cross_mask=None):
-    """``(B, T)`` ids, ``(B, S, D)`` memory -> ``(B, T, D)``."""
-    x = self.dropout(self.pos_encoding(self.embedding(x) * math.sqrt(self.d_model)))
-    for layer in self.decoder_layers:
-      x = layer(x, enc_output, self_mask, cross_mask)
-    return x
+  layer_cls, layers_name = EncoderLayer, 'encoder_layers'
+
+
+class Decoder(_EmbeddedStack):
+  """``forward(ids, enc_output, self_mask, cross_mask)``: ``(B, T)`` ids, ``(B, S, D)`` memory -> ``(B, T, D)``."""
+
+  layer_cls, layers_name = DecoderLayer, 'decoder_layers'
 
 
 class Seq2SeqTransformer(nn.Module):

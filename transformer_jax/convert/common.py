@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from transformer_jax.convert.tables import Mapping, flat_params_to_state, state_to_flat_params
 from transformer_jax.models import Transformer
@@ -61,23 +62,9 @@ def our_shapes(model: nn.Module) -> dict[str, tuple]:
   return {k: v.shape for k, v in flatten(tree).items()}
 
 
-def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    path = f'{prefix}{key}'
-    out.update(flatten(value, path + '/') if isinstance(value, dict) else {path: value})
-  return out
-
-
-def unflatten(flat: dict[str, Any]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split('/')
-    node = tree
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[leaf] = value
-  return tree
+def flatten(tree: dict) -> dict[str, Any]:
+  """``{'a': {'b': {'kernel': x}}}`` -> ``{'a/b/kernel': x}``, the names our tables use."""
+  return traverse_util.flatten_dict(tree, sep='/')
 
 
 def _map_stacks(tree: dict, fn) -> dict:
@@ -100,16 +87,17 @@ def to_loop_layout(params: dict) -> dict:
                      else s)
 
 
-def import_state(state, model: nn.Module, mapping: Mapping, dtype: str) -> dict:
-  """A PyTorch state dict -> ``model``'s params (in its layout, as jax arrays of ``dtype``), checked by ``mapping``."""
-  flat = state_to_flat_params(state_to_numpy(state), mapping, our_shapes(model), jnp.dtype(dtype))
-  return to_model_layout(jax.tree.map(jnp.asarray, unflatten(flat)), model.config)
+def import_state(state: dict[str, np.ndarray], model: nn.Module, mapping: Mapping, dtype: str) -> dict:
+  """A PyTorch-named state of numpy arrays (:func:`state_to_numpy`) -> ``model``'s params (in its layout, as jax
+  arrays of ``dtype``), checked by ``mapping``."""
+  flat = state_to_flat_params(state, mapping, our_shapes(model), jnp.dtype(dtype))
+  return to_model_layout(jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat, sep='/')), model.config)
 
 
 def export_state(model: nn.Module, params: dict, mapping: Mapping, as_torch: bool = False) -> dict:
   """``model``'s params (either layout) -> a PyTorch-named state dict of numpy arrays, or torch tensors."""
   params = params['params'] if set(params) == {'params'} else params  # also accept {'params': ...} variables
-  flat = {k: np.asarray(v) for k, v in flatten(to_loop_layout(params)).items()}
+  flat = flatten(to_loop_layout(jax.device_get(params)))  # one transfer per leaf; unstacking numpy only makes views
   state = flat_params_to_state(flat, mapping, our_shapes(model))
   return {k: to_torch_tensor(v) for k, v in state.items()} if as_torch else state
 
@@ -119,4 +107,4 @@ def to_torch_tensor(array: np.ndarray):
 
   if array.dtype == jnp.bfloat16:
     return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
-  return torch.from_numpy(np.array(array))
+  return torch.from_numpy(array)  # flat_params_to_state made it: a fresh, contiguous, writable array

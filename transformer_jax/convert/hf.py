@@ -7,14 +7,14 @@ Configs travel as plain dicts (``config.json``, or ``hf_model.config.to_dict()``
 from __future__ import annotations
 
 from transformer_jax.convert.common import export_state, import_state, state_to_numpy, weight_dtype
-from transformer_jax.convert.tables import ConversionError, Mapping, Rule, dense, norm, qkv, table
+from transformer_jax.convert.tables import ConversionError, Mapping, Rule, dense, norm, qkv, require, table
 from transformer_jax.models import BERT, GPT, BERTConfig, BERTForMaskedLM, BERTForSequenceClassification, GPTConfig
 
 # Hugging Face activation names -> ours; 'gelu_new' is GPT-2's tanh approximation.
 _ACTIVATIONS = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu', 'relu': 'relu'}
 _HF_ACTIVATIONS = {'gelu_tanh': 'gelu_new', 'gelu': 'gelu', 'relu': 'relu'}
 
-GPT2_CLASSES = {'GPT2LMHeadModel': GPT, 'GPT2Model': GPT}
+GPT2_ARCHITECTURES = ('GPT2LMHeadModel', 'GPT2Model')
 BERT_CLASSES = {'BertModel': BERT, 'BertForMaskedLM': BERTForMaskedLM,
                 'BertForSequenceClassification': BERTForSequenceClassification}
 
@@ -23,13 +23,6 @@ def _activation(name: str) -> str:
   if name not in _ACTIVATIONS:
     raise ConversionError(f'unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}')
   return _ACTIVATIONS[name]
-
-
-def _require(config, what: str, **wanted) -> None:
-  """Raises one error naming every field of ``config`` that the target format cannot express."""
-  bad = [f'{k}={getattr(config, k)!r} (needs {v!r})' for k, v in wanted.items() if getattr(config, k) != v]
-  if bad:
-    raise ConversionError(f'{what} cannot express this config: ' + ', '.join(bad))
 
 
 def _refuse(hf: dict, **unsupported) -> None:
@@ -55,10 +48,7 @@ def gpt2_config(hf: dict, dtype: str = 'float32') -> GPTConfig:
 
 def gpt2_hf_config(config: GPTConfig, head: bool = True) -> dict:
   """:class:`GPTConfig` -> a ``config.json`` dict for ``GPT2LMHeadModel`` (``head``) or ``GPT2Model``."""
-  _require(config, 'GPT-2', pre_norm=True, final_norm=True, qkv_bias=True, tie_output=True, output_bias=False,
-           position_encoding='learned', norm_variant='standard')
-  if config.activation not in _HF_ACTIVATIONS:
-    raise ConversionError(f'GPT-2 cannot express activation {config.activation!r}')
+  gpt2_mapping(config, head)  # refuses configs GPT-2 cannot express
   return dict(model_type='gpt2', architectures=['GPT2LMHeadModel' if head else 'GPT2Model'],
               vocab_size=config.vocab_size, n_positions=config.max_len, n_layer=config.num_layers,
               n_embd=config.d_model, n_head=config.num_heads, n_inner=config.d_ff,
@@ -70,6 +60,9 @@ def gpt2_hf_config(config: GPTConfig, head: bool = True) -> dict:
 
 def gpt2_mapping(config: GPTConfig, head: bool = True) -> Mapping:
   """HF GPT-2 names (``transformer.`` prefixed with the LM head) -> ours. ``Conv1D`` stores ``[in, out]``."""
+  require(config, 'GPT-2', pre_norm=(True,), final_norm=(True,), qkv_bias=(True,), tie_output=(True,),
+          output_bias=(False,), position_encoding=('learned',), norm_variant=('standard',),
+          activation=tuple(_HF_ACTIVATIONS))
   p = 'transformer.' if head else ''
   rules = [table('token_embed', f'{p}wte.weight'), table('positions', f'{p}wpe.weight')]
   for i in range(config.num_layers):
@@ -105,7 +98,6 @@ def from_gpt2(model_or_state, config=None, *, dtype=None) -> tuple[GPT, dict]:
 
 def to_gpt2(model: GPT, params: dict, *, head: bool = True, as_torch: bool = False) -> dict:
   """Our GPT params -> a ``GPT2LMHeadModel`` (``head``) or ``GPT2Model`` state dict (numpy, or torch tensors)."""
-  gpt2_hf_config(model.config, head)  # refuses configs GPT-2 cannot express
   return export_state(model, params, gpt2_mapping(model.config, head), as_torch)
 
 
@@ -129,9 +121,7 @@ def bert_config(hf: dict, dtype: str = 'float32') -> BERTConfig:
 
 def bert_hf_config(config: BERTConfig, architecture: str) -> dict:
   """:class:`BERTConfig` -> a ``config.json`` dict for ``architecture`` (a key of :data:`BERT_CLASSES`)."""
-  _require(config, 'BERT', qkv_bias=True, final_norm=False, norm_variant='standard')
-  if config.activation not in _HF_ACTIVATIONS:
-    raise ConversionError(f'BERT cannot express activation {config.activation!r}')
+  bert_mapping(config, architecture)  # refuses configs BERT cannot express
   return dict(model_type='bert', architectures=[architecture], vocab_size=config.vocab_size,
               type_vocab_size=config.type_vocab_size, max_position_embeddings=config.max_len,
               num_hidden_layers=config.num_layers, hidden_size=config.d_model,
@@ -146,6 +136,8 @@ def bert_hf_config(config: BERTConfig, architecture: str) -> dict:
 
 def bert_mapping(config: BERTConfig, architecture: str) -> Mapping:
   """HF BERT names -> ours for ``architecture``: the encoder (``bert.`` prefixed under a head) and its head."""
+  require(config, 'BERT', pre_norm=(False,), qkv_bias=(True,), final_norm=(False,), norm_variant=('standard',),
+          activation=tuple(_HF_ACTIVATIONS))
   base = architecture == 'BertModel'
   p, o = ('', '') if base else ('bert.', 'bert/')
   e = f'{p}embeddings.'
@@ -198,8 +190,6 @@ def our_bert_architecture(model) -> str:
 
 def to_bert(model, params: dict, *, as_torch: bool = False) -> dict:
   """Our BERT / BERTForMaskedLM / BERTForSequenceClassification params -> the matching HF state dict."""
-  architecture = our_bert_architecture(model)
-  bert_hf_config(model.config, architecture)  # refuses configs BERT cannot express
-  return export_state(model, params, bert_mapping(model.config, architecture), as_torch)
+  return export_state(model, params, bert_mapping(model.config, our_bert_architecture(model)), as_torch)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import safetensors.numpy
 
 from transformer_jax.convert import hf
-from transformer_jax.convert.common import export_state, import_state, to_numpy, weight_dtype
+from transformer_jax.convert.common import export_state, to_numpy
 from transformer_jax.convert.tables import ConversionError
 from transformer_jax.models import GPT
 
@@ -62,13 +62,13 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
   raise ConversionError(f'no weights in {path}: expected one of {list(WEIGHT_FILES)} or a sharded *.index.json')
 
 
-def _architecture(config: dict, classes: dict, default: str) -> str:
-  names = config.get('architectures') or [default]
-  supported = [n for n in names if n in classes]
-  if not supported:
+def _check_architecture(config: dict, supported) -> None:
+  """Refuses a ``config.json`` whose ``architectures`` (when given) name no class we convert; which head the
+  weights carry is then read off the weights themselves, as ``from_pretrained`` does."""
+  names = config.get('architectures') or []
+  if names and not any(n in supported for n in names):
     raise ConversionError(f'unsupported architectures {names} for model_type {config["model_type"]!r}; '
-                          f'supported: {sorted(classes)}')
-  return supported[0]
+                          f'supported: {sorted(supported)}')
 
 
 def load_hf(path: str | os.PathLike, dtype=None) -> tuple:
@@ -76,7 +76,7 @@ def load_hf(path: str | os.PathLike, dtype=None) -> tuple:
 
   ``model_type`` ``'gpt2'`` gives a :class:`~transformer_jax.GPT` (``GPT2LMHeadModel`` or ``GPT2Model``); ``'bert'``
   gives :class:`~transformer_jax.BERT`, :class:`~transformer_jax.BERTForMaskedLM` or
-  :class:`~transformer_jax.BERTForSequenceClassification` after ``architectures``. ``dtype``: the params' dtype
+  :class:`~transformer_jax.BERTForSequenceClassification` after the head the weights carry. ``dtype``: the params' dtype
   (default: the checkpoint's; float32, float16 and bfloat16 load). Raises :class:`ConversionError` for a missing or
   corrupt file, an unsupported ``model_type`` or architecture, and any weight that does not fit.
 
@@ -88,17 +88,9 @@ def load_hf(path: str | os.PathLike, dtype=None) -> tuple:
   model_type = config.get('model_type')
   if model_type not in ('gpt2', 'bert'):
     raise ConversionError(f'unsupported model_type {model_type!r} in {path / "config.json"}; supported: bert, gpt2')
-  state = read_weights(path)
-  dtype = weight_dtype(state, dtype)
-  if model_type == 'gpt2':
-    architecture = _architecture(config, hf.GPT2_CLASSES, 'GPT2Model')
-    model = GPT(hf.gpt2_config(config, dtype))
-    mapping = hf.gpt2_mapping(model.config, head=architecture == 'GPT2LMHeadModel')
-  else:
-    architecture = _architecture(config, hf.BERT_CLASSES, 'BertModel')
-    model = hf.BERT_CLASSES[architecture](hf.bert_config(config, dtype))
-    mapping = hf.bert_mapping(model.config, architecture)
-  return model, import_state(state, model, mapping, dtype)
+  _check_architecture(config, hf.GPT2_ARCHITECTURES if model_type == 'gpt2' else hf.BERT_CLASSES)
+  convert = hf.from_gpt2 if model_type == 'gpt2' else hf.from_bert
+  return convert(read_weights(path), config, dtype=dtype)
 
 
 def save_hf(model, params: dict, path: str | os.PathLike) -> None:

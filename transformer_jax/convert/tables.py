@@ -75,6 +75,16 @@ class Mapping:
   buffers: tuple[str, ...] = ()  # regexes of non-weight entries (causal masks, position ids) skipped on import
 
 
+def require(config, what: str, **allowed: tuple) -> None:
+  """Raises one :class:`ConversionError` naming every field of ``config`` outside its ``allowed`` values: a model the
+  format ``what`` cannot express, whose weights would load there and compute something else. Every table builder
+  calls it, so an export can never silently produce a checkpoint of a different model."""
+  bad = [f'{k}={getattr(config, k)!r} (needs {" or ".join(map(repr, v))})' for k, v in allowed.items()
+         if getattr(config, k) not in v]
+  if bad:
+    raise ConversionError(f'{what} cannot express this model: ' + ', '.join(bad))
+
+
 def dense(ours: str, torch: str, *, n_in: int = 1, transpose: bool = True, bias: bool = True) -> list[Rule]:
   """A Dense/DenseGeneral ``ours`` from ``torch.weight`` (``nn.Linear``, or a ``Conv1D`` with ``transpose=False``)."""
   rules = [Rule(f'{ours}/kernel', (f'{torch}.weight',), n_in, transpose)]

@@ -6,7 +6,7 @@ Hyperparameters are read off the modules themselves, so the course's own seed-no
 from __future__ import annotations
 
 from transformer_jax.convert.common import export_state, import_state, state_to_numpy, weight_dtype
-from transformer_jax.convert.tables import ConversionError, Mapping, dense, norm, qkv, table
+from transformer_jax.convert.tables import ConversionError, Mapping, dense, norm, qkv, require, table
 from transformer_jax.models import GPT, GPTConfig, Transformer, TransformerConfig
 
 TORCH_POSITION_ENCODINGS = ('sinusoidal', 'sinusoidal_concat', 'none')  # the ones with no weights to bring
@@ -43,6 +43,9 @@ def torch_transformer_config(transformer, source_embed, target_embed, *, positio
 def torch_transformer_mapping(config: TransformerConfig) -> Mapping:
   """Names of ``nn.ModuleDict(transformer=, source_embed=, target_embed=, output=)`` -> ours. Q/K/V are packed in
   ``in_proj_weight`` ``(3D, D)``."""
+  require(config, 'nn.Transformer', share_embeddings=(False,), tie_output=(False,), final_norm=(True,),
+          norm_variant=('standard',), qkv_bias=(True,), activation=('relu', 'gelu'),
+          position_encoding=TORCH_POSITION_ENCODINGS)
   rules = [table('source_embed', 'source_embed.weight'), table('target_embed', 'target_embed.weight')]
 
   def attention(ours, torch_name, fused):
@@ -88,18 +91,23 @@ def from_torch_transformer(transformer, source_embed, target_embed, output, *, p
 
 def to_torch_transformer(model: Transformer, params: dict, *, as_torch: bool = False) -> dict:
   """Our params -> the state dict of ``nn.ModuleDict(transformer=, source_embed=, target_embed=, output=)``."""
-  cfg = model.config
-  if cfg.share_embeddings or cfg.tie_output or not cfg.final_norm or cfg.norm_variant != 'standard':
-    raise ConversionError('nn.Transformer needs separate embeddings, an untied output, final norms and the standard '
-                          'LayerNorm')
-  return export_state(model, params, torch_transformer_mapping(cfg), as_torch)
+  return export_state(model, params, torch_transformer_mapping(model.config), as_torch)
 
 
 # ------------------------------------------------------------------------------- reference encoder-decoder (002)
 
 
+def _require_course(config, course, what: str, fields: tuple[str, ...]) -> None:
+  """The reference models have one architecture, the course preset's: these ``fields`` must keep its values."""
+  require(config, what, **{field: (getattr(course, field),) for field in fields})
+
+
+
 def reference_transformer_mapping(config: TransformerConfig) -> Mapping:
   """Names of :class:`~transformer_jax.torch_reference.Seq2SeqTransformer` (the seed 002 names) -> ours."""
+  _require_course(config, TransformerConfig.course(), 'the seed 002 encoder-decoder',
+                  ('norm_variant', 'pre_norm', 'final_norm', 'activation', 'qkv_bias', 'share_embeddings',
+                   'tie_output', 'position_encoding', 'scale_embeddings'))
   rules = [table('source_embed', 'encoder.embedding.weight'), table('target_embed', 'decoder.embedding.weight')]
 
   def attention(ours, t, fused):
@@ -148,6 +156,9 @@ def to_reference_transformer(model: Transformer, params: dict, *, as_torch: bool
 def reference_gpt_mapping(config: GPTConfig) -> Mapping:
   """Names of :class:`~transformer_jax.torch_reference.NanoGPT` -> ours. Each head has its own ``(K, D)`` key/query/
   value weight; concatenated over heads they are our ``(D, H, K)`` kernels."""
+  _require_course(config, GPTConfig.course(), 'the seed 004 nanoGPT',
+                  ('norm_variant', 'pre_norm', 'final_norm', 'activation', 'qkv_bias', 'tie_output', 'output_bias',
+                   'position_encoding'))
   rules = [table('token_embed', 'token_embedding_table.weight'), table('positions', 'position_embedding_table.weight')]
   for i in range(config.num_layers):
     ours, t = f'decoder/layers_{i}', f'blocks.{i}.'
