@@ -132,6 +132,11 @@ def test_non_boolean_mask_is_rejected():
     dot_product_attention(q, k, v, jnp.ones((B, 1, 1, S), jnp.float32))
 
 
+def project(params, name, x):
+  """``x @ kernel + bias`` of one ``(D, H, K)`` projection: ``(B, L, D)`` -> ``(B, L, H, K)``."""
+  return jnp.einsum('BLD,DHK->BLHK', x, params[name]['kernel']) + params[name]['bias']
+
+
 def test_multi_head_attention_shapes_and_cross_attention():
   x = jax.random.normal(jax.random.key(0), (B, T, H * K))
   memory = jax.random.normal(jax.random.key(1), (B, S, H * K))
@@ -139,7 +144,13 @@ def test_multi_head_attention_shapes_and_cross_attention():
   params = mha.init(jax.random.key(2), x, memory)['params']
   assert params['query']['kernel'].shape == (H * K, H, K)
   assert params['out']['kernel'].shape == (H, K, H * K)
-  assert mha.apply({'params': params}, x, memory).shape == (B, T, H * K)
+  out = mha.apply({'params': params}, x, memory)
+  assert out.shape == (B, T, H * K)
+  # Queries from x, keys and values from the memory, through the reference attention.
+  ref, _ = reference_attention(project(params, 'query', x), project(params, 'key', memory),
+                               project(params, 'value', memory), np.ones((1, 1, 1, 1), bool))
+  expected = jnp.einsum('BTHK,HKD->BTD', ref, params['out']['kernel']) + params['out']['bias']
+  np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
 def test_fused_qkv_equals_separate_projections():
@@ -176,6 +187,9 @@ def test_sown_weights_match_the_returned_weights():
   out, state = mha.apply({'params': params}, x, mask=masks.causal_mask(T), mutable=['intermediates'])
   (w,) = state['intermediates']['attention_weights']
   assert w.shape == (B, H, T, T)
+  _, expected = reference_attention(project(params, 'query', x), project(params, 'key', x),
+                                    project(params, 'value', x), masks.causal_mask(T))
+  np.testing.assert_allclose(w, expected, atol=1e-5)
   assert np.all(np.asarray(w)[:, :, np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0)
   np.testing.assert_allclose(out, mha.apply({'params': params}, x, mask=masks.causal_mask(T)), atol=1e-6)
 

@@ -179,18 +179,40 @@ def test_beam_search_finds_the_brute_force_best(family, alpha):
   assert np.all(np.diff(np.asarray(beams.scores[0])) <= 0), 'beams must come best first'
 
 
+def first_emissions(free, token) -> list:
+  """Per row, the index at which ``token`` is first emitted (``None`` if never)."""
+  return [list(row).index(token) if token in row else None for row in free]
+
+
+def eos_ending_mid_way(free) -> int:
+  """A token that unconstrained decoding first emits strictly inside the ``N`` new tokens of some row, and at
+  different steps in different rows: used as the end token, rows stop at different steps and the rest is padding."""
+  for token in map(int, np.unique(free)):
+    firsts = first_emissions(free, token)
+    if any(f is not None and 1 <= f <= N - 2 for f in firsts) and len(set(firsts)) > 1:
+      return token
+  raise AssertionError(f'no token ends the rows of {free.tolist()} at different steps mid-way')
+
+
 def test_beam_size_one_equals_greedy():
   # Without a length penalty, continuing past the greedy end token can only lower the score.
   model, params = tiny_gpt()
-  eos = int(generate(model, params, PROMPT, max_new_tokens=N, prompt_valid=LEFT_PADDED, temperature=0)[0, 2])
+  free = np.asarray(generate(model, params, PROMPT, max_new_tokens=N, prompt_valid=LEFT_PADDED, temperature=0))
+  eos = eos_ending_mid_way(free)
   greedy = generate(model, params, PROMPT, max_new_tokens=N, prompt_valid=LEFT_PADDED, temperature=0, eos_id=eos)
   beams = beam_search(model, params, PROMPT, max_new_tokens=N, beam_size=1, length_penalty=0.0,
                       prompt_valid=LEFT_PADDED, eos_id=eos)
   np.testing.assert_array_equal(np.asarray(beams.tokens[:, 0]), np.asarray(greedy))
 
-  t_model, t_params = tiny_transformer()
-  t_greedy = translate(t_model, t_params, SRC, max_len=N, bos_id=1, eos_id=2)
-  t_beams = translate_beams(t_model, t_params, SRC, max_len=N, bos_id=1, eos_id=2, beam_size=1, length_penalty=0.0)
+  # One layer: this tiny model's greedy translation varies (two layers repeat one token), so the end token can
+  # stop it after its first word.
+  t_model, t_params = tiny_transformer(num_layers=1)
+  t_free = np.asarray(translate(t_model, t_params, SRC, max_len=N, bos_id=1, eos_id=TGT_V - 1))
+  t_eos = int(t_free[0, 1])
+  assert first_emissions(t_free, t_eos)[0] == 1, t_free  # decoding really ends mid-way
+  t_greedy = translate(t_model, t_params, SRC, max_len=N, bos_id=1, eos_id=t_eos)
+  t_beams = translate_beams(t_model, t_params, SRC, max_len=N, bos_id=1, eos_id=t_eos, beam_size=1,
+                            length_penalty=0.0)
   np.testing.assert_array_equal(np.asarray(t_beams.tokens[:, 0]), np.asarray(t_greedy))
 
 
@@ -199,11 +221,11 @@ def test_beam_size_one_equals_greedy():
 def test_rows_finish_at_eos_and_are_padded_after_it():
   model, params = tiny_gpt()
   free = np.asarray(generate(model, params, PROMPT, max_new_tokens=N, prompt_valid=LEFT_PADDED, temperature=0))
-  eos = int(free[1, 2])
+  eos = eos_ending_mid_way(free)  # one row ends while the other goes on
   stopped = np.asarray(generate(model, params, PROMPT, max_new_tokens=N, prompt_valid=LEFT_PADDED, temperature=0,
                                 eos_id=eos, pad_id=V - 1))
-  for row_free, row in zip(free, stopped):
-    end = list(row_free).index(eos) + 1 if eos in row_free else N
+  for first, row_free, row in zip(first_emissions(free, eos), free, stopped):
+    end = N if first is None else first + 1
     np.testing.assert_array_equal(row[:end], row_free[:end])
     assert np.all(row[end:] == V - 1)
 

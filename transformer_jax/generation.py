@@ -27,7 +27,7 @@ from jax import lax
 from transformer_jax.models.common import token_validity
 from transformer_jax.models.gpt import GPT
 from transformer_jax.models.transformer import Transformer
-from transformer_jax.validation import check_token_ids, is_concrete
+from transformer_jax.validation import check_length, check_token_ids, is_concrete
 
 
 class Beams(NamedTuple):
@@ -142,11 +142,16 @@ def translate_beams(model: Transformer, params, src_ids, *, max_len: int, bos_id
 # Request checks (Python, before tracing)
 
 
+def _host(x):
+  """Concrete values as numpy (the checks below read them without a device round trip); tracers as they are."""
+  return np.asarray(x) if is_concrete(x) else x
+
+
 def _checked_ids(model, family: type, ids, vocab_field: str, name: str, instead: str):
-  """Checks the model family and the ids' range; returns the ids as an array."""
+  """Checks the model family and the ids' range; returns the ids (numpy when concrete)."""
   if not isinstance(model, family):
     raise TypeError(f'expected a {family.__name__} model, got {type(model).__name__} (use {instead})')
-  ids = jnp.asarray(ids)
+  ids = _host(ids)
   check_token_ids(ids, getattr(model.config, vocab_field), name)
   return ids
 
@@ -156,18 +161,16 @@ def _check_prompt(model, prompt_ids, prompt_valid, max_new_tokens):
   cfg = model.config
   prompt_ids = _checked_ids(model, GPT, prompt_ids, 'vocab_size', 'prompt ids', 'translate for the encoder-decoder')
   _check_positive('max_new_tokens', max_new_tokens)
-  if prompt_ids.ndim == 2 and prompt_ids.shape[1] + max_new_tokens > cfg.max_len:
-    raise ValueError(f'prompt length {prompt_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model '
-                     f'maximum max_len={cfg.max_len}')
-  valid = token_validity(prompt_ids, None if prompt_valid is None else jnp.asarray(prompt_valid), cfg.pad_id,
-                         cfg.max_len, 'prompt')
-  valid = jnp.ones(prompt_ids.shape, jnp.bool_) if valid is None else valid
+  valid = token_validity(prompt_ids, None if prompt_valid is None else _host(prompt_valid), cfg.pad_id, cfg.max_len,
+                         'prompt')
+  check_length(prompt_ids.shape[1] + max_new_tokens, cfg.max_len, 'prompt + max_new_tokens')
+  if valid is None:
+    return prompt_ids.astype(np.int32), np.ones(prompt_ids.shape, np.bool_)
   # A cache slot's position is fixed when it is written, so real tokens must be contiguous and end the prompt.
-  if is_concrete(valid) and not (np.all(np.diff(np.asarray(valid, np.int8), axis=1) >= 0)
-                                 and np.all(np.asarray(valid)[:, -1])):
+  if is_concrete(valid) and not (np.all(np.diff(valid.astype(np.int8), axis=1) >= 0) and np.all(valid[:, -1])):
     raise ValueError('prompts must be left-padded: in each row of prompt_valid, every padding entry (False) must come '
                      'before the real tokens, and every row needs at least one real token')
-  return prompt_ids.astype(jnp.int32), valid
+  return prompt_ids.astype(np.int32), valid
 
 
 def _check_translation(model, src_ids, src_valid, max_len, bos_id, eos_id, pad_id, no_repeat_ngram_size,
@@ -176,17 +179,14 @@ def _check_translation(model, src_ids, src_valid, max_len, bos_id, eos_id, pad_i
   cfg = model.config
   src_ids = _checked_ids(model, Transformer, src_ids, 'src_vocab_size', 'source ids', 'generate for GPT')
   _check_positive('max_len', max_len)
-  if max_len > cfg.max_len:
-    raise ValueError(f'max_len={max_len} exceeds the model maximum max_len={cfg.max_len} (the start token takes '
-                     'position 0)')
+  check_length(max_len, cfg.max_len, 'target (the start token takes position 0)')
   _check_id('bos_id', bos_id, cfg.tgt_vocab_size)
   if eos_id is None:
     raise ValueError('translate needs an eos_id')
   settings, knobs = _settings(cfg.tgt_vocab_size, max_len, eos_id, pad_id, no_repeat_ngram_size, beam_size=beam_size,
                               length_penalty=length_penalty)
-  valid = token_validity(src_ids, None if src_valid is None else jnp.asarray(src_valid), cfg.pad_id, cfg.max_len,
-                         'source')
-  return settings, knobs, src_ids.astype(jnp.int32), jnp.ones(src_ids.shape, jnp.bool_) if valid is None else valid
+  valid = token_validity(src_ids, None if src_valid is None else _host(src_valid), cfg.pad_id, cfg.max_len, 'source')
+  return settings, knobs, src_ids.astype(np.int32), np.ones(src_ids.shape, np.bool_) if valid is None else valid
 
 
 def _settings(vocab_size: int, max_new_tokens: int, eos_id, pad_id, no_repeat_ngram_size, *, temperature=None,
@@ -445,7 +445,7 @@ def _beam_loop(problem: _Problem, s: _Settings, knobs: _Knobs) -> Beams:
     live_logp, chosen = lax.top_k(jnp.where(eos | ends, -jnp.inf, cand_logp), width)  # (B, W)
     live = jnp.take_along_axis(cand_seqs, chosen[..., None], axis=1)
     source = (jnp.take_along_axis(parent, chosen, axis=1) + jnp.arange(batch)[:, None] * width).reshape(-1)
-    cache = _map_cache_rows(lambda x, axis: jnp.take(x, source, axis=axis), state.cache)
+    cache = _map_cache_rows(lambda x, axis: jnp.take(x, source, axis=axis), state.cache, memory=False)
     return _BeamState(state.j + 1, live, live_logp, done, done_score, cache)
 
   def body(state: _BeamState) -> _BeamState:
@@ -477,7 +477,15 @@ def _top(scores, seqs, k: int):
   return best, jnp.take_along_axis(seqs, index[..., None], axis=1)
 
 
-def _map_cache_rows(fn, cache):
+MEMORY_LEAVES = ('memory_key', 'memory_value')  # cross-attention's projected encoder output
+
+
+def _map_cache_rows(fn, cache, *, memory: bool = True):
   """Applies ``fn(leaf, batch_axis)`` to each key/value buffer: they all end in ``(B, S, H, K)`` (scan adds a leading
-  ``L``). Cache indices (``()`` or ``(L,)``) are shared by all rows and stay as they are."""
-  return jax.tree.map(lambda x: fn(x, x.ndim - 4) if x.ndim >= 4 else x, cache)
+  ``L``). Cache indices (``()`` or ``(L,)``) are shared by all rows and stay as they are. ``memory=False`` leaves
+  the cross-attention memory alone: all beams of a source hold the same one, so reordering beams cannot change it."""
+  def leaf(path, x):
+    if x.ndim < 4 or (not memory and getattr(path[-1], 'key', None) in MEMORY_LEAVES):
+      return x
+    return fn(x, x.ndim - 4)
+  return jax.tree_util.tree_map_with_path(leaf, cache)
