@@ -61,7 +61,7 @@ def dot_product_attention(query, key, value, mask=None, *, dropout_rate: float =
   if implementation in ('xla', 'cudnn') and not return_weights and not use_dropout:
     full = None if mask is None else _full_mask(mask, batch, q_len, kv_len)
     out = jax.nn.dot_product_attention(query, key, value, mask=full, implementation=implementation)
-    return out if mask is None else jnp.where(jnp.swapaxes(row_ok, 1, 2), out, 0)
+    return _zero_empty_rows(out, row_ok)
 
   # Scaling the (B, T, H, K) query instead of the (B, H, T, S) logits saves a pass over the larger array.
   scaled = query * jnp.asarray(1 / math.sqrt(head_dim), query.dtype)
@@ -69,18 +69,20 @@ def dot_product_attention(query, key, value, mask=None, *, dropout_rate: float =
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1)  # (B, H, T, S)
-  if not return_weights and not use_dropout:
-    out = jnp.einsum('BHTS,BSHK->BTHK', weights.astype(value.dtype), value)
-    # Zeroing the (B, T, H, K) output costs less than zeroing the (B, H, T, S) weights, and gives the same values.
-    return out if mask is None else jnp.where(jnp.swapaxes(row_ok, 1, 2), out, 0)
-  if mask is not None:
-    weights = jnp.where(row_ok, weights, 0.0)
   applied = weights
   if use_dropout:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
     applied = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum('BHTS,BSHK->BTHK', applied.astype(value.dtype), value)
-  return (out, weights) if return_weights else out
+  out = _zero_empty_rows(jnp.einsum('BHTS,BSHK->BTHK', applied.astype(value.dtype), value), row_ok)
+  if not return_weights:
+    return out
+  return out, weights if row_ok is None else jnp.where(row_ok, weights, 0.0)
+
+
+def _zero_empty_rows(out, row_ok):
+  """Zeroes the ``(B, T, H, K)`` output of query rows with no visible key (``row_ok``: ``(B, H|1, T, 1)``). Zeroing
+  the output costs less than zeroing the ``(B, H, T, S)`` weights, and gives the same values and gradients."""
+  return out if row_ok is None else jnp.where(jnp.swapaxes(row_ok, 1, 2), out, 0)
 
 
 class MultiHeadAttention(nn.Module):
