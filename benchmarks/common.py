@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def machine_info() -> dict:
@@ -126,9 +127,30 @@ def _fmt(value) -> str:
   return str(value)
 
 
-def write_json(path: str, name: str, config: dict, rows: Sequence[dict]) -> None:
-  """Writes ``{'benchmark', 'machine', 'config', 'rows'}`` to ``path``."""
+def write_json(path: str, name: str, machine: dict, config: dict, rows: Sequence[dict]) -> None:
+  """Writes ``{'benchmark', 'machine', 'config', 'rows'}`` to ``path`` (``machine``: the printed
+  :func:`machine_info`)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'w') as f:
-    json.dump({'benchmark': name, 'machine': machine_info(), 'config': config, 'rows': list(rows)}, f, indent=2)
+    json.dump({'benchmark': name, 'machine': machine, 'config': config, 'rows': list(rows)}, f, indent=2)
   print(f'wrote {path}')
+
+
+def adamw_step(loss_fn: Callable, learning_rate: float = 3e-4, weight_decay: float = 0.01):
+  """``(optimizer, step)`` of one plain AdamW training step, ``step(params, opt_state, *batch) -> (params, opt_state,
+  loss)``: the same update PyTorch's ``torch.optim.AdamW`` makes (no clipping or decay mask, unlike
+  ``python -m train``, so both sides of a comparison do the same work). Weight decay 0.01 is PyTorch's default;
+  optax's is 1e-4."""
+  optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
+
+  def step(params, opt_state, *batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return optimizer, step
+
+
+def next_token_loss(logits, labels):
+  """Mean cross-entropy of ``(B, T, V)`` logits against ``(B, T)`` labels."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

@@ -14,25 +14,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from benchmarks.common import machine_info, print_machine, print_table, write_json
+from benchmarks.common import adamw_step, machine_info, next_token_loss, print_machine, print_table, write_json
 from transformer_jax import GPT, GPTConfig
 
 
 def train_step_for(cfg: GPTConfig):
   model = GPT(cfg)
-  optimizer = optax.adamw(3e-4)
-
-  def loss_fn(params, batch):
-    logits = model.apply({'params': params}, batch[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-
-  def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
+  optimizer, step = adamw_step(lambda params, batch: next_token_loss(model.apply({'params': params}, batch[:, :-1]),
+                                                                      batch[:, 1:]))
   return model, optimizer, step
 
 
@@ -59,7 +49,8 @@ def main():
   parser.add_argument('--out', default='benchmarks/results/compile_time.json')
   args = parser.parse_args()
 
-  print_machine(machine_info())
+  info = machine_info()
+  print_machine(info)
   base = GPTConfig.course(d_model=args.d_model, num_heads=args.heads, d_ff=4 * args.d_model, max_len=args.seq)
   rows = []
   for layers in args.layers:
@@ -77,7 +68,7 @@ def main():
   scan_times = {r['layers']: r['compile_s'] for r in rows if r['stack'] == 'scan' and r['remat'] == 'none'}
   lo, hi = min(scan_times), max(scan_times)
   print(f'\nscan compile time {hi} layers / {lo} layers: {scan_times[hi] / scan_times[lo]:.2f}x')
-  write_json(args.out, 'compile_time', vars(args), rows)
+  write_json(args.out, 'compile_time', info, vars(args), rows)
 
 
 if __name__ == '__main__':

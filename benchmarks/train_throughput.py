@@ -28,11 +28,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from benchmarks.common import (machine_info, on_accelerator, peak_flops, print_machine, print_table, time_call,
-                               torch_matmul_peak, write_json)
+from benchmarks.common import (adamw_step, machine_info, next_token_loss, on_accelerator, peak_flops, print_machine,
+                               print_table, time_call, torch_matmul_peak, write_json)
 from transformer_jax import GPT, BERTConfig, BERTForMaskedLM, GPTConfig, Transformer, TransformerConfig
+from transformer_jax.convert.hf import bert_hf_config, gpt2_hf_config
 
 LR, WEIGHT_DECAY = 3e-4, 0.01  # the same AdamW on both sides (optax's default decay is 1e-4, PyTorch's 1e-2)
 
@@ -49,10 +49,6 @@ class Case:
   torch_loss: Callable  # (module, batch as torch tensors) -> scalar
   tokens: int  # input tokens per step
   flops: float  # model FLOPs per step (forward + backward)
-
-
-def xent(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def torch_xent(logits, labels):
@@ -86,16 +82,14 @@ def gpt_case(args, overrides: dict) -> Case:
   def loss(params, batch, rng):
     ids = batch['ids']
     logits = model.apply({'params': params}, ids[:, :-1], deterministic=args.dropout == 0, rngs={'dropout': rng})
-    return xent(logits, ids[:, 1:])
+    return next_token_loss(logits, ids[:, 1:])
 
   def torch_model():
     if args.gpt_shape == 'course':
       return NanoGPT(vocab_size=cfg.vocab_size, block_size=args.seq, n_embd=cfg.d_model, n_head=cfg.num_heads,
                      n_layer=cfg.num_layers, dropout=args.dropout)
     from transformers import GPT2Config, GPT2LMHeadModel
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=args.seq, n_layer=cfg.num_layers, n_embd=cfg.d_model,
-        n_head=cfg.num_heads, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout))
+    return GPT2LMHeadModel(GPT2Config.from_dict(gpt2_hf_config(cfg)))
 
   def torch_loss(m, b):
     out = m(b['ids'][:, :-1])
@@ -117,7 +111,7 @@ def seq2seq_case(args, overrides: dict) -> Case:
     tgt = batch['tgt']
     logits = model.apply({'params': params}, batch['src'], tgt[:, :-1], deterministic=args.dropout == 0,
                          rngs={'dropout': rng})
-    return xent(logits, tgt[:, 1:])
+    return next_token_loss(logits, tgt[:, 1:])
 
   rng = np.random.default_rng(0)  # ids from 1: no padding, but both sides still build and apply their masks
   src = rng.integers(1, cfg.src_vocab_size, (args.batch, args.seq), dtype=np.int32)
@@ -143,12 +137,10 @@ def bert_case(args, overrides: dict) -> Case:
   def loss(params, batch, rng):
     ids = batch['ids']
     logits = model.apply({'params': params}, ids, deterministic=args.dropout == 0, rngs={'dropout': rng})
-    return xent(logits, ids)  # every position is a target: the MLM head's full cost
+    return next_token_loss(logits, ids)  # every position is a target: the MLM head's full cost
 
   ids = np.random.default_rng(0).integers(1, cfg.vocab_size, (args.batch, args.seq), dtype=np.int32)
-  hf = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
-                  num_attention_heads=cfg.num_heads, intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_len,
-                  hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+  hf = BertConfig.from_dict(bert_hf_config(cfg, 'BertForMaskedLM'))
   d = cfg.d_model
   per_token = dense_flops(cfg.num_layers, d, cfg.d_ff) + 2 * d * d + 2 * d * cfg.vocab_size  # + MLM transform, decoder
   return Case(
@@ -161,16 +153,11 @@ CASES = {'gpt': gpt_case, 'seq2seq': seq2seq_case, 'bert': bert_case}
 
 
 def run_jax(case: Case, repeats: int) -> dict:
-  optimizer = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
+  optimizer, step = adamw_step(case.loss, LR, WEIGHT_DECAY)
   init_args = [jnp.asarray(v[:1, :8]) for v in case.batch.values()]
   params = jax.jit(case.model.init)(jax.random.key(0), *init_args)['params']
   opt_state = optimizer.init(params)
   params_m = sum(x.size for x in jax.tree.leaves(params)) / 1e6  # counted now: the step donates these buffers
-
-  def step(params, opt_state, batch, rng):
-    loss, grads = jax.value_and_grad(case.loss)(params, batch, rng)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
 
   batch = jax.device_put(case.batch)  # on the device before timing: the step never waits for the host
   rng = jax.random.key(1)
@@ -249,7 +236,8 @@ def main():
   for item in args.override:
     field, value = item.split('=', 1)
     overrides[field] = parse_value(value)
-  print_machine(machine_info())
+  info = machine_info()
+  print_machine(info)
   peak, peak_source = peak_flops()
   print(f'peak {peak / 1e9:,.0f} GFLOP/s ({peak_source}); our config overrides: {overrides}', flush=True)
   torch_peak = None
@@ -280,8 +268,9 @@ def main():
   print()
   print_table(rows, ['model', 'impl', 'params_M', 'step_ms', 'tokens_s', 'gflop_s', 'mfu_pct', 'jax_speedup',
                      'compile_s', 'error'])
-  write_json(args.out, 'train_throughput', {**vars(args), 'overrides': overrides, 'peak_flops': peak,
-                                            'peak_source': peak_source, 'torch_matmul_peak_flops': torch_peak}, rows)
+  write_json(args.out, 'train_throughput', info, {**vars(args), 'overrides': overrides, 'peak_flops': peak,
+                                                  'peak_source': peak_source, 'torch_matmul_peak_flops': torch_peak},
+             rows)
 
 
 if __name__ == '__main__':
