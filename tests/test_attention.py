@@ -169,6 +169,15 @@ def test_fused_qkv_equals_separate_projections():
                              separate.apply({'params': p}, x, mask=mask), atol=1e-6)
 
 
+def test_cached_cross_attention_needs_the_flag_and_a_first_memory():
+  x, memory = jnp.ones((B, 1, H * K)), jnp.ones((B, S, H * K))
+  params = MultiHeadAttention(num_heads=H).init(jax.random.key(0), x, memory)['params']
+  with pytest.raises(ValueError, match=r'needs MultiHeadAttention\(cross=True\)'):
+    MultiHeadAttention(num_heads=H).apply({'params': params}, x, memory, decode=True, mutable=['cache'])
+  with pytest.raises(ValueError, match='on its first call'):
+    MultiHeadAttention(num_heads=H, cross=True).apply({'params': params}, x, decode=True, mutable=['cache'])
+
+
 def test_fused_qkv_rejects_cross_attention():
   x = jnp.ones((B, T, H * K))
   with pytest.raises(ValueError, match='fused_qkv'):

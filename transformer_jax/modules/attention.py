@@ -95,8 +95,9 @@ class MultiHeadAttention(nn.Module):
   With ``decode=True`` (applied with ``mutable=['cache']``, see :mod:`transformer_jax.generation`) it reads and writes
   the ``'cache'`` collection. Self-attention writes the chunk's keys and values into fixed-size ``cached_key`` /
   ``cached_value`` buffers ``(B, S, H, K)`` at ``cache_index`` and attends to every slot written so far.
-  Cross-attention stores the projected encoder output as ``memory_key`` / ``memory_value`` when ``inputs_kv`` is given,
-  and later calls pass ``inputs_kv=None`` to reuse them, so the memory is projected once per sequence.
+  Cross-attention (``cross=True``) stores the projected encoder output as ``memory_key`` / ``memory_value`` when
+  ``inputs_kv`` is given, and later calls pass ``inputs_kv=None`` to reuse them, so the memory is projected once per
+  sequence.
   """
 
   num_heads: int
@@ -104,6 +105,7 @@ class MultiHeadAttention(nn.Module):
   qkv_bias: bool = True
   out_bias: bool = True
   fused_qkv: bool = False
+  cross: bool = False  # keys/values come from a separate memory (the decoder's cross-attention); matters for caching
   dropout_rate: float = 0.0
   implementation: Implementation = None
   dtype: Any = jnp.float32
@@ -117,7 +119,8 @@ class MultiHeadAttention(nn.Module):
     if self.head_dim is None and features % self.num_heads:
       raise ValueError(f'd_model={features} is not divisible by num_heads={self.num_heads}')
     head_dim = self.head_dim or features // self.num_heads
-    cross = inputs_kv is not None
+    if decode and inputs_kv is not None and not self.cross:
+      raise ValueError('cached decoding of attention over a separate memory needs MultiHeadAttention(cross=True)')
     dense = lambda shape, name: nn.DenseGeneral(  # noqa: E731
         shape, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=self.kernel_init, name=name)
@@ -128,12 +131,17 @@ class MultiHeadAttention(nn.Module):
       qkv = dense((3, self.num_heads, head_dim), 'qkv')(inputs_q)  # (B, T, 3, H, K)
       query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
-      inputs_kv = inputs_q if inputs_kv is None else inputs_kv
       query = dense((self.num_heads, head_dim), 'query')(inputs_q)  # (B, T, H, K)
-      key = dense((self.num_heads, head_dim), 'key')(inputs_kv)  # (B, S, H, K)
-      value = dense((self.num_heads, head_dim), 'value')(inputs_kv)  # (B, S, H, K)
+      if self.cross and decode and inputs_kv is None:  # later decoding steps: the memory projected at the first
+        if not self.has_variable('cache', 'memory_key'):
+          raise ValueError('cached cross-attention needs inputs_kv (the encoder output) on its first call')
+        key, value = self.get_variable('cache', 'memory_key'), self.get_variable('cache', 'memory_value')
+      else:
+        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        key = dense((self.num_heads, head_dim), 'key')(inputs_kv)  # (B, S, H, K)
+        value = dense((self.num_heads, head_dim), 'value')(inputs_kv)  # (B, S, H, K)
     if decode:
-      key, value, mask = self._use_cache(key, value, mask, cross)
+      key, value, mask = self._use_cache(key, value, mask)
 
     want_weights = self.is_mutable_collection('intermediates')
     use_dropout = self.dropout_rate > 0.0 and not deterministic
@@ -147,15 +155,12 @@ class MultiHeadAttention(nn.Module):
     return nn.DenseGeneral(features, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
                            param_dtype=self.param_dtype, kernel_init=self.kernel_init, name='out')(result)
 
-  def _use_cache(self, key, value, mask, cross: bool):
+  def _use_cache(self, key, value, mask):
     """The keys, values ``(B, S, H, K)`` and mask to attend with in cached decoding (see the class docstring)."""
-    if cross:
+    if self.cross:
       self.put_variable('cache', 'memory_key', key)
       self.put_variable('cache', 'memory_value', value)
       return key, value, mask
-    if self.has_variable('cache', 'memory_key'):
-      # Cross-attention after the first step; the keys/values just projected from the query are unused (XLA drops them).
-      return self.get_variable('cache', 'memory_key'), self.get_variable('cache', 'memory_value'), mask
     cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
     cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
     index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))

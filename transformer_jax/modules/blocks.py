@@ -24,9 +24,10 @@ def make_norm(config: BlockConfig, name: str) -> LayerNorm:
                    param_dtype=config.weight_dtype, name=name)
 
 
-def make_attention(config: BlockConfig, name: str, fused_qkv: bool) -> MultiHeadAttention:
+def make_attention(config: BlockConfig, name: str, *, cross: bool = False) -> MultiHeadAttention:
+  """Self-attention (Q/K/V fused when the config says so) or, with ``cross``, attention over the encoder memory."""
   return MultiHeadAttention(
-      num_heads=config.num_heads, qkv_bias=config.qkv_bias, fused_qkv=fused_qkv,
+      num_heads=config.num_heads, qkv_bias=config.qkv_bias, fused_qkv=config.fused_qkv and not cross, cross=cross,
       dropout_rate=config.attention_dropout_rate, implementation=config.attention_implementation,
       dtype=config.compute_dtype, param_dtype=config.weight_dtype, kernel_init=config.kernel_init, name=name)
 
@@ -50,7 +51,7 @@ class EncoderLayer(nn.Module):
   def __call__(self, x, mask=None):
     """``(B, T, D)``, mask broadcastable to ``(B, H, T, T)`` -> ``(B, T, D)``."""
     cfg = self.config
-    attn = make_attention(cfg, 'self_attention', cfg.fused_qkv)
+    attn = make_attention(cfg, 'self_attention')
     x = residual(cfg, x, lambda h: attn(h, mask=mask, deterministic=self.deterministic, decode=self.decode),
                  make_norm(cfg, 'self_attention_norm'), self.deterministic)
     ffn = FeedForward(cfg.d_ff, cfg.activation, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
@@ -69,10 +70,10 @@ class DecoderLayer(nn.Module):
   def __call__(self, x, self_mask, memory, cross_mask=None):
     """``(B, T, D)`` targets, ``(B, S, D)`` memory; masks ``(B, H, T, T)`` and ``(B, H, T, S)`` -> ``(B, T, D)``."""
     cfg = self.config
-    self_attn = make_attention(cfg, 'self_attention', cfg.fused_qkv)
+    self_attn = make_attention(cfg, 'self_attention')
     x = residual(cfg, x, lambda h: self_attn(h, mask=self_mask, deterministic=self.deterministic, decode=self.decode),
                  make_norm(cfg, 'self_attention_norm'), self.deterministic)
-    cross_attn = make_attention(cfg, 'cross_attention', fused_qkv=False)
+    cross_attn = make_attention(cfg, 'cross_attention', cross=True)
     x = residual(cfg, x, lambda h: cross_attn(h, memory, mask=cross_mask, deterministic=self.deterministic,
                                               decode=self.decode),
                  make_norm(cfg, 'cross_attention_norm'), self.deterministic)
