@@ -176,10 +176,10 @@ def write(path, content, mode='w'):
     ('lm', lambda d: str(d / 'missing.txt'), 'does not exist'),
     ('lm', lambda d: write(d / 'empty.txt', ''), 'empty'),
     ('lm', lambda d: write(d / 'short.txt', 'just a few words here'), 'fewer than one sequence'),
-    ('lm', lambda d: write(d / 'latin1.txt', b'caf\xe9 ' * 100, 'wb'), 'not valid UTF-8'),
+    ('lm', lambda d: write(d / 'latin1.txt', b'caf\xe9 ' * 100, 'wb'), 'latin1.txt:1: not valid UTF-8'),
     ('translation', lambda d: write(d / 'pairs.tsv', 'a\tb\nno tab here\n'), 'pairs.tsv:2: no tab'),
-    ('classify', lambda d: write(d / 'rows.csv', 'text,label\ngood,1\nbad,negative\n'), "rows.csv:3: the label "
-                                                                                       "'negative' is not an integer"),
+    ('classify', lambda d: write(d / 'rows.csv', 'good,1\nshort\n'), 'rows.csv:2: expected "text,label"'),
+    ('classify', lambda d: write(d / 'rows.csv', 'text,label\n' + 'good,1\nbad,negative\n' * 5), "mix integers"),
     ('classify', lambda d: write(d / 'rows.csv', 'good,1\nbad,7\n'), r'labels \[7\] lie outside'),
 ])
 def test_bad_data_is_a_clear_error(task, make_file, message, tmp_path):

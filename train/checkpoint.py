@@ -3,11 +3,12 @@
 ``workdir/checkpoints/<step>/{state,meta}``. Orbax writes each checkpoint to a temporary directory and renames it
 when complete, so a process killed mid-save leaves nothing that :meth:`Checkpoints.restore` would pick up; a
 checkpoint that is complete on disk but unreadable (truncated, corrupted) is skipped with a warning in favour of the
-previous one.
+previous one. When none can be read, the run stops with an error instead of training afresh over them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -29,6 +30,10 @@ class ConfigMismatchError(ValueError):
   """The workdir holds checkpoints of a differently configured run."""
 
 
+class UnreadableCheckpointError(ValueError):
+  """The workdir holds checkpoints and none of them can be read."""
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
   """``'field: checkpoint X, now Y'`` for every field that differs, except :data:`RESUMABLE_FIELDS`."""
   saved, current = (traverse_util.flatten_dict(c, sep='.') for c in (saved, current))
@@ -37,19 +42,49 @@ def config_differences(saved: dict, current: dict) -> list[str]:
           for key in sorted(set(saved) | set(current)) if not resumable(key) and saved.get(key) != current.get(key)]
 
 
-class Checkpoints:
-  """A ``CheckpointManager`` keeping the newest ``keep_last`` and the ``keep_best`` by validation ``metric``."""
+def checkpoint_directory(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, 'checkpoints'))
 
-  def __init__(self, workdir: str, keep_last: int, keep_best: int, metric: str, mode: str):
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-    preservation = policies.AnyPreservationPolicy([
-        policies.LatestN(n=keep_last),
-        # Checkpoints saved between evaluations have no metrics; only LatestN keeps those.
-        policies.BestN(get_metric_fn=lambda m: m[metric], reverse=mode == 'min', n=keep_best,
-                       keep_checkpoints_without_metrics=False),
-    ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=preservation, cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
+
+@contextlib.contextmanager
+def _absl_errors_only():
+  """Orbax warns through absl that a read-only manager's directory is read-only: true, and noise in a run log."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+class Checkpoints(contextlib.AbstractContextManager):
+  """A ``CheckpointManager`` keeping the newest ``keep_last`` and the ``keep_best`` by validation ``metric``.
+
+  :meth:`reader` opens one that only reads: it creates no directory and starts no background work, for looking at
+  a workdir before a run is known to start (or for sampling from it). Close either kind (or use it as a context
+  manager) on every path: a writer runs background threads that must not outlive it.
+  """
+
+  def __init__(self, workdir: str, keep_last: int = 1, keep_best: int = 0, metric: str = 'loss', mode: str = 'min',
+               read_only: bool = False):
+    self.directory = checkpoint_directory(workdir)
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    else:
+      preservation = policies.AnyPreservationPolicy([
+          policies.LatestN(n=keep_last),
+          # Checkpoints saved between evaluations have no metrics; only LatestN keeps those.
+          policies.BestN(get_metric_fn=lambda m: m[metric], reverse=mode == 'min', n=keep_best,
+                         keep_checkpoints_without_metrics=False),
+      ])
+      options = ocp.CheckpointManagerOptions(preservation_policy=preservation, cleanup_tmp_directories=True)
+    with _absl_errors_only():
+      self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
+
+  @classmethod
+  def reader(cls, workdir: str) -> 'Checkpoints':
+    return cls(workdir, read_only=True)
 
   def save(self, step: int, state, meta: dict, metrics: dict | None = None) -> None:
     """Starts an asynchronous save; :meth:`close` waits for it."""
@@ -59,42 +94,75 @@ class Checkpoints:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def _unreadable(self, errors: dict) -> UnreadableCheckpointError:
+    listed = '; '.join(f'step {step}: {error}' for step, error in errors.items())
+    return UnreadableCheckpointError(
+        f'no checkpoint in {self.directory} can be read ({listed}); move that directory away to start afresh, or '
+        'give another --workdir')
+
   def latest_meta(self) -> dict | None:
-    """The JSON record of the newest readable checkpoint, or ``None`` in a fresh workdir."""
+    """The JSON record of the newest readable checkpoint; ``None`` when there is none. Raises
+    :class:`UnreadableCheckpointError` when there are checkpoints and none is readable."""
+    errors = {}
     for step in reversed(self.steps()):
       try:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
       except Exception as e:  # noqa: BLE001  (any unreadable checkpoint is skipped the same way)
-        log.warning('checkpoint %d in %s is unreadable (%s); trying an older one', step, self.directory, e)
+        errors[step] = _first_line(e)
+        log.warning('checkpoint %d in %s is unreadable (%s); trying an older one', step, self.directory, errors[step])
+    if errors:
+      raise self._unreadable(errors)
     return None
 
-  def check_config(self, config: dict) -> None:
-    """Raises :class:`ConfigMismatchError` listing the fields that differ from the checkpointed run's."""
-    meta = self.latest_meta()
-    if meta is None:
-      return
-    differences = config_differences(meta['config'], config)
-    if differences:
-      raise ConfigMismatchError(
-          f'{self.directory} holds checkpoints of a run with another config; use a new workdir, or restore these '
-          'values:\n  ' + '\n  '.join(differences))
-
   def restore(self, state):
-    """``(state, meta)`` from the newest checkpoint that restores onto ``state``'s structure, or ``(state, None)``.
+    """``(state, meta)`` from the newest checkpoint that restores onto ``state``'s structure, or ``(state, None)``
+    when there is no checkpoint. Raises :class:`UnreadableCheckpointError` when none of those there restores.
 
     ``state`` may hold arrays or ``jax.ShapeDtypeStruct`` leaves; either way each is restored with that leaf's
     sharding, which need not be the one it was saved with (8 devices to 1, FSDP to data parallel, ...)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    errors = {}
     for step in reversed(self.steps()):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                       meta=ocp.args.JsonRestore()))
         return restored['state'], restored['meta']
       except Exception as e:  # noqa: BLE001
+        errors[step] = _first_line(e)
         log.warning('checkpoint %d in %s could not be restored (%s); using the previous one', step, self.directory,
-                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    errors[step])
+    if errors:
+      raise self._unreadable(errors)
     return state, None
 
   def close(self) -> None:
+    # close() waits for saves but not for the clean-up of unfinished checkpoints that the manager starts when it
+    # opens; a thread of it still running at interpreter exit prints a traceback.
+    cleanup = getattr(self.manager, '_cleanup_tmp_directory_future', None)
+    if cleanup is not None:
+      cleanup.result()
     self.manager.wait_until_finished()
     self.manager.close()
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _first_line(error: Exception) -> str:
+  return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def check_resumable(workdir: str, config: dict) -> None:
+  """Before a run writes anything: raises :class:`ConfigMismatchError` listing the fields that differ from the
+  checkpointed run's, or :class:`UnreadableCheckpointError`. Nothing is created; a fresh workdir passes."""
+  if not os.path.isdir(checkpoint_directory(workdir)):
+    return
+  with Checkpoints.reader(workdir) as checkpoints:
+    meta = checkpoints.latest_meta()
+  if meta is None:
+    return
+  differences = config_differences(meta['config'], config)
+  if differences:
+    raise ConfigMismatchError(
+        f'{checkpoints.directory} holds checkpoints of a run with another config; use a new workdir, or restore '
+        'these values:\n  ' + '\n  '.join(differences))

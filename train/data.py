@@ -1,4 +1,4 @@
-"""Data: text sources, memory-mapped token files, and batches that are a pure function of the step.
+"""Data: memory-mapped token streams, encoded examples, and batches that are a pure function of the step.
 
 Every batch is drawn by ``numpy.random.default_rng([seed, step])`` (or from the per-epoch permutation of that seed),
 so the data position of a run is its step: a resumed run reads exactly the batches the uninterrupted run would have.
@@ -7,72 +7,38 @@ Everything here raises a clear ``ValueError``/``FileNotFoundError`` before any c
 
 from __future__ import annotations
 
-import csv
-import glob
 import os
+import tempfile
 from typing import Iterator
 
 import numpy as np
 
+from train.readers import CHUNK_CHARS
 from train.vocab import BOS, EOS, MASK, PAD, SPECIALS, Vocab
 from transformer_jax.validation import check_token_ids
 
-BUILTIN = 'builtin'
-CHUNK_CHARS = 1 << 20  # texts are read and tokenized about a megabyte at a time, so memory stays flat
-
-
-# ----------------------------------------------------------------------------------------------------------- text
-def text_files(path: str) -> list[str]:
-  """The files a text source names: one file, or every file under a folder (sorted, hidden ones skipped)."""
-  if os.path.isdir(path):
-    files = sorted(f for f in glob.glob(os.path.join(path, '**', '*'), recursive=True)
-                   if os.path.isfile(f) and not os.path.basename(f).startswith('.'))
-    if not files:
-      raise ValueError(f'the folder {path} holds no files')
-    return files
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'data file {path} does not exist')
-  return [path]
-
-
-def builtin_corpus() -> str:
-  """The Python reference documentation that ships with every Python (``pydoc_data.topics``), about 0.5 MB."""
-  from pydoc_data.topics import topics
-  return '\n\n'.join(topics[k] for k in sorted(topics))
-
-
-def read_texts(path: str) -> Iterator[str]:
-  """Yields the UTF-8 text of ``path`` (a file, a folder, or ``'builtin'``) in chunks of whole lines.
-
-  Raises ``ValueError`` naming the file for undecodable bytes or when the source holds no text at all.
-  """
-  if path == BUILTIN:
-    yield builtin_corpus()
-    return
-  empty = True
-  for name in text_files(path):
-    try:
-      with open(name, encoding='utf-8') as f:
-        while chunk := ''.join(f.readlines(CHUNK_CHARS)):
-          empty = empty and not chunk.strip()
-          yield chunk
-    except UnicodeDecodeError as e:
-      raise ValueError(f'{name} is not valid UTF-8 text ({e.reason} at byte {e.start} of a chunk)') from None
-  if empty:
-    raise ValueError(f'the text source {path} is empty')
-
-
 # ----------------------------------------------------------------------------------------------------- token file
-def write_token_file(texts: Iterator[str], vocab: Vocab, path: str) -> np.memmap:
-  """Tokenizes ``texts`` chunk by chunk into a flat binary file and returns it memory-mapped (read-only)."""
+def tokenize(texts: Iterator[str], vocab: Vocab) -> np.memmap:
+  """Tokenizes ``texts`` chunk by chunk into a flat, read-only memory map, kept in a temporary file that is unlinked
+  at once (the mapping holds the data; nothing is left on disk on any exit path). :func:`save_token_file` puts it
+  in a workdir once the run is known to start."""
   dtype = token_dtype(vocab.size)
-  with open(path + '.tmp', 'wb') as f:
+  with tempfile.TemporaryFile() as f:
     for chunk in texts:
       ids = np.asarray(vocab.encode(chunk), dtype=np.int64)
-      check_token_ids(ids, vocab.size, f'token ids of {path}')
+      check_token_ids(ids, vocab.size, 'token ids')
       f.write(ids.astype(dtype).tobytes())
+    f.flush()
+    if f.tell() == 0:
+      raise ValueError('the corpus holds no tokens')
+    return np.memmap(f, dtype=dtype, mode='r')
+
+
+def save_token_file(tokens: np.ndarray, path: str) -> None:
+  with open(path + '.tmp', 'wb') as f:
+    for start in range(0, len(tokens), CHUNK_CHARS):
+      f.write(np.asarray(tokens[start:start + CHUNK_CHARS]).tobytes())
   os.replace(path + '.tmp', path)  # a killed run never leaves a half-written token file under the final name
-  return open_token_file(path, vocab.size)
 
 
 def token_dtype(vocab_size: int):
@@ -158,21 +124,6 @@ def pad_rows(rows: list[list[int]], length: int) -> np.ndarray:
   return out
 
 
-def read_pairs(path: str) -> list[tuple[str, str]]:
-  """``source<TAB>target`` lines of a UTF-8 file; blank lines are skipped."""
-  pairs = []
-  for number, line in enumerate(_lines(path), 1):
-    if not line.strip():
-      continue
-    if '\t' not in line:
-      raise ValueError(f'{path}:{number}: no tab in this line; expected "source<TAB>target"')
-    source, target = line.rstrip('\r\n').split('\t', 1)
-    pairs.append((source, target))
-  if not pairs:
-    raise ValueError(f'{path} holds no "source<TAB>target" lines')
-  return pairs
-
-
 def encode_pairs(pairs, src_vocab: Vocab, tgt_vocab: Vocab, src_len: int, tgt_len: int) -> dict:
   """Sources ``(N, S)``; target inputs ``[BOS] t`` and targets ``t [EOS]`` ``(N, T)``; longer pairs truncated."""
   sources = [src_vocab.encode(s)[:src_len] for s, _ in pairs]
@@ -185,50 +136,21 @@ def encode_pairs(pairs, src_vocab: Vocab, tgt_vocab: Vocab, src_len: int, tgt_le
   return data
 
 
-def read_labelled(path: str) -> list[tuple[str, int]]:
-  """``text,label`` rows of a CSV (or a TSV, by extension); a first row whose label is not an integer is a header."""
-  delimiter = '\t' if path.endswith('.tsv') else ','
-  rows = []
-  for number, row in enumerate(csv.reader(_lines(path), delimiter=delimiter), 1):
-    if not row:
-      continue
-    if len(row) < 2:
-      raise ValueError(f'{path}:{number}: expected "text{delimiter}label", got {row!r}')
-    text, label = delimiter.join(row[:-1]), row[-1].strip()
-    try:
-      rows.append((text, int(label)))
-    except ValueError:
-      if number > 1:
-        raise ValueError(f'{path}:{number}: the label {label!r} is not an integer') from None
-  if not rows:
-    raise ValueError(f'{path} holds no "text,label" rows')
-  return rows
-
-
-def encode_labelled(rows, vocab: Vocab, max_len: int, num_labels: int) -> dict:
-  """``[CLS] text`` ids ``(N, max_len)`` (truncated) and labels ``(N,)``; labels must lie in ``[0, num_labels)``."""
-  labels = np.array([label for _, label in rows], np.int32)
+def encode_labelled(texts: list[str], labels: list[int], vocab: Vocab, max_len: int, num_labels: int) -> dict:
+  """``[CLS] text`` ids ``(N, max_len)`` (truncated) and class ids ``(N,)``, which must lie in
+  ``[0, num_labels)``."""
+  labels = np.array(labels, np.int32)
   bad = labels[(labels < 0) | (labels >= num_labels)]
   if bad.size:
-    raise ValueError(f'labels {sorted(set(bad.tolist()))[:8]} lie outside [0, num_labels={num_labels})')
-  ids = pad_rows([[BOS] + vocab.encode(text)[:max_len - 1] for text, _ in rows], max_len)
+    raise ValueError(f'labels {sorted(set(bad.tolist()))[:8]} lie outside [0, model.num_labels={num_labels})')
+  ids = pad_rows([[BOS] + vocab.encode(text)[:max_len - 1] for text in texts], max_len)
   check_token_ids(ids, vocab.size, 'text ids')
   return {'inputs': ids, 'labels': labels}
 
 
-def _lines(path: str) -> Iterator[str]:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'data file {path} does not exist')
-  try:
-    with open(path, encoding='utf-8', newline='') as f:
-      yield from f
-  except UnicodeDecodeError as e:
-    raise ValueError(f'{path} is not valid UTF-8 text ({e.reason} at byte {e.start} of a chunk)') from None
-
-
-def builtin_sentiment(count: int, seed: int) -> list[tuple[str, int]]:
-  """A tiny generated sentiment task (1 = positive) for running ``classify`` without files. A "not" before the
-  adjective flips the label, so a bag of words is not enough."""
+def builtin_sentiment(count: int, seed: int) -> list[tuple[str, str]]:
+  """A tiny generated sentiment task (labels ``positive`` and ``negative``) for running ``classify`` without files.
+  A "not" before the adjective flips the label, so a bag of words is not enough."""
   subjects = ['the film', 'this book', 'the food', 'our trip', 'the show', 'that song', 'the hotel', 'my day']
   good = ['great', 'wonderful', 'fun', 'lovely', 'excellent', 'charming']
   bad = ['awful', 'boring', 'terrible', 'dull', 'bad', 'painful']
@@ -238,5 +160,5 @@ def builtin_sentiment(count: int, seed: int) -> list[tuple[str, int]]:
     positive, negated = bool(rng.integers(2)), bool(rng.integers(2))
     adjective = rng.choice(good if positive else bad)
     text = f"{rng.choice(subjects)} was {'not ' if negated else ''}{adjective}"
-    rows.append((text, int(positive != negated)))
+    rows.append((text, 'positive' if positive != negated else 'negative'))
   return rows

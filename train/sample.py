@@ -17,6 +17,7 @@ import numpy as np
 from absl import app, flags
 
 from train.checkpoint import Checkpoints
+from train.errors import parse_flags, run_main
 from train.optim import make_optimizer
 from train.steps import create_state
 from train.tasks import ClassificationTask, LanguageModelTask, TranslationTask, build_task
@@ -33,12 +34,15 @@ flags.DEFINE_integer('seed', 0, 'lm: sampling seed.')
 
 def load_run(workdir: str):
   """``(task, params)`` of the newest restorable checkpoint in ``workdir``."""
-  with open(os.path.join(workdir, 'config.json')) as f:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{workdir} holds no training run (no config.json); train one with '
+                            f'python -m train --workdir={workdir}')
+  with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   task = build_task(config, workdir)
-  checkpoints = Checkpoints(workdir, config.keep_last, config.keep_best, task.metric, task.metric_mode)
-  state, meta = checkpoints.restore(create_state(task, make_optimizer(config)[0], config.seed))
-  checkpoints.close()
+  with Checkpoints.reader(workdir) as checkpoints:
+    state, meta = checkpoints.restore(create_state(task, make_optimizer(config)[0], config.seed))
   if meta is None:
     raise FileNotFoundError(f'no checkpoint to restore in {workdir}')
   return task, state.params
@@ -62,13 +66,18 @@ def respond(task, params, text: str, rng) -> str:
     ids = np.zeros((1, task.config.data.seq_len), np.int32)
     tokens = [BOS] + task.vocab.encode(text)[:task.config.data.seq_len - 1]
     ids[0, :len(tokens)] = tokens
-    logits = task.logits(params, {'inputs': ids}, deterministic=True)[0]
-    return f'label {int(logits.argmax())} (probabilities {np.round(np.asarray(jax.nn.softmax(logits)), 3).tolist()})'
+    probabilities = task.predict(params, ids)[0]
+    listed = ', '.join(f'{task.labels.name(i)} {p:.3f}' for i, p in enumerate(probabilities))
+    return f'{task.labels.name(int(probabilities.argmax()))} (probabilities: {listed})'
   raise ValueError(f'--text is not supported for the {task.config.task!r} task; run without it')
 
 
 def main(argv):
-  del argv
+  del argv  # parse_flags refuses stray arguments
+  run_main(sample)
+
+
+def sample():
   setup_logging()
   FLAGS = flags.FLAGS
   task, params = load_run(FLAGS.workdir)
@@ -84,4 +93,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -19,18 +19,20 @@ import numpy as np
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from train.checkpoint import Checkpoints
+from train.checkpoint import Checkpoints, check_resumable
+from train.errors import RunStopped
 from train.metrics import MetricWriter
 from train.optim import SCHEDULES, make_optimizer
 from train.parallel import host_copy, initialize_distributed, is_primary, make_layout, primary_first
 from train.steps import create_state, eval_step_fn, evaluate, train_step_fn
+from train.summary import closing_lines
 from train.tasks import TASKS, build_task
 from train.vocab import KINDS
 
 log = logging.getLogger('train')
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunStopped):
   """A non-finite loss or gradient with ``skip_nonfinite_updates=False``."""
 
 
@@ -116,23 +118,25 @@ def _due(step: int, every: int, last_step: int) -> bool:
 
 
 class Run:
-  """One training run's moving parts, so the loop functions take one argument instead of ten."""
+  """One training run's moving parts, so the loop functions take one argument instead of ten.
+
+  Everything that can fail on a user's input (the config against the workdir's checkpoints, the data, the model
+  config, the device layout) is checked before the first file is written; then the task's files and
+  ``config.json`` are saved and the checkpoint manager opens. A failed start leaves the workdir as it was.
+  """
 
   def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
-    self.checkpoints = Checkpoints(workdir, config.keep_last, config.keep_best, TASKS[config.task].metric,
-                                   TASKS[config.task].metric_mode)
+    check_resumable(workdir, config.to_dict())
+    self.task, optimizer, schedule, self.layout = primary_first(self._prepare, 'data')
+    self.eval_data = [self.layout.place_eval(batch) for batch in self.task.eval_batches()]  # fixed: placed once
+    self.train_step = self.layout.compile_train(train_step_fn(
+        self.task, optimizer, schedule, config.label_smoothing, config.skip_nonfinite_updates, self.layout.axis_name))
+    self.eval_step = self.layout.compile_eval(eval_step_fn(self.task, self.layout.axis_name))
+    create = functools.partial(create_state, self.task, optimizer, config.seed)
+    self.checkpoints = Checkpoints(workdir, config.keep_last, config.keep_best, self.task.metric,
+                                   self.task.metric_mode)
     try:
-      self.checkpoints.check_config(config.to_dict())
-      self.task = primary_first(lambda: build_task(config, workdir), 'data')
-      optimizer, schedule = make_optimizer(config)
-      create = functools.partial(create_state, self.task, optimizer, config.seed)
-      self.layout = make_layout(config, jax.eval_shape(create))
-      self.eval_data = [self.layout.place_eval(batch) for batch in self.task.eval_batches()]  # fixed: placed once
-      self.train_step = self.layout.compile_train(train_step_fn(
-          self.task, optimizer, schedule, config.label_smoothing, config.skip_nonfinite_updates,
-          self.layout.axis_name))
-      self.eval_step = self.layout.compile_eval(eval_step_fn(self.task, self.layout.axis_name))
       state, meta = self.checkpoints.restore(self.layout.abstract_state(jax.eval_shape(create)))
       self.state = self.layout.to_device(self.layout.init_state(create) if meta is None else state)
     except BaseException:  # the manager's background threads must not outlive a failed start
@@ -141,6 +145,18 @@ class Run:
     self.start_step = 0 if meta is None else meta['step']
     self.last_eval: dict = {}
     self.last_train: dict = {}
+    self.trained_tokens, self.train_seconds = 0, 0.0  # this invocation's, for the closing tokens/s
+
+  def _prepare(self):
+    """The task, optimizer and device layout, checked; then (on process 0) the task's files and the config saved."""
+    optimizer, schedule = make_optimizer(self.config)
+    task = build_task(self.config, self.workdir)
+    layout = make_layout(self.config, jax.eval_shape(functools.partial(create_state, task, optimizer,
+                                                                       self.config.seed)))
+    if is_primary():
+      task.save()
+      write_config(self.config, self.workdir)
+    return task, optimizer, schedule, layout
 
   def canonical_state(self):
     """The state as checkpoints hold it (global arrays, one copy), whatever the layout."""
@@ -169,7 +185,10 @@ def log_train(run: Run, writer: MetricWriter, step: int, pending: list, tokens: 
   """Averages the metrics of the steps since the last log (one transfer), writes them and updates the bar."""
   history = jax.device_get(pending)  # waits for the queued steps, so the clock below covers their work
   metrics = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
-  metrics['tokens_per_sec'] = tokens / max(time.perf_counter() - started, 1e-9)
+  seconds = time.perf_counter() - started
+  metrics['tokens_per_sec'] = tokens / max(seconds, 1e-9)
+  run.trained_tokens += tokens
+  run.train_seconds += seconds
   metrics['skipped_updates'] = int(run.layout.canonical(run.state.skipped))
   run.check_finite()
   writer.write(step, 'train', metrics)
@@ -214,24 +233,8 @@ def train_loop(run: Run, writer: MetricWriter, stop: StopSignals) -> int:
   return step
 
 
-def summarise(run: Run, step: int, interrupted: str | None) -> dict:
-  """Logs where the run ended and what it learned; returns the same as a dict."""
-  baseline = run.task.baseline()
-  summary = {'step': step, 'interrupted': interrupted, 'train': run.last_train, 'eval': run.last_eval,
-             'baseline': baseline, 'checkpoint_dir': run.checkpoints.directory,
-             'checkpoints': run.checkpoints.steps()}
-  if interrupted:
-    log.info('stopped by %s at step %d; re-run the same command to resume', interrupted, step)
-  if run.last_eval:
-    log.info('final validation %s %.4f%s', run.task.metric, run.last_eval[run.task.metric],
-             ''.join(f' | {k} {v:.4f}' for k, v in baseline.items()))
-  log.info('checkpoints (steps %s) in %s', summary['checkpoints'], run.checkpoints.directory)
-  return summary
-
-
 def write_config(config, workdir: str) -> None:
-  if not is_primary():
-    return
+  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(config.to_dict(), f, indent=2)
 
@@ -240,13 +243,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains ``config.task`` in ``workdir`` (resuming from its checkpoints) and returns a summary: the step reached,
   the last train and eval metrics, the task's baseline, the checkpoint steps, the final ``state`` (params under
   ``state.params``) and an end-of-run sample (unless the run was interrupted)."""
+  started = time.perf_counter()
   check_config(config)
   initialize_distributed(config)
   setup_logging()
-  os.makedirs(workdir, exist_ok=True)
   enable_compilation_cache(config.compilation_cache_dir)
   run = Run(config, workdir)
-  write_config(config, workdir)
   log.info('layout: %s', run.layout.describe())
   if run.start_step:
     log.info('resuming from step %d in %s', run.start_step, run.checkpoints.directory)
@@ -260,9 +262,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         run_eval(run, writer, step)  # the run was already complete: still report where it stands
   finally:
     run.checkpoints.close()
-  summary = summarise(run, step, stop.received)
-  summary['state'] = run.canonical_state()
+  summary = {'step': step, 'interrupted': stop.received, 'train': run.last_train, 'eval': run.last_eval,
+             'baseline': run.task.baseline(), 'checkpoint_dir': run.checkpoints.directory,
+             'checkpoints': run.checkpoints.steps(), 'train_tokens': run.trained_tokens,
+             'train_seconds': run.train_seconds, 'state': run.canonical_state()}
   if stop.received is None and config.sample.enabled:
     summary['sample'] = run.task.sample(host_copy(summary['state'].params), jax.random.PRNGKey(config.seed))
     log.info('sample:\n%s', summary['sample'])
+  summary['wall_seconds'] = time.perf_counter() - started
+  for line in closing_lines(summary, config, workdir, run.task.metric):
+    log.info('%s', line)
   return summary

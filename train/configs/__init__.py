@@ -6,6 +6,7 @@ Pick one with ``--config=train/configs/translation.py`` and override any field w
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import ml_collections
 from ml_collections import config_dict
@@ -27,3 +28,8 @@ def model_fields(config_cls, **preset) -> ml_collections.ConfigDict:
   if unknown:
     raise ValueError(f'{config_cls.__name__} has no fields {unknown}')
   return ml_collections.ConfigDict(fields)
+
+
+def preset(task: str) -> ml_collections.ConfigDict:
+  """The preset config of ``task``: ``default.py`` for ``lm``, ``<task>.py`` for the others."""
+  return importlib.import_module(f'train.configs.{"default" if task == "lm" else task}').get_config()

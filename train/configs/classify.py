@@ -12,8 +12,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.task = 'classify'
 
   config.data = ml_collections.ConfigDict()
-  # A CSV (or .tsv) of text,label rows with integer labels in [0, model.num_labels), or 'builtin'.
+  # A CSV (or .tsv) of text,label rows, a .jsonl file of {"text": ..., "label": ...} records, or 'builtin'. Labels
+  # are integers in [0, model.num_labels), or names (positive, negative, ...) numbered in sorted order.
   config.data.path = 'builtin'
+  # The fields of a .jsonl record (or the header of a CSV's label column) that hold the text and the label.
+  config.data.text_field = 'text'
+  config.data.label_field = 'label'
   config.data.vocab = 'char'
   config.data.bpe_vocab_size = 4096
   # Share of the rows (after a seeded shuffle) held out for validation.

@@ -15,8 +15,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
-  # A UTF-8 text file, a folder of them, or 'builtin' (the Python reference docs, no download).
+  # A UTF-8 text file, a folder of them, or 'builtin' (the Python reference docs, no download). A .jsonl file
+  # holds one document per line, as {"text": ...} records.
   config.data.path = 'builtin'
+  # The field of a .jsonl record that holds its text.
+  config.data.text_field = 'text'
   # 'char', 'byte', 'word' or 'bpe' (trained with `tokenizers`); saved as vocab.json in the workdir.
   config.data.vocab = 'char'
   # Vocabulary size of a 'bpe' vocab, specials included.

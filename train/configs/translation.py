@@ -12,8 +12,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.task = 'translation'
 
   config.data = ml_collections.ConfigDict()
-  # A TSV of source<TAB>target lines, or 'builtin' (numbers to words, no download).
+  # A TSV of source<TAB>target lines, a .jsonl file of {"source": ..., "target": ...} records, or 'builtin'
+  # (numbers to words, no download).
   config.data.path = 'builtin'
+  # The fields of a .jsonl file that hold the two sides.
+  config.data.source_field = 'source'
+  config.data.target_field = 'target'
   # Source and target vocabularies: digits by character, words by word.
   config.data.vocab = 'char'
   config.data.target_vocab = 'word'
