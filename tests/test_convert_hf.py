@@ -89,8 +89,6 @@ SOURCES = {
 }
 
 
-
-
 @pytest.mark.parametrize('source', sorted(SOURCES))
 def test_module_forward_parity(rng, source):
   """Converted from the module: logits / hidden states / pooled output within 1e-5, with padding in the batch."""

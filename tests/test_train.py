@@ -1,14 +1,19 @@
 """Trainer pieces without training: schedules, the decay mask, the loss, accumulation, data and input errors."""
 
 import math
+import os
+import shlex
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl import flags as absl_flags
+from ml_collections import config_flags
 
-from train import data
+from train import data, summary
 from train.checkpoint import Checkpoints
 from train.losses import cross_entropy_sums
 from train.number_words import number_dataset, number_to_words
@@ -20,6 +25,8 @@ from train.trainer import check_config, train_and_evaluate
 from train.vocab import build_vocab, load_vocab
 from train_helpers import tiny_config
 from transformer_jax import GPT, GPTConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PEAK, WARM, TOTAL, END = 2.0, 10, 50, 0.1
 
@@ -232,3 +239,25 @@ def test_process_rows_cover_each_micro_batch_once():
 def test_impossible_layout_is_a_clear_error(overrides, message, tmp_path):
   with pytest.raises(ValueError, match=message):
     train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- closing summary
+@pytest.mark.parametrize('task, overrides', [
+    ('lm', {}),
+    ('lm', {'data.path': 'my corpus/notes.txt', 'model.dropout_rate': 0.25, 'sample.prompt': "It's "}),
+    ('classify', {'data.path': 'reviews.jsonl', 'model.num_labels': 3, 'learning_rate': 2e-4}),
+])
+def test_the_continue_command_rebuilds_the_config(task, overrides, monkeypatch):
+  """The flags of the closing summary's command, parsed as ``python -m train`` parses them, give the run's config
+  back (with the longer ``num_train_steps``)."""
+  config = tiny_config(task, **overrides)
+  command = shlex.split(summary.continue_command(config, 'runs/x', 99))
+  assert command[:4] == ['python', '-m', 'train', '--workdir=runs/x'] and command[-1] == '--config.num_train_steps=99'
+  monkeypatch.chdir(REPO)
+  monkeypatch.setattr(sys, 'argv', ['train', *command[4:]])  # ml_collections defines the override flags from it
+  flag_values = absl_flags.FlagValues()
+  config_flags.DEFINE_config_file('config', 'train/configs/default.py', flag_values=flag_values)
+  flag_values(sys.argv)
+  expected = config.to_dict()
+  expected['num_train_steps'] = 99
+  assert flag_values.config.to_dict() == expected

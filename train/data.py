@@ -17,6 +17,7 @@ from train.readers import CHUNK_CHARS
 from train.vocab import BOS, EOS, MASK, PAD, SPECIALS, Vocab
 from transformer_jax.validation import check_token_ids
 
+
 # ----------------------------------------------------------------------------------------------------- token file
 def tokenize(texts: Iterator[str], vocab: Vocab) -> np.memmap:
   """Tokenizes ``texts`` chunk by chunk into a flat, read-only memory map, kept in a temporary file that is unlinked
@@ -83,9 +84,10 @@ def random_windows(tokens: np.ndarray, batch_size: int, length: int, seed: int, 
   return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32)
 
 
-def consecutive_windows(tokens: np.ndarray, length: int, limit: int) -> np.ndarray:
-  """Up to ``limit`` non-overlapping ``(length,)`` windows from the start of ``tokens``: a fixed evaluation set."""
-  count = min(limit, len(tokens) // length)
+def consecutive_windows(tokens: np.ndarray, length: int, limit: int | None = None) -> np.ndarray:
+  """Up to ``limit`` (default: all) non-overlapping ``(length,)`` windows from the start of ``tokens``: a fixed
+  evaluation set."""
+  count = len(tokens) // length if limit is None else min(limit, len(tokens) // length)
   return np.asarray(tokens[:count * length], dtype=np.int32).reshape(count, length)
 
 

@@ -42,12 +42,12 @@ def check_config(config) -> None:
   if config.task not in TASKS:
     problems.append(f'task must be one of {sorted(TASKS)}, got {config.task!r}')
   for name in ('batch_size', 'grad_accum_steps', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
-               'eval_batches', 'checkpoint_every_steps', 'keep_last'):
+               'checkpoint_every_steps', 'keep_last'):
     if not isinstance(config[name], int) or config[name] < 1:
       problems.append(f'{name} must be a positive integer, got {config[name]!r}')
   if not problems and config.batch_size % config.grad_accum_steps:
     problems.append(f'batch_size={config.batch_size} is not divisible by grad_accum_steps={config.grad_accum_steps}')
-  for name in ('warmup_steps', 'decay_steps', 'keep_best'):
+  for name in ('warmup_steps', 'decay_steps', 'keep_best', 'eval_batches'):
     if config[name] < 0:
       problems.append(f'{name} must be >= 0, got {config[name]}')
   if not config.learning_rate > 0:

@@ -22,12 +22,17 @@ def write_text(path: str, text: str) -> None:
     f.write(text)
 
 
-def fixed_batches(arrays: dict, batch_size: int, limit: int) -> list[dict]:
-  """Up to ``limit`` batches of ``batch_size`` rows; the last is filled up with weight-0 copies of its first row, so
-  every batch has one shape (no recompiling) and the copies count for nothing."""
+def eval_rows(config) -> int | None:
+  """Validation rows per evaluation: ``eval_batches`` batches, or ``None`` (the whole split) for ``0``."""
+  return config.eval_batches * config.batch_size or None
+
+
+def fixed_batches(arrays: dict, batch_size: int) -> list[dict]:
+  """All rows in batches of ``batch_size``; the last is filled up with weight-0 copies of its first row, so every
+  batch has one shape (no recompiling) and the copies count for nothing."""
   count = len(arrays['weights'])
   batches = []
-  for start in range(0, min(count, limit * batch_size), batch_size):
+  for start in range(0, count, batch_size):
     rows = np.arange(start, start + batch_size)
     real = rows < count
     batch = {k: v[np.where(real, rows, start)] for k, v in arrays.items()}

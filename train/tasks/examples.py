@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from train import data, number_words, readers
-from train.tasks.base import LABELS_FILE, Task, check_lengths, cut_at_eos, fixed_batches, model_config
+from train.tasks.base import LABELS_FILE, Task, check_lengths, cut_at_eos, eval_rows, fixed_batches, model_config
 from train.vocab import BOS, EOS
 from transformer_jax import BERTConfig, BERTForSequenceClassification, Transformer, TransformerConfig
+
 
 def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list, list]:
   """A seeded shuffle, then the last ``val_fraction`` (at least one example) validates."""
@@ -29,7 +30,9 @@ class ExampleTask(Task):
     return {k: v[examples] for k, v in self.train.items()}
 
   def eval_batches(self):
-    return fixed_batches(self.val, self.config.batch_size, self.config.eval_batches)
+    rows = eval_rows(self.config)
+    return fixed_batches(self.val if rows is None else {k: v[:rows] for k, v in self.val.items()},
+                         self.config.batch_size)
 
 
 class TranslationTask(ExampleTask):

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from train import data, readers
-from train.tasks.base import TOKEN_FILE, TOKEN_SOURCE, Task, check_lengths, fixed_batches, model_config, write_text
+from train.tasks.base import (TOKEN_FILE, TOKEN_SOURCE, Task, check_lengths, eval_rows, fixed_batches, model_config,
+                              write_text)
 from train.vocab import BOS
 from transformer_jax import BERTConfig, BERTForMaskedLM, GPT, GPTConfig
 
 EVAL_MASK_SEED = 2**31 - 1  # the masks of the MLM evaluation set, fixed for the whole run
+
 
 class TextTask(Task):
   """Shared by ``lm`` and ``mlm``: one vocabulary and one memory-mapped token stream, split train/validation."""
@@ -63,8 +65,8 @@ class LanguageModelTask(TextTask):
 
   def eval_batches(self):
     cfg = self.config
-    windows = data.consecutive_windows(self.val_tokens, cfg.data.seq_len + 1, cfg.eval_batches * cfg.batch_size)
-    return fixed_batches(data.lm_example(windows), cfg.batch_size, cfg.eval_batches)
+    windows = data.consecutive_windows(self.val_tokens, cfg.data.seq_len + 1, eval_rows(cfg))
+    return fixed_batches(data.lm_example(windows), cfg.batch_size)
 
   def sample(self, params, rng):
     from transformer_jax.generation import generate
@@ -100,8 +102,8 @@ class MaskedLanguageModelTask(TextTask):
 
   def eval_batches(self):
     cfg = self.config
-    windows = data.consecutive_windows(self.val_tokens, cfg.data.seq_len, cfg.eval_batches * cfg.batch_size)
-    return fixed_batches(self._mask(windows, cfg.seed, EVAL_MASK_SEED), cfg.batch_size, cfg.eval_batches)
+    windows = data.consecutive_windows(self.val_tokens, cfg.data.seq_len, eval_rows(cfg))
+    return fixed_batches(self._mask(windows, cfg.seed, EVAL_MASK_SEED), cfg.batch_size)
 
   def sample(self, params, rng):
     batch = jax.tree.map(lambda x: x[:1], self.eval_batches()[0])
