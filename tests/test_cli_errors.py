@@ -71,7 +71,7 @@ BAD_INPUTS = [
     ('too_many_devices', 'lm', lambda d: ['--config.mesh.data=4'], '4 devices, but 1 are available'),
     ('unknown_field', 'lm', lambda d: ['--config.model.depth=4'], 'no config field --config.model.depth'),
     ('bad_value', 'lm', lambda d: ['--config.batch_size=many'], "flag --config.batch_size=many: invalid literal"),
-    ('missing_config_file', 'lm', lambda d: ['--config=' + str(d / 'nope.py')], 'cannot load the config file'),
+    ('missing_config_file', None, lambda d: ['--config=' + str(d / 'nope.py')], 'cannot load the config file'),
     ('stray_argument', 'lm', lambda d: ['train_more'], "unexpected arguments ['train_more']"),
 ]
 
@@ -79,7 +79,8 @@ BAD_INPUTS = [
 @pytest.mark.parametrize('task, extra, message', [case[1:] for case in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_one_line_and_creates_nothing(task, extra, message, tmp_path):
   workdir = tmp_path / 'work'
-  argv = ['train', f'--workdir={workdir}', *command_line(task, tiny_fields(task)), *extra(tmp_path)]
+  preset = command_line(task, tiny_fields(task)) if task else []  # None: a case about the --config flag itself
+  argv = ['train', f'--workdir={workdir}', *preset, *extra(tmp_path)]
   assert_clean_failure(run_all(argv), message)
   assert not workdir.exists()
 
