@@ -43,6 +43,7 @@ class BlockConfig:
   qkv_bias: bool = True
   fused_qkv: bool = False  # one (D, 3, H, K) projection for self-attention
   init_std: float | None = None  # normal(init_std) kernels; None: Xavier uniform (the original Transformer)
+  rope_theta: float | None = None  # rotary positions in self-attention with this base (10000: RoFormer, Llama 2)
   attention_implementation: str | None = None  # None/'einsum' (ours, fastest on CPU); 'xla' or 'cudnn' (GPUs, bf16)
   dtype: str = 'float32'  # compute dtype; norm statistics, softmax and logits stay float32
   param_dtype: str = 'float32'  # storage dtype of the parameters
@@ -63,6 +64,9 @@ class BlockConfig:
       problems.append(f'activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}')
     if self.norm_variant not in ('standard', 'seed'):
       problems.append(f"norm_variant must be 'standard' or 'seed', got {self.norm_variant!r}")
+    if self.rope_theta is not None and (self.rope_theta <= 1 or self.head_dim % 2):
+      problems.append(f'rotary positions need rope_theta > 1 and an even head dimension, got rope_theta='
+                      f'{self.rope_theta} and head dimension {self.head_dim}')
     if self.norm_eps <= 0:
       problems.append(f'norm_eps must be positive, got {self.norm_eps}')
     if self.remat_policy not in REMAT_POLICIES:

@@ -96,7 +96,7 @@ class GPT(nn.Module):
     positions = default_positions(ids) if positions is None else positions
     x = self._embed(ids, positions, deterministic)
     mask = masks.combine_masks(masks.causal_mask(ids.shape[1]), key_mask_or_none(valid))  # (B|1, 1, T, T)
-    return self.decoder(x, mask, deterministic=deterministic)
+    return self.decoder(x, mask, *self._rotary(positions), deterministic=deterministic)
 
   def decode_step(self, ids, *, positions, cache_valid=None):
     """Cached decoding (apply with ``mutable=['cache']``): ``(B, T)`` ids continuing the cached sequence -> ``(B, T, V)``
@@ -107,7 +107,11 @@ class GPT(nn.Module):
     """
     check_shape(positions, ids.shape, 'positions')
     x = self._embed(ids, positions, deterministic=True)
-    return self.logits(self.decoder(x, key_mask_or_none(cache_valid), decode=True))
+    return self.logits(self.decoder(x, key_mask_or_none(cache_valid), *self._rotary(positions), decode=True))
+
+  def _rotary(self, positions) -> tuple:
+    """The layers' extra argument: the ``(B, T)`` positions when attention is rotary, nothing otherwise."""
+    return () if self.config.rope_theta is None else (positions,)
 
   def _embed(self, ids, positions, deterministic):
     x = self.token_embed(ids)  # (B, T, D)

@@ -35,6 +35,8 @@ class TransformerConfig(BlockConfig):
     for name in ('src_vocab_size', 'tgt_vocab_size'):
       if getattr(self, name) < 1:
         problems.append(f'{name} must be positive')
+    if self.rope_theta is not None:
+      problems.append('rotary positions (rope_theta) are a decoder-only (GPT) option so far')
     if self.num_decoder_layers is not None and self.num_decoder_layers < 1:
       problems.append(f'num_decoder_layers must be positive, got {self.num_decoder_layers}')
     if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer_jax import masks
+from transformer_jax.modules.rotary import apply_rotary
 from transformer_jax.validation import check_attention_mask
 
 Implementation = Literal['einsum', 'xla', 'cudnn'] | None
@@ -98,6 +99,9 @@ class MultiHeadAttention(nn.Module):
   Cross-attention (``cross=True``) stores the projected encoder output as ``memory_key`` / ``memory_value`` when
   ``inputs_kv`` is given, and later calls pass ``inputs_kv=None`` to reuse them, so the memory is projected once per
   sequence.
+
+  With ``rope_theta`` (self-attention only), queries and keys are rotated by their ``positions`` before they meet
+  (:mod:`~transformer_jax.modules.rotary`); the cache holds rotated keys.
   """
 
   num_heads: int
@@ -108,13 +112,16 @@ class MultiHeadAttention(nn.Module):
   cross: bool = False  # keys/values come from a separate memory (the decoder's cross-attention); matters for caching
   dropout_rate: float = 0.0
   implementation: Implementation = None
+  rope_theta: float | None = None  # rotary positions with this base; None: the inputs carry their positions
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.xavier_uniform()
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv=None, mask=None, *, deterministic: bool = True, decode: bool = False):
-    """``(B, T, D)`` queries, optional ``(B, S, D)`` keys/values -> ``(B, T, D)``."""
+  def __call__(self, inputs_q, inputs_kv=None, mask=None, *, positions=None, deterministic: bool = True,
+               decode: bool = False):
+    """``(B, T, D)`` queries, optional ``(B, S, D)`` keys/values -> ``(B, T, D)``. ``positions``: ``(B, T)`` position
+    ids of the queries (and keys) for rotary attention; default ``0..T-1``, except in cached decoding."""
     features = inputs_q.shape[-1]
     if self.head_dim is None and features % self.num_heads:
       raise ValueError(f'd_model={features} is not divisible by num_heads={self.num_heads}')
@@ -140,6 +147,8 @@ class MultiHeadAttention(nn.Module):
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         key = dense((self.num_heads, head_dim), 'key')(inputs_kv)  # (B, S, H, K)
         value = dense((self.num_heads, head_dim), 'value')(inputs_kv)  # (B, S, H, K)
+    if self.rope_theta is not None:
+      query, key = self._rotate(query, key, positions, decode)
     if decode:
       key, value, mask = self._use_cache(key, value, mask)
 
@@ -154,6 +163,15 @@ class MultiHeadAttention(nn.Module):
       self.sow('intermediates', 'attention_weights', weights)
     return nn.DenseGeneral(features, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
                            param_dtype=self.param_dtype, kernel_init=self.kernel_init, name='out')(result)
+
+  def _rotate(self, query, key, positions, decode: bool):
+    if self.cross:
+      raise ValueError('rotary positions apply to self-attention; cross-attention keys have positions of their own')
+    if positions is None:
+      if decode:
+        raise ValueError('cached decoding with rotary positions needs the positions of the new tokens')
+      positions = jnp.arange(query.shape[1])[None]  # (1, T)
+    return apply_rotary(query, positions, self.rope_theta), apply_rotary(key, positions, self.rope_theta)
 
   def _use_cache(self, key, value, mask):
     """The keys, values ``(B, S, H, K)`` and mask to attend with in cached decoding (see the class docstring)."""

@@ -29,7 +29,7 @@ def make_attention(config: BlockConfig, name: str, *, cross: bool = False) -> Mu
   return MultiHeadAttention(
       num_heads=config.num_heads, qkv_bias=config.qkv_bias, fused_qkv=config.fused_qkv and not cross, cross=cross,
       dropout_rate=config.attention_dropout_rate, implementation=config.attention_implementation,
-      dtype=config.compute_dtype, param_dtype=config.weight_dtype, kernel_init=config.kernel_init, name=name)
+      rope_theta=None if cross else config.rope_theta, dtype=config.compute_dtype, param_dtype=config.weight_dtype, kernel_init=config.kernel_init, name=name)
 
 
 def residual(config: BlockConfig, x, sublayer: Callable, norm: LayerNorm, deterministic: bool):
@@ -48,11 +48,13 @@ class EncoderLayer(nn.Module):
   decode: bool = False  # cached decoding: see MultiHeadAttention
 
   @nn.compact
-  def __call__(self, x, mask=None):
-    """``(B, T, D)``, mask broadcastable to ``(B, H, T, T)`` -> ``(B, T, D)``."""
+  def __call__(self, x, mask=None, positions=None):
+    """``(B, T, D)``, mask broadcastable to ``(B, H, T, T)`` -> ``(B, T, D)``. ``positions``: ``(B, T)``, for rotary
+    attention (``config.rope_theta``)."""
     cfg = self.config
     attn = make_attention(cfg, 'self_attention')
-    x = residual(cfg, x, lambda h: attn(h, mask=mask, deterministic=self.deterministic, decode=self.decode),
+    x = residual(cfg, x, lambda h: attn(h, mask=mask, positions=positions, deterministic=self.deterministic,
+                                        decode=self.decode),
                  make_norm(cfg, 'self_attention_norm'), self.deterministic)
     ffn = FeedForward(cfg.d_ff, cfg.activation, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                       kernel_init=cfg.kernel_init, name='ffn')
