@@ -87,7 +87,7 @@ def test_bad_input_is_one_line_and_creates_nothing(task, extra, message, tmp_pat
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """A finished tiny run and its config."""
+  """The workdir of a finished tiny run."""
   workdir = tmp_path_factory.mktemp('trained')
   train_and_evaluate(tiny_config(), str(workdir))
   return workdir
@@ -103,8 +103,9 @@ def test_a_workdir_of_another_config_is_one_line(trained):
 
 @pytest.mark.parametrize('part', ['state', 'meta'])
 def test_an_unreadable_checkpoint_is_one_line(part, trained, tmp_path):
-  """With the state unreadable the run gets as far as opening its checkpoint manager (and its clean-up thread)
-  before it fails: the case where a library thread used to print a traceback at exit."""
+  """An unreadable meta fails in the read-only check before anything opens; an unreadable state fails after the
+  run has opened its checkpoint manager (with the manager's background clean-up), so that close runs on this
+  error path."""
   workdir = tmp_path / 'work'
   shutil.copytree(trained, workdir)
   for path in (workdir / 'checkpoints').rglob('*'):

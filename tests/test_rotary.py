@@ -71,7 +71,7 @@ def test_cached_decoding_equals_the_full_pass(rotary_gpt):
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
 
 
-def test_rotary_gpt_is_translation_invariant_and_without_positions_it_is_not(rotary_gpt):
+def test_rotary_gpt_ignores_a_shift_of_every_position_and_the_rotation_changes_its_output(rotary_gpt):
   model, params, ids = rotary_gpt
   shifted = model.apply({'params': params}, ids, positions=jnp.arange(ids.shape[1])[None] + 5)
   np.testing.assert_allclose(shifted, model.apply({'params': params}, ids), atol=1e-5)

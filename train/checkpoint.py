@@ -17,6 +17,8 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
+from train.errors import first_line
+
 log = logging.getLogger('train')
 
 # Fields a resumed run may change: how long it runs, how it reports and how it spreads over devices, never what it
@@ -108,7 +110,7 @@ class Checkpoints(contextlib.AbstractContextManager):
       try:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
       except Exception as e:  # noqa: BLE001  (any unreadable checkpoint is skipped the same way)
-        errors[step] = _first_line(e)
+        errors[step] = first_line(e)
         log.warning('checkpoint %d in %s is unreadable (%s); trying an older one', step, self.directory, errors[step])
     if errors:
       raise self._unreadable(errors)
@@ -128,7 +130,7 @@ class Checkpoints(contextlib.AbstractContextManager):
                                                                       meta=ocp.args.JsonRestore()))
         return restored['state'], restored['meta']
       except Exception as e:  # noqa: BLE001
-        errors[step] = _first_line(e)
+        errors[step] = first_line(e)
         log.warning('checkpoint %d in %s could not be restored (%s); using the previous one', step, self.directory,
                     errors[step])
     if errors:
@@ -146,10 +148,6 @@ class Checkpoints(contextlib.AbstractContextManager):
 
   def __exit__(self, *exc):
     self.close()
-
-
-def _first_line(error: Exception) -> str:
-  return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def check_resumable(workdir: str, config: dict) -> None:

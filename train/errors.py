@@ -28,6 +28,11 @@ class RunStopped(RuntimeError):
 USER_ERRORS = (ValueError, OSError, RunStopped)
 
 
+def first_line(error: Exception) -> str:
+  """The first line of an error's message (its type's name when it has none)."""
+  return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def unknown_field(error: Exception, argv: list[str]) -> str:
   """The message for an override of a config field that does not exist. ml_collections raises a bare
   ``AttributeError``/``KeyError`` naming the last part of the path, when the flag is defined or parsed."""
@@ -75,6 +80,5 @@ def run_main(main: Callable[[], None]) -> None:
   except Exception as e:  # noqa: BLE001  (a bug: still one line, and the way to the details)
     if show_traceback:
       raise
-    first = str(e).splitlines()[0] if str(e) else ''
-    sys.exit(f'internal error: {type(e).__name__}: {first}\n'
+    sys.exit(f'internal error: {type(e).__name__}: {first_line(e)}\n'
              f'rerun with --verbose (or {VERBOSE_ENV}=1) for the traceback, and please report it')

@@ -128,12 +128,11 @@ class Run:
   def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
     check_resumable(workdir, config.to_dict())
-    self.task, optimizer, schedule, self.layout = primary_first(self._prepare, 'data')
+    self.task, optimizer, schedule, create, self.layout = primary_first(self._prepare, 'data')
     self.eval_data = [self.layout.place_eval(batch) for batch in self.task.eval_batches()]  # fixed: placed once
     self.train_step = self.layout.compile_train(train_step_fn(
         self.task, optimizer, schedule, config.label_smoothing, config.skip_nonfinite_updates, self.layout.axis_name))
     self.eval_step = self.layout.compile_eval(eval_step_fn(self.task, self.layout.axis_name))
-    create = functools.partial(create_state, self.task, optimizer, config.seed)
     self.checkpoints = Checkpoints(workdir, config.keep_last, config.keep_best, self.task.metric,
                                    self.task.metric_mode)
     try:
@@ -148,15 +147,16 @@ class Run:
     self.trained_tokens, self.train_seconds = 0, 0.0  # this invocation's, for the closing tokens/s
 
   def _prepare(self):
-    """The task, optimizer and device layout, checked; then (on process 0) the task's files and the config saved."""
+    """The task, optimizer, state constructor and device layout, checked; then (on process 0) the task's files and
+    the config saved."""
     optimizer, schedule = make_optimizer(self.config)
     task = build_task(self.config, self.workdir)
-    layout = make_layout(self.config, jax.eval_shape(functools.partial(create_state, task, optimizer,
-                                                                       self.config.seed)))
+    create = functools.partial(create_state, task, optimizer, self.config.seed)
+    layout = make_layout(self.config, jax.eval_shape(create))
     if is_primary():
       task.save()
       write_config(self.config, self.workdir)
-    return task, optimizer, schedule, layout
+    return task, optimizer, schedule, create, layout
 
   def canonical_state(self):
     """The state as checkpoints hold it (global arrays, one copy), whatever the layout."""
