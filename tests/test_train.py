@@ -1,5 +1,6 @@
 """Trainer pieces without training: schedules, the decay mask, the loss, accumulation, data and input errors."""
 
+import logging
 import math
 import os
 import shlex
@@ -156,7 +157,9 @@ def test_checkpoints_keep_last_and_best(tmp_path):
   checkpoints.close()
 
 
-def test_truncated_and_half_written_checkpoints_are_skipped(tmp_path, caplog):
+def test_truncated_and_half_written_checkpoints_are_skipped(tmp_path, caplog, monkeypatch):
+  # The run's own handler (set up by any earlier run in this process) stops propagation, and caplog listens at the root.
+  monkeypatch.setattr(logging.getLogger('train'), 'propagate', True)
   checkpoints = Checkpoints(str(tmp_path), keep_last=5, keep_best=0, metric='loss', mode='min')
   for step in (1, 2):
     checkpoints.save(step, {'w': jnp.full(3, float(step))}, {'step': step, 'config': {}})
