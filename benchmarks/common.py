@@ -16,36 +16,52 @@ import optax
 def machine_info() -> dict:
   """What the figures were measured on."""
   info = {
-      'platform': platform.platform(),
-      'processor': platform.processor() or platform.machine(),
-      'cpu_count': os.cpu_count(),
-      'python': platform.python_version(),
-      'jax': jax.__version__,
-      'jax_backend': jax.default_backend(),
-      'devices': [d.device_kind for d in jax.devices()],
+    'platform': platform.platform(),
+    'processor': platform.processor() or platform.machine(),
+    'cpu_count': os.cpu_count(),
+    'python': platform.python_version(),
+    'jax': jax.__version__,
+    'jax_backend': jax.default_backend(),
+    'devices': [d.device_kind for d in jax.devices()],
   }
   try:
     import flax
+
     info['flax'] = flax.__version__
   except ImportError:
     pass
   try:
     import torch
+
     info['torch'] = torch.__version__
     info['torch_threads'] = torch.get_num_threads()
     info['torch_interop_threads'] = torch.get_num_interop_threads()
   except ImportError:
     pass
   # XLA:CPU sizes its thread pool from the CPUs this process may run on; XLA_FLAGS can change that.
-  info['xla_cpu_threads'] = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  info['xla_cpu_threads'] = (
+    len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  )
   info['xla_flags'] = os.environ.get('XLA_FLAGS', '')
   info['load_average'] = os.getloadavg() if hasattr(os, 'getloadavg') else None
   return info
 
 
 def print_machine(info: dict) -> None:
-  keys = ('processor', 'cpu_count', 'jax', 'jax_backend', 'devices', 'flax', 'torch', 'torch_threads',
-          'torch_interop_threads', 'xla_cpu_threads', 'xla_flags', 'load_average')
+  keys = (
+    'processor',
+    'cpu_count',
+    'jax',
+    'jax_backend',
+    'devices',
+    'flax',
+    'torch',
+    'torch_threads',
+    'torch_interop_threads',
+    'xla_cpu_threads',
+    'xla_flags',
+    'load_average',
+  )
   print('; '.join(f'{k}={info[k]}' for k in keys if k in info), flush=True)
 
 
@@ -55,13 +71,21 @@ def on_accelerator() -> bool:
 
 # Dense bf16 peaks from the vendors' datasheets (FLOP/s), keyed by a substring of jax's device_kind.
 DATASHEET_BF16_PEAK = {
-    'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, 'V100': 125e12,
-    'TPU v6': 918e12, 'TPU v5p': 459e12, 'TPU v5': 197e12, 'TPU v4': 275e12,
+  'H200': 989e12,
+  'H100': 989e12,
+  'A100': 312e12,
+  'L4': 121e12,
+  'A10': 125e12,
+  'V100': 125e12,
+  'TPU v6': 918e12,
+  'TPU v5p': 459e12,
+  'TPU v5': 197e12,
+  'TPU v4': 275e12,
 }
 
 
 def matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
-  """FLOP/s of the fastest of ``repeats`` large ``(size, size) @ (size, size)`` ``jnp.dot``\ s: the machine's practical
+  r"""FLOP/s of the fastest of ``repeats`` large ``(size, size) @ (size, size)`` ``jnp.dot``\ s: the machine's practical
   peak (the fastest, since other processes on a shared machine only ever slow it down)."""
   a = jnp.ones((size, size), dtype)
   dot = jax.jit(jnp.dot)
@@ -71,8 +95,13 @@ def matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float
 def torch_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
   """The same measurement through ``torch.mm`` (float32, CPU), for comparison: PyTorch's BLAS is not XLA's."""
   import torch
+
   a = torch.ones(size, size)
-  return 2 * size**3 / time_call(lambda: torch.mm(a, a), warmup=2, repeats=repeats, sync=lambda x: x, best=True)
+  return (
+    2
+    * size**3
+    / time_call(lambda: torch.mm(a, a), warmup=2, repeats=repeats, sync=lambda x: x, best=True)
+  )
 
 
 def peak_flops() -> tuple[float, str]:
@@ -97,8 +126,14 @@ def tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def time_call(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5,
-              sync: Callable[[object], object] = jax.block_until_ready, best: bool = False) -> float:
+def time_call(
+  fn: Callable[[], object],
+  *,
+  warmup: int = 2,
+  repeats: int = 5,
+  sync: Callable[[object], object] = jax.block_until_ready,
+  best: bool = False,
+) -> float:
   """Median (``best``: fastest) seconds per call of ``fn`` after ``warmup`` untimed calls (compilation excluded)."""
   for _ in range(warmup):
     sync(fn())
@@ -132,7 +167,9 @@ def write_json(path: str, name: str, machine: dict, config: dict, rows: Sequence
   :func:`machine_info`)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'w') as f:
-    json.dump({'benchmark': name, 'machine': machine, 'config': config, 'rows': list(rows)}, f, indent=2)
+    json.dump(
+      {'benchmark': name, 'machine': machine, 'config': config, 'rows': list(rows)}, f, indent=2
+    )
   print(f'wrote {path}')
 
 

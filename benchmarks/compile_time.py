@@ -15,21 +15,33 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import adamw_step, machine_info, next_token_loss, print_machine, print_table, write_json
+from benchmarks.common import (
+  adamw_step,
+  machine_info,
+  next_token_loss,
+  print_machine,
+  print_table,
+  write_json,
+)
 from transformer_jax import GPT, GPTConfig
 
 
 def train_step_for(cfg: GPTConfig):
   model = GPT(cfg)
-  optimizer, step = adamw_step(lambda params, batch: next_token_loss(model.apply({'params': params}, batch[:, :-1]),
-                                                                      batch[:, 1:]))
+  optimizer, step = adamw_step(
+    lambda params, batch: next_token_loss(
+      model.apply({'params': params}, batch[:, :-1]), batch[:, 1:]
+    )
+  )
   return model, optimizer, step
 
 
 def measure(cfg: GPTConfig, batch: int, seq: int) -> dict:
   model, optimizer, step = train_step_for(cfg)
   tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, seq), jnp.int32))['params'])
+  params = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, seq), jnp.int32))['params']
+  )
   opt_state = jax.eval_shape(optimizer.init, params)
   start = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
@@ -40,7 +52,9 @@ def measure(cfg: GPTConfig, batch: int, seq: int) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--layers', type=int, nargs='+', default=[2, 6, 12, 24])
   parser.add_argument('--d-model', type=int, default=384)
   parser.add_argument('--heads', type=int, default=6)
@@ -51,7 +65,9 @@ def main():
 
   info = machine_info()
   print_machine(info)
-  base = GPTConfig.course(d_model=args.d_model, num_heads=args.heads, d_ff=4 * args.d_model, max_len=args.seq)
+  base = GPTConfig.course(
+    d_model=args.d_model, num_heads=args.heads, d_ff=4 * args.d_model, max_len=args.seq
+  )
   rows = []
   for layers in args.layers:
     for scan in (False, True):
@@ -59,13 +75,19 @@ def main():
         if remat != 'none' and layers != max(args.layers):
           continue  # memory is compared at the largest depth only
         cfg = base.replace(num_layers=layers, scan_layers=scan, remat_policy=remat)
-        row = {'layers': layers, 'stack': 'scan' if scan else 'loop', 'remat': remat,
-               **measure(cfg, args.batch, args.seq)}
+        row = {
+          'layers': layers,
+          'stack': 'scan' if scan else 'loop',
+          'remat': remat,
+          **measure(cfg, args.batch, args.seq),
+        }
         rows.append(row)
         print(row, flush=True)
   print()
   print_table(rows, ['layers', 'stack', 'remat', 'compile_s', 'temp_MiB'])
-  scan_times = {r['layers']: r['compile_s'] for r in rows if r['stack'] == 'scan' and r['remat'] == 'none'}
+  scan_times = {
+    r['layers']: r['compile_s'] for r in rows if r['stack'] == 'scan' and r['remat'] == 'none'
+  }
   lo, hi = min(scan_times), max(scan_times)
   print(f'\nscan compile time {hi} layers / {lo} layers: {scan_times[hi] / scan_times[lo]:.2f}x')
   write_json(args.out, 'compile_time', info, vars(args), rows)

@@ -20,25 +20,39 @@ import argparse
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (machine_info, memory_bandwidth, print_machine, print_table, time_call, tree_bytes,
-                               write_json)
+from benchmarks.common import (
+  machine_info,
+  memory_bandwidth,
+  print_machine,
+  print_table,
+  time_call,
+  tree_bytes,
+  write_json,
+)
 from transformer_jax.convert import from_gpt2
 from transformer_jax.generation import generate
 
-SHAPES = {'gpt2-small': dict(n_layer=12, n_head=12, n_embd=768), 'small': dict(n_layer=6, n_head=6, n_embd=384)}
+SHAPES = {
+  'gpt2-small': dict(n_layer=12, n_head=12, n_embd=768),
+  'small': dict(n_layer=6, n_head=6, n_embd=384),
+}
 
 
 def hf_model(shape: str, vocab: int):
   import torch
   from transformers import GPT2Config, GPT2LMHeadModel
+
   torch.manual_seed(0)
   # No end token: every row decodes exactly --new tokens on both sides.
-  config = GPT2Config(vocab_size=vocab, n_positions=1024, bos_token_id=None, eos_token_id=None, **SHAPES[shape])
+  config = GPT2Config(
+    vocab_size=vocab, n_positions=1024, bos_token_id=None, eos_token_id=None, **SHAPES[shape]
+  )
   return GPT2LMHeadModel(config).eval()
 
 
 def run_hf(model, prompt: np.ndarray, new: int, repeats: int):
   import torch
+
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   model = model.to(device)
   ids = torch.from_numpy(prompt.astype(np.int64)).to(device)
@@ -46,9 +60,11 @@ def run_hf(model, prompt: np.ndarray, new: int, repeats: int):
 
   def call():
     with torch.inference_mode():
-      return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+      return model.generate(
+        ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0
+      )
 
-  out = call()[:, prompt.shape[1]:].cpu().numpy()
+  out = call()[:, prompt.shape[1] :].cpu().numpy()
   return time_call(call, warmup=0, repeats=repeats, sync=lambda x: x.cpu()), out
 
 
@@ -60,14 +76,23 @@ def run_ours(model, params, prompt: np.ndarray, new: int, repeats: int):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=['gpt2-small', 'small'])
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    '--shapes', nargs='+', choices=sorted(SHAPES), default=['gpt2-small', 'small']
+  )
   parser.add_argument('--batches', type=int, nargs='+', default=[1, 8])
   parser.add_argument('--prompt', type=int, default=16, help='prompt tokens')
   parser.add_argument('--new', type=int, default=64, help='generated tokens')
   parser.add_argument('--vocab', type=int, default=50257)
-  parser.add_argument('--dtypes', nargs='+', choices=['float32', 'bfloat16'], default=['float32', 'bfloat16'],
-                      help="our weights' dtypes")
+  parser.add_argument(
+    '--dtypes',
+    nargs='+',
+    choices=['float32', 'bfloat16'],
+    default=['float32', 'bfloat16'],
+    help="our weights' dtypes",
+  )
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--out', default='benchmarks/results/decode.json')
   args = parser.parse_args()
@@ -81,9 +106,17 @@ def main():
     hf = hf_model(shape, args.vocab)
     ours = {dtype: from_gpt2(hf, dtype=dtype) for dtype in args.dtypes}
     for batch in args.batches:
-      prompt = np.random.default_rng(batch).integers(0, args.vocab, (batch, args.prompt), dtype=np.int32)
+      prompt = np.random.default_rng(batch).integers(
+        0, args.vocab, (batch, args.prompt), dtype=np.int32
+      )
       hf_s, hf_tokens = run_hf(hf, prompt, args.new, args.repeats)
-      hf_row = {'shape': shape, 'batch': batch, 'impl': 'transformers', 'dtype': 'float32', 's': hf_s}
+      hf_row = {
+        'shape': shape,
+        'batch': batch,
+        'impl': 'transformers',
+        'dtype': 'float32',
+        's': hf_s,
+      }
       results = [(hf_row, tree_bytes(ours['float32'][1]) if 'float32' in ours else None)]
       for dtype, (model, params) in ours.items():
         s, tokens = run_ours(model, params, prompt, args.new, args.repeats)
@@ -102,8 +135,22 @@ def main():
         rows.append(row)
         print({k: v for k, v in row.items() if k != 's'}, flush=True)
   print()
-  print_table(rows, ['shape', 'batch', 'impl', 'dtype', 'weights_MB', 'ms_per_step', 'tokens_s', 'bound_tokens_s',
-                     'pct_of_bound', 'vs_transformers', 'match'])
+  print_table(
+    rows,
+    [
+      'shape',
+      'batch',
+      'impl',
+      'dtype',
+      'weights_MB',
+      'ms_per_step',
+      'tokens_s',
+      'bound_tokens_s',
+      'pct_of_bound',
+      'vs_transformers',
+      'match',
+    ],
+  )
   write_json(args.out, 'decode', info, {**vars(args), 'bandwidth_bytes_s': bandwidth}, rows)
 
 

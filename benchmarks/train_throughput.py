@@ -29,12 +29,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (adamw_step, machine_info, next_token_loss, on_accelerator, peak_flops, print_machine,
-                               print_table, time_call, torch_matmul_peak, write_json)
-from transformer_jax import GPT, BERTConfig, BERTForMaskedLM, GPTConfig, Transformer, TransformerConfig
-from transformer_jax.convert.hf import bert_hf_config, gpt2_hf_config
+from benchmarks.common import (
+  adamw_step,
+  machine_info,
+  next_token_loss,
+  on_accelerator,
+  peak_flops,
+  print_machine,
+  print_table,
+  time_call,
+  torch_matmul_peak,
+  write_json,
+)
+from transformer_jax import (
+  GPT,
+  BERTConfig,
+  BERTForMaskedLM,
+  GPTConfig,
+  Transformer,
+  TransformerConfig,
+)
+from transformer_jax.convert.bert import bert_hf_config
+from transformer_jax.convert.gpt2 import gpt2_hf_config
 
-LR, WEIGHT_DECAY = 3e-4, 0.01  # the same AdamW on both sides (optax's default decay is 1e-4, PyTorch's 1e-2)
+LR, WEIGHT_DECAY = (
+  3e-4,
+  0.01,
+)  # the same AdamW on both sides (optax's default decay is 1e-4, PyTorch's 1e-2)
 
 
 @dataclasses.dataclass
@@ -53,6 +74,7 @@ class Case:
 
 def torch_xent(logits, labels):
   import torch
+
   return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
@@ -71,82 +93,157 @@ def gpt_case(args, overrides: dict) -> Case:
   ``GPTConfig.gpt2()`` against Hugging Face's ``GPT2LMHeadModel``."""
   if args.gpt_shape == 'course':
     from transformer_jax.torch_reference import NanoGPT
+
     # The reference has no attention-weight dropout; neither has ours here.
-    cfg = GPTConfig.course(max_len=args.seq, dropout_rate=args.dropout, attention_dropout_rate=0.0, **overrides)
+    cfg = GPTConfig.course(
+      max_len=args.seq, dropout_rate=args.dropout, attention_dropout_rate=0.0, **overrides
+    )
   else:
-    cfg = GPTConfig.gpt2('small', max_len=args.seq, dropout_rate=args.dropout, attention_dropout_rate=args.dropout,
-                         **overrides)
+    cfg = GPTConfig.gpt2(
+      'small',
+      max_len=args.seq,
+      dropout_rate=args.dropout,
+      attention_dropout_rate=args.dropout,
+      **overrides,
+    )
   cfg = cfg.replace(num_layers=args.gpt_layers or cfg.num_layers)
   model = GPT(cfg)
 
   def loss(params, batch, rng):
     ids = batch['ids']
-    logits = model.apply({'params': params}, ids[:, :-1], deterministic=args.dropout == 0, rngs={'dropout': rng})
+    logits = model.apply(
+      {'params': params}, ids[:, :-1], deterministic=args.dropout == 0, rngs={'dropout': rng}
+    )
     return next_token_loss(logits, ids[:, 1:])
 
   def torch_model():
     if args.gpt_shape == 'course':
-      return NanoGPT(vocab_size=cfg.vocab_size, block_size=args.seq, n_embd=cfg.d_model, n_head=cfg.num_heads,
-                     n_layer=cfg.num_layers, dropout=args.dropout)
+      return NanoGPT(
+        vocab_size=cfg.vocab_size,
+        block_size=args.seq,
+        n_embd=cfg.d_model,
+        n_head=cfg.num_heads,
+        n_layer=cfg.num_layers,
+        dropout=args.dropout,
+      )
     from transformers import GPT2Config, GPT2LMHeadModel
+
     return GPT2LMHeadModel(GPT2Config.from_dict(gpt2_hf_config(cfg)))
 
   def torch_loss(m, b):
     out = m(b['ids'][:, :-1])
     return torch_xent(out if args.gpt_shape == 'course' else out.logits, b['ids'][:, 1:])
 
-  ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
+  ids = np.random.default_rng(0).integers(
+    0, cfg.vocab_size, (args.batch, args.seq + 1), dtype=np.int32
+  )
   per_token = dense_flops(cfg.num_layers, cfg.d_model, cfg.d_ff) + 2 * cfg.d_model * cfg.vocab_size
-  return Case('gpt', model, loss, {'ids': ids}, torch_model, torch_loss, args.batch * args.seq,
-              3 * args.batch * args.seq * (per_token + attention_flops(cfg.num_layers, cfg.d_model, args.seq)))
+  return Case(
+    'gpt',
+    model,
+    loss,
+    {'ids': ids},
+    torch_model,
+    torch_loss,
+    args.batch * args.seq,
+    3
+    * args.batch
+    * args.seq
+    * (per_token + attention_flops(cfg.num_layers, cfg.d_model, args.seq)),
+  )
 
 
 def seq2seq_case(args, overrides: dict) -> Case:
   from transformer_jax.torch_reference import Seq2SeqTransformer
-  cfg = TransformerConfig.course(num_layers=args.seq2seq_layers, max_len=args.seq + 1, dropout_rate=args.dropout,
-                                 attention_dropout_rate=0.0, **overrides)
+
+  cfg = TransformerConfig.course(
+    num_layers=args.seq2seq_layers,
+    max_len=args.seq + 1,
+    dropout_rate=args.dropout,
+    attention_dropout_rate=0.0,
+    **overrides,
+  )
   model = Transformer(cfg)
 
   def loss(params, batch, rng):
     tgt = batch['tgt']
-    logits = model.apply({'params': params}, batch['src'], tgt[:, :-1], deterministic=args.dropout == 0,
-                         rngs={'dropout': rng})
+    logits = model.apply(
+      {'params': params},
+      batch['src'],
+      tgt[:, :-1],
+      deterministic=args.dropout == 0,
+      rngs={'dropout': rng},
+    )
     return next_token_loss(logits, tgt[:, 1:])
 
-  rng = np.random.default_rng(0)  # ids from 1: no padding, but both sides still build and apply their masks
+  rng = np.random.default_rng(
+    0
+  )  # ids from 1: no padding, but both sides still build and apply their masks
   src = rng.integers(1, cfg.src_vocab_size, (args.batch, args.seq), dtype=np.int32)
   tgt = rng.integers(1, cfg.tgt_vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
   d, f, layers, n = cfg.d_model, cfg.d_ff, cfg.num_layers, args.batch * args.seq
   encoder = n * (dense_flops(layers, d, f) + attention_flops(layers, d, args.seq))
-  decoder = n * (dense_flops(layers, d, f, attn_projections=8) + 2 * d * cfg.tgt_vocab_size
-                 + attention_flops(2 * layers, d, args.seq))  # self- and cross-attention
+  decoder = n * (
+    dense_flops(layers, d, f, attn_projections=8)
+    + 2 * d * cfg.tgt_vocab_size
+    + attention_flops(2 * layers, d, args.seq)
+  )  # self- and cross-attention
   return Case(
-      'seq2seq', model, loss, {'src': src, 'tgt': tgt},
-      lambda: Seq2SeqTransformer(cfg.src_vocab_size, cfg.tgt_vocab_size, d_model=d, num_layers=layers,
-                                 num_heads=cfg.num_heads, d_ff=f, max_seq_length=args.seq + 1, dropout=args.dropout),
-      lambda m, b: torch_xent(m(b['src'], b['tgt'][:, :-1]), b['tgt'][:, 1:]),
-      2 * n, 3 * (encoder + decoder))
+    'seq2seq',
+    model,
+    loss,
+    {'src': src, 'tgt': tgt},
+    lambda: Seq2SeqTransformer(
+      cfg.src_vocab_size,
+      cfg.tgt_vocab_size,
+      d_model=d,
+      num_layers=layers,
+      num_heads=cfg.num_heads,
+      d_ff=f,
+      max_seq_length=args.seq + 1,
+      dropout=args.dropout,
+    ),
+    lambda m, b: torch_xent(m(b['src'], b['tgt'][:, :-1]), b['tgt'][:, 1:]),
+    2 * n,
+    3 * (encoder + decoder),
+  )
 
 
 def bert_case(args, overrides: dict) -> Case:
   from transformers import BertConfig, BertForMaskedLM
-  cfg = BERTConfig(num_layers=args.bert_layers, max_len=max(512, args.seq), dropout_rate=args.dropout,
-                   attention_dropout_rate=args.dropout, **overrides)
+
+  cfg = BERTConfig(
+    num_layers=args.bert_layers,
+    max_len=max(512, args.seq),
+    dropout_rate=args.dropout,
+    attention_dropout_rate=args.dropout,
+    **overrides,
+  )
   model = BERTForMaskedLM(cfg)
 
   def loss(params, batch, rng):
     ids = batch['ids']
-    logits = model.apply({'params': params}, ids, deterministic=args.dropout == 0, rngs={'dropout': rng})
+    logits = model.apply(
+      {'params': params}, ids, deterministic=args.dropout == 0, rngs={'dropout': rng}
+    )
     return next_token_loss(logits, ids)  # every position is a target: the MLM head's full cost
 
   ids = np.random.default_rng(0).integers(1, cfg.vocab_size, (args.batch, args.seq), dtype=np.int32)
   hf = BertConfig.from_dict(bert_hf_config(cfg, 'BertForMaskedLM'))
   d = cfg.d_model
-  per_token = dense_flops(cfg.num_layers, d, cfg.d_ff) + 2 * d * d + 2 * d * cfg.vocab_size  # + MLM transform, decoder
+  per_token = (
+    dense_flops(cfg.num_layers, d, cfg.d_ff) + 2 * d * d + 2 * d * cfg.vocab_size
+  )  # + MLM transform, decoder
   return Case(
-      'bert', model, loss, {'ids': ids}, lambda: BertForMaskedLM(hf),
-      lambda m, b: torch_xent(m(input_ids=b['ids']).logits, b['ids']),
-      args.batch * args.seq, 3 * args.batch * args.seq * (per_token + attention_flops(cfg.num_layers, d, args.seq)))
+    'bert',
+    model,
+    loss,
+    {'ids': ids},
+    lambda: BertForMaskedLM(hf),
+    lambda m, b: torch_xent(m(input_ids=b['ids']).logits, b['ids']),
+    args.batch * args.seq,
+    3 * args.batch * args.seq * (per_token + attention_flops(cfg.num_layers, d, args.seq)),
+  )
 
 
 CASES = {'gpt': gpt_case, 'seq2seq': seq2seq_case, 'bert': bert_case}
@@ -157,9 +254,13 @@ def run_jax(case: Case, repeats: int) -> dict:
   init_args = [jnp.asarray(v[:1, :8]) for v in case.batch.values()]
   params = jax.jit(case.model.init)(jax.random.key(0), *init_args)['params']
   opt_state = optimizer.init(params)
-  params_m = sum(x.size for x in jax.tree.leaves(params)) / 1e6  # counted now: the step donates these buffers
+  params_m = (
+    sum(x.size for x in jax.tree.leaves(params)) / 1e6
+  )  # counted now: the step donates these buffers
 
-  batch = jax.device_put(case.batch)  # on the device before timing: the step never waits for the host
+  batch = jax.device_put(
+    case.batch
+  )  # on the device before timing: the step never waits for the host
   rng = jax.random.key(1)
   start = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch, rng).compile()
@@ -170,12 +271,17 @@ def run_jax(case: Case, repeats: int) -> dict:
     state[0], state[1], loss = compiled(state[0], state[1], batch, rng)
     return loss
 
-  return {'impl': 'jax', 'step_s': time_call(call, warmup=2, repeats=repeats), 'compile_s': compile_s,
-          'params_M': params_m}
+  return {
+    'impl': 'jax',
+    'step_s': time_call(call, warmup=2, repeats=repeats),
+    'compile_s': compile_s,
+    'params_M': params_m,
+  }
 
 
 def run_torch(case: Case, repeats: int, compile_model: bool) -> dict:
   import torch
+
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   torch.manual_seed(0)
   module = case.torch_model().to(device).train()
@@ -197,8 +303,12 @@ def run_torch(case: Case, repeats: int, compile_model: bool) -> dict:
   call().item()  # torch.compile compiles here; eager warms its caches
   first_s = time.perf_counter() - start
   step_s = time_call(call, warmup=1, repeats=repeats, sync=lambda loss: loss.item())
-  return {'impl': 'torch.compile' if compile_model else 'torch eager', 'step_s': step_s,
-          'compile_s': first_s if compile_model else None, 'params_M': params_m}
+  return {
+    'impl': 'torch.compile' if compile_model else 'torch eager',
+    'step_s': step_s,
+    'compile_s': first_s if compile_model else None,
+    'params_M': params_m,
+  }
 
 
 def parse_value(text: str):
@@ -210,21 +320,40 @@ def parse_value(text: str):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--models', nargs='+', choices=sorted(CASES), default=['gpt', 'seq2seq', 'bert'])
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    '--models', nargs='+', choices=sorted(CASES), default=['gpt', 'seq2seq', 'bert']
+  )
   parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--seq', type=int, default=256, help='context length (source and target for seq2seq)')
-  parser.add_argument('--gpt-shape', choices=['course', 'gpt2-small'], default='course',
-                      help='course: 6 x 384 vs torch_reference.NanoGPT; gpt2-small: 12 x 768 vs GPT2LMHeadModel')
+  parser.add_argument(
+    '--seq', type=int, default=256, help='context length (source and target for seq2seq)'
+  )
+  parser.add_argument(
+    '--gpt-shape',
+    choices=['course', 'gpt2-small'],
+    default='course',
+    help='course: 6 x 384 vs torch_reference.NanoGPT; gpt2-small: 12 x 768 vs GPT2LMHeadModel',
+  )
   parser.add_argument('--gpt-layers', type=int, default=None, help="default: the shape's own depth")
-  parser.add_argument('--seq2seq-layers', type=int, default=2, help='encoder layers = decoder layers')
+  parser.add_argument(
+    '--seq2seq-layers', type=int, default=2, help='encoder layers = decoder layers'
+  )
   parser.add_argument('--bert-layers', type=int, default=2)
   parser.add_argument('--dropout', type=float, default=0.0)
-  parser.add_argument('--repeats', type=int, default=5, help='timed steps per implementation (median reported)')
+  parser.add_argument(
+    '--repeats', type=int, default=5, help='timed steps per implementation (median reported)'
+  )
   parser.add_argument('--no-torch', action='store_true', help='ours only')
   parser.add_argument('--no-torch-compile', action='store_true')
-  parser.add_argument('--override', action='append', default=[], metavar='FIELD=VALUE',
-                      help='a config field of our models, e.g. fused_qkv=True or scan_layers=True (repeatable)')
+  parser.add_argument(
+    '--override',
+    action='append',
+    default=[],
+    metavar='FIELD=VALUE',
+    help='a config field of our models, e.g. fused_qkv=True or scan_layers=True (repeatable)',
+  )
   parser.add_argument('--out', default='benchmarks/results/train_throughput.json')
   args = parser.parse_args()
 
@@ -239,7 +368,9 @@ def main():
   info = machine_info()
   print_machine(info)
   peak, peak_source = peak_flops()
-  print(f'peak {peak / 1e9:,.0f} GFLOP/s ({peak_source}); our config overrides: {overrides}', flush=True)
+  print(
+    f'peak {peak / 1e9:,.0f} GFLOP/s ({peak_source}); our config overrides: {overrides}', flush=True
+  )
   torch_peak = None
   if not on_accelerator() and not args.no_torch:
     torch_peak = torch_matmul_peak()
@@ -254,23 +385,56 @@ def main():
       if not args.no_torch_compile:
         try:
           results.append(run_torch(case, args.repeats, compile_model=True))
-        except Exception as e:  # noqa: BLE001: a compiler failure is a result to report, not a crash
-          results.append({'impl': 'torch.compile', 'error': f'{type(e).__name__}: {str(e).splitlines()[0][:120]}'})
+        except Exception as e:  # noqa: BLE001 (a compiler failure is a result to report, not a crash)
+          results.append(
+            {
+              'impl': 'torch.compile',
+              'error': f'{type(e).__name__}: {str(e).splitlines()[0][:120]}',
+            }
+          )
     jax_s = results[0]['step_s']
     for r in results:
       row = {'model': name, **r}
       if 'step_s' in r:
         s = r['step_s']
-        row.update(step_ms=s * 1e3, tokens_s=case.tokens / s, gflop_s=case.flops / s / 1e9,
-                   mfu_pct=100 * case.flops / s / peak, jax_speedup=s / jax_s)
+        row.update(
+          step_ms=s * 1e3,
+          tokens_s=case.tokens / s,
+          gflop_s=case.flops / s / 1e9,
+          mfu_pct=100 * case.flops / s / peak,
+          jax_speedup=s / jax_s,
+        )
       rows.append(row)
       print({k: v for k, v in row.items() if k != 'step_s'}, flush=True)
   print()
-  print_table(rows, ['model', 'impl', 'params_M', 'step_ms', 'tokens_s', 'gflop_s', 'mfu_pct', 'jax_speedup',
-                     'compile_s', 'error'])
-  write_json(args.out, 'train_throughput', info, {**vars(args), 'overrides': overrides, 'peak_flops': peak,
-                                                  'peak_source': peak_source, 'torch_matmul_peak_flops': torch_peak},
-             rows)
+  print_table(
+    rows,
+    [
+      'model',
+      'impl',
+      'params_M',
+      'step_ms',
+      'tokens_s',
+      'gflop_s',
+      'mfu_pct',
+      'jax_speedup',
+      'compile_s',
+      'error',
+    ],
+  )
+  write_json(
+    args.out,
+    'train_throughput',
+    info,
+    {
+      **vars(args),
+      'overrides': overrides,
+      'peak_flops': peak,
+      'peak_source': peak_source,
+      'torch_matmul_peak_flops': torch_peak,
+    },
+    rows,
+  )
 
 
 if __name__ == '__main__':

@@ -13,8 +13,11 @@ B, T, S, H, K = 2, 5, 7, 3, 4
 
 def qkv(seed=0, t=T, s=S):
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(k1, (B, t, H, K)), jax.random.normal(k2, (B, s, H, K)),
-          jax.random.normal(k3, (B, s, H, K)))
+  return (
+    jax.random.normal(k1, (B, t, H, K)),
+    jax.random.normal(k2, (B, s, H, K)),
+    jax.random.normal(k3, (B, s, H, K)),
+  )
 
 
 def reference_attention(q, k, v, mask):
@@ -32,21 +35,26 @@ def reference_attention(q, k, v, mask):
 
 SRC_IDS = jnp.array([[3, 4, 5, 6, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7]])
 MASKS = {
-    'none': None,
-    'padding': masks.padding_mask(SRC_IDS, 0),
-    'per_head': jax.random.bernoulli(jax.random.key(3), 0.6, (B, H, T, S)),
-    'fully_masked_row': jnp.ones((B, 1, T, S), bool).at[0, 0, 2].set(False),
+  'none': None,
+  'padding': masks.padding_mask(SRC_IDS, 0),
+  'per_head': jax.random.bernoulli(jax.random.key(3), 0.6, (B, H, T, S)),
+  'fully_masked_row': jnp.ones((B, 1, T, S), bool).at[0, 0, 2].set(False),
 }
 
 
 @pytest.mark.parametrize('mask', MASKS.values(), ids=MASKS.keys())
-@pytest.mark.parametrize('fast, implementation', [(True, None), (True, 'xla'), (False, None)],
-                         ids=['einsum', 'jax_xla', 'weights_path'])
+@pytest.mark.parametrize(
+  'fast, implementation',
+  [(True, None), (True, 'xla'), (False, None)],
+  ids=['einsum', 'jax_xla', 'weights_path'],
+)
 def test_attention_matches_reference(mask, fast, implementation):
   q, k, v = qkv()
   got = dot_product_attention(q, k, v, mask, return_weights=not fast, implementation=implementation)
   out = got if fast else got[0]
-  ref_out, ref_w = reference_attention(q, k, v, np.ones((1, 1, 1, 1), bool) if mask is None else mask)
+  ref_out, ref_w = reference_attention(
+    q, k, v, np.ones((1, 1, 1, 1), bool) if mask is None else mask
+  )
   assert out.shape == (B, T, H, K)
   np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=1e-5)
   if not fast:
@@ -68,15 +76,17 @@ def test_weights_sum_to_one_over_unmasked_keys_and_zero_elsewhere():
 def test_fully_masked_row_gives_zeros_not_nan_in_value_and_gradient(implementation):
   q, k, v = qkv(2)
   mask = MASKS['fully_masked_row']
+
   def output(q, fast):
     if fast:
       return dot_product_attention(q, k, v, mask, implementation=implementation)
     return dot_product_attention(q, k, v, mask, return_weights=True)[0]
+
   for fast in (True, False):
     out = output(q, fast)
     assert np.isfinite(np.asarray(out)).all()
     assert np.all(np.asarray(out)[0, 2] == 0)
-    grad = jax.grad(lambda q: jnp.sum(output(q, fast) ** 2))(q)
+    grad = jax.grad(lambda q, fast=fast: jnp.sum(output(q, fast) ** 2))(q)
     assert np.isfinite(np.asarray(grad)).all()
     assert np.all(np.asarray(grad)[0, 2] == 0)
 
@@ -114,12 +124,16 @@ def test_attention_dropout_is_reproducible_and_needs_a_key():
     dot_product_attention(q, k, v, None, dropout_rate=0.5, deterministic=False)
 
 
-@pytest.mark.parametrize('shape,message', [
+@pytest.mark.parametrize(
+  'shape,message',
+  [
     ((B, T, S), 'not broadcastable'),
     ((B, 2, T, S), 'not broadcastable'),
     ((B, 1, T, S + 1), 'not broadcastable'),
     ((3, 1, 1, S), 'not broadcastable'),
-], ids=['three_dims', 'wrong_heads', 'wrong_keys', 'wrong_batch'])
+  ],
+  ids=['three_dims', 'wrong_heads', 'wrong_keys', 'wrong_batch'],
+)
 def test_mask_of_wrong_shape_is_rejected(shape, message):
   q, k, v = qkv()
   with pytest.raises(ValueError, match=message):
@@ -147,8 +161,12 @@ def test_multi_head_attention_shapes_and_cross_attention():
   out = mha.apply({'params': params}, x, memory)
   assert out.shape == (B, T, H * K)
   # Queries from x, keys and values from the memory, through the reference attention.
-  ref, _ = reference_attention(project(params, 'query', x), project(params, 'key', memory),
-                               project(params, 'value', memory), np.ones((1, 1, 1, 1), bool))
+  ref, _ = reference_attention(
+    project(params, 'query', x),
+    project(params, 'key', memory),
+    project(params, 'value', memory),
+    np.ones((1, 1, 1, 1), bool),
+  )
   expected = jnp.einsum('BTHK,HKD->BTD', ref, params['out']['kernel']) + params['out']['bias']
   np.testing.assert_allclose(out, expected, atol=1e-5)
 
@@ -159,23 +177,34 @@ def test_fused_qkv_equals_separate_projections():
   separate = MultiHeadAttention(num_heads=H)
   p = separate.init(jax.random.key(1), x)['params']
   fused_params = {
-      'qkv': {'kernel': jnp.stack([p[n]['kernel'] for n in ('query', 'key', 'value')], axis=1),
-              'bias': jnp.stack([p[n]['bias'] for n in ('query', 'key', 'value')], axis=0)},
-      'out': p['out'],
+    'qkv': {
+      'kernel': jnp.stack([p[n]['kernel'] for n in ('query', 'key', 'value')], axis=1),
+      'bias': jnp.stack([p[n]['bias'] for n in ('query', 'key', 'value')], axis=0),
+    },
+    'out': p['out'],
   }
   fused = MultiHeadAttention(num_heads=H, fused_qkv=True)
-  assert jax.tree.map(jnp.shape, fused.init(jax.random.key(1), x)['params']) == jax.tree.map(jnp.shape, fused_params)
-  np.testing.assert_allclose(fused.apply({'params': fused_params}, x, mask=mask),
-                             separate.apply({'params': p}, x, mask=mask), atol=1e-6)
+  assert jax.tree.map(jnp.shape, fused.init(jax.random.key(1), x)['params']) == jax.tree.map(
+    jnp.shape, fused_params
+  )
+  np.testing.assert_allclose(
+    fused.apply({'params': fused_params}, x, mask=mask),
+    separate.apply({'params': p}, x, mask=mask),
+    atol=1e-6,
+  )
 
 
 def test_cached_cross_attention_needs_the_flag_and_a_first_memory():
   x, memory = jnp.ones((B, 1, H * K)), jnp.ones((B, S, H * K))
   params = MultiHeadAttention(num_heads=H).init(jax.random.key(0), x, memory)['params']
   with pytest.raises(ValueError, match=r'needs MultiHeadAttention\(cross=True\)'):
-    MultiHeadAttention(num_heads=H).apply({'params': params}, x, memory, decode=True, mutable=['cache'])
+    MultiHeadAttention(num_heads=H).apply(
+      {'params': params}, x, memory, decode=True, mutable=['cache']
+    )
   with pytest.raises(ValueError, match='on its first call'):
-    MultiHeadAttention(num_heads=H, cross=True).apply({'params': params}, x, decode=True, mutable=['cache'])
+    MultiHeadAttention(num_heads=H, cross=True).apply(
+      {'params': params}, x, decode=True, mutable=['cache']
+    )
 
 
 def test_fused_qkv_rejects_cross_attention():
@@ -193,22 +222,32 @@ def test_sown_weights_match_the_returned_weights():
   x = jax.random.normal(jax.random.key(0), (B, T, H * K))
   mha = MultiHeadAttention(num_heads=H)
   params = mha.init(jax.random.key(1), x)['params']
-  out, state = mha.apply({'params': params}, x, mask=masks.causal_mask(T), mutable=['intermediates'])
+  out, state = mha.apply(
+    {'params': params}, x, mask=masks.causal_mask(T), mutable=['intermediates']
+  )
   (w,) = state['intermediates']['attention_weights']
   assert w.shape == (B, H, T, T)
-  _, expected = reference_attention(project(params, 'query', x), project(params, 'key', x),
-                                    project(params, 'value', x), masks.causal_mask(T))
+  _, expected = reference_attention(
+    project(params, 'query', x),
+    project(params, 'key', x),
+    project(params, 'value', x),
+    masks.causal_mask(T),
+  )
   np.testing.assert_allclose(w, expected, atol=1e-5)
   assert np.all(np.asarray(w)[:, :, np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0)
-  np.testing.assert_allclose(out, mha.apply({'params': params}, x, mask=masks.causal_mask(T)), atol=1e-6)
+  np.testing.assert_allclose(
+    out, mha.apply({'params': params}, x, mask=masks.causal_mask(T)), atol=1e-6
+  )
 
 
 def test_seed_worked_example():
   """The course's 2-word example: printed weights [[0.5, 0.5], [0.7604, 0.2396]], output [[0.35, 0.55], ...]."""
-  q = jnp.array([[1., 0., 1.], [0., 1., 1.]])[None, :, None, :]
-  k = jnp.array([[1., 2., 1.], [2., 1., 0.]])[None, :, None, :]
+  q = jnp.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])[None, :, None, :]
+  k = jnp.array([[1.0, 2.0, 1.0], [2.0, 1.0, 0.0]])[None, :, None, :]
   v = jnp.array([[0.5, 0.8], [0.2, 0.3]])[None, :, None, :]
-  v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, 1)))  # values share the key width here: a zero third column
+  v = jnp.pad(
+    v, ((0, 0), (0, 0), (0, 0), (0, 1))
+  )  # values share the key width here: a zero third column
   out, w = dot_product_attention(q, k, v, return_weights=True)
   ref_out, ref_w = reference_attention(q, k, v, np.ones((1, 1, 1, 1), bool))
   np.testing.assert_allclose(w[0, 0], ref_w[0, 0], atol=1e-6)

@@ -19,22 +19,44 @@ D = H * K
 
 
 def gpt2(head=True, layers=2, **overrides):
-  config = transformers.GPT2Config(n_layer=layers, n_head=H, n_embd=D, vocab_size=V, n_positions=16,
-                                   bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
-                                   attn_implementation='eager', **overrides)
+  config = transformers.GPT2Config(
+    n_layer=layers,
+    n_head=H,
+    n_embd=D,
+    vocab_size=V,
+    n_positions=16,
+    bos_token_id=0,
+    eos_token_id=0,
+    attn_pdrop=0.0,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_implementation='eager',
+    **overrides,
+  )
   torch.manual_seed(0)
   return (transformers.GPT2LMHeadModel if head else transformers.GPT2Model)(config).eval()
 
 
-BERT_HEADS = {'BertModel': transformers.BertModel, 'BertForMaskedLM': transformers.BertForMaskedLM,
-              'BertForSequenceClassification': transformers.BertForSequenceClassification}
+BERT_HEADS = {
+  'BertModel': transformers.BertModel,
+  'BertForMaskedLM': transformers.BertForMaskedLM,
+  'BertForSequenceClassification': transformers.BertForSequenceClassification,
+}
 
 
 def bert(architecture='BertModel', layers=2):
-  config = transformers.BertConfig(num_hidden_layers=layers, num_attention_heads=H, hidden_size=D,
-                                   intermediate_size=F, vocab_size=V, max_position_embeddings=16, num_labels=3,
-                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                   attn_implementation='eager')
+  config = transformers.BertConfig(
+    num_hidden_layers=layers,
+    num_attention_heads=H,
+    hidden_size=D,
+    intermediate_size=F,
+    vocab_size=V,
+    max_position_embeddings=16,
+    num_labels=3,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    attn_implementation='eager',
+  )
   torch.manual_seed(0)
   model = BERT_HEADS[architecture](config).eval()
   with torch.no_grad():  # random, non-trivial biases and norms, so that a mix-up of them shows
@@ -83,9 +105,9 @@ def assert_close(got, expected, atol):
 
 
 SOURCES = {
-    'gpt2_lm_head': lambda: gpt2(head=True),
-    'gpt2_model': lambda: gpt2(head=False),
-    **{f'bert_{name}': (lambda name=name: bert(name)) for name in BERT_HEADS},
+  'gpt2_lm_head': lambda: gpt2(head=True),
+  'gpt2_model': lambda: gpt2(head=False),
+  **{f'bert_{name}': (lambda name=name: bert(name)) for name in BERT_HEADS},
 }
 
 
@@ -119,8 +141,11 @@ def test_hf_dir_round_trip(rng, tmp_path, source):
 @pytest.mark.parametrize('weights', ['bin', 'sharded_safetensors', 'sharded_bin'])
 def test_load_hf_file_layouts(rng, tmp_path, weights):
   hf_model = gpt2()
-  hf_model.save_pretrained(tmp_path, safe_serialization=not weights.endswith('bin'),
-                           max_shard_size='5KB' if weights.startswith('sharded') else '5GB')
+  hf_model.save_pretrained(
+    tmp_path,
+    safe_serialization=not weights.endswith('bin'),
+    max_shard_size='5KB' if weights.startswith('sharded') else '5GB',
+  )
   assert bool(list(tmp_path.glob('*.index.json'))) == weights.startswith('sharded')
   model, params = convert.load_hf(tmp_path)
   ids, mask = batch(rng)
@@ -138,7 +163,9 @@ def test_load_hf_dtypes(tmp_path, stored, requested):
   assert {x.dtype for x in jax.tree.leaves(params)} == {expected}
   assert jnp.dtype(model.config.param_dtype) == expected
   ours = params['decoder']['layers_1']['ffn']['fc_in']['kernel']
-  theirs = hf_model.transformer.h[1].mlp.c_fc.weight.float().detach().numpy()  # Conv1D: already (in, out)
+  theirs = (
+    hf_model.transformer.h[1].mlp.c_fc.weight.float().detach().numpy()
+  )  # Conv1D: already (in, out)
   np.testing.assert_array_equal(np.asarray(ours, np.float32), theirs)
 
 
@@ -163,12 +190,14 @@ def test_missing_extra_and_misshapen_weights_are_all_named():
   with pytest.raises(ConversionError) as err:
     convert.from_gpt2(state, hf_model.config)
   message = str(err.value)
-  for line in ['missing: transformer.h.0.ln_1.weight (expected shape (12,))',
-               'missing: transformer.h.1.mlp.c_fc.bias (expected shape (48,))',
-               'unexpected: transformer.extra.weight (found shape (3,))',
-               'unexpected: lm_head.extra (found shape (2, 2))',
-               'wrong shape: transformer.h.0.attn.c_attn.weight: expected (12, 36), found (12, 37)',
-               'wrong shape: transformer.h.1.ln_2.bias: expected (12,), found (14,)']:
+  for line in [
+    'missing: transformer.h.0.ln_1.weight (expected shape (12,))',
+    'missing: transformer.h.1.mlp.c_fc.bias (expected shape (48,))',
+    'unexpected: transformer.extra.weight (found shape (3,))',
+    'unexpected: lm_head.extra (found shape (2, 2))',
+    'wrong shape: transformer.h.0.attn.c_attn.weight: expected (12, 36), found (12, 37)',
+    'wrong shape: transformer.h.1.ln_2.bias: expected (12,), found (14,)',
+  ]:
     assert line in message, message
 
 
@@ -176,7 +205,9 @@ def test_export_checks_our_params_too():
   model, params = convert.from_bert(bert())
   del params['pooler']['bias']
   params['encoder']['layers_0']['ffn']['fc_in']['kernel'] = jnp.zeros((D, F + 1))
-  with pytest.raises(ConversionError, match=r'missing: pooler/bias[\s\S]*wrong shape: encoder/layers_0/ffn/fc_in'):
+  with pytest.raises(
+    ConversionError, match=r'missing: pooler/bias[\s\S]*wrong shape: encoder/layers_0/ffn/fc_in'
+  ):
     convert.to_bert(model, params)
 
 
@@ -198,6 +229,7 @@ def edit_config(**fields):
   def edit(path):
     config = json.loads((path / 'config.json').read_text())
     (path / 'config.json').write_text(json.dumps({**config, **fields}))
+
   return edit
 
 
@@ -206,18 +238,30 @@ def drop_a_shard(path):
 
 
 BROKEN_DIRS = {
-    'unsupported_model_type': (edit_config(model_type='llama'), "unsupported model_type 'llama'"),
-    'unsupported_architecture': (edit_config(architectures=['GPT2DoubleHeadsModel']),
-                                 r"unsupported architectures \['GPT2DoubleHeadsModel'\]"),
-    'missing_shard': (drop_a_shard, 'lists shards that are missing'),
-    'corrupt_index': (lambda p: next(p.glob('*.index.json')).write_text('{"weight_map": '), 'is not a valid shard index'),
-    'corrupt_weights': (lambda p: (p / 'model.safetensors').write_bytes(b'\x08not a safetensors file'),
-                        'cannot read weights file .*model.safetensors'),
-    'truncated_weights': (lambda p: (p / 'model.safetensors').write_bytes((p / 'model.safetensors').read_bytes()[:900]),
-                          'cannot read weights file'),
-    'corrupt_config': (lambda p: (p / 'config.json').write_text('{"model_type": '), 'config.json is not valid JSON'),
-    'missing_config': (lambda p: (p / 'config.json').unlink(), 'config.json is missing'),
-    'missing_weights': (lambda p: (p / 'model.safetensors').unlink(), 'no weights in'),
+  'unsupported_model_type': (edit_config(model_type='llama'), "unsupported model_type 'llama'"),
+  'unsupported_architecture': (
+    edit_config(architectures=['GPT2DoubleHeadsModel']),
+    r"unsupported architectures \['GPT2DoubleHeadsModel'\]",
+  ),
+  'missing_shard': (drop_a_shard, 'lists shards that are missing'),
+  'corrupt_index': (
+    lambda p: next(p.glob('*.index.json')).write_text('{"weight_map": '),
+    'is not a valid shard index',
+  ),
+  'corrupt_weights': (
+    lambda p: (p / 'model.safetensors').write_bytes(b'\x08not a safetensors file'),
+    'cannot read weights file .*model.safetensors',
+  ),
+  'truncated_weights': (
+    lambda p: (p / 'model.safetensors').write_bytes((p / 'model.safetensors').read_bytes()[:900]),
+    'cannot read weights file',
+  ),
+  'corrupt_config': (
+    lambda p: (p / 'config.json').write_text('{"model_type": '),
+    'config.json is not valid JSON',
+  ),
+  'missing_config': (lambda p: (p / 'config.json').unlink(), 'config.json is missing'),
+  'missing_weights': (lambda p: (p / 'model.safetensors').unlink(), 'no weights in'),
 }
 
 

@@ -1,4 +1,4 @@
-"""Parity with PyTorch for the reference models (seed 002 encoder-decoder, seed 004 nanoGPT) and torch.nn.Transformer:
+"""Parity with PyTorch for the reference models (the course's encoder-decoder and nanoGPT) and torch.nn.Transformer:
 forward, gradients, 20 AdamW steps, and ours -> torch -> ours round trips.
 
 Tiny models with distinct odd sizes: batch 2, target length 5, source length 7, 3 heads of size 4, vocabularies 37/41.
@@ -16,37 +16,72 @@ torch = pytest.importorskip('torch')
 
 from transformer_jax import GPT, GPTConfig, Transformer, TransformerConfig, convert, torch_reference  # noqa: E402
 from transformer_jax.convert import ConversionError  # noqa: E402
-from transformer_jax.convert.common import flatten  # noqa: E402
+from transformer_jax.convert.engine import flatten  # noqa: E402
 
 B, T, S, H, K, F, SRC_V, TGT_V, MAX_LEN = 2, 5, 7, 3, 4, 20, 37, 41, 16
 D = H * K
-SMALL_SEQ2SEQ = dict(src_vocab_size=SRC_V, tgt_vocab_size=TGT_V, d_model=D, num_heads=H, d_ff=F, num_layers=1,
-                     max_len=MAX_LEN)
+SMALL_SEQ2SEQ = dict(
+  src_vocab_size=SRC_V,
+  tgt_vocab_size=TGT_V,
+  d_model=D,
+  num_heads=H,
+  d_ff=F,
+  num_layers=1,
+  max_len=MAX_LEN,
+)
 SMALL_GPT = dict(vocab_size=SRC_V, max_len=MAX_LEN, d_model=D, num_heads=H, d_ff=F, num_layers=1)
 
 
 def make_nanogpt(layers=2):
-  return torch_reference.NanoGPT(vocab_size=SRC_V, block_size=MAX_LEN, n_embd=D, n_head=H, n_layer=layers, dropout=0.0)
+  return torch_reference.NanoGPT(
+    vocab_size=SRC_V, block_size=MAX_LEN, n_embd=D, n_head=H, n_layer=layers, dropout=0.0
+  )
 
 
 def make_seq2seq(layers=2):
-  return torch_reference.Seq2SeqTransformer(SRC_V, TGT_V, d_model=D, num_layers=layers, num_heads=H, d_ff=F,
-                                            max_seq_length=MAX_LEN, dropout=0.0)
+  return torch_reference.Seq2SeqTransformer(
+    SRC_V,
+    TGT_V,
+    d_model=D,
+    num_layers=layers,
+    num_heads=H,
+    d_ff=F,
+    max_seq_length=MAX_LEN,
+    dropout=0.0,
+  )
 
 
 def make_torch_transformer(norm_first=False, batch_first=False, activation='relu'):
   """``nn.ModuleDict`` of an ``nn.Transformer`` with the embeddings and output layer a user builds around it."""
-  return torch.nn.ModuleDict(dict(
-      transformer=torch.nn.Transformer(D, H, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=F,
-                                       dropout=0.0, activation=activation, norm_first=norm_first,
-                                       batch_first=batch_first),
-      source_embed=torch.nn.Embedding(SRC_V, D), target_embed=torch.nn.Embedding(TGT_V, D),
-      output=torch.nn.Linear(D, TGT_V)))
+  return torch.nn.ModuleDict(
+    dict(
+      transformer=torch.nn.Transformer(
+        D,
+        H,
+        num_encoder_layers=1,
+        num_decoder_layers=2,
+        dim_feedforward=F,
+        dropout=0.0,
+        activation=activation,
+        norm_first=norm_first,
+        batch_first=batch_first,
+      ),
+      source_embed=torch.nn.Embedding(SRC_V, D),
+      target_embed=torch.nn.Embedding(TGT_V, D),
+      output=torch.nn.Linear(D, TGT_V),
+    )
+  )
 
 
 def from_bundle(bundle, **options):
-  return convert.from_torch_transformer(bundle['transformer'], bundle['source_embed'], bundle['target_embed'],
-                                        bundle['output'], max_len=MAX_LEN, **options)
+  return convert.from_torch_transformer(
+    bundle['transformer'],
+    bundle['source_embed'],
+    bundle['target_embed'],
+    bundle['output'],
+    max_len=MAX_LEN,
+    **options,
+  )
 
 
 def padded_ids(rng, vocab, length, lengths):
@@ -71,14 +106,22 @@ def torch_seq2seq_logits(bundle, src, tgt):
   if not transformer.batch_first:
     x, y = x.transpose(0, 1), y.transpose(0, 1)  # (S, B, D), (T, B, D)
   causal = torch.ones(T, T, dtype=torch.bool).triu(1)  # torch: True = may NOT attend
-  out = transformer(x, y, tgt_mask=causal, src_key_padding_mask=src == 0, tgt_key_padding_mask=tgt == 0,
-                    memory_key_padding_mask=src == 0)
+  out = transformer(
+    x,
+    y,
+    tgt_mask=causal,
+    src_key_padding_mask=src == 0,
+    tgt_key_padding_mask=tgt == 0,
+    memory_key_padding_mask=src == 0,
+  )
   return bundle['output'](out if transformer.batch_first else out.transpose(0, 1))
 
 
 def ours(model, params, *inputs, **kwargs):
   """Our forward pass, jitted (op-by-op dispatch compiles every primitive and is far slower)."""
-  return np.asarray(jax.jit(model.apply)({'params': params}, *(jnp.asarray(x) for x in inputs), **kwargs))
+  return np.asarray(
+    jax.jit(model.apply)({'params': params}, *(jnp.asarray(x) for x in inputs), **kwargs)
+  )
 
 
 # --------------------------------------------------------------------------------------------- forward parity
@@ -92,7 +135,9 @@ def test_torch_transformer_forward(rng, norm_first, batch_first, activation):
   bundle = make_torch_transformer(norm_first, batch_first, activation)
   model, params = from_bundle(bundle)
   src, tgt = seq2seq_batch(rng)
-  expected = torch_seq2seq_logits(bundle, src, tgt).detach().numpy()  # grad mode on: no nested-tensor fast path
+  expected = (
+    torch_seq2seq_logits(bundle, src, tgt).detach().numpy()
+  )  # grad mode on: no nested-tensor fast path
   np.testing.assert_allclose(ours(model, params, src, tgt), expected, atol=1e-5, rtol=0)
 
 
@@ -111,7 +156,9 @@ def test_nanogpt_reference_forward(rng):
   model, params = convert.from_reference_gpt(ref)
   ids, valid = rng.integers(0, SRC_V, (B, T)), np.arange(T)[None] < np.array([[T], [3]])
   expected = ref(torch.as_tensor(ids), torch.as_tensor(valid)).detach().numpy()
-  np.testing.assert_allclose(ours(model, params, ids, valid=jnp.asarray(valid)), expected, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+    ours(model, params, ids, valid=jnp.asarray(valid)), expected, atol=1e-5, rtol=0
+  )
 
 
 # ------------------------------------------------------------------------------------ gradients and training
@@ -141,7 +188,9 @@ def seq2seq_task(rng, layers):
 
   def batch():
     src, tgt = seq2seq_batch(rng)
-    tgt_in = np.concatenate([np.ones((B, 1), tgt.dtype), tgt[:, :-1]], axis=1)  # BOS = 1, shifted right
+    tgt_in = np.concatenate(
+      [np.ones((B, 1), tgt.dtype), tgt[:, :-1]], axis=1
+    )  # BOS = 1, shifted right
     return (src, tgt_in), tgt
 
   def torch_logits(inputs):
@@ -159,7 +208,9 @@ TASKS = [pytest.param(gpt_task, id='nanogpt'), pytest.param(seq2seq_task, id='se
 def torch_loss(logits, labels):
   """Mean cross-entropy over non-padding labels (id 0 is padding)."""
   labels = torch.as_tensor(labels)
-  per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction='none')
+  per_token = torch.nn.functional.cross_entropy(
+    logits.flatten(0, 1), labels.flatten(), reduction='none'
+  )
   weights = (labels.flatten() != 0).float()
   return (per_token * weights).sum() / weights.sum()
 
@@ -182,17 +233,25 @@ def test_gradient_parity(rng, task):
   assert set(ours_as_torch) == set(torch_grads)
   worst = max(np.abs(ours_as_torch[n] - torch_grads[n]).max() for n in torch_grads)
   assert worst < 1e-4, worst
-  assert max(np.abs(g).max() for g in torch_grads.values()) > 1e-3  # the gradients are not trivially zero
+  assert (
+    max(np.abs(g).max() for g in torch_grads.values()) > 1e-3
+  )  # the gradients are not trivially zero
 
 
 @pytest.mark.parametrize('task', TASKS)
 def test_adamw_training_parity(rng, task):
   """20 AdamW steps from the same converted weights on the same batches: the losses agree at every step."""
   torch.manual_seed(0)
-  ref, model, params, _, batch, torch_logits, jax_logits = task(rng, layers=1)  # 1 layer: compile time
+  ref, model, params, _, batch, torch_logits, jax_logits = task(
+    rng, layers=1
+  )  # 1 layer: compile time
   lr, wd, eps = 3e-3, 0.01, 1e-8
-  torch_opt = torch.optim.AdamW(ref.parameters(), lr=lr, betas=(0.9, 0.999), eps=eps, weight_decay=wd)
-  tx = optax.adamw(lr, b1=0.9, b2=0.999, eps=eps, weight_decay=wd)  # optax's default weight_decay is 1e-4, not 1e-2
+  torch_opt = torch.optim.AdamW(
+    ref.parameters(), lr=lr, betas=(0.9, 0.999), eps=eps, weight_decay=wd
+  )
+  tx = optax.adamw(
+    lr, b1=0.9, b2=0.999, eps=eps, weight_decay=wd
+  )  # optax's default weight_decay is 1e-4, not 1e-2
 
   @jax.jit
   def step(p, opt_state, inputs, labels):
@@ -218,9 +277,9 @@ def test_adamw_training_parity(rng, task):
 # ----------------------------------------------------------------------------------------------- round trips
 
 SOURCES = {
-    'nanogpt': (make_nanogpt, convert.from_reference_gpt, convert.to_reference_gpt),
-    'seq2seq': (make_seq2seq, convert.from_reference_transformer, convert.to_reference_transformer),
-    'nn_transformer': (make_torch_transformer, from_bundle, convert.to_torch_transformer),
+  'nanogpt': (make_nanogpt, convert.from_reference_gpt, convert.to_reference_gpt),
+  'seq2seq': (make_seq2seq, convert.from_reference_transformer, convert.to_reference_transformer),
+  'nn_transformer': (make_torch_transformer, from_bundle, convert.to_torch_transformer),
 }
 
 
@@ -228,7 +287,9 @@ SOURCES = {
 def test_ours_to_torch_to_ours_is_identity(rng, source):
   make, from_torch, to_torch = SOURCES[source]
   model, params = from_torch(make())
-  params = jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype), params)  # unlike any torch init
+  params = jax.tree.map(
+    lambda x: x + rng.normal(size=x.shape).astype(x.dtype), params
+  )  # unlike any torch init
   module = make()
   module.load_state_dict(to_torch(model, params, as_torch=True), strict=True)
   _, back = from_torch(module)
@@ -242,28 +303,46 @@ def test_scan_layout_exports_like_the_loop_layout():
   """Params of a ``scan_layers`` model (stacked layers) export to the same state dict as the loop layout."""
   model, params = convert.from_reference_gpt(make_nanogpt(layers=3))
   scan_model = model.clone(config=model.config.replace(scan_layers=True))
-  stacked = convert.common.to_model_layout(params, scan_model.config)
+  stacked = convert.engine.to_model_layout(params, scan_model.config)
   # The layout the scanned model itself creates, not the converter's idea of it.
   real = jax.eval_shape(scan_model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
   assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, real)
-  loop_state, scan_state = convert.to_reference_gpt(model, params), convert.to_reference_gpt(scan_model, stacked)
+  loop_state, scan_state = (
+    convert.to_reference_gpt(model, params),
+    convert.to_reference_gpt(scan_model, stacked),
+  )
   assert set(loop_state) == set(scan_state)
   for name in loop_state:
     np.testing.assert_array_equal(scan_state[name], loop_state[name], err_msg=name)
 
 
-@pytest.mark.parametrize('export, model, message', [
-    (convert.to_reference_transformer, lambda: Transformer(TransformerConfig.course(norm_variant='standard', **SMALL_SEQ2SEQ)),
-     r"the seed 002 encoder-decoder cannot express this model: norm_variant='standard' \(needs 'seed'\)"),
-    (convert.to_reference_gpt, lambda: GPT(GPTConfig.course(activation='gelu', **SMALL_GPT)),
-     r"the seed 004 nanoGPT cannot express this model: activation='gelu' \(needs 'relu'\)"),
-    (convert.to_torch_transformer, lambda: Transformer(TransformerConfig(activation='gelu_tanh', **SMALL_SEQ2SEQ)),
-     r"nn.Transformer cannot express this model: .*activation='gelu_tanh'"),
-], ids=['seq2seq_standard_norm', 'nanogpt_gelu', 'nn_transformer_tanh_gelu'])
+@pytest.mark.parametrize(
+  'export, model, message',
+  [
+    (
+      convert.to_reference_transformer,
+      lambda: Transformer(TransformerConfig.course(norm_variant='standard', **SMALL_SEQ2SEQ)),
+      r"the course's encoder-decoder cannot express this model: norm_variant='standard' \(needs 'unbiased_std'\)",
+    ),
+    (
+      convert.to_reference_gpt,
+      lambda: GPT(GPTConfig.course(activation='gelu', **SMALL_GPT)),
+      r"the course's nanoGPT cannot express this model: activation='gelu' \(needs 'relu'\)",
+    ),
+    (
+      convert.to_torch_transformer,
+      lambda: Transformer(TransformerConfig(activation='gelu_tanh', **SMALL_SEQ2SEQ)),
+      r"nn.Transformer cannot express this model: .*activation='gelu_tanh'",
+    ),
+  ],
+  ids=['seq2seq_standard_norm', 'nanogpt_gelu', 'nn_transformer_tanh_gelu'],
+)
 def test_export_refuses_a_model_the_format_cannot_express(export, model, message):
   """Weights that would load into the target and compute something else are refused, never written."""
   model = model()
   ids = jnp.ones((1, 3), jnp.int32)
-  params = jax.eval_shape(model.init, jax.random.key(0), *((ids, ids) if isinstance(model, Transformer) else (ids,)))
+  params = jax.eval_shape(
+    model.init, jax.random.key(0), *((ids, ids) if isinstance(model, Transformer) else (ids,))
+  )
   with pytest.raises(ConversionError, match=message):
     export(model, params['params'])

@@ -6,14 +6,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer_jax import (BERT, GPT, BERTConfig, BERTForMaskedLM, BERTForSequenceClassification, GPTConfig,
-                             Transformer, TransformerConfig)
+from transformer_jax import (
+  BERT,
+  GPT,
+  BERTConfig,
+  BERTForMaskedLM,
+  BERTForSequenceClassification,
+  GPTConfig,
+  Transformer,
+  TransformerConfig,
+)
 from transformer_jax.modules import TokenEmbedding, stack_layers
 
 B, T, S, H, K, F, L = 2, 5, 7, 3, 4, 20, 2
 D = H * K
 SRC_V, TGT_V, V = 31, 37, 41
-TINY = dict(num_layers=L, d_model=D, num_heads=H, d_ff=F, max_len=16, dropout_rate=0.1, attention_dropout_rate=0.1)
+TINY = dict(
+  num_layers=L,
+  d_model=D,
+  num_heads=H,
+  d_ff=F,
+  max_len=16,
+  dropout_rate=0.1,
+  attention_dropout_rate=0.1,
+)
 
 
 def tiny_transformer(**kw):
@@ -52,6 +68,7 @@ def init(model, *args):
 
 # ---------------------------------------------------------------- closed-form parameter counts
 
+
 def layer_count(cfg, cross: bool):
   d, f = cfg.d_model, cfg.d_ff
   attention = 3 * d * d + (3 * d if cfg.qkv_bias else 0) + d * d + d
@@ -65,15 +82,25 @@ def transformer_count(cfg):
   embed = cfg.src_vocab_size * d + (0 if cfg.share_embeddings else cfg.tgt_vocab_size * d)
   positions = 2 * cfg.max_len * d if cfg.position_encoding == 'learned' else 0
   final = 2 * 2 * d if cfg.final_norm else 0
-  out = (0 if cfg.tie_output else cfg.tgt_vocab_size * d) + (cfg.tgt_vocab_size if cfg.output_bias else 0)
-  return (embed + positions + cfg.num_layers * layer_count(cfg, False) + cfg.decoder_layers * layer_count(cfg, True)
-          + final + out)
+  out = (0 if cfg.tie_output else cfg.tgt_vocab_size * d) + (
+    cfg.tgt_vocab_size if cfg.output_bias else 0
+  )
+  return (
+    embed
+    + positions
+    + cfg.num_layers * layer_count(cfg, False)
+    + cfg.decoder_layers * layer_count(cfg, True)
+    + final
+    + out
+  )
 
 
 def gpt_count(cfg):
   d = cfg.d_model
   out = (0 if cfg.tie_output else cfg.vocab_size * d) + (cfg.vocab_size if cfg.output_bias else 0)
-  return cfg.vocab_size * d + cfg.max_len * d + cfg.num_layers * layer_count(cfg, False) + 2 * d + out
+  return (
+    cfg.vocab_size * d + cfg.max_len * d + cfg.num_layers * layer_count(cfg, False) + 2 * d + out
+  )
 
 
 def bert_count(cfg, pooler=True):
@@ -82,17 +109,27 @@ def bert_count(cfg, pooler=True):
   return embed + cfg.num_layers * layer_count(cfg, False) + (d * d + d if pooler else 0)
 
 
-@pytest.mark.parametrize('cfg', [
+@pytest.mark.parametrize(
+  'cfg',
+  [
     tiny_transformer(),
-    tiny_transformer(share_embeddings=True, src_vocab_size=TGT_V, tie_output=True, output_bias=False),
-    tiny_transformer(position_encoding='learned', final_norm=True, num_decoder_layers=3, qkv_bias=False),
-], ids=['separate', 'shared_tied', 'learned_final_norm_3dec'])
+    tiny_transformer(
+      share_embeddings=True, src_vocab_size=TGT_V, tie_output=True, output_bias=False
+    ),
+    tiny_transformer(
+      position_encoding='learned', final_norm=True, num_decoder_layers=3, qkv_bias=False
+    ),
+  ],
+  ids=['separate', 'shared_tied', 'learned_final_norm_3dec'],
+)
 def test_transformer_parameter_count(cfg):
   src = SRC if cfg.src_vocab_size == SRC_V else SRC % TGT_V
   assert n_params(shapes_of(Transformer(cfg), src, TGT)) == transformer_count(cfg)
 
 
-@pytest.mark.parametrize('cfg', [tiny_gpt(), GPTConfig.course(vocab_size=V, **TINY)], ids=['gpt2_style', 'course'])
+@pytest.mark.parametrize(
+  'cfg', [tiny_gpt(), GPTConfig.course(vocab_size=V, **TINY)], ids=['gpt2_style', 'course']
+)
 def test_gpt_parameter_count(cfg):
   assert n_params(shapes_of(GPT(cfg), IDS)) == gpt_count(cfg)
 
@@ -111,10 +148,13 @@ def test_bert_parameter_counts():
   cls = shapes_of(BERTForSequenceClassification(cfg), IDS)
   assert n_params(cls) == bert_count(cfg) + D * 3 + 3
   base = BERTConfig.base()
-  assert n_params(shapes_of(BERT(base), jnp.zeros((1, 4), jnp.int32))) == bert_count(base) == 109_482_240
+  assert (
+    n_params(shapes_of(BERT(base), jnp.zeros((1, 4), jnp.int32))) == bert_count(base) == 109_482_240
+  )
 
 
 # ---------------------------------------------------------------- shapes and dtypes
+
 
 def init_apply(model, *args):
   variables = init(model, *args)
@@ -139,9 +179,9 @@ def test_output_shapes():
 @pytest.mark.parametrize('family', ['transformer', 'gpt', 'bert_mlm'])
 def test_bf16_compute_keeps_float32_params_and_logits(family):
   model, args = {
-      'transformer': (lambda c: Transformer(tiny_transformer(**c)), (SRC, TGT)),
-      'gpt': (lambda c: GPT(tiny_gpt(**c)), (IDS,)),
-      'bert_mlm': (lambda c: BERTForMaskedLM(tiny_bert(**c)), (IDS,)),
+    'transformer': (lambda c: Transformer(tiny_transformer(**c)), (SRC, TGT)),
+    'gpt': (lambda c: GPT(tiny_gpt(**c)), (IDS,)),
+    'bert_mlm': (lambda c: BERTForMaskedLM(tiny_bert(**c)), (IDS,)),
   }[family]
   full = model({})
   half = model({'dtype': 'bfloat16'})
@@ -164,23 +204,31 @@ def test_bf16_param_storage():
 def test_jit_and_eager_agree():
   model = Transformer(tiny_transformer())
   variables = init(model, SRC, TGT)
-  np.testing.assert_allclose(jax.jit(model.apply)(variables, SRC, TGT), model.apply(variables, SRC, TGT),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    jax.jit(model.apply)(variables, SRC, TGT), model.apply(variables, SRC, TGT), atol=1e-6
+  )
 
 
 # ---------------------------------------------------------------- causality and padding
 
+
 def embedding_gradient(model, variables, embed_name, args, reduce, shape):
   """d reduce(model output) / d (output of the TokenEmbedding named ``embed_name``), of ``shape``."""
+
   def reduced(delta):
     def add_delta(next_fun, fargs, fkwargs, context):
       out = next_fun(*fargs, **fkwargs)
-      if (isinstance(context.module, TokenEmbedding) and context.module.name == embed_name
-          and context.method_name == '__call__'):
+      if (
+        isinstance(context.module, TokenEmbedding)
+        and context.module.name == embed_name
+        and context.method_name == '__call__'
+      ):
         return out + delta
       return out
+
     with nn.intercept_methods(add_delta):
       return reduce(model.apply(variables, *args))
+
   return np.asarray(jax.jit(jax.grad(reduced))(jnp.zeros(shape)))
 
 
@@ -189,12 +237,18 @@ def test_causality_through_gradients(family):
   if family == 'gpt':
     model, args, name = GPT(tiny_gpt()), (IDS,), 'token_embed'
   else:  # an unpadded target, so every past position is a real token
-    model, args, name = Transformer(tiny_transformer()), (SRC, ids_of((B, T), TGT_V, 4)), 'target_embed'
+    model, args, name = (
+      Transformer(tiny_transformer()),
+      (SRC, ids_of((B, T), TGT_V, 4)),
+      'target_embed',
+    )
   variables = init(model, *args)
   for t in range(T):
-    grad = embedding_gradient(model, variables, name, args, lambda out, t=t: out[:, t].sum(), (B, T, D))
-    assert np.all(grad[:, t + 1:] == 0), f'position {t} sees the future'
-    assert np.all(np.abs(grad[:, :t + 1]).sum(-1) > 0), f'position {t} ignores its past'
+    grad = embedding_gradient(
+      model, variables, name, args, lambda out, t=t: out[:, t].sum(), (B, T, D)
+    )
+    assert np.all(grad[:, t + 1 :] == 0), f'position {t} sees the future'
+    assert np.all(np.abs(grad[:, : t + 1]).sum(-1) > 0), f'position {t} ignores its past'
 
 
 def test_encoder_sees_every_real_source_token_and_no_padding():
@@ -216,7 +270,10 @@ def test_prefix_outputs_do_not_depend_on_later_tokens(family):
     model = Transformer(tiny_transformer())
     tgt = ids_of((B, T), TGT_V, 5)
     variables = init(model, SRC, tgt)
-    full, prefix = jax.jit(model.apply)(variables, SRC, tgt), jax.jit(model.apply)(variables, SRC, tgt[:, :3])
+    full, prefix = (
+      jax.jit(model.apply)(variables, SRC, tgt),
+      jax.jit(model.apply)(variables, SRC, tgt[:, :3]),
+    )
   np.testing.assert_allclose(full[:, :3], prefix, atol=1e-5)
 
 
@@ -238,13 +295,17 @@ def test_gpt_left_padding_with_shifted_positions_equals_unpadded():
   padded = jnp.concatenate([jnp.zeros((B, 2), IDS.dtype), IDS], axis=1)
   valid = jnp.arange(T + 2)[None, :] >= 2
   positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-  out = jax.jit(model.apply)(variables, padded, valid=jnp.broadcast_to(valid, padded.shape), positions=positions)
+  out = jax.jit(model.apply)(
+    variables, padded, valid=jnp.broadcast_to(valid, padded.shape), positions=positions
+  )
   np.testing.assert_allclose(out[:, 2:], base, atol=1e-5)
 
 
 @pytest.mark.parametrize('head', ['bert', 'bert_mlm', 'bert_cls'])
 def test_bert_padding_does_not_change_outputs(head):
-  model = {'bert': BERT, 'bert_mlm': BERTForMaskedLM, 'bert_cls': BERTForSequenceClassification}[head](tiny_bert())
+  model = {'bert': BERT, 'bert_mlm': BERTForMaskedLM, 'bert_cls': BERTForSequenceClassification}[
+    head
+  ](tiny_bert())
   variables = init(model, IDS)
   base = jax.jit(model.apply)(variables, IDS)
   padded = jax.jit(model.apply)(variables, jnp.pad(IDS, ((0, 0), (0, 4))))
@@ -267,28 +328,37 @@ def test_bert_token_types_matter():
 
 # ---------------------------------------------------------------- scan, remat, dropout
 
+
 def to_scan_layout(params, stacks):
   """Loop-layout params -> scan layout for the stacks named in ``stacks`` (name -> number of layers)."""
   return {k: stack_layers(v, stacks[k]) if k in stacks else v for k, v in params.items()}
 
 
-@pytest.mark.parametrize('variant', [dict(scan_layers=True), dict(remat_policy='full'),
-                                     dict(remat_policy='dots', scan_layers=True)],
-                         ids=['scan', 'remat', 'scan_remat_dots'])
+@pytest.mark.parametrize(
+  'variant',
+  [dict(scan_layers=True), dict(remat_policy='full'), dict(remat_policy='dots', scan_layers=True)],
+  ids=['scan', 'remat', 'scan_remat_dots'],
+)
 @pytest.mark.parametrize('family', ['transformer', 'gpt'])
 def test_scan_and_remat_equal_the_plain_stack(family, variant):
   if family == 'transformer':
-    make, args, stacks = (lambda **c: Transformer(tiny_transformer(**c))), (SRC, TGT), {'encoder': L, 'decoder': L}
+    make, args, stacks = (
+      (lambda **c: Transformer(tiny_transformer(**c))),
+      (SRC, TGT),
+      {'encoder': L, 'decoder': L},
+    )
   else:
     make, args, stacks = (lambda **c: GPT(tiny_gpt(**c))), (IDS,), {'decoder': L}
   plain = make()
   params = init(plain, *args)['params']
   other = make(**variant)
   other_params = to_scan_layout(params, stacks) if variant.get('scan_layers') else params
-  assert jax.tree.map(jnp.shape, shapes_of(other, *args)) == jax.tree.map(jnp.shape,
-                                                                                                  other_params)
-  np.testing.assert_allclose(jax.jit(other.apply)({'params': other_params}, *args),
-                             jax.jit(plain.apply)({'params': params}, *args), atol=1e-5)
+  assert jax.tree.map(jnp.shape, shapes_of(other, *args)) == jax.tree.map(jnp.shape, other_params)
+  np.testing.assert_allclose(
+    jax.jit(other.apply)({'params': other_params}, *args),
+    jax.jit(plain.apply)({'params': params}, *args),
+    atol=1e-5,
+  )
   loss = lambda m: lambda p: jnp.mean(m.apply({'params': p}, *args) ** 2)  # noqa: E731
   g_plain = jax.jit(jax.grad(loss(plain)))(params)
   g_other = jax.jit(jax.grad(loss(other)))(other_params)
@@ -302,14 +372,19 @@ def test_dropout_is_off_when_deterministic_and_reproducible_from_the_rng():
   det_a = model.apply(variables, IDS, rngs={'dropout': jax.random.key(1)})
   det_b = model.apply(variables, IDS, rngs={'dropout': jax.random.key(2)})
   np.testing.assert_array_equal(det_a, det_b)
-  train = lambda seed: model.apply(variables, IDS, deterministic=False,  # noqa: E731
-                                   rngs={'dropout': jax.random.key(seed)})
+  train = lambda seed: model.apply(
+    variables,
+    IDS,
+    deterministic=False,  # noqa: E731
+    rngs={'dropout': jax.random.key(seed)},
+  )
   np.testing.assert_array_equal(train(1), train(1))
   assert not np.allclose(train(1), train(2))
   assert not np.allclose(train(1), det_a)
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def test_out_of_range_token_ids_are_named():
   gpt = GPT(tiny_gpt())
@@ -365,7 +440,9 @@ def test_ids_must_be_two_dimensional():
     init(GPT(tiny_gpt()), IDS[0])
 
 
-@pytest.mark.parametrize('make,message', [
+@pytest.mark.parametrize(
+  'make,message',
+  [
     (lambda: tiny_gpt(d_model=14), 'd_model=14 is not divisible by num_heads=3'),
     (lambda: tiny_gpt(num_layers=0), 'num_layers must be a positive integer'),
     (lambda: tiny_gpt(activation='swish'), 'activation must be one of'),
@@ -374,13 +451,31 @@ def test_ids_must_be_two_dimensional():
     (lambda: tiny_gpt(remat_policy='some'), 'remat_policy'),
     (lambda: tiny_gpt(dtype='float33'), 'not a dtype name'),
     (lambda: tiny_gpt(pad_id=V), 'pad_id'),
-    (lambda: tiny_transformer(share_embeddings=True), 'share_embeddings needs src_vocab_size == tgt_vocab_size'),
+    (
+      lambda: tiny_transformer(share_embeddings=True),
+      'share_embeddings needs src_vocab_size == tgt_vocab_size',
+    ),
     (lambda: tiny_transformer(d_model=9, num_heads=3), 'even d_model'),
     (lambda: tiny_transformer(position_encoding='rotary'), 'position_encoding'),
     (lambda: tiny_bert(pre_norm=True), 'post-norm'),
     (lambda: tiny_bert(num_labels=0), 'num_labels'),
-], ids=['heads', 'layers', 'activation', 'dropout', 'norm', 'remat', 'dtype', 'pad_id', 'share', 'odd_sinusoid',
-        'position', 'bert_prenorm', 'labels'])
+  ],
+  ids=[
+    'heads',
+    'layers',
+    'activation',
+    'dropout',
+    'norm',
+    'remat',
+    'dtype',
+    'pad_id',
+    'share',
+    'odd_sinusoid',
+    'position',
+    'bert_prenorm',
+    'labels',
+  ],
+)
 def test_impossible_configs_are_rejected(make, message):
   with pytest.raises(ValueError, match=message):
     make()
@@ -391,7 +486,7 @@ def test_presets_build():
   with pytest.raises(ValueError, match='unknown GPT-2 size'):
     GPTConfig.gpt2('huge')
   course = TransformerConfig.course()
-  assert course.norm_variant == 'seed' and course.norm_eps == 1e-6 and not course.pre_norm
+  assert course.norm_variant == 'unbiased_std' and course.norm_eps == 1e-6 and not course.pre_norm
   base = TransformerConfig.base()
   assert base.share_embeddings and base.tie_output
   assert BERTConfig.large().num_layers == 24

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from transformer_jax.modules import (FeedForward, LayerNorm, LearnedPositionalEmbedding, SinusoidalPositionalEncoding,
-                                     TokenEmbedding, sinusoidal_table)
+from transformer_jax.modules import (
+  FeedForward,
+  LayerNorm,
+  LearnedPositionalEmbedding,
+  SinusoidalPositionalEncoding,
+  TokenEmbedding,
+  sinusoidal_table,
+)
 
 B, T, D, F, V = 2, 5, 12, 20, 37
 
@@ -19,6 +25,7 @@ def x_input(seed=0, scale=3.0, shift=5.0):
 
 
 # ---------------------------------------------------------------- LayerNorm
+
 
 @pytest.mark.parametrize('eps', [1e-5, 1e-12, 1e-1], ids=['torch_default', 'bert', 'large'])
 def test_layernorm_standard_matches_biased_variance_formula(eps):
@@ -35,7 +42,7 @@ def test_layernorm_standard_matches_biased_variance_formula(eps):
 def test_layernorm_seed_variant_uses_unbiased_std_and_eps_outside_the_sqrt():
   x = x_input(1)
   eps = 1e-1  # large, so eps inside vs outside the sqrt differ clearly
-  seed = LayerNorm(epsilon=eps, variant='seed')
+  seed = LayerNorm(epsilon=eps, variant='unbiased_std')
   params = seed.init(jax.random.key(0), x)
   xn = np.asarray(x, np.float64)
   ref = (xn - xn.mean(-1, keepdims=True)) / (xn.std(-1, ddof=1, keepdims=True) + eps)
@@ -47,7 +54,7 @@ def test_layernorm_seed_variant_uses_unbiased_std_and_eps_outside_the_sqrt():
 def test_layernorm_seed_worked_example():
   """The course's example: [2, -1, 3, 0] -> [0.5477, -1.0954, 1.0954, -0.5477] (eps 1e-5)."""
   x = jnp.array([[2.0, -1.0, 3.0, 0.0]])
-  ln = LayerNorm(epsilon=1e-5, variant='seed')
+  ln = LayerNorm(epsilon=1e-5, variant='unbiased_std')
   xn = np.asarray(x, np.float64)
   ref = (xn - xn.mean()) / (xn.std(ddof=1) + 1e-5)
   np.testing.assert_allclose(ln.apply(ln.init(jax.random.key(0), x), x), ref, atol=1e-6)
@@ -72,15 +79,18 @@ def test_layernorm_rejects_unknown_variant():
 
 # ---------------------------------------------------------------- FeedForward
 
+
 def numpy_ffn(params, x, act):
-  h = np.asarray(x, np.float64) @ np.asarray(params['fc_in']['kernel']) + np.asarray(params['fc_in']['bias'])
+  h = np.asarray(x, np.float64) @ np.asarray(params['fc_in']['kernel']) + np.asarray(
+    params['fc_in']['bias']
+  )
   return act(h) @ np.asarray(params['fc_out']['kernel']) + np.asarray(params['fc_out']['bias'])
 
 
 ACTS = {
-    'relu': lambda h: np.maximum(h, 0),
-    'gelu': lambda h: 0.5 * h * (1 + erf(h / math.sqrt(2))),
-    'gelu_tanh': lambda h: 0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))),
+  'relu': lambda h: np.maximum(h, 0),
+  'gelu': lambda h: 0.5 * h * (1 + erf(h / math.sqrt(2))),
+  'gelu_tanh': lambda h: 0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))),
 }
 
 
@@ -90,8 +100,9 @@ def test_feedforward_matches_formula(activation):
   ffn = FeedForward(F, activation)
   params = ffn.init(jax.random.key(0), x)['params']
   assert params['fc_in']['kernel'].shape == (D, F) and params['fc_out']['kernel'].shape == (F, D)
-  np.testing.assert_allclose(ffn.apply({'params': params}, x), numpy_ffn(params, x, ACTS[activation]),
-                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    ffn.apply({'params': params}, x), numpy_ffn(params, x, ACTS[activation]), atol=1e-5, rtol=1e-5
+  )
 
 
 def test_exact_and_tanh_gelu_differ():
@@ -108,6 +119,7 @@ def test_feedforward_rejects_unknown_activation():
 
 
 # ---------------------------------------------------------------- Embeddings
+
 
 def test_token_embedding_lookup_scaling_and_attend():
   ids = jnp.array([[1, 2, 3, 4, 5], [36, 0, 7, 7, 9]])
@@ -169,8 +181,11 @@ def test_sinusoidal_needs_even_width_and_known_layout():
     sinusoidal_table(4, 8, 'spiral')
 
 
-@pytest.mark.parametrize('module', [SinusoidalPositionalEncoding(11, D), LearnedPositionalEmbedding(11, D)],
-                         ids=['sinusoidal', 'learned'])
+@pytest.mark.parametrize(
+  'module',
+  [SinusoidalPositionalEncoding(11, D), LearnedPositionalEmbedding(11, D)],
+  ids=['sinusoidal', 'learned'],
+)
 def test_position_encodings_lookup_and_length_check(module):
   positions = jnp.array([[0, 1, 2, 3, 4], [3, 4, 5, 6, 10]])
   variables = module.init(jax.random.key(0), positions)

@@ -17,7 +17,9 @@ def test_there_are_notebooks():
 def test_notebook_is_committed_clean(path):
   nb = nbformat.read(path, as_version=4)
   code = [c for c in nb.cells if c.cell_type == 'code']
-  assert all(not c.outputs and c.execution_count is None for c in code), 'outputs must be stripped before commit'
+  assert all(not c.outputs and c.execution_count is None for c in code), (
+    'outputs must be stripped before commit'
+  )
   assert nb.cells[0].cell_type == 'markdown' and 'colab.research.google.com' in nb.cells[0].source
   assert 'find_spec' in code[0].source, 'the first code cell must install the project on Colab only'
 
@@ -26,4 +28,6 @@ def test_notebook_is_committed_clean(path):
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
   nb = nbformat.read(path, as_version=4)
-  NotebookClient(nb, timeout=900, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}).execute()
+  NotebookClient(
+    nb, timeout=900, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}
+  ).execute()

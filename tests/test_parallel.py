@@ -14,21 +14,28 @@ import sys
 
 import numpy as np
 import pytest
-
 from train_helpers import command_line, layout_fields
 
 REPO = pathlib.Path(__file__).parents[1]
 WORKER = REPO / 'tests' / 'workers' / 'train_layouts.py'
 STEPS = 3
 # layout name -> mesh DATAxFSDPxTENSOR (every mesh uses all 8 devices) or 'pmap'
-LAYOUTS = {'data': '8x1x1', 'fsdp': '1x8x1', 'tensor': '2x1x4', 'fsdp_tensor': '1x4x2', 'pmap': 'pmap'}
+LAYOUTS = {
+  'data': '8x1x1',
+  'fsdp': '1x8x1',
+  'tensor': '2x1x4',
+  'fsdp_tensor': '1x4x2',
+  'pmap': 'pmap',
+}
 TASKS = {'gpt': 'lm', 'encoder_decoder': 'translation'}
 # One worker runs them all (pytest -n: --dist loadgroup keeps the group together, so the fixture runs once).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('layouts')]
 
 
 def _run(command, env, timeout=600):
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+  result = subprocess.run(
+    command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
@@ -42,22 +49,38 @@ def _free_port() -> int:
 def runs(tmp_path_factory):
   """Runs every layout once; returns the output folder (see the worker's docstring for what it holds)."""
   out = tmp_path_factory.mktemp('layouts')
-  env = {**os.environ, 'XDG_CACHE_HOME': str(out / 'cache')}  # compiled programs stay out of the user's cache
-  eight = [f'{model}_{name}:{task}:{layout}:{STEPS}' for model, task in TASKS.items()
-           for name, layout in LAYOUTS.items()]
+  env = {
+    **os.environ,
+    'XDG_CACHE_HOME': str(out / 'cache'),
+  }  # compiled programs stay out of the user's cache
+  eight = [
+    f'{model}_{name}:{task}:{layout}:{STEPS}'
+    for model, task in TASKS.items()
+    for name, layout in LAYOUTS.items()
+  ]
   # Saved under FSDP on 8 devices after 2 steps, then continued under tensor parallelism (8 devices) and on 1 device.
   eight += ['saved_fsdp:lm:1x8x1:2', 'resumed_tensor:lm:2x1x4:3:saved_fsdp']
   _run([sys.executable, str(WORKER), '8', str(out), *eight], env)
 
   # Two processes with 4 devices each, through the real command line: a 2 x 2 x 2 mesh spanning both.
   fields = {**layout_fields('lm', '2x2x2'), 'num_train_steps': STEPS}
-  flags = command_line('lm', fields) + [f'--workdir={out / "two_processes"}',
-                                        f'--config.distributed.coordinator_address=127.0.0.1:{_free_port()}',
-                                        '--config.distributed.num_processes=2']
+  flags = command_line('lm', fields) + [
+    f'--workdir={out / "two_processes"}',
+    f'--config.distributed.coordinator_address=127.0.0.1:{_free_port()}',
+    '--config.distributed.num_processes=2',
+  ]
   env4 = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-  procs = [subprocess.Popen([sys.executable, '-m', 'train', *flags, f'--config.distributed.process_id={i}'],
-                            cwd=REPO, env=env4, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-m', 'train', *flags, f'--config.distributed.process_id={i}'],
+      cwd=REPO,
+      env=env4,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for i, (p, output) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f'process {i}:\n{output[-6000:]}'
@@ -66,7 +89,10 @@ def runs(tmp_path_factory):
   # One device: the references, and restores of the 8-device and two-process checkpoints (the latter is complete,
   # so restoring it runs no step: its parameters are those the two processes saved).
   one = [f'{model}_single:{task}:single:{STEPS}' for model, task in TASKS.items()]
-  one += ['resumed_single:lm:single:3:saved_fsdp', 'two_processes_restored:lm:single:3:two_processes']
+  one += [
+    'resumed_single:lm:single:3:saved_fsdp',
+    'two_processes_restored:lm:single:3:two_processes',
+  ]
   _run([sys.executable, str(WORKER), '1', str(out), *one], env)
   return out
 
@@ -102,14 +128,18 @@ def assert_resumed(out, name: str, step: int):
 @pytest.mark.parametrize('model', TASKS)
 def test_layout_trains_like_one_device(runs, model, layout):
   name, reference = f'{model}_{layout}', f'{model}_single'
-  np.testing.assert_allclose(train_losses(runs / name), train_losses(runs / reference), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    train_losses(runs / name), train_losses(runs / reference), rtol=1e-5, atol=1e-6
+  )
   assert len(train_losses(runs / name)) == STEPS
   assert max_param_diff(runs, name, reference) < 1e-5
 
 
 @pytest.mark.parametrize('model', TASKS)
 def test_parameters_are_sharded_as_configured(runs, model):
-  decoder = f'decoder/layers_0/{"self_attention/qkv" if model == "gpt" else "self_attention/query"}/kernel'
+  decoder = (
+    f'decoder/layers_0/{"self_attention/qkv" if model == "gpt" else "self_attention/query"}/kernel'
+  )
   fc_in, fc_out = 'decoder/layers_0/ffn/fc_in/kernel', 'decoder/layers_0/ffn/fc_out/kernel'
   data, fsdp = specs(runs, f'{model}_data'), specs(runs, f'{model}_fsdp')
   tensor, mixed = specs(runs, f'{model}_tensor'), specs(runs, f'{model}_fsdp_tensor')
@@ -122,8 +152,12 @@ def test_parameters_are_sharded_as_configured(runs, model):
 
 
 def test_two_processes_train_like_one_process(runs):
-  np.testing.assert_allclose(train_losses(runs / 'two_processes'), train_losses(runs / 'gpt_single'), rtol=1e-5)
-  assert_resumed(runs, 'two_processes_restored', STEPS)  # its parameters are the ones the two processes saved
+  np.testing.assert_allclose(
+    train_losses(runs / 'two_processes'), train_losses(runs / 'gpt_single'), rtol=1e-5
+  )
+  assert_resumed(
+    runs, 'two_processes_restored', STEPS
+  )  # its parameters are the ones the two processes saved
   assert max_param_diff(runs, 'two_processes_restored', 'gpt_single') < 1e-5
   log = (runs / 'two_processes.log').read_text()
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} (8 devices, 2 processes)" in log
@@ -134,4 +168,6 @@ def test_checkpoint_restores_under_another_layout(runs, name):
   """Saved under FSDP on 8 devices at step 2, continued to step 3 under another layout: the uninterrupted numbers."""
   assert_resumed(runs, name, 2)
   assert max_param_diff(runs, name, 'gpt_single') < 1e-5
-  np.testing.assert_allclose(train_losses(runs / name), train_losses(runs / 'gpt_single'), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    train_losses(runs / name), train_losses(runs / 'gpt_single'), rtol=1e-5, atol=1e-6
+  )

@@ -4,8 +4,20 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from transformer_jax import BERTForMaskedLM, BERTConfig, GPT, GPTConfig, Transformer, TransformerConfig
-from transformer_jax.sharding import (check_batch_divisible, make_mesh, param_logical_axes, param_shardings)
+from transformer_jax import (
+  GPT,
+  BERTConfig,
+  BERTForMaskedLM,
+  GPTConfig,
+  Transformer,
+  TransformerConfig,
+)
+from transformer_jax.sharding import (
+  check_batch_divisible,
+  make_mesh,
+  param_logical_axes,
+  param_shardings,
+)
 
 TINY = dict(num_layers=2, d_model=12, num_heads=3, d_ff=20, max_len=16)
 IDS = jnp.ones((2, 5), jnp.int32)
@@ -15,17 +27,26 @@ def shapes(model, *args):
   return jax.eval_shape(lambda: model.init(jax.random.key(0), *args))['params']
 
 
-@pytest.mark.parametrize('model,args', [
+@pytest.mark.parametrize(
+  'model,args',
+  [
     (GPT(GPTConfig(vocab_size=41, **TINY)), (IDS,)),
-    (GPT(GPTConfig(vocab_size=41, scan_layers=True, fused_qkv=False, tie_output=False, **TINY)), (IDS,)),
+    (
+      GPT(GPTConfig(vocab_size=41, scan_layers=True, fused_qkv=False, tie_output=False, **TINY)),
+      (IDS,),
+    ),
     (Transformer(TransformerConfig(src_vocab_size=31, tgt_vocab_size=37, **TINY)), (IDS, IDS)),
     (BERTForMaskedLM(BERTConfig(vocab_size=41, **TINY)), (IDS,)),
-], ids=['gpt', 'gpt_scan_untied', 'transformer', 'bert_mlm'])
+  ],
+  ids=['gpt', 'gpt_scan_untied', 'transformer', 'bert_mlm'],
+)
 def test_every_parameter_gets_one_name_per_axis(model, args):
   params = shapes(model, *args)
   axes = param_logical_axes(params)
   flat = jax.tree_util.tree_leaves_with_path(params)
-  for (path, leaf), names in zip(flat, jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+  for (path, leaf), names in zip(
+    flat, jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+  ):
     assert len(names) == leaf.ndim, (path, names)
     keys = [getattr(k, 'key', '') for k in path]
     if 'layers' in keys:
@@ -41,12 +62,16 @@ def test_shardings_on_a_single_device_mesh_replicate():
     assert all(axis is None for axis in sharding.spec), sharding.spec
 
 
-@pytest.mark.parametrize('sizes,message', [
+@pytest.mark.parametrize(
+  'sizes,message',
+  [
     ((2, 1, 1), r'mesh data=2 x fsdp=1 x tensor=1 = 2 devices, but 1 are available'),
     ((-1, -1, 1), 'at most one -1'),
     ((0, 1, 1), 'positive'),
     ((-1, 3, 1), 'not divisible by the fixed axes'),
-], ids=['too_big', 'two_wildcards', 'zero', 'indivisible'])
+  ],
+  ids=['too_big', 'two_wildcards', 'zero', 'indivisible'],
+)
 def test_impossible_meshes_are_rejected(sizes, message):
   with pytest.raises(ValueError, match=message):
     make_mesh(*sizes, devices=jax.devices()[:1])
@@ -55,6 +80,9 @@ def test_impossible_meshes_are_rejected(sizes, message):
 def test_batch_must_divide_over_data_axes():
   class FakeMesh:
     shape = {'data': 2, 'fsdp': 2, 'tensor': 2}
+
   check_batch_divisible(8, FakeMesh())
-  with pytest.raises(ValueError, match='batch size 6 does not divide across the 4 data-parallel devices'):
+  with pytest.raises(
+    ValueError, match='batch size 6 does not divide across the 4 data-parallel devices'
+  ):
     check_batch_divisible(6, FakeMesh())

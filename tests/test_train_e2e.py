@@ -11,13 +11,13 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from train_helpers import tiny_config
 
 from train.checkpoint import ConfigMismatchError
 from train.metrics import read_metrics
 from train.tasks import LanguageModelTask
 from train.trainer import NonFiniteError, train_and_evaluate
 from train.vocab import UNK
-from train_helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,8 +28,13 @@ def train_losses(workdir):
 
 @pytest.mark.parametrize('task', ['lm', 'mlm', 'translation', 'classify'])
 def test_each_task_learns_and_writes_its_files(task, tmp_path):
-  config = tiny_config(task, num_train_steps=12, eval_every_steps=12, checkpoint_every_steps=6,
-                       **{'sample.enabled': task == 'lm'})
+  config = tiny_config(
+    task,
+    num_train_steps=12,
+    eval_every_steps=12,
+    checkpoint_every_steps=6,
+    **{'sample.enabled': task == 'lm'},
+  )
   summary = train_and_evaluate(config, str(tmp_path))
   losses = train_losses(str(tmp_path))
   assert len(losses) == 12 and np.all(np.isfinite(losses))
@@ -41,19 +46,27 @@ def test_each_task_learns_and_writes_its_files(task, tmp_path):
   if task == 'translation':
     assert {'bleu', 'exact_match'} <= set(summary['eval'])
   if task == 'lm':
-    assert summary['baseline']['unigram_loss'] > 0 and summary['sample'].startswith(config.sample.prompt)
+    assert summary['baseline']['unigram_loss'] > 0 and summary['sample'].startswith(
+      config.sample.prompt
+    )
 
 
 def test_resume_is_exact(tmp_path):
   # Dropout on, so the restored RNG matters too; the schedule length is fixed at 8 for both runs.
-  config = lambda steps: tiny_config(num_train_steps=steps, decay_steps=8, checkpoint_every_steps=2,  # noqa: E731
-                                     **{'model.dropout_rate': 0.1})
+  config = lambda steps: tiny_config(
+    num_train_steps=steps,
+    decay_steps=8,
+    checkpoint_every_steps=2,  # noqa: E731
+    **{'model.dropout_rate': 0.1},
+  )
   straight = train_and_evaluate(config(8), str(tmp_path / 'straight'))
   first = train_and_evaluate(config(4), str(tmp_path / 'resumed'))
   resumed = train_and_evaluate(config(8), str(tmp_path / 'resumed'))
   assert first['step'] == 4 and resumed['step'] == 8
   assert train_losses(str(tmp_path / 'straight')) == train_losses(str(tmp_path / 'resumed'))
-  for a, b in zip(jax.tree.leaves(straight['state'].params), jax.tree.leaves(resumed['state'].params)):
+  for a, b in zip(
+    jax.tree.leaves(straight['state'].params), jax.tree.leaves(resumed['state'].params)
+  ):
     np.testing.assert_array_equal(a, b)
 
 
@@ -78,7 +91,9 @@ def poisoned_step_3(monkeypatch):
 
 
 def test_nonfinite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, poisoned_step_3):
-  with pytest.raises(NonFiniteError, match='non-finite loss or gradient at step 3.*checkpoint is step 3'):
+  with pytest.raises(
+    NonFiniteError, match='non-finite loss or gradient at step 3.*checkpoint is step 3'
+  ):
     train_and_evaluate(tiny_config(checkpoint_every_steps=3), str(tmp_path))
   assert sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()) == [3]
 
@@ -92,15 +107,29 @@ def test_nonfinite_step_is_skipped_when_asked(tmp_path, poisoned_step_3):
 @pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
   workdir = str(tmp_path / 'run')
-  command = [sys.executable, '-m', 'train', f'--workdir={workdir}', '--config.num_train_steps=100000',
-             '--config.eval_every_steps=100000', '--config.checkpoint_every_steps=100000', '--config.batch_size=4',
-             '--config.log_every_steps=1', '--config.model.num_layers=1', '--config.model.d_model=16',
-             '--config.model.d_ff=32', '--config.data.seq_len=16', '--config.model.max_len=16',
-             '--config.sample.enabled=False']
+  command = [
+    sys.executable,
+    '-m',
+    'train',
+    f'--workdir={workdir}',
+    '--config.num_train_steps=100000',
+    '--config.eval_every_steps=100000',
+    '--config.checkpoint_every_steps=100000',
+    '--config.batch_size=4',
+    '--config.log_every_steps=1',
+    '--config.model.num_layers=1',
+    '--config.model.d_model=16',
+    '--config.model.d_ff=32',
+    '--config.data.seq_len=16',
+    '--config.model.max_len=16',
+    '--config.sample.enabled=False',
+  ]
   process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   metrics = os.path.join(workdir, 'metrics.jsonl')
   deadline = time.time() + 120
-  while time.time() < deadline and len(read_metrics(workdir) if os.path.exists(metrics) else []) < 3:
+  while (
+    time.time() < deadline and len(read_metrics(workdir) if os.path.exists(metrics) else []) < 3
+  ):
     time.sleep(0.5)
   process.send_signal(signal.SIGTERM)
   output = process.communicate(timeout=120)[0].decode()
@@ -109,7 +138,9 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
   saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
   assert len(saved) == 1 and saved[0] >= 3
   with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))  # the run's own config, as the same command would give
+    config = ml_collections.ConfigDict(
+      json.load(f)
+    )  # the run's own config, as the same command would give
   config.num_train_steps = saved[0] + 2
   summary = train_and_evaluate(config, workdir)
   assert summary['step'] == saved[0] + 2 and len(train_losses(workdir)) == saved[0] + 2

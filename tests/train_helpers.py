@@ -2,19 +2,33 @@
 
 import importlib
 
-TINY_MODEL = dict(num_layers=1, d_model=16, num_heads=2, d_ff=32, dropout_rate=0.0, attention_dropout_rate=0.0)
+TINY_MODEL = dict(
+  num_layers=1, d_model=16, num_heads=2, d_ff=32, dropout_rate=0.0, attention_dropout_rate=0.0
+)
 
 
 def tiny_fields(task: str) -> dict:
   """Dotted field paths -> values that shrink the ``task`` preset to run in seconds."""
   fields = {f'model.{k}': v for k, v in TINY_MODEL.items()}
-  fields.update({'batch_size': 8, 'num_train_steps': 6, 'warmup_steps': 2, 'log_every_steps': 1,
-                 'eval_every_steps': 3, 'eval_batches': 1, 'checkpoint_every_steps': 3, 'learning_rate': 1e-2,
-                 'sample.enabled': False})
+  fields.update(
+    {
+      'batch_size': 8,
+      'num_train_steps': 6,
+      'warmup_steps': 2,
+      'log_every_steps': 1,
+      'eval_every_steps': 3,
+      'eval_batches': 1,
+      'checkpoint_every_steps': 3,
+      'learning_rate': 1e-2,
+      'sample.enabled': False,
+    }
+  )
   if task in ('lm', 'mlm'):
     fields.update({'data.seq_len': 16, 'model.max_len': 16})
   if task == 'translation':
-    fields.update({'data.train_size': 64, 'data.val_size': 8, 'data.max_digits': 3, 'data.bleu_examples': 8})
+    fields.update(
+      {'data.train_size': 64, 'data.val_size': 8, 'data.max_digits': 3, 'data.bleu_examples': 8}
+    )
   if task == 'classify':
     fields['data.builtin_size'] = 80
   return fields
@@ -27,8 +41,14 @@ def layout_fields(task: str, layout: str) -> dict:
   # adam_eps: a key projection's bias has an exactly zero gradient (softmax ignores a shift shared by all keys), so
   # what reaches Adam there is float noise that differs with the reduction order; the default eps of 1e-8 would
   # scale that noise up to steps of the learning rate's size.
-  fields = {**tiny_fields(task), 'model.num_heads': 4, 'batch_size': 16, 'eval_every_steps': 1000,
-            'checkpoint_every_steps': 1000, 'adam_eps': 1e-4}
+  fields = {
+    **tiny_fields(task),
+    'model.num_heads': 4,
+    'batch_size': 16,
+    'eval_every_steps': 1000,
+    'checkpoint_every_steps': 1000,
+    'adam_eps': 1e-4,
+  }
   if task == 'lm':
     fields['grad_accum_steps'] = 2
   if layout == 'pmap':

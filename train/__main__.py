@@ -13,13 +13,19 @@ from train.trainer import train_and_evaluate
 _DEFAULTS = get_config()
 try:  # ml_collections applies the command line's --config.<field> overrides here already
   config_flags.DEFINE_config_file(
-      'config', os.path.join(os.path.dirname(__file__), 'configs', 'default.py'),
-      'A config file (train/configs/{default,translation,mlm,classify}.py); override any field with '
-      '--config.<field>=<value>. Fields of the default (lm) config:\n' + str(_DEFAULTS), lock_config=True)
+    'config',
+    os.path.join(os.path.dirname(__file__), 'configs', 'default.py'),
+    'A config file (train/configs/{default,translation,mlm,classify}.py); override any field with '
+    '--config.<field>=<value>. Fields of the default (lm) config:\n' + str(_DEFAULTS),
+    lock_config=True,
+  )
 except (AttributeError, KeyError) as e:
   sys.exit(unknown_field(e, sys.argv))
-flags.DEFINE_string('workdir', None, 'Checkpoints, logs and vocabulary go here; the same workdir resumes. '
-                    'Default: runs/<task>.')
+flags.DEFINE_string(
+  'workdir',
+  None,
+  'Checkpoints, logs and vocabulary go here; the same workdir resumes. Default: runs/<task>.',
+)
 
 
 def main(argv):

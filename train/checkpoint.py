@@ -9,6 +9,7 @@ previous one. When none can be read, the run stops with an error instead of trai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 
@@ -18,14 +19,27 @@ from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
 from train.errors import first_line
+from transformer_jax.config import BlockConfig
 
 log = logging.getLogger('train')
 
 # Fields a resumed run may change: how long it runs, how it reports and how it spreads over devices, never what it
 # computes.
-RESUMABLE_FIELDS = ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'eval_batches',
-                    'checkpoint_every_steps', 'keep_last', 'keep_best', 'compilation_cache_dir',
-                    'skip_nonfinite_updates', 'sample', 'parallelism', 'mesh', 'distributed')
+RESUMABLE_FIELDS = (
+  'num_train_steps',
+  'log_every_steps',
+  'eval_every_steps',
+  'eval_batches',
+  'checkpoint_every_steps',
+  'keep_last',
+  'keep_best',
+  'compilation_cache_dir',
+  'skip_nonfinite_updates',
+  'sample',
+  'parallelism',
+  'mesh',
+  'distributed',
+)
 
 
 class ConfigMismatchError(ValueError):
@@ -36,12 +50,21 @@ class UnreadableCheckpointError(ValueError):
   """The workdir holds checkpoints and none of them can be read."""
 
 
+# Architecture fields with their library defaults. A checkpoint written before a field existed was built with what
+# its default now gives, so a missing field matches its default.
+_MODEL_DEFAULTS = {f'model.{f.name}': f.default for f in dataclasses.fields(BlockConfig)}
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
   """``'field: checkpoint X, now Y'`` for every field that differs, except :data:`RESUMABLE_FIELDS`."""
   saved, current = (traverse_util.flatten_dict(c, sep='.') for c in (saved, current))
+  saved = {**{k: v for k, v in _MODEL_DEFAULTS.items() if k in current}, **saved}
   resumable = lambda key: key.split('.')[0] in RESUMABLE_FIELDS  # noqa: E731
-  return [f'{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}'
-          for key in sorted(set(saved) | set(current)) if not resumable(key) and saved.get(key) != current.get(key)]
+  return [
+    f'{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}'
+    for key in sorted(set(saved) | set(current))
+    if not resumable(key) and saved.get(key) != current.get(key)
+  ]
 
 
 def checkpoint_directory(workdir: str) -> str:
@@ -68,21 +91,38 @@ class Checkpoints(contextlib.AbstractContextManager):
   manager) on every path: a writer runs background threads that must not outlive it.
   """
 
-  def __init__(self, workdir: str, keep_last: int = 1, keep_best: int = 0, metric: str = 'loss', mode: str = 'min',
-               read_only: bool = False):
+  def __init__(
+    self,
+    workdir: str,
+    keep_last: int = 1,
+    keep_best: int = 0,
+    metric: str = 'loss',
+    mode: str = 'min',
+    read_only: bool = False,
+  ):
     self.directory = checkpoint_directory(workdir)
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     else:
-      preservation = policies.AnyPreservationPolicy([
+      preservation = policies.AnyPreservationPolicy(
+        [
           policies.LatestN(n=keep_last),
           # Checkpoints saved between evaluations have no metrics; only LatestN keeps those.
-          policies.BestN(get_metric_fn=lambda m: m[metric], reverse=mode == 'min', n=keep_best,
-                         keep_checkpoints_without_metrics=False),
-      ])
-      options = ocp.CheckpointManagerOptions(preservation_policy=preservation, cleanup_tmp_directories=True)
+          policies.BestN(
+            get_metric_fn=lambda m: m[metric],
+            reverse=mode == 'min',
+            n=keep_best,
+            keep_checkpoints_without_metrics=False,
+          ),
+        ]
+      )
+      options = ocp.CheckpointManagerOptions(
+        preservation_policy=preservation, cleanup_tmp_directories=True
+      )
     with _absl_errors_only():
-      self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
+      self.manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=('state', 'meta')
+      )
 
   @classmethod
   def reader(cls, workdir: str) -> 'Checkpoints':
@@ -90,8 +130,12 @@ class Checkpoints(contextlib.AbstractContextManager):
 
   def save(self, step: int, state, meta: dict, metrics: dict | None = None) -> None:
     """Starts an asynchronous save; :meth:`close` waits for it."""
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      metrics=metrics,
+      force=True,
+    )
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -99,8 +143,9 @@ class Checkpoints(contextlib.AbstractContextManager):
   def _unreadable(self, errors: dict) -> UnreadableCheckpointError:
     listed = '; '.join(f'step {step}: {error}' for step, error in errors.items())
     return UnreadableCheckpointError(
-        f'no checkpoint in {self.directory} can be read ({listed}); move that directory away to start afresh, or '
-        'give another --workdir')
+      f'no checkpoint in {self.directory} can be read ({listed}); move that directory away to start afresh, or '
+      'give another --workdir'
+    )
 
   def latest_meta(self) -> dict | None:
     """The JSON record of the newest readable checkpoint; ``None`` when there is none. Raises
@@ -108,10 +153,17 @@ class Checkpoints(contextlib.AbstractContextManager):
     errors = {}
     for step in reversed(self.steps()):
       try:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+          'meta'
+        ]
       except Exception as e:  # noqa: BLE001  (any unreadable checkpoint is skipped the same way)
         errors[step] = first_line(e)
-        log.warning('checkpoint %d in %s is unreadable (%s); trying an older one', step, self.directory, errors[step])
+        log.warning(
+          'checkpoint %d in %s is unreadable (%s); trying an older one',
+          step,
+          self.directory,
+          errors[step],
+        )
     if errors:
       raise self._unreadable(errors)
     return None
@@ -126,13 +178,21 @@ class Checkpoints(contextlib.AbstractContextManager):
     errors = {}
     for step in reversed(self.steps()):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                      meta=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+          ),
+        )
         return restored['state'], restored['meta']
       except Exception as e:  # noqa: BLE001
         errors[step] = first_line(e)
-        log.warning('checkpoint %d in %s could not be restored (%s); using the previous one', step, self.directory,
-                    errors[step])
+        log.warning(
+          'checkpoint %d in %s could not be restored (%s); using the previous one',
+          step,
+          self.directory,
+          errors[step],
+        )
     if errors:
       raise self._unreadable(errors)
     return state, None
@@ -162,5 +222,6 @@ def check_resumable(workdir: str, config: dict) -> None:
   differences = config_differences(meta['config'], config)
   if differences:
     raise ConfigMismatchError(
-        f'{checkpoints.directory} holds checkpoints of a run with another config; use a new workdir, or restore '
-        'these values:\n  ' + '\n  '.join(differences))
+      f'{checkpoints.directory} holds checkpoints of a run with another config; use a new workdir, or restore '
+      'these values:\n  ' + '\n  '.join(differences)
+    )

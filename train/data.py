@@ -38,8 +38,10 @@ def tokenize(texts: Iterator[str], vocab: Vocab) -> np.memmap:
 def save_token_file(tokens: np.ndarray, path: str) -> None:
   with open(path + '.tmp', 'wb') as f:
     for start in range(0, len(tokens), CHUNK_CHARS):
-      f.write(np.asarray(tokens[start:start + CHUNK_CHARS]).tobytes())
-  os.replace(path + '.tmp', path)  # a killed run never leaves a half-written token file under the final name
+      f.write(np.asarray(tokens[start : start + CHUNK_CHARS]).tobytes())
+  os.replace(
+    path + '.tmp', path
+  )  # a killed run never leaves a half-written token file under the final name
 
 
 def token_dtype(vocab_size: int):
@@ -52,14 +54,18 @@ def open_token_file(path: str, vocab_size: int) -> np.memmap:
   return np.memmap(path, dtype=token_dtype(vocab_size), mode='r')
 
 
-def split_tokens(tokens: np.ndarray, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def split_tokens(
+  tokens: np.ndarray, val_fraction: float, seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
   """The first ``1 - val_fraction`` of the stream trains, the rest validates; each must hold a whole sequence."""
   cut = int(len(tokens) * (1 - val_fraction))
   train, val = tokens[:cut], tokens[cut:]
   for name, part in (('training', train), ('validation', val)):
     if len(part) < seq_len + 1:
-      raise ValueError(f'the {name} split has {len(part)} tokens, fewer than one sequence of seq_len + 1 = '
-                       f'{seq_len + 1}: use a bigger corpus, a shorter seq_len or another val_fraction')
+      raise ValueError(
+        f'the {name} split has {len(part)} tokens, fewer than one sequence of seq_len + 1 = '
+        f'{seq_len + 1}: use a bigger corpus, a shorter seq_len or another val_fraction'
+      )
   return train, val
 
 
@@ -68,35 +74,50 @@ def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -
   of a model that ignores context, which a language model must beat."""
   counts = np.ones(vocab_size)
   for start in range(0, len(train), CHUNK_CHARS):
-    counts += np.bincount(train[start:start + CHUNK_CHARS], minlength=vocab_size)
+    counts += np.bincount(train[start : start + CHUNK_CHARS], minlength=vocab_size)
   log_p = np.log(counts / counts.sum())
-  val_counts = sum(np.bincount(val[s:s + CHUNK_CHARS], minlength=vocab_size) for s in range(0, len(val), CHUNK_CHARS))
+  val_counts = sum(
+    np.bincount(val[s : s + CHUNK_CHARS], minlength=vocab_size)
+    for s in range(0, len(val), CHUNK_CHARS)
+  )
   return float(-(val_counts * log_p).sum() / val_counts.sum())
 
 
 # -------------------------------------------------------------------------------------------------------- windows
-def random_windows(tokens: np.ndarray, batch_size: int, length: int, seed: int, step: int,
-                   rows: np.ndarray | None = None) -> np.ndarray:
+def random_windows(
+  tokens: np.ndarray,
+  batch_size: int,
+  length: int,
+  seed: int,
+  step: int,
+  rows: np.ndarray | None = None,
+) -> np.ndarray:
   """``(B, length)`` windows at random offsets, drawn from ``(seed, step)`` alone; with ``rows``, only those rows
   of the batch are read (one process's share of a multi-process batch)."""
   starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - length + 1, batch_size)
   starts = starts if rows is None else starts[rows]
-  return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32)
+  return np.stack([tokens[s : s + length] for s in starts]).astype(np.int32)
 
 
 def consecutive_windows(tokens: np.ndarray, length: int, limit: int | None = None) -> np.ndarray:
   """Up to ``limit`` (default: all) non-overlapping ``(length,)`` windows from the start of ``tokens``: a fixed
   evaluation set."""
   count = len(tokens) // length if limit is None else min(limit, len(tokens) // length)
-  return np.asarray(tokens[:count * length], dtype=np.int32).reshape(count, length)
+  return np.asarray(tokens[: count * length], dtype=np.int32).reshape(count, length)
 
 
 def lm_example(window: np.ndarray) -> dict:
   """Next-token prediction on ``(B, T + 1)`` windows."""
-  return {'inputs': window[:, :-1], 'targets': window[:, 1:], 'weights': np.ones(window[:, 1:].shape, np.float32)}
+  return {
+    'inputs': window[:, :-1],
+    'targets': window[:, 1:],
+    'weights': np.ones(window[:, 1:].shape, np.float32),
+  }
 
 
-def mask_tokens(ids: np.ndarray, vocab_size: int, rng: np.random.Generator, prob: float = 0.15) -> dict:
+def mask_tokens(
+  ids: np.ndarray, vocab_size: int, rng: np.random.Generator, prob: float = 0.15
+) -> dict:
   """BERT's masking: ``prob`` of the tokens are predicted; of those 80% become ``[MASK]``, 10% a random token, 10%
   stay. Only predicted positions carry loss weight. Specials are never chosen."""
   chosen = (rng.random(ids.shape) < prob) & (ids >= len(SPECIALS))
@@ -104,17 +125,25 @@ def mask_tokens(ids: np.ndarray, vocab_size: int, rng: np.random.Generator, prob
   random_ids = rng.integers(len(SPECIALS), vocab_size, ids.shape)
   inputs = np.where(chosen & (action < 0.8), MASK, ids)
   inputs = np.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
-  return {'inputs': inputs.astype(np.int32), 'targets': ids.astype(np.int32), 'weights': chosen.astype(np.float32)}
+  return {
+    'inputs': inputs.astype(np.int32),
+    'targets': ids.astype(np.int32),
+    'weights': chosen.astype(np.float32),
+  }
 
 
 # ---------------------------------------------------------------------------------------------- example datasets
-def epoch_indices(num_examples: int, batch_size: int, seed: int, step: int,
-                  rows: np.ndarray | None = None) -> np.ndarray:
+def epoch_indices(
+  num_examples: int, batch_size: int, seed: int, step: int, rows: np.ndarray | None = None
+) -> np.ndarray:
   """The example indices of batch ``step`` (of its ``rows`` only, when given): consecutive slices of one shuffled
   permutation per epoch."""
   flat = step * batch_size + (np.arange(batch_size) if rows is None else rows)
   epochs, positions = np.divmod(flat, num_examples)
-  perms = {int(e): np.random.default_rng([seed, int(e)]).permutation(num_examples) for e in np.unique(epochs)}
+  perms = {
+    int(e): np.random.default_rng([seed, int(e)]).permutation(num_examples)
+    for e in np.unique(epochs)
+  }
   return np.array([perms[int(e)][p] for e, p in zip(epochs, positions)])
 
 
@@ -122,30 +151,37 @@ def pad_rows(rows: list[list[int]], length: int) -> np.ndarray:
   """``(N, length)`` int32, right-padded with ``[PAD]``; rows must already fit."""
   out = np.full((len(rows), length), PAD, np.int32)
   for i, row in enumerate(rows):
-    out[i, :len(row)] = row
+    out[i, : len(row)] = row
   return out
 
 
 def encode_pairs(pairs, src_vocab: Vocab, tgt_vocab: Vocab, src_len: int, tgt_len: int) -> dict:
   """Sources ``(N, S)``; target inputs ``[BOS] t`` and targets ``t [EOS]`` ``(N, T)``; longer pairs truncated."""
   sources = [src_vocab.encode(s)[:src_len] for s, _ in pairs]
-  targets = [tgt_vocab.encode(t)[:tgt_len - 1] for _, t in pairs]
-  data = {'sources': pad_rows(sources, src_len), 'inputs': pad_rows([[BOS] + t for t in targets], tgt_len),
-          'targets': pad_rows([t + [EOS] for t in targets], tgt_len)}
+  targets = [tgt_vocab.encode(t)[: tgt_len - 1] for _, t in pairs]
+  data = {
+    'sources': pad_rows(sources, src_len),
+    'inputs': pad_rows([[BOS] + t for t in targets], tgt_len),
+    'targets': pad_rows([t + [EOS] for t in targets], tgt_len),
+  }
   check_token_ids(data['sources'], src_vocab.size, 'source ids')
   check_token_ids(data['targets'], tgt_vocab.size, 'target ids')
   data['weights'] = (data['targets'] != PAD).astype(np.float32)
   return data
 
 
-def encode_labelled(texts: list[str], labels: list[int], vocab: Vocab, max_len: int, num_labels: int) -> dict:
+def encode_labelled(
+  texts: list[str], labels: list[int], vocab: Vocab, max_len: int, num_labels: int
+) -> dict:
   """``[CLS] text`` ids ``(N, max_len)`` (truncated) and class ids ``(N,)``, which must lie in
   ``[0, num_labels)``."""
   labels = np.array(labels, np.int32)
   bad = labels[(labels < 0) | (labels >= num_labels)]
   if bad.size:
-    raise ValueError(f'labels {sorted(set(bad.tolist()))[:8]} lie outside [0, model.num_labels={num_labels})')
-  ids = pad_rows([[BOS] + vocab.encode(text)[:max_len - 1] for text in texts], max_len)
+    raise ValueError(
+      f'labels {sorted(set(bad.tolist()))[:8]} lie outside [0, model.num_labels={num_labels})'
+    )
+  ids = pad_rows([[BOS] + vocab.encode(text)[: max_len - 1] for text in texts], max_len)
   check_token_ids(ids, vocab.size, 'text ids')
   return {'inputs': ids, 'labels': labels}
 
@@ -153,7 +189,16 @@ def encode_labelled(texts: list[str], labels: list[int], vocab: Vocab, max_len: 
 def builtin_sentiment(count: int, seed: int) -> list[tuple[str, str]]:
   """A tiny generated sentiment task (labels ``positive`` and ``negative``) for running ``classify`` without files.
   A "not" before the adjective flips the label, so a bag of words is not enough."""
-  subjects = ['the film', 'this book', 'the food', 'our trip', 'the show', 'that song', 'the hotel', 'my day']
+  subjects = [
+    'the film',
+    'this book',
+    'the food',
+    'our trip',
+    'the show',
+    'that song',
+    'the hotel',
+    'my day',
+  ]
   good = ['great', 'wonderful', 'fun', 'lovely', 'excellent', 'charming']
   bad = ['awful', 'boring', 'terrible', 'dull', 'bad', 'painful']
   rng = np.random.default_rng(seed)
@@ -161,6 +206,6 @@ def builtin_sentiment(count: int, seed: int) -> list[tuple[str, str]]:
   for _ in range(count):
     positive, negated = bool(rng.integers(2)), bool(rng.integers(2))
     adjective = rng.choice(good if positive else bad)
-    text = f"{rng.choice(subjects)} was {'not ' if negated else ''}{adjective}"
+    text = f'{rng.choice(subjects)} was {"not " if negated else ""}{adjective}'
     rows.append((text, 'positive' if positive != negated else 'negative'))
   return rows

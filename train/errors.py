@@ -18,7 +18,11 @@ from absl import flags
 VERBOSE_ENV = 'TRANSFORMER_JAX_VERBOSE'
 INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C
 
-flags.DEFINE_bool('verbose', False, f'Show the full traceback of an error, for a bug report (or set {VERBOSE_ENV}=1).')
+flags.DEFINE_bool(
+  'verbose',
+  False,
+  f'Show the full traceback of an error, for a bug report (or set {VERBOSE_ENV}=1).',
+)
 
 
 class RunStopped(RuntimeError):
@@ -56,9 +60,13 @@ def parse_flags(argv: list[str]) -> list[str]:
       flags.FLAGS.config.to_dict()  # a file that failed to load fails here, with a message of several lines
     except Exception as e:  # noqa: BLE001
       reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
-      sys.exit(f'error: cannot load the config file {flags.FLAGS["config"].config_filename}: {reason}')
+      sys.exit(
+        f'error: cannot load the config file {flags.FLAGS["config"].config_filename}: {reason}'
+      )
   if len(rest) > 1:
-    sys.exit(f'error: unexpected arguments {rest[1:]}; set config fields as --config.<field>=<value>')
+    sys.exit(
+      f'error: unexpected arguments {rest[1:]}; set config fields as --config.<field>=<value>'
+    )
   return rest
 
 
@@ -80,5 +88,7 @@ def run_main(main: Callable[[], None]) -> None:
   except Exception as e:  # noqa: BLE001  (a bug: still one line, and the way to the details)
     if show_traceback:
       raise
-    sys.exit(f'internal error: {type(e).__name__}: {first_line(e)}\n'
-             f'rerun with --verbose (or {VERBOSE_ENV}=1) for the traceback, and please report it')
+    sys.exit(
+      f'internal error: {type(e).__name__}: {first_line(e)}\n'
+      f'rerun with --verbose (or {VERBOSE_ENV}=1) for the traceback, and please report it'
+    )

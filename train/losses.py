@@ -19,5 +19,9 @@ def cross_entropy_sums(logits, targets, weights, label_smoothing: float = 0.0) -
   uniform = -log_probs.mean(axis=-1)
   loss = (1.0 - label_smoothing) * nll + label_smoothing * uniform
   correct = (logits.argmax(-1) == targets).astype(jnp.float32)
-  return {'loss': (loss * weights).sum(), 'nll': (nll * weights).sum(), 'correct': (correct * weights).sum(),
-          'weight': weights.sum()}
+  return {
+    'loss': (loss * weights).sum(),
+    'nll': (nll * weights).sum(),
+    'correct': (correct * weights).sum(),
+    'weight': weights.sum(),
+  }

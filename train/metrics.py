@@ -34,7 +34,10 @@ class MetricWriter:
     with open(path, 'w') as f:
       f.writelines(json.dumps(r) + '\n' for r in kept)
     self.jsonl = open(path, 'a')
-    from tensorboardX import SummaryWriter  # here: with PyTorch installed it imports torch, seconds a start
+    from tensorboardX import (
+      SummaryWriter,  # here: with PyTorch installed it imports torch, seconds a start
+    )
+
     self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, split: str, metrics: dict) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-ONES = ('zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen '
-        'seventeen eighteen nineteen').split()
+ONES = (
+  'zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen '
+  'seventeen eighteen nineteen'
+).split()
 TENS = 'zero ten twenty thirty forty fifty sixty seventy eighty ninety'.split()
 SCALES = ((10**9, 'billion'), (10**6, 'million'), (1000, 'thousand'))
 
@@ -44,8 +46,9 @@ def number_to_words(n: int) -> str:
   return ' '.join(words)
 
 
-def number_pairs(count: int, max_digits: int, seed: int, exclude: frozenset[int] = frozenset(),
-                 min_digits: int = 1) -> list[tuple[str, str]]:
+def number_pairs(
+  count: int, max_digits: int, seed: int, exclude: frozenset[int] = frozenset(), min_digits: int = 1
+) -> list[tuple[str, str]]:
   """``count`` distinct (digits, words) pairs with ``min_digits`` to ``max_digits`` digits, not in ``exclude``.
 
   The number of digits is drawn uniformly first, so short numbers are as common as long ones (drawing the number
@@ -53,15 +56,17 @@ def number_pairs(count: int, max_digits: int, seed: int, exclude: frozenset[int]
   """
   if not 1 <= min_digits <= max_digits <= 12:
     raise ValueError(f'need 1 <= min_digits <= max_digits <= 12, got {min_digits} and {max_digits}')
-  low = 0 if min_digits == 1 else 10**(min_digits - 1)
+  low = 0 if min_digits == 1 else 10 ** (min_digits - 1)
   available = 10**max_digits - low - len(exclude)
   if count > available:
-    raise ValueError(f'cannot draw {count} distinct numbers with {min_digits} to {max_digits} digits')
+    raise ValueError(
+      f'cannot draw {count} distinct numbers with {min_digits} to {max_digits} digits'
+    )
   rng = np.random.default_rng(seed)
   chosen: dict[int, None] = {}  # insertion-ordered set
   while len(chosen) < count:
     digits = int(rng.integers(min_digits, max_digits + 1))
-    n = int(rng.integers(0 if digits == 1 else 10**(digits - 1), 10**digits))
+    n = int(rng.integers(0 if digits == 1 else 10 ** (digits - 1), 10**digits))
     if n not in exclude:
       chosen[n] = None
   return [(str(n), number_to_words(n)) for n in chosen]

@@ -23,9 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from transformer_jax.sharding import DEFAULT_RULES, batch_sharding, data_parallel_size, make_mesh, param_shardings
+from transformer_jax.sharding import (
+  DEFAULT_RULES,
+  batch_sharding,
+  data_parallel_size,
+  make_mesh,
+  param_shardings,
+)
 
 log = logging.getLogger('train')
 
@@ -50,8 +57,11 @@ def initialize_distributed(config) -> None:
   process_id = cfg.process_id if cfg.process_id >= 0 else int(os.environ.get('JAX_PROCESS_ID', -1))
   # CPU devices of different processes talk through gloo; the setting is ignored by other backends.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=address or None, num_processes=num_processes,
-                             process_id=None if process_id < 0 else process_id)
+  jax.distributed.initialize(
+    coordinator_address=address or None,
+    num_processes=num_processes,
+    process_id=None if process_id < 0 else process_id,
+  )
 
 
 def is_primary() -> bool:
@@ -91,8 +101,12 @@ def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
   parameter, so FSDP splits the optimizer state too. Counters, keys and step numbers are replicated."""
   replicated = NamedSharding(mesh, P())
   params = param_shardings(abstract_state.params, mesh, rules)
-  by_path = {_path_keys(path): (sharding, leaf.shape) for (path, sharding), leaf in
-             zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(abstract_state.params))}
+  by_path = {
+    _path_keys(path): (sharding, leaf.shape)
+    for (path, sharding), leaf in zip(
+      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(abstract_state.params)
+    )
+  }
 
   def opt_leaf(path, leaf):
     keys = _path_keys(path)
@@ -103,18 +117,27 @@ def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
     return replicated
 
   return abstract_state.replace(
-      step=replicated, params=params, rng=replicated, nonfinite_step=replicated, skipped=replicated,
-      opt_state=jax.tree_util.tree_map_with_path(opt_leaf, abstract_state.opt_state))
+    step=replicated,
+    params=params,
+    rng=replicated,
+    nonfinite_step=replicated,
+    skipped=replicated,
+    opt_state=jax.tree_util.tree_map_with_path(opt_leaf, abstract_state.opt_state),
+  )
 
 
 def _local_block(sharding, shape: tuple, axis: int) -> tuple[int, int]:
   """The contiguous ``[start, stop)`` of ``axis`` that this process's devices hold under ``sharding``."""
-  spans = {(s[axis].start or 0, shape[axis] if s[axis].stop is None else s[axis].stop)
-           for s in sharding.addressable_devices_indices_map(shape).values()}
+  spans = {
+    (s[axis].start or 0, shape[axis] if s[axis].stop is None else s[axis].stop)
+    for s in sharding.addressable_devices_indices_map(shape).values()
+  }
   start, stop = min(a for a, _ in spans), max(b for _, b in spans)
   if sum(b - a for a, b in spans) != stop - start:
-    raise ValueError(f'the batch rows of process {jax.process_index()} are not contiguous under {sharding}; '
-                     'order the mesh so each process holds one block of the data axes')
+    raise ValueError(
+      f'the batch rows of process {jax.process_index()} are not contiguous under {sharding}; '
+      'order the mesh so each process holds one block of the data axes'
+    )
   return start, stop
 
 
@@ -130,26 +153,34 @@ class Layout:
   ``micro_sharding`` lays out the ``(A, B / A, ...)`` training micro-batches, ``eval_sharding`` the ``(B, ...)``
   evaluation batches; this process's rows are the block of the batch axis its devices hold under them."""
 
-  axis_name: str | None = None  # the named device axis the steps reduce over, when they run per device
+  # the named device axis the steps reduce over, when they run per device
+  axis_name: str | None = None
 
-  def __init__(self, config, mesh: Mesh, data_devices: int, state_shardings, micro_sharding, eval_sharding):
+  def __init__(
+    self, config, mesh: Mesh, data_devices: int, state_shardings, micro_sharding, eval_sharding
+  ):
     self.mesh, self.state_shardings = mesh, state_shardings
     self.micro_sharding, self.eval_sharding = micro_sharding, eval_sharding
     self.replicated = NamedSharding(mesh, P())
     self.micro_batches = config.grad_accum_steps
     self.micro_size = config.batch_size // config.grad_accum_steps
     if self.micro_size % data_devices:
-      raise ValueError(f'batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps} = '
-                       f'{self.micro_size} sequences per micro-batch do not divide across the {data_devices} '
-                       f'data-parallel devices ({self.describe()})')
+      raise ValueError(
+        f'batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps} = '
+        f'{self.micro_size} sequences per micro-batch do not divide across the {data_devices} '
+        f'data-parallel devices ({self.describe()})'
+      )
     start, stop = _local_block(micro_sharding, (self.micro_batches, self.micro_size), 1)
     self.train_rows = micro_batch_rows(self.micro_batches, self.micro_size, start, stop)
     self.eval_rows = np.arange(*_local_block(eval_sharding, (config.batch_size,), 0))
 
   def abstract_state(self, abstract):
     """Checkpoint restore target: shapes and dtypes with this layout's shardings."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-                        self.state_shardings)
+    return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract,
+      self.state_shardings,
+    )
 
   def init_state(self, create):
     """A fresh canonical state, each array created where its sharding puts it."""
@@ -157,7 +188,9 @@ class Layout:
 
   def place_eval(self, batch: dict) -> dict:
     """A fixed ``(B, ...)`` evaluation batch on the devices, once for the whole run: this process's rows only."""
-    return self._global(self.eval_sharding, self._eval_local({k: v[self.eval_rows] for k, v in batch.items()}))
+    return self._global(
+      self.eval_sharding, self._eval_local({k: v[self.eval_rows] for k, v in batch.items()})
+    )
 
   def _eval_local(self, rows: dict) -> dict:
     """This process's evaluation rows in the layout of ``eval_sharding`` (as they are, by default)."""
@@ -174,8 +207,12 @@ class MeshLayout(Layout):
   def __init__(self, config, abstract_state):
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     batch = batch_sharding(mesh)
-    micro = NamedSharding(mesh, P(None, *batch.spec))  # (A, B / A, ...): each micro-batch split over the data axes
-    super().__init__(config, mesh, data_parallel_size(mesh), state_shardings(abstract_state, mesh), micro, batch)
+    micro = NamedSharding(
+      mesh, P(None, *batch.spec)
+    )  # (A, B / A, ...): each micro-batch split over the data axes
+    super().__init__(
+      config, mesh, data_parallel_size(mesh), state_shardings(abstract_state, mesh), micro, batch
+    )
 
   def describe(self) -> str:
     return f'jit over mesh {dict(self.mesh.shape)} ({jax.device_count()} devices, {jax.process_count()} processes)'
@@ -189,21 +226,34 @@ class MeshLayout(Layout):
     return state
 
   def compile_train(self, step_fn):
-    step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.micro_sharding),
-                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
-    return self._in_mesh(lambda state, batch: step(state, self._global(self.micro_sharding, self._micro(batch))))
+    step = jax.jit(
+      step_fn,
+      in_shardings=(self.state_shardings, self.micro_sharding),
+      out_shardings=(self.state_shardings, self.replicated),
+      donate_argnums=(0,),
+    )
+    return self._in_mesh(
+      lambda state, batch: step(state, self._global(self.micro_sharding, self._micro(batch)))
+    )
 
   def compile_eval(self, eval_fn):
     """``(params, placed batch) -> sums``; batches come from :meth:`place_eval`."""
-    return self._in_mesh(jax.jit(eval_fn, in_shardings=(self.state_shardings.params, self.eval_sharding),
-                                 out_shardings=self.replicated))
+    return self._in_mesh(
+      jax.jit(
+        eval_fn,
+        in_shardings=(self.state_shardings.params, self.eval_sharding),
+        out_shardings=self.replicated,
+      )
+    )
 
   def _in_mesh(self, fn):
     """``fn`` run with the mesh in context, so the models' activation constraints
     (:func:`~transformer_jax.sharding.shard_activation`) apply when it traces."""
+
     def call(*args):
       with jax.set_mesh(self.mesh):
         return fn(*args)
+
     return call
 
   def _micro(self, batch: dict) -> dict:
@@ -218,20 +268,32 @@ class PmapLayout(Layout):
 
   def __init__(self, config, abstract_state):
     if config.mesh.fsdp != 1 or config.mesh.tensor != 1:
-      raise ValueError(f'parallelism=pmap is data parallel only; it cannot use mesh.fsdp={config.mesh.fsdp} or '
-                       f'mesh.tensor={config.mesh.tensor} (use parallelism=jit)')
+      raise ValueError(
+        f'parallelism=pmap is data parallel only; it cannot use mesh.fsdp={config.mesh.fsdp} or '
+        f'mesh.tensor={config.mesh.tensor} (use parallelism=jit)'
+      )
     if config.mesh.data not in (-1, jax.device_count()):
-      raise ValueError(f'parallelism=pmap runs on all {jax.device_count()} devices; mesh.data={config.mesh.data} '
-                       'must be -1 or that number')
+      raise ValueError(
+        f'parallelism=pmap runs on all {jax.device_count()} devices; mesh.data={config.mesh.data} '
+        'must be -1 or that number'
+      )
     mesh = Mesh(np.array(jax.devices()), (PMAP_AXIS,))  # pmap's own device order
     replicated = NamedSharding(mesh, P())
     # pmap's arrays carry a leading device axis: one slice per device.
     self.per_device = NamedSharding(mesh, P(PMAP_AXIS))
-    super().__init__(config, mesh, jax.device_count(), jax.tree.map(lambda _: replicated, abstract_state),
-                     NamedSharding(mesh, P(None, PMAP_AXIS)), self.per_device)
+    super().__init__(
+      config,
+      mesh,
+      jax.device_count(),
+      jax.tree.map(lambda _: replicated, abstract_state),
+      NamedSharding(mesh, P(None, PMAP_AXIS)),
+      self.per_device,
+    )
     copies = jax.device_count()
-    self._replicate = jax.jit(lambda s: jax.tree.map(lambda x: jnp.broadcast_to(x, (copies,) + x.shape), s),
-                              out_shardings=self.per_device)
+    self._replicate = jax.jit(
+      lambda s: jax.tree.map(lambda x: jnp.broadcast_to(x, (copies,) + x.shape), s),
+      out_shardings=self.per_device,
+    )
     self._first = jax.jit(lambda s: jax.tree.map(lambda x: x[0], s), out_shardings=self.replicated)
 
   def describe(self) -> str:
@@ -248,8 +310,12 @@ class PmapLayout(Layout):
 
     def train_step(state, batch):
       # Local rows (train_rows order) -> (local devices, A, rows per device, ...).
-      local = {k: np.swapaxes(v.reshape((self.micro_batches, jax.local_device_count(), -1) + v.shape[1:]), 0, 1)
-               for k, v in batch.items()}
+      local = {
+        k: np.swapaxes(
+          v.reshape((self.micro_batches, jax.local_device_count(), -1) + v.shape[1:]), 0, 1
+        )
+        for k, v in batch.items()
+      }
       state, metrics = step(state, local)
       return state, self._first(metrics)
 

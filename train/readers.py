@@ -16,7 +16,9 @@ import re
 from typing import Iterator
 
 BUILTIN = 'builtin'
-CHUNK_CHARS = 1 << 20  # texts are read and tokenized about a megabyte at a time, so memory stays flat
+CHUNK_CHARS = (
+  1 << 20
+)  # texts are read and tokenized about a megabyte at a time, so memory stays flat
 _INTEGER = re.compile(r'[+-]?\d+')
 
 
@@ -27,14 +29,17 @@ def is_jsonl(path: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------- lines
 def _lines(path: str) -> Iterator[str]:
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'data file {path} does not exist' if not os.path.exists(path)
-                            else f'{path} is not a file')
+    raise FileNotFoundError(
+      f'data file {path} does not exist' if not os.path.exists(path) else f'{path} is not a file'
+    )
   try:
     with open(path, encoding='utf-8', newline='') as f:
       yield from f
   except UnicodeDecodeError as e:
-    raise ValueError(f'{path}:{_first_undecodable_line(path)}: not valid UTF-8 text ({e.reason}); save the file as '
-                     'UTF-8') from None
+    raise ValueError(
+      f'{path}:{_first_undecodable_line(path)}: not valid UTF-8 text ({e.reason}); save the file as '
+      'UTF-8'
+    ) from None
 
 
 def _first_undecodable_line(path: str) -> int:
@@ -61,14 +66,18 @@ def read_jsonl(path: str, fields: tuple[str, ...]) -> Iterator[tuple[int, tuple]
       raise ValueError(f'{path}:{number}: expected a JSON object, got {type(record).__name__}')
     missing = [name for name in fields if name not in record]
     if missing:
-      raise ValueError(f'{path}:{number}: no field {missing[0]!r} (fields: {sorted(record)}); set the '
-                       'data.*_field options to the names this file uses')
+      raise ValueError(
+        f'{path}:{number}: no field {missing[0]!r} (fields: {sorted(record)}); set the '
+        'data.*_field options to the names this file uses'
+      )
     yield number, tuple(record[name] for name in fields)
 
 
 def _string(path: str, number: int, field: str, value) -> str:
   if not isinstance(value, str):
-    raise ValueError(f'{path}:{number}: field {field!r} must be a string, got {json.dumps(value)[:40]}')
+    raise ValueError(
+      f'{path}:{number}: field {field!r} must be a string, got {json.dumps(value)[:40]}'
+    )
   return value
 
 
@@ -76,8 +85,11 @@ def _string(path: str, number: int, field: str, value) -> str:
 def text_files(path: str) -> list[str]:
   """The files a text source names: one file, or every file under a folder (sorted, hidden ones skipped)."""
   if os.path.isdir(path):
-    files = sorted(f for f in glob.glob(os.path.join(path, '**', '*'), recursive=True)
-                   if os.path.isfile(f) and not os.path.basename(f).startswith('.'))
+    files = sorted(
+      f
+      for f in glob.glob(os.path.join(path, '**', '*'), recursive=True)
+      if os.path.isfile(f) and not os.path.basename(f).startswith('.')
+    )
     if not files:
       raise ValueError(f'the folder {path} holds no files')
     return files
@@ -89,6 +101,7 @@ def text_files(path: str) -> list[str]:
 def builtin_corpus() -> str:
   """The Python reference documentation that ships with every Python (``pydoc_data.topics``), about 0.5 MB."""
   from pydoc_data.topics import topics
+
   return '\n\n'.join(topics[k] for k in sorted(topics))
 
 
@@ -127,11 +140,15 @@ def read_texts(path: str, text_field: str = 'text') -> Iterator[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ examples
-def read_pairs(path: str, source_field: str = 'source', target_field: str = 'target') -> list[tuple[str, str]]:
+def read_pairs(
+  path: str, source_field: str = 'source', target_field: str = 'target'
+) -> list[tuple[str, str]]:
   """``source<TAB>target`` lines of a UTF-8 file (blank lines skipped), or the two fields of a ``.jsonl`` file."""
   if is_jsonl(path):
-    pairs = [(_string(path, n, source_field, s), _string(path, n, target_field, t))
-             for n, (s, t) in read_jsonl(path, (source_field, target_field))]
+    pairs = [
+      (_string(path, n, source_field, s), _string(path, n, target_field, t))
+      for n, (s, t) in read_jsonl(path, (source_field, target_field))
+    ]
   else:
     pairs = []
     for number, line in enumerate(_lines(path), 1):
@@ -149,19 +166,29 @@ def read_pairs(path: str, source_field: str = 'source', target_field: str = 'tar
 def _label_text(path: str, number: int, label) -> str:
   """A label as its canonical string: ``"3"`` for ``3`` or ``" 3 "``; names are kept as written (stripped)."""
   if isinstance(label, bool) or not isinstance(label, (str, int)):
-    raise ValueError(f'{path}:{number}: a label must be a string or an integer, got {json.dumps(label)[:40]}')
-  return str(int(label)) if isinstance(label, int) or _INTEGER.fullmatch(label.strip()) else label.strip()
+    raise ValueError(
+      f'{path}:{number}: a label must be a string or an integer, got {json.dumps(label)[:40]}'
+    )
+  return (
+    str(int(label))
+    if isinstance(label, int) or _INTEGER.fullmatch(label.strip())
+    else label.strip()
+  )
 
 
-def read_labelled(path: str, text_field: str = 'text', label_field: str = 'label') -> list[tuple[str, str]]:
+def read_labelled(
+  path: str, text_field: str = 'text', label_field: str = 'label'
+) -> list[tuple[str, str]]:
   """``(text, label)`` rows of a CSV (or a TSV, by extension) of ``text,label`` rows, or of a ``.jsonl`` file.
 
   Labels come back as strings, integers in canonical form (see :class:`LabelSet`). The first CSV row is a header
   when its label cell reads ``label_field``, or when it alone of all rows has a label that is not an integer.
   """
   if is_jsonl(path):
-    rows = [(_string(path, n, text_field, text), _label_text(path, n, label))
-            for n, (text, label) in read_jsonl(path, (text_field, label_field))]
+    rows = [
+      (_string(path, n, text_field, text), _label_text(path, n, label))
+      for n, (text, label) in read_jsonl(path, (text_field, label_field))
+    ]
   else:
     delimiter = '\t' if path.endswith('.tsv') else ','
     rows, numbers = [], []
@@ -183,7 +210,11 @@ def _is_header(rows: list[tuple[str, str]], label_field: str) -> bool:
   first = rows[0][1]
   if first.lower() == label_field.lower():
     return True
-  return len(rows) > 1 and not _INTEGER.fullmatch(first) and all(_INTEGER.fullmatch(l) for _, l in rows[1:])
+  return (
+    len(rows) > 1
+    and not _INTEGER.fullmatch(first)
+    and all(_INTEGER.fullmatch(label) for _, label in rows[1:])
+  )
 
 
 class LabelSet:
@@ -202,20 +233,26 @@ class LabelSet:
       return cls(sorted(labels))
     if len(numbers) < len(labels):
       names = sorted(labels - set(numbers))
-      raise ValueError(f'the training labels mix integers ({numbers[0]!r}) and names ({names[0]!r}); use one or '
-                       'the other')
+      raise ValueError(
+        f'the training labels mix integers ({numbers[0]!r}) and names ({names[0]!r}); use one or '
+        'the other'
+      )
     return cls(None)
 
   def encode(self, labels, split: str) -> list[int]:
     if self.ids is None:
       unnamed = sorted({label for label in labels if not _INTEGER.fullmatch(label)})
       if unnamed:
-        raise ValueError(f'the {split} labels {unnamed[:5]} are not integers, but the run was set up with integer '
-                         'labels; use a new workdir')
+        raise ValueError(
+          f'the {split} labels {unnamed[:5]} are not integers, but the run was set up with integer '
+          'labels; use a new workdir'
+        )
       return [int(label) for label in labels]
     unseen = sorted(set(labels) - set(self.ids))
     if unseen:
-      raise ValueError(f'the {split} label(s) {unseen[:5]} never occur in the training labels {self.names}')
+      raise ValueError(
+        f'the {split} label(s) {unseen[:5]} never occur in the training labels {self.names}'
+      )
     return [self.ids[label] for label in labels]
 
   def name(self, class_id: int) -> str:

@@ -28,16 +28,28 @@ class TrainState:
 def create_state(task, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
   init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
   params = task.init_params(init_key)
-  return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=dropout_key,
-                    nonfinite_step=jnp.int32(-1), skipped=jnp.int32(0))
+  return TrainState(
+    step=jnp.int32(0),
+    params=params,
+    opt_state=optimizer.init(params),
+    rng=dropout_key,
+    nonfinite_step=jnp.int32(-1),
+    skipped=jnp.int32(0),
+  )
 
 
 def _where_tree(keep_new, new, old):
   return jax.tree.map(lambda a, b: jnp.where(keep_new, a, b), new, old)
 
 
-def train_step_fn(task, optimizer, schedule, label_smoothing: float, skip_nonfinite: bool,
-                  axis_name: str | None = None):
+def train_step_fn(
+  task,
+  optimizer,
+  schedule,
+  label_smoothing: float,
+  skip_nonfinite: bool,
+  axis_name: str | None = None,
+):
   """The pure ``(state, batch) -> (state, metrics)``, for :mod:`train.parallel` to compile under a mesh or ``pmap``.
 
   The batch holds ``(A, B / A, ...)`` micro-batches. Gradients of the *summed* loss are accumulated over them and
@@ -55,6 +67,7 @@ def train_step_fn(task, optimizer, schedule, label_smoothing: float, skip_nonfin
     def loss_fn(p):
       sums = task.loss_sums(p, micro, rng, deterministic=False, label_smoothing=label_smoothing)
       return sums['loss'], sums
+
     return jax.grad(loss_fn, has_aux=True)(params)
 
   def train_step(state: TrainState, batch: dict):
@@ -81,12 +94,20 @@ def train_step_fn(task, optimizer, schedule, label_smoothing: float, skip_nonfin
     finite = jnp.isfinite(sums['loss']) & jnp.isfinite(grad_norm)
     apply = finite if skip_nonfinite else finite & (state.nonfinite_step < 0)
     new_state = state.replace(
-        step=state.step + 1, params=_where_tree(apply, params, state.params),
-        opt_state=_where_tree(apply, opt_state, state.opt_state),
-        nonfinite_step=jnp.where(~finite & (state.nonfinite_step < 0), state.step, state.nonfinite_step),
-        skipped=state.skipped + (~finite).astype(jnp.int32))
-    metrics = {'loss': sums['loss'] / weight, 'accuracy': sums['correct'] / weight, 'grad_norm': grad_norm,
-               'learning_rate': schedule(state.step)}
+      step=state.step + 1,
+      params=_where_tree(apply, params, state.params),
+      opt_state=_where_tree(apply, opt_state, state.opt_state),
+      nonfinite_step=jnp.where(
+        ~finite & (state.nonfinite_step < 0), state.step, state.nonfinite_step
+      ),
+      skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    metrics = {
+      'loss': sums['loss'] / weight,
+      'accuracy': sums['correct'] / weight,
+      'grad_norm': grad_norm,
+      'learning_rate': schedule(state.step),
+    }
     return new_state, metrics
 
   return train_step

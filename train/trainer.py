@@ -41,12 +41,21 @@ def check_config(config) -> None:
   problems = []
   if config.task not in TASKS:
     problems.append(f'task must be one of {sorted(TASKS)}, got {config.task!r}')
-  for name in ('batch_size', 'grad_accum_steps', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
-               'checkpoint_every_steps', 'keep_last'):
+  for name in (
+    'batch_size',
+    'grad_accum_steps',
+    'num_train_steps',
+    'log_every_steps',
+    'eval_every_steps',
+    'checkpoint_every_steps',
+    'keep_last',
+  ):
     if not isinstance(config[name], int) or config[name] < 1:
       problems.append(f'{name} must be a positive integer, got {config[name]!r}')
   if not problems and config.batch_size % config.grad_accum_steps:
-    problems.append(f'batch_size={config.batch_size} is not divisible by grad_accum_steps={config.grad_accum_steps}')
+    problems.append(
+      f'batch_size={config.batch_size} is not divisible by grad_accum_steps={config.grad_accum_steps}'
+    )
   for name in ('warmup_steps', 'decay_steps', 'keep_best', 'eval_batches'):
     if config[name] < 0:
       problems.append(f'{name} must be >= 0, got {config[name]}')
@@ -129,12 +138,23 @@ class Run:
     self.config, self.workdir = config, workdir
     check_resumable(workdir, config.to_dict())
     self.task, optimizer, schedule, create, self.layout = primary_first(self._prepare, 'data')
-    self.eval_data = [self.layout.place_eval(batch) for batch in self.task.eval_batches()]  # fixed: placed once
-    self.train_step = self.layout.compile_train(train_step_fn(
-        self.task, optimizer, schedule, config.label_smoothing, config.skip_nonfinite_updates, self.layout.axis_name))
+    self.eval_data = [
+      self.layout.place_eval(batch) for batch in self.task.eval_batches()
+    ]  # fixed: placed once
+    self.train_step = self.layout.compile_train(
+      train_step_fn(
+        self.task,
+        optimizer,
+        schedule,
+        config.label_smoothing,
+        config.skip_nonfinite_updates,
+        self.layout.axis_name,
+      )
+    )
     self.eval_step = self.layout.compile_eval(eval_step_fn(self.task, self.layout.axis_name))
-    self.checkpoints = Checkpoints(workdir, config.keep_last, config.keep_best, self.task.metric,
-                                   self.task.metric_mode)
+    self.checkpoints = Checkpoints(
+      workdir, config.keep_last, config.keep_best, self.task.metric, self.task.metric_mode
+    )
     try:
       state, meta = self.checkpoints.restore(self.layout.abstract_state(jax.eval_shape(create)))
       self.state = self.layout.to_device(self.layout.init_state(create) if meta is None else state)
@@ -164,26 +184,39 @@ class Run:
 
   def meta(self, step: int) -> dict:
     """The JSON record saved beside the state."""
-    return {'step': step, 'examples_seen': step * self.config.batch_size, 'config': self.config.to_dict()}
+    return {
+      'step': step,
+      'examples_seen': step * self.config.batch_size,
+      'config': self.config.to_dict(),
+    }
 
   def check_finite(self) -> None:
     """In stop mode, raises :class:`NonFiniteError` once any update was not finite (one small transfer)."""
     bad = int(self.layout.canonical(self.state.nonfinite_step))
     if bad >= 0 and not self.config.skip_nonfinite_updates:
       steps = self.checkpoints.steps()
-      kept = (f'the last good checkpoint is step {steps[-1]} in {self.checkpoints.directory}' if steps
-              else 'no checkpoint was saved')
-      raise NonFiniteError(f'non-finite loss or gradient at step {bad}: stopping ({kept}); set '
-                           'skip_nonfinite_updates=True to skip such updates instead')
+      kept = (
+        f'the last good checkpoint is step {steps[-1]} in {self.checkpoints.directory}'
+        if steps
+        else 'no checkpoint was saved'
+      )
+      raise NonFiniteError(
+        f'non-finite loss or gradient at step {bad}: stopping ({kept}); set '
+        'skip_nonfinite_updates=True to skip such updates instead'
+      )
 
   def save(self, step: int, metrics: dict | None) -> None:
     self.check_finite()
     self.checkpoints.save(step, self.canonical_state(), self.meta(step), metrics)
 
 
-def log_train(run: Run, writer: MetricWriter, step: int, pending: list, tokens: int, started: float, bar) -> None:
+def log_train(
+  run: Run, writer: MetricWriter, step: int, pending: list, tokens: int, started: float, bar
+) -> None:
   """Averages the metrics of the steps since the last log (one transfer), writes them and updates the bar."""
-  history = jax.device_get(pending)  # waits for the queued steps, so the clock below covers their work
+  history = jax.device_get(
+    pending
+  )  # waits for the queued steps, so the clock below covers their work
   metrics = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
   seconds = time.perf_counter() - started
   metrics['tokens_per_sec'] = tokens / max(seconds, 1e-9)
@@ -193,8 +226,11 @@ def log_train(run: Run, writer: MetricWriter, step: int, pending: list, tokens: 
   run.check_finite()
   writer.write(step, 'train', metrics)
   run.last_train = metrics
-  bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
-                  tok_s=f"{metrics['tokens_per_sec']:,.0f}")
+  bar.set_postfix(
+    loss=f'{metrics["loss"]:.4f}',
+    lr=f'{metrics["learning_rate"]:.2e}',
+    tok_s=f'{metrics["tokens_per_sec"]:,.0f}',
+  )
 
 
 def run_eval(run: Run, writer: MetricWriter, step: int) -> dict:
@@ -212,7 +248,14 @@ def train_loop(run: Run, writer: MetricWriter, stop: StopSignals) -> int:
   last = config.num_train_steps
   pending, tokens, started = [], 0, time.perf_counter()
   step = run.start_step
-  with tqdm(total=last, initial=step, desc='train', unit='step', dynamic_ncols=True, disable=not is_primary()) as bar:
+  with tqdm(
+    total=last,
+    initial=step,
+    desc='train',
+    unit='step',
+    dynamic_ncols=True,
+    disable=not is_primary(),
+  ) as bar:
     while step < last and stop.received is None:
       batch = run.task.train_batch(step, run.layout.train_rows)  # only this process's rows
       run.state, metrics = run.train_step(run.state, batch)
@@ -255,19 +298,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for name, value in run.task.baseline().items():
     log.info('baseline %s %.4f', name, value)
   try:
-    with (MetricWriter(workdir, run.start_step, enabled=is_primary()) as writer, StopSignals() as stop,
-          logging_redirect_tqdm()):
+    with (
+      MetricWriter(workdir, run.start_step, enabled=is_primary()) as writer,
+      StopSignals() as stop,
+      logging_redirect_tqdm(),
+    ):
       step = train_loop(run, writer, stop)
       if not run.last_eval and stop.received is None:
         run_eval(run, writer, step)  # the run was already complete: still report where it stands
   finally:
     run.checkpoints.close()
-  summary = {'step': step, 'interrupted': stop.received, 'train': run.last_train, 'eval': run.last_eval,
-             'baseline': run.task.baseline(), 'checkpoint_dir': run.checkpoints.directory,
-             'checkpoints': run.checkpoints.steps(), 'train_tokens': run.trained_tokens,
-             'train_seconds': run.train_seconds, 'state': run.canonical_state()}
+  summary = {
+    'step': step,
+    'interrupted': stop.received,
+    'train': run.last_train,
+    'eval': run.last_eval,
+    'baseline': run.task.baseline(),
+    'checkpoint_dir': run.checkpoints.directory,
+    'checkpoints': run.checkpoints.steps(),
+    'train_tokens': run.trained_tokens,
+    'train_seconds': run.train_seconds,
+    'state': run.canonical_state(),
+  }
   if stop.received is None and config.sample.enabled:
-    summary['sample'] = run.task.sample(host_copy(summary['state'].params), jax.random.PRNGKey(config.seed))
+    summary['sample'] = run.task.sample(
+      host_copy(summary['state'].params), jax.random.PRNGKey(config.seed)
+    )
     log.info('sample:\n%s', summary['sample'])
   summary['wall_seconds'] = time.perf_counter() - started
   for line in closing_lines(summary, config, workdir, run.task.metric):

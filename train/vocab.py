@@ -104,7 +104,9 @@ class ByteVocab(Vocab):
     return [b + len(SPECIALS) for b in text.encode('utf-8')]
 
   def decode(self, ids):
-    return bytes(i - len(SPECIALS) for i in ids if i >= len(SPECIALS)).decode('utf-8', errors='replace')
+    return bytes(i - len(SPECIALS) for i in ids if i >= len(SPECIALS)).decode(
+      'utf-8', errors='replace'
+    )
 
 
 class BPEVocab(Vocab):
@@ -131,11 +133,16 @@ class BPEVocab(Vocab):
   @classmethod
   def train(cls, texts: Iterable[str], vocab_size: int) -> 'BPEVocab':
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size,
+      special_tokens=list(SPECIALS),
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer)
     return cls(tokenizer)
 
@@ -166,5 +173,6 @@ def load_vocab(path: str) -> Vocab:
     return ByteVocab()
   if kind == 'bpe':
     from tokenizers import Tokenizer
+
     return BPEVocab(Tokenizer.from_str(data['tokenizer']))
   return {'char': CharVocab, 'word': WordVocab}[kind](data['symbols'])

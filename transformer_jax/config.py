@@ -16,11 +16,18 @@ import jax.numpy as jnp
 
 from transformer_jax.activations import ACTIVATIONS
 
+NORM_TYPES = ('layer_norm', 'rms_norm')
+ROPE_SCALINGS = (
+  None,
+  'linear',
+  'llama3',
+)  # Hugging Face's rope_type values we implement ('default' is None)
+
 REMAT_POLICIES = {
-    'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,  # recompute everything in the backward pass
-    'dots': jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the cheap elementwise work
-    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'none': None,
+  'full': jax.checkpoint_policies.nothing_saveable,  # recompute everything in the backward pass
+  'dots': jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the cheap elementwise work
+  'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -31,20 +38,42 @@ class BlockConfig:
   num_layers: int = 6
   d_model: int = 512
   num_heads: int = 8
+  # key/value heads (grouped-query attention; 1: multi-query); None: num_heads
+  num_kv_heads: int | None = None
   d_ff: int = 2048
   max_len: int = 512  # longest sequence the position encoding covers
   dropout_rate: float = 0.1  # embeddings and residual branches
   attention_dropout_rate: float = 0.1  # attention weights
-  activation: str = 'relu'  # 'relu' | 'gelu' (exact erf) | 'gelu_tanh' (GPT-2's approximation)
-  norm_variant: str = 'standard'  # 'standard' | 'seed' (unbiased std, (x - mean) / (std + eps))
+  # 'relu' | 'gelu' (exact erf) | 'gelu_tanh' (GPT-2's approximation) | 'silu'
+  activation: str = 'relu'
+  # act(x W_gate) * (x W_in), then W_out: SwiGLU with 'silu' (Llama), GeGLU with 'gelu*'
+  gated_ffn: bool = False
+  norm_type: str = 'layer_norm'  # 'layer_norm' | 'rms_norm' (T5, Llama)
+  # LayerNorm: 'standard' | 'unbiased_std' ((x - mean) / (std + eps), the course's)
+  norm_variant: str = 'standard'
+  # RMSNorm applies (1 + scale), the scale stored as an offset (Gemma)
+  norm_scale_plus_one: bool = False
   norm_eps: float = 1e-5  # PyTorch's default; BERT uses 1e-12, the course's LayerNorm 1e-6
   pre_norm: bool = False  # False: x = norm(x + f(x)) (original); True: x = x + f(norm(x)) (GPT-2)
   final_norm: bool = False  # a LayerNorm after the last layer of each stack
-  qkv_bias: bool = True
+  # biases in the attention output, the FFN and the norms; False: none (T5, Llama)
+  use_bias: bool = True
+  qkv_bias: bool = True  # biases of the query/key/value projections (Qwen2 keeps these alone)
   fused_qkv: bool = False  # one (D, 3, H, K) projection for self-attention
-  init_std: float | None = None  # normal(init_std) kernels; None: Xavier uniform (the original Transformer)
-  rope_theta: float | None = None  # rotary positions in self-attention with this base (10000: RoFormer, Llama 2)
-  attention_implementation: str | None = None  # None/'einsum' (ours, fastest on CPU); 'xla' or 'cudnn' (GPUs, bf16)
+  # normal(init_std) kernels; None: Xavier uniform (the original Transformer)
+  init_std: float | None = None
+  # rotary positions in self-attention with this base (10000: RoFormer, Llama 2)
+  rope_theta: float | None = None
+  rotary_fraction: float = (
+    1.0  # rotate this fraction of each head (GPT-NeoX, Phi: partial_rotary_factor)
+  )
+  rope_scaling: str | None = None  # None | 'linear' | 'llama3' (Hugging Face's rope_type), with:
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # 'llama3'
+  rope_high_freq_factor: float = 4.0  # 'llama3'
+  rope_original_max_len: int = 8192  # 'llama3': the context the unscaled frequencies were made for
+  # None/'einsum' (ours, fastest on CPU); 'xla' or 'cudnn' (GPUs, bf16)
+  attention_implementation: str | None = None
   dtype: str = 'float32'  # compute dtype; norm statistics, softmax and logits stay float32
   param_dtype: str = 'float32'  # storage dtype of the parameters
   scan_layers: bool = False  # run the stack under nn.scan: compile time flat in depth
@@ -62,18 +91,58 @@ class BlockConfig:
         problems.append(f'{name} must lie in [0, 1), got {getattr(self, name)}')
     if self.activation not in ACTIVATIONS:
       problems.append(f'activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}')
-    if self.norm_variant not in ('standard', 'seed'):
-      problems.append(f"norm_variant must be 'standard' or 'seed', got {self.norm_variant!r}")
-    if self.rope_theta is not None and (self.rope_theta <= 1 or self.head_dim % 2):
-      problems.append(f'rotary positions need rope_theta > 1 and an even head dimension, got rope_theta='
-                      f'{self.rope_theta} and head dimension {self.head_dim}')
+    if self.norm_variant == 'seed':  # its name before 0.2, in saved configs
+      object.__setattr__(self, 'norm_variant', 'unbiased_std')
+    if self.norm_variant not in ('standard', 'unbiased_std'):
+      problems.append(
+        f"norm_variant must be 'standard' or 'unbiased_std', got {self.norm_variant!r}"
+      )
+    if self.norm_type not in NORM_TYPES:
+      problems.append(f'norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}')
+    if self.num_kv_heads is not None and (
+      not isinstance(self.num_kv_heads, int)
+      or self.num_kv_heads < 1
+      or self.num_heads % self.num_kv_heads
+    ):
+      problems.append(
+        f'num_kv_heads must be a positive divisor of num_heads={self.num_heads}, got '
+        f'{self.num_kv_heads!r}'
+      )
+    elif self.fused_qkv and self.kv_heads != self.num_heads:
+      problems.append(
+        'fused_qkv holds as many key/value heads as query heads; grouped-query attention '
+        f'(num_kv_heads={self.num_kv_heads}) needs fused_qkv=False'
+      )
+    if self.rope_theta is not None:
+      rotated = int(self.head_dim * self.rotary_fraction)
+      if self.rope_theta <= 1 or not 0 < self.rotary_fraction <= 1 or rotated % 2 or rotated < 2:
+        problems.append(
+          f'rotary positions need rope_theta > 1 and an even, positive number of rotated features, got rope_theta='
+          f'{self.rope_theta} and {rotated} of head dimension {self.head_dim} (rotary_fraction {self.rotary_fraction})'
+        )
+      if self.rope_scaling not in ROPE_SCALINGS or self.rope_scaling_factor <= 0:
+        problems.append(
+          f'rope_scaling must be one of {ROPE_SCALINGS} with a positive rope_scaling_factor, got '
+          f'{self.rope_scaling!r} and {self.rope_scaling_factor}'
+        )
+      elif (
+        self.rope_scaling == 'llama3'
+        and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0
+      ):
+        problems.append(
+          'llama3 rope scaling needs rope_high_freq_factor > rope_low_freq_factor > 0'
+        )
     if self.norm_eps <= 0:
       problems.append(f'norm_eps must be positive, got {self.norm_eps}')
     if self.remat_policy not in REMAT_POLICIES:
-      problems.append(f'remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}')
+      problems.append(
+        f'remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}'
+      )
     if self.attention_implementation not in (None, 'einsum', 'xla', 'cudnn'):
-      problems.append("attention_implementation must be None, 'einsum', 'xla' or 'cudnn', got "
-                      f'{self.attention_implementation!r}')
+      problems.append(
+        "attention_implementation must be None, 'einsum', 'xla' or 'cudnn', got "
+        f'{self.attention_implementation!r}'
+      )
     for name in ('dtype', 'param_dtype'):
       try:
         jnp.dtype(getattr(self, name))
@@ -86,6 +155,30 @@ class BlockConfig:
   def _check(self) -> list[str]:
     """Model-specific checks; subclasses return their problems."""
     return []
+
+  @property
+  def rotary(self):
+    """How self-attention rotates queries and keys (a :class:`~transformer_jax.modules.rotary.Rotary`); ``None``
+    without rotary positions."""
+    from transformer_jax.modules.rotary import (
+      Rotary,
+    )  # the modules import this file: a top-level import would cycle
+
+    if self.rope_theta is None:
+      return None
+    return Rotary(
+      self.rope_theta,
+      self.rotary_fraction,
+      self.rope_scaling,
+      self.rope_scaling_factor,
+      self.rope_low_freq_factor,
+      self.rope_high_freq_factor,
+      self.rope_original_max_len,
+    )
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
   @property
   def head_dim(self) -> int:
@@ -101,7 +194,11 @@ class BlockConfig:
 
   @property
   def kernel_init(self):
-    return nn.initializers.xavier_uniform() if self.init_std is None else nn.initializers.normal(self.init_std)
+    return (
+      nn.initializers.xavier_uniform()
+      if self.init_std is None
+      else nn.initializers.normal(self.init_std)
+    )
 
   def replace(self, **changes):
     """A copy with ``changes`` applied (and validated)."""

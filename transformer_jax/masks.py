@@ -15,8 +15,9 @@ def padding_mask(token_ids, pad_id: int):
 
 
 def key_mask(valid):
-  """Lifts a ``[B, S]`` "token is real" array to an attention mask ``[B, 1, 1, S]``."""
-  return valid.astype(jnp.bool_)[:, None, None, :]
+  """Lifts a ``[B, S]`` "token is real" array to an attention mask ``[B, 1, 1, S]``; ``None`` (all real) stays
+  ``None``."""
+  return None if valid is None else valid.astype(jnp.bool_)[:, None, None, :]
 
 
 def causal_mask(length: int, kv_length: int | None = None, offset: int = 0):

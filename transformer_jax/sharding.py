@@ -16,34 +16,43 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # logical axis -> mesh axis (or axes); unlisted names are replicated.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ('batch', ('data', 'fsdp')),
-    ('embed', 'fsdp'),
-    ('vocab', 'tensor'),
-    ('heads', 'tensor'),
-    ('mlp', 'tensor'),
+  ('batch', ('data', 'fsdp')),
+  ('embed', 'fsdp'),
+  ('vocab', 'tensor'),
+  ('heads', 'tensor'),
+  ('mlp', 'tensor'),
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+def make_mesh(
+  data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None
+) -> Mesh:
   """A ``('data', 'fsdp', 'tensor')`` mesh over ``devices`` (default: all); one size may be -1 (the rest)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'mesh sizes must be positive, with at most one -1; got data={data}, fsdp={fsdp}, tensor={tensor}')
+    raise ValueError(
+      f'mesh sizes must be positive, with at most one -1; got data={data}, fsdp={fsdp}, tensor={tensor}'
+    )
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f'cannot fill the mesh: {len(devices)} devices are not divisible by the fixed axes ({known})')
+      raise ValueError(
+        f'cannot fill the mesh: {len(devices)} devices are not divisible by the fixed axes ({known})'
+      )
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f'mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} '
-                     f'devices, but {len(devices)} are available')
+    raise ValueError(
+      f'mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} '
+      f'devices, but {len(devices)} are available'
+    )
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
@@ -92,7 +101,8 @@ def shard_activation(x, *names: str | None, rules=DEFAULT_RULES):
 def param_logical_axes(params) -> Any:
   """A pytree like ``params`` whose leaves are tuples of logical axis names."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: _leaf_axes(tuple(getattr(k, 'key', str(k)) for k in path), np.ndim(x)), params)
+    lambda path, x: _leaf_axes(tuple(getattr(k, 'key', str(k)) for k in path), np.ndim(x)), params
+  )
 
 
 def _spec(axes, shape, mesh: Mesh, rules) -> P:
@@ -117,7 +127,9 @@ def param_shardings(params, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
   """``NamedSharding``\\ s for every leaf of ``params`` (arrays or ``ShapeDtypeStruct``\\ s)."""
   axes = param_logical_axes(params)
   # ``axes`` is flattened up to the structure of ``params``, so each leaf meets its whole tuple of names.
-  return jax.tree.map(lambda x, a: NamedSharding(mesh, _spec(a, np.shape(x), mesh, rules)), params, axes)
+  return jax.tree.map(
+    lambda x, a: NamedSharding(mesh, _spec(a, np.shape(x), mesh, rules)), params, axes
+  )
 
 
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
@@ -134,5 +146,7 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, rules=DEFAULT_RULES) -> N
   """Raises unless the global batch splits evenly across the data-parallel axes."""
   size = data_parallel_size(mesh, rules)
   if batch_size % size:
-    raise ValueError(f'batch size {batch_size} does not divide across the {size} data-parallel devices '
-                     f'(mesh {dict(mesh.shape)})')
+    raise ValueError(
+      f'batch size {batch_size} does not divide across the {size} data-parallel devices '
+      f'(mesh {dict(mesh.shape)})'
+    )

@@ -34,7 +34,26 @@ def check_token_ids(ids, vocab_size: int, name: str = 'token ids') -> None:
   if low < 0 or high >= vocab_size:
     bad = values[(values < 0) | (values >= vocab_size)]
     raise ValueError(
-        f'{name} out of range: found {sorted(set(bad.tolist()))[:8]} but the vocabulary is [0, {vocab_size})')
+      f'{name} out of range: found {sorted(set(bad.tolist()))[:8]} but the vocabulary is [0, {vocab_size})'
+    )
+
+
+def token_validity(ids, valid, pad_id: int | None, max_len: int, name: str):
+  """Checks a model input: ``(B, T)`` ids, at most ``max_len``, and their validity mask. Returns the ``(B, T)`` bool
+  "real token" array, or ``None`` when every token is real.
+
+  ``valid`` (True/1 for real tokens, like Hugging Face's ``attention_mask``) wins over ``pad_id``; with neither,
+  every token is real.
+  """
+  if ids.ndim != 2:
+    raise ValueError(f'{name} must have shape (B, T), got {tuple(ids.shape)}')
+  check_length(ids.shape[1], max_len, name)
+  if valid is not None:
+    check_shape(valid, ids.shape, f'{name} validity mask')
+    return valid.astype(np.bool_)
+  if pad_id is not None:
+    return ids != pad_id
+  return None
 
 
 def check_length(length: int, max_len: int, name: str = 'sequence') -> None:
@@ -56,4 +75,5 @@ def check_attention_mask(mask, batch: int, heads: int, q_len: int, kv_len: int) 
   target = (batch, heads, q_len, kv_len)
   if mask.ndim != 4 or any(m not in (1, t) for m, t in zip(mask.shape, target)):
     raise ValueError(
-        f'attention mask of shape {tuple(mask.shape)} is not broadcastable to [B, H, T, S] = {target}')
+      f'attention mask of shape {tuple(mask.shape)} is not broadcastable to [B, H, T, S] = {target}'
+    )

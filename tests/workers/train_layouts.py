@@ -16,7 +16,9 @@ import shutil
 import sys
 
 DEVICES = int(sys.argv[1])
-os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={DEVICES}'
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={DEVICES}'
+)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -24,13 +26,16 @@ import numpy as np  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-from train.trainer import train_and_evaluate  # noqa: E402
 from train_helpers import layout_fields, tiny_config  # noqa: E402
+
+from train.trainer import train_and_evaluate  # noqa: E402
 
 
 def flat(tree) -> dict:
-  return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf for path, leaf in
-          jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    '/'.join(str(getattr(k, 'key', k)) for k in path): leaf
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 class Messages(logging.Handler):
@@ -55,7 +60,9 @@ def main(out: str, runs: list[str]) -> None:
     params = flat(train_and_evaluate(config, workdir)['state'].params)
     np.savez(os.path.join(out, f'{name}.npz'), **{k: np.asarray(v) for k, v in params.items()})
     with open(os.path.join(out, f'{name}.json'), 'w') as f:
-      json.dump({'specs': {k: str(v.sharding.spec) for k, v in params.items()}, 'log': messages.messages}, f)
+      json.dump(
+        {'specs': {k: str(v.sharding.spec) for k, v in params.items()}, 'log': messages.messages}, f
+      )
     print(f'{name}: done', flush=True)
 
 

@@ -11,7 +11,12 @@ import importlib
 import ml_collections
 from ml_collections import config_dict
 
-DATA_DERIVED = ('vocab_size', 'src_vocab_size', 'tgt_vocab_size', 'pad_id')  # set from the vocabulary, not the config
+DATA_DERIVED = (
+  'vocab_size',
+  'src_vocab_size',
+  'tgt_vocab_size',
+  'pad_id',
+)  # set from the vocabulary, not the config
 _TYPES = {'int | None': int, 'float | None': float, 'str | None': str}
 
 
@@ -32,4 +37,6 @@ def model_fields(config_cls, **preset) -> ml_collections.ConfigDict:
 
 def preset(task: str) -> ml_collections.ConfigDict:
   """The preset config of ``task``: ``default.py`` for ``lm``, ``<task>.py`` for the others."""
-  return importlib.import_module(f'train.configs.{"default" if task == "lm" else task}').get_config()
+  return importlib.import_module(
+    f'train.configs.{"default" if task == "lm" else task}'
+  ).get_config()

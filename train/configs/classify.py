@@ -28,15 +28,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.seq_len = 40
 
   config.model = model_fields(
-      BERTConfig,
-      num_layers=2,
-      d_model=64,
-      num_heads=4,
-      d_ff=128,
-      max_len=64,  # >= data.seq_len
-      dropout_rate=0.1,
-      attention_dropout_rate=0.0,
-      num_labels=2,
+    BERTConfig,
+    num_layers=2,
+    d_model=64,
+    num_heads=4,
+    d_ff=128,
+    max_len=64,  # >= data.seq_len
+    dropout_rate=0.1,
+    attention_dropout_rate=0.0,
+    num_labels=2,
   )
   config.batch_size = 32
   config.num_train_steps = 400

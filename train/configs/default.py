@@ -31,17 +31,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.seq_len = 64
 
   config.model = model_fields(
-      GPTConfig,
-      num_layers=4,
-      d_model=128,
-      num_heads=4,
-      d_ff=512,
-      max_len=64,  # longest sequence; >= data.seq_len
-      position_encoding='none',
-      rope_theta=10000.0,  # rotary positions: out of the loss plateau in a third of the steps learned positions take
-      dropout_rate=0.0,  # 1,500 steps see each token about 3 times: nothing to overfit yet
-      attention_dropout_rate=0.0,
-      dtype='float32',  # compute dtype: 'bfloat16' on accelerators; parameters stay float32 (param_dtype)
+    GPTConfig,
+    num_layers=4,
+    d_model=128,
+    num_heads=4,
+    d_ff=512,
+    max_len=64,  # longest sequence; >= data.seq_len
+    position_encoding='none',
+    rope_theta=10000.0,  # rotary positions: out of the loss plateau in a third of the steps learned positions take
+    dropout_rate=0.0,  # 1,500 steps see each token about 3 times: nothing to overfit yet
+    attention_dropout_rate=0.0,
+    dtype='float32',  # compute dtype: 'bfloat16' on accelerators; parameters stay float32 (param_dtype)
   )
 
   # Sequences per optimizer step (split over grad_accum_steps micro-batches).

@@ -35,16 +35,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.bleu_examples = 256
 
   config.model = model_fields(
-      TransformerConfig,
-      num_layers=2,
-      d_model=128,
-      num_heads=4,
-      d_ff=256,
-      max_len=32,  # >= src_len and tgt_len
-      dropout_rate=0.1,
-      attention_dropout_rate=0.0,
-      pre_norm=True,  # trains from step 0 at this learning rate; the paper's post-norm needs a long warmup
-      final_norm=True,
+    TransformerConfig,
+    num_layers=2,
+    d_model=128,
+    num_heads=4,
+    d_ff=256,
+    max_len=32,  # >= src_len and tgt_len
+    dropout_rate=0.1,
+    attention_dropout_rate=0.0,
+    pre_norm=True,  # trains from step 0 at this learning rate; the paper's post-norm needs a long warmup
+    final_norm=True,
   )
   config.batch_size = 64
   config.num_train_steps = 1200

@@ -8,8 +8,12 @@ from train.tasks.base import Task, cut_at_eos, fixed_batches, model_config
 from train.tasks.examples import ClassificationTask, TranslationTask, split_examples
 from train.tasks.text import LanguageModelTask, MaskedLanguageModelTask
 
-TASKS = {'lm': LanguageModelTask, 'mlm': MaskedLanguageModelTask, 'translation': TranslationTask,
-         'classify': ClassificationTask}
+TASKS = {
+  'lm': LanguageModelTask,
+  'mlm': MaskedLanguageModelTask,
+  'translation': TranslationTask,
+  'classify': ClassificationTask,
+}
 
 
 def build_task(config, workdir: str) -> Task:
@@ -19,5 +23,16 @@ def build_task(config, workdir: str) -> Task:
   return TASKS[config.task](config, workdir)
 
 
-__all__ = ['ClassificationTask', 'LanguageModelTask', 'MaskedLanguageModelTask', 'TASKS', 'Task', 'TranslationTask',
-           'build_task', 'cut_at_eos', 'fixed_batches', 'model_config', 'split_examples']
+__all__ = [
+  'ClassificationTask',
+  'LanguageModelTask',
+  'MaskedLanguageModelTask',
+  'TASKS',
+  'Task',
+  'TranslationTask',
+  'build_task',
+  'cut_at_eos',
+  'fixed_batches',
+  'model_config',
+  'split_examples',
+]

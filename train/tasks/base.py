@@ -50,13 +50,15 @@ def check_lengths(config, *names):
   """Sequence lengths of ``config.data`` must fit the model's positions."""
   for name in names:
     if config.data[name] > config.model.max_len:
-      raise ValueError(f'data.{name}={config.data[name]} exceeds model.max_len={config.model.max_len}')
+      raise ValueError(
+        f'data.{name}={config.data[name]} exceeds model.max_len={config.model.max_len}'
+      )
 
 
 def cut_at_eos(ids) -> list[int]:
   """A row of target ids up to (not including) its first ``[EOS]``."""
   ids = [int(i) for i in ids]
-  return ids[:ids.index(EOS)] if EOS in ids else ids
+  return ids[: ids.index(EOS)] if EOS in ids else ids
 
 
 class Task:
@@ -101,10 +103,16 @@ class Task:
     return (batch['inputs'],)
 
   def logits(self, params, batch, *, deterministic: bool, rng=None):
-    return self.model.apply({'params': params}, *self.model_inputs(batch), deterministic=deterministic,
-                            rngs=None if deterministic else {'dropout': rng})
+    return self.model.apply(
+      {'params': params},
+      *self.model_inputs(batch),
+      deterministic=deterministic,
+      rngs=None if deterministic else {'dropout': rng},
+    )
 
-  def loss_sums(self, params, batch, rng, deterministic: bool, label_smoothing: float = 0.0) -> dict:
+  def loss_sums(
+    self, params, batch, rng, deterministic: bool, label_smoothing: float = 0.0
+  ) -> dict:
     logits = self.logits(params, batch, deterministic=deterministic, rng=rng)
     return cross_entropy_sums(logits, batch['targets'], batch['weights'], label_smoothing)
 
@@ -132,4 +140,3 @@ class Task:
     vocab = build_vocab(kind, texts, self.config.data.get('bpe_vocab_size', 4096))
     self.pending[filename] = vocab.save
     return vocab
-

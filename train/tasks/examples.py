@@ -7,9 +7,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from train import data, number_words, readers
-from train.tasks.base import LABELS_FILE, Task, check_lengths, cut_at_eos, eval_rows, fixed_batches, model_config
+from train.tasks.base import (
+  LABELS_FILE,
+  Task,
+  check_lengths,
+  cut_at_eos,
+  eval_rows,
+  fixed_batches,
+  model_config,
+)
 from train.vocab import BOS, EOS
-from transformer_jax import BERTConfig, BERTForSequenceClassification, Transformer, TransformerConfig
+from transformer_jax import (
+  BERTConfig,
+  BERTForSequenceClassification,
+  Transformer,
+  TransformerConfig,
+)
 
 
 def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -26,13 +39,17 @@ class ExampleTask(Task):
   """Shared by ``translation`` and ``classify``: whole examples in numpy arrays, shuffled once per epoch."""
 
   def train_batch(self, step, rows=None):
-    examples = data.epoch_indices(len(self.train['weights']), self.config.batch_size, self.config.seed, step, rows)
+    examples = data.epoch_indices(
+      len(self.train['weights']), self.config.batch_size, self.config.seed, step, rows
+    )
     return {k: v[examples] for k, v in self.train.items()}
 
   def eval_batches(self):
     rows = eval_rows(self.config)
-    return fixed_batches(self.val if rows is None else {k: v[:rows] for k, v in self.val.items()},
-                         self.config.batch_size)
+    return fixed_batches(
+      self.val if rows is None else {k: v[:rows] for k, v in self.val.items()},
+      self.config.batch_size,
+    )
 
 
 class TranslationTask(ExampleTask):
@@ -48,16 +65,29 @@ class TranslationTask(ExampleTask):
     train, val = self._pairs()
     self.src_vocab = self._vocab('vocab.json', (s for s, _ in train), cfg.vocab)
     self.tgt_vocab = self._vocab('target_vocab.json', (t for _, t in train), cfg.target_vocab)
-    encode = lambda pairs: data.encode_pairs(pairs, self.src_vocab, self.tgt_vocab, cfg.src_len, cfg.tgt_len)  # noqa: E731
+    encode = lambda pairs: data.encode_pairs(
+      pairs, self.src_vocab, self.tgt_vocab, cfg.src_len, cfg.tgt_len
+    )  # noqa: E731
     self.train, self.val = encode(train), encode(val)
-    self.model = Transformer(model_config(TransformerConfig, config, src_vocab_size=self.src_vocab.size,
-                                          tgt_vocab_size=self.tgt_vocab.size, pad_id=0))
+    self.model = Transformer(
+      model_config(
+        TransformerConfig,
+        config,
+        src_vocab_size=self.src_vocab.size,
+        tgt_vocab_size=self.tgt_vocab.size,
+        pad_id=0,
+      )
+    )
 
   def _pairs(self):
     cfg = self.config.data
     if cfg.path == readers.BUILTIN:
-      return number_words.number_dataset(cfg.train_size, cfg.val_size, cfg.max_digits, self.config.seed)
-    pairs = readers.read_pairs(cfg.path, cfg.get('source_field', 'source'), cfg.get('target_field', 'target'))
+      return number_words.number_dataset(
+        cfg.train_size, cfg.val_size, cfg.max_digits, self.config.seed
+      )
+    pairs = readers.read_pairs(
+      cfg.path, cfg.get('source_field', 'source'), cfg.get('target_field', 'target')
+    )
     return split_examples(pairs, cfg.val_fraction, self.config.seed)
 
   def model_inputs(self, batch):
@@ -66,23 +96,37 @@ class TranslationTask(ExampleTask):
   def translate(self, params, sources: np.ndarray, beam_size: int = 1) -> list[str]:
     """Translations of ``(N, S)`` source ids (greedy unless ``beam_size > 1``), as detokenized text."""
     from transformer_jax.generation import translate
-    ids = translate(self.model, params, jnp.asarray(sources), max_len=self.config.data.tgt_len, bos_id=BOS,
-                    eos_id=EOS, beam_size=beam_size)
+
+    ids = translate(
+      self.model,
+      params,
+      jnp.asarray(sources),
+      max_len=self.config.data.tgt_len,
+      bos_id=BOS,
+      eos_id=EOS,
+      beam_size=beam_size,
+    )
     return [self.tgt_vocab.decode(cut_at_eos(row)) for row in np.asarray(ids)]
 
   def extra_eval(self, params):
     import sacrebleu
+
     count = min(len(self.val['sources']), self.config.data.bleu_examples)
     hypotheses = self.translate(params, self.val['sources'][:count])
     references = [self.tgt_vocab.decode(cut_at_eos(row)) for row in self.val['targets'][:count]]
     exact = np.mean([h == r for h, r in zip(hypotheses, references)])
-    return {'bleu': sacrebleu.corpus_bleu(hypotheses, [references]).score, 'exact_match': float(exact)}
+    return {
+      'bleu': sacrebleu.corpus_bleu(hypotheses, [references]).score,
+      'exact_match': float(exact),
+    }
 
   def sample(self, params, rng):
     sources = self.val['sources'][:5]
     hypotheses = self.translate(params, sources)
-    lines = [f'{self.src_vocab.decode(s)!r} -> {h!r} (reference {self.tgt_vocab.decode(cut_at_eos(t))!r})'
-             for s, h, t in zip(sources, hypotheses, self.val['targets'])]
+    lines = [
+      f'{self.src_vocab.decode(s)!r} -> {h!r} (reference {self.tgt_vocab.decode(cut_at_eos(t))!r})'
+      for s, h, t in zip(sources, hypotheses, self.val['targets'])
+    ]
     return '\n'.join(lines)
 
 
@@ -98,18 +142,29 @@ class ClassificationTask(ExampleTask):
     super().__init__(config, workdir)
     cfg = config.data
     check_lengths(config, 'seq_len')
-    rows = (data.builtin_sentiment(cfg.builtin_size, config.seed) if cfg.path == readers.BUILTIN
-            else readers.read_labelled(cfg.path, cfg.get('text_field', 'text'), cfg.get('label_field', 'label')))
+    rows = (
+      data.builtin_sentiment(cfg.builtin_size, config.seed)
+      if cfg.path == readers.BUILTIN
+      else readers.read_labelled(
+        cfg.path, cfg.get('text_field', 'text'), cfg.get('label_field', 'label')
+      )
+    )
     train, val = split_examples(rows, cfg.val_fraction, config.seed)
     self.labels = self._label_set([label for _, label in train])
     num_labels = config.model.num_labels
     if self.labels.names is not None and len(self.labels.names) != num_labels:
-      raise ValueError(f'the training data has {len(self.labels.names)} labels {self.labels.names[:8]}, but '
-                       f'model.num_labels={num_labels}: set --config.model.num_labels={len(self.labels.names)}')
+      raise ValueError(
+        f'the training data has {len(self.labels.names)} labels {self.labels.names[:8]}, but '
+        f'model.num_labels={num_labels}: set --config.model.num_labels={len(self.labels.names)}'
+      )
     self.vocab = self._vocab('vocab.json', (text for text, _ in train), cfg.vocab)
-    self.train, self.val = (self._encode(part, split) for part, split in ((train, 'training'), (val, 'validation')))
+    self.train, self.val = (
+      self._encode(part, split) for part, split in ((train, 'training'), (val, 'validation'))
+    )
     self.texts = [text for text, _ in val]
-    self.model = BERTForSequenceClassification(model_config(BERTConfig, config, vocab_size=self.vocab.size, pad_id=0))
+    self.model = BERTForSequenceClassification(
+      model_config(BERTConfig, config, vocab_size=self.vocab.size, pad_id=0)
+    )
 
   def _label_set(self, train_labels) -> readers.LabelSet:
     if path := self._kept(LABELS_FILE):
@@ -120,10 +175,18 @@ class ClassificationTask(ExampleTask):
 
   def _encode(self, rows, split: str) -> dict:
     ids = self.labels.encode([label for _, label in rows], split)
-    arrays = data.encode_labelled([text for text, _ in rows], ids, self.vocab, self.config.data.seq_len,
-                                  self.config.model.num_labels)
-    return {'inputs': arrays['inputs'], 'targets': arrays['labels'],
-            'weights': np.ones(len(arrays['labels']), np.float32)}
+    arrays = data.encode_labelled(
+      [text for text, _ in rows],
+      ids,
+      self.vocab,
+      self.config.data.seq_len,
+      self.config.model.num_labels,
+    )
+    return {
+      'inputs': arrays['inputs'],
+      'targets': arrays['labels'],
+      'weights': np.ones(len(arrays['labels']), np.float32),
+    }
 
   def predict(self, params, inputs: np.ndarray) -> np.ndarray:
     """Class probabilities ``(N, num_labels)`` of ``(N, seq_len)`` input ids."""
@@ -134,6 +197,7 @@ class ClassificationTask(ExampleTask):
     batch = self.eval_batches()[0]
     predicted = self.predict(params, batch['inputs']).argmax(-1)
     name = self.labels.name
-    return '\n'.join(f'{text!r}: predicted {name(p)}, label {name(t)}'
-                     for text, p, t in list(zip(self.texts, predicted, batch['targets']))[:5])
-
+    return '\n'.join(
+      f'{text!r}: predicted {name(p)}, label {name(t)}'
+      for text, p, t in list(zip(self.texts, predicted, batch['targets']))[:5]
+    )

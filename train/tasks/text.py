@@ -10,10 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from train import data, readers
-from train.tasks.base import (TOKEN_FILE, TOKEN_SOURCE, Task, check_lengths, eval_rows, fixed_batches, model_config,
-                              write_text)
+from train.tasks.base import (
+  TOKEN_FILE,
+  TOKEN_SOURCE,
+  Task,
+  check_lengths,
+  eval_rows,
+  fixed_batches,
+  model_config,
+  write_text,
+)
 from train.vocab import BOS
-from transformer_jax import BERTConfig, BERTForMaskedLM, GPT, GPTConfig
+from transformer_jax import GPT, BERTConfig, BERTForMaskedLM, GPTConfig
 
 EVAL_MASK_SEED = 2**31 - 1  # the masks of the MLM evaluation set, fixed for the whole run
 
@@ -35,8 +43,13 @@ class TextTask(Task):
   def _tokens(self) -> np.ndarray:
     """The token stream: ``workdir/data/tokens.bin`` if it was made from the same data settings, else tokenized
     now and saved there by :meth:`save`."""
-    wanted = json.dumps({'path': self.config.data.path, 'vocab': self.config.data.vocab,
-                         'text_field': self.config.data.get('text_field', 'text')})
+    wanted = json.dumps(
+      {
+        'path': self.config.data.path,
+        'vocab': self.config.data.vocab,
+        'text_field': self.config.data.get('text_field', 'text'),
+      }
+    )
     path, source = self._kept(TOKEN_FILE), self._kept(TOKEN_SOURCE)
     if path and source:
       with open(source) as f:
@@ -48,7 +61,11 @@ class TextTask(Task):
     return tokens
 
   def baseline(self):
-    return {'unigram_loss': data.unigram_cross_entropy(self.train_tokens, self.val_tokens, self.vocab.size)}
+    return {
+      'unigram_loss': data.unigram_cross_entropy(
+        self.train_tokens, self.val_tokens, self.vocab.size
+      )
+    }
 
 
 class LanguageModelTask(TextTask):
@@ -60,8 +77,11 @@ class LanguageModelTask(TextTask):
 
   def train_batch(self, step, rows=None):
     cfg = self.config
-    return data.lm_example(data.random_windows(self.train_tokens, cfg.batch_size, cfg.data.seq_len + 1, cfg.seed,
-                                               step, rows))
+    return data.lm_example(
+      data.random_windows(
+        self.train_tokens, cfg.batch_size, cfg.data.seq_len + 1, cfg.seed, step, rows
+      )
+    )
 
   def eval_batches(self):
     cfg = self.config
@@ -70,11 +90,21 @@ class LanguageModelTask(TextTask):
 
   def sample(self, params, rng):
     from transformer_jax.generation import generate
+
     cfg = self.config.sample
     prompt = self.vocab.encode(cfg.prompt) or [BOS]
-    new_tokens = min(cfg.max_new_tokens, self.config.model.max_len - len(prompt))  # positions the model has
-    new = generate(self.model, params, jnp.asarray([prompt], jnp.int32), max_new_tokens=new_tokens,
-                   temperature=cfg.temperature, top_k=cfg.top_k or None, rng=rng)
+    new_tokens = min(
+      cfg.max_new_tokens, self.config.model.max_len - len(prompt)
+    )  # positions the model has
+    new = generate(
+      self.model,
+      params,
+      jnp.asarray([prompt], jnp.int32),
+      max_new_tokens=new_tokens,
+      temperature=cfg.temperature,
+      top_k=cfg.top_k or None,
+      rng=rng,
+    )
     return self.vocab.decode(prompt + np.asarray(new[0]).tolist())
 
 
@@ -86,18 +116,26 @@ class MaskedLanguageModelTask(TextTask):
 
   def __init__(self, config, workdir):
     super().__init__(config, workdir)
-    self.model = BERTForMaskedLM(model_config(BERTConfig, config, vocab_size=self.vocab.size, pad_id=0))
+    self.model = BERTForMaskedLM(
+      model_config(BERTConfig, config, vocab_size=self.vocab.size, pad_id=0)
+    )
 
   def _mask(self, windows, *seed):
-    return data.mask_tokens(windows, self.vocab.size, np.random.default_rng(seed), self.config.data.mask_prob)
+    return data.mask_tokens(
+      windows, self.vocab.size, np.random.default_rng(seed), self.config.data.mask_prob
+    )
 
   def train_batch(self, step, rows=None):
     cfg = self.config
     rows = np.arange(cfg.batch_size) if rows is None else rows
-    windows = data.random_windows(self.train_tokens, cfg.batch_size, cfg.data.seq_len, cfg.seed, step, rows)
+    windows = data.random_windows(
+      self.train_tokens, cfg.batch_size, cfg.data.seq_len, cfg.seed, step, rows
+    )
     # One draw per row, so a process masking only its rows masks them as a single process would; the 1 keeps the
     # mask draws apart from the window draws.
-    parts = [self._mask(window[None], cfg.seed, step, 1, int(row)) for window, row in zip(windows, rows)]
+    parts = [
+      self._mask(window[None], cfg.seed, step, 1, int(row)) for window, row in zip(windows, rows)
+    ]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def eval_batches(self):
@@ -111,7 +149,8 @@ class MaskedLanguageModelTask(TextTask):
     chosen = batch['weights'][0] > 0
     original = batch['targets'][0]
     hits = int((predicted == original)[chosen].sum())
-    return (f'original : {self.vocab.decode(original)!r}\n'
-            f'predicted: {self.vocab.decode(np.where(chosen, predicted, original))!r} '
-            f'({hits} of {int(chosen.sum())} masked tokens right)')
-
+    return (
+      f'original : {self.vocab.decode(original)!r}\n'
+      f'predicted: {self.vocab.decode(np.where(chosen, predicted, original))!r} '
+      f'({hits} of {int(chosen.sum())} masked tokens right)'
+    )

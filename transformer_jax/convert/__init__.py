@@ -15,15 +15,34 @@ tensors with ``as_torch=True``) ready for ``load_state_dict``. Any mismatch rais
 every offending weight.
 """
 
-from transformer_jax.convert.hf import from_bert, from_gpt2, to_bert, to_gpt2
-from transformer_jax.convert.hub import load_hf, save_hf
-from transformer_jax.convert.tables import ConversionError, Mapping, Rule
-from transformer_jax.convert.torch_models import (from_reference_gpt, from_reference_transformer,
-                                                  from_torch_transformer, to_reference_gpt,
-                                                  to_reference_transformer, to_torch_transformer)
+from transformer_jax.convert.bert import from_bert, to_bert
+from transformer_jax.convert.course_models import (
+  from_reference_gpt,
+  from_reference_transformer,
+  to_reference_gpt,
+  to_reference_transformer,
+)
+from transformer_jax.convert.gpt2 import from_gpt2, to_gpt2
+from transformer_jax.convert.hf_directory import load_hf, save_hf
+from transformer_jax.convert.rules import ConversionError, Mapping, Rule
+from transformer_jax.convert.spec import Spec
+from transformer_jax.convert.torch_transformer import from_torch_transformer, to_torch_transformer
 
 __all__ = [
-    'ConversionError', 'Mapping', 'Rule', 'from_bert', 'from_gpt2', 'from_reference_gpt', 'from_reference_transformer',
-    'from_torch_transformer', 'load_hf', 'save_hf', 'to_bert', 'to_gpt2', 'to_reference_gpt',
-    'to_reference_transformer', 'to_torch_transformer',
+  'ConversionError',
+  'Mapping',
+  'Rule',
+  'Spec',
+  'from_bert',
+  'from_gpt2',
+  'from_reference_gpt',
+  'from_reference_transformer',
+  'from_torch_transformer',
+  'load_hf',
+  'save_hf',
+  'to_bert',
+  'to_gpt2',
+  'to_reference_gpt',
+  'to_reference_transformer',
+  'to_torch_transformer',
 ]

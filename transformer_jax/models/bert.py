@@ -7,11 +7,18 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer_jax.config import BlockConfig
-from transformer_jax.models.common import default_positions, key_mask_or_none, token_validity
-from transformer_jax.modules.blocks import EncoderLayer, Stack, make_norm
-from transformer_jax.modules.embeddings import LearnedPositionalEmbedding, TokenEmbedding
+from transformer_jax import masks
 from transformer_jax.activations import ACTIVATIONS
+from transformer_jax.config import BlockConfig
+from transformer_jax.modules.blocks import Block, Stack
+from transformer_jax.modules.embeddings import (
+  InputEmbedding,
+  LearnedPositionalEmbedding,
+  OutputHead,
+  TokenEmbedding,
+)
+from transformer_jax.modules.normalization import make_norm
+from transformer_jax.validation import check_shape, token_validity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,25 +74,46 @@ class BERT(nn.Module):
     """``valid``: ``(B, T)``, True for real tokens (default from ``pad_id``); ``token_type_ids`` default 0."""
     cfg = self.config
     valid = token_validity(ids, valid, cfg.pad_id, cfg.max_len, 'input')
-    token_type_ids = jnp.zeros_like(ids) if token_type_ids is None else token_type_ids
-    if token_type_ids.shape != ids.shape:
-      raise ValueError(f'token_type_ids has shape {tuple(token_type_ids.shape)}, expected {tuple(ids.shape)}')
+    if token_type_ids is not None:
+      check_shape(token_type_ids, ids.shape, 'token_type_ids')
     table = lambda vocab, name: TokenEmbedding(  # noqa: E731
-        vocab, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, embedding_init=cfg.kernel_init,
-        name=name)
-    x = table(cfg.vocab_size, 'token_embed')(ids)  # (B, T, D)
-    x = x + LearnedPositionalEmbedding(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
-                                       param_dtype=cfg.weight_dtype, embedding_init=cfg.kernel_init,
-                                       name='positions')(default_positions(ids))
-    x = x + table(cfg.type_vocab_size, 'token_type_embed')(token_type_ids)
-    x = make_norm(cfg, 'embed_norm')(x)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-    x = Stack(cfg, EncoderLayer, cfg.num_layers, name='encoder')(x, key_mask_or_none(valid),
-                                                                 deterministic=deterministic)
+      vocab,
+      cfg.d_model,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.weight_dtype,
+      embedding_init=cfg.kernel_init,
+      name=name,
+    )
+    positions = LearnedPositionalEmbedding(
+      cfg.max_len,
+      cfg.d_model,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.weight_dtype,
+      embedding_init=cfg.kernel_init,
+      name='positions',
+    )
+    embed = InputEmbedding(
+      table(cfg.vocab_size, 'token_embed'),
+      positions,
+      cfg.dropout_rate,
+      segments=table(cfg.type_vocab_size, 'token_type_embed'),
+      norm=make_norm(cfg, 'embed_norm'),
+    )
+    x = embed(ids, segment_ids=token_type_ids, deterministic=deterministic)  # (B, T, D)
+    x = Stack(cfg, Block, cfg.num_layers, name='encoder')(
+      x, masks.key_mask(valid), deterministic=deterministic
+    )
     pooled = None
     if self.add_pooler:
-      pooled = jnp.tanh(nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                                 kernel_init=cfg.kernel_init, name='pooler')(x[:, 0]))  # (B, D)
+      pooled = jnp.tanh(
+        nn.Dense(
+          cfg.d_model,
+          dtype=cfg.compute_dtype,
+          param_dtype=cfg.weight_dtype,
+          kernel_init=cfg.kernel_init,
+          name='pooler',
+        )(x[:, 0])
+      )  # (B, D)
     return x, pooled
 
 
@@ -99,12 +127,21 @@ class BERTForMaskedLM(nn.Module):
     cfg = self.config
     bert = BERT(cfg, add_pooler=False, name='bert')
     x, _ = bert(ids, token_type_ids=token_type_ids, valid=valid, deterministic=deterministic)
-    x = nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, kernel_init=cfg.kernel_init,
-                 name='mlm_dense')(x)
+    x = nn.Dense(
+      cfg.d_model,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.weight_dtype,
+      kernel_init=cfg.kernel_init,
+      name='mlm_dense',
+    )(x)
     x = make_norm(cfg, 'mlm_norm')(ACTIVATIONS[cfg.activation](x))
-    table = bert.variables['params']['token_embed']['embedding']  # (V, D), tied decoder
-    bias = self.param('mlm_bias', nn.initializers.zeros, (cfg.vocab_size,), cfg.weight_dtype)
-    return jnp.einsum('btd,vd->btv', x.astype(jnp.float32), table.astype(jnp.float32)) + bias.astype(jnp.float32)
+    head = OutputHead(
+      cfg.vocab_size, tied=True, use_bias=True, param_dtype=cfg.weight_dtype, bias_name='mlm_bias'
+    )
+    nn.share_scope(self, head)  # the decoder bias is `mlm_bias` at the top of the tree
+    return head(
+      x, bert.variables['params']['token_embed']['embedding']
+    )  # decoder tied to the (V, D) token table
 
 
 class BERTForSequenceClassification(nn.Module):
@@ -115,8 +152,15 @@ class BERTForSequenceClassification(nn.Module):
   @nn.compact
   def __call__(self, ids, *, token_type_ids=None, valid=None, deterministic: bool = True):
     cfg = self.config
-    _, pooled = BERT(cfg, name='bert')(ids, token_type_ids=token_type_ids, valid=valid, deterministic=deterministic)
+    _, pooled = BERT(cfg, name='bert')(
+      ids, token_type_ids=token_type_ids, valid=valid, deterministic=deterministic
+    )
     rate = cfg.dropout_rate if cfg.classifier_dropout_rate is None else cfg.classifier_dropout_rate
     pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
-    return nn.Dense(cfg.num_labels, dtype=jnp.float32, param_dtype=cfg.weight_dtype, kernel_init=cfg.kernel_init,
-                    name='classifier')(pooled.astype(jnp.float32))
+    return nn.Dense(
+      cfg.num_labels,
+      dtype=jnp.float32,
+      param_dtype=cfg.weight_dtype,
+      kernel_init=cfg.kernel_init,
+      name='classifier',
+    )(pooled.astype(jnp.float32))

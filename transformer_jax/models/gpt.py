@@ -1,19 +1,23 @@
-"""GPT: a decoder-only Transformer (learned positions, pre-norm, final norm, tied head)."""
+"""GPT: a decoder-only Transformer (learned or rotary positions, pre-norm, final norm, tied head)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from transformer_jax import masks
 from transformer_jax.config import BlockConfig
-from transformer_jax.models.common import (POSITION_ENCODINGS, default_positions, key_mask_or_none,
-                                           make_position_encoding, token_validity)
-from transformer_jax.modules.blocks import EncoderLayer, Stack
-from transformer_jax.modules.embeddings import TokenEmbedding
-from transformer_jax.validation import check_shape
+from transformer_jax.modules.blocks import Block, Stack
+from transformer_jax.modules.embeddings import (
+  POSITION_ENCODINGS,
+  InputEmbedding,
+  OutputHead,
+  TokenEmbedding,
+  default_positions,
+  make_position_encoding,
+)
+from transformer_jax.validation import check_shape, token_validity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +45,9 @@ class GPTConfig(BlockConfig):
     if self.vocab_size < 1:
       problems.append('vocab_size must be positive')
     if self.position_encoding not in POSITION_ENCODINGS:
-      problems.append(f'position_encoding must be one of {POSITION_ENCODINGS}, got {self.position_encoding!r}')
+      problems.append(
+        f'position_encoding must be one of {POSITION_ENCODINGS}, got {self.position_encoding!r}'
+      )
     if self.pad_id is not None and not 0 <= self.pad_id < self.vocab_size:
       problems.append(f'pad_id={self.pad_id} is outside the vocabulary [0, {self.vocab_size})')
     return problems
@@ -49,41 +55,70 @@ class GPTConfig(BlockConfig):
   @classmethod
   def gpt2(cls, size: str = 'small', **overrides):
     """GPT-2 ``'small'`` (124M), ``'medium'``, ``'large'`` or ``'xl'``."""
-    shapes = {'small': (12, 768, 12), 'medium': (24, 1024, 16), 'large': (36, 1280, 20), 'xl': (48, 1600, 25)}
+    shapes = {
+      'small': (12, 768, 12),
+      'medium': (24, 1024, 16),
+      'large': (36, 1280, 20),
+      'xl': (48, 1600, 25),
+    }
     if size not in shapes:
       raise ValueError(f'unknown GPT-2 size {size!r}; expected one of {sorted(shapes)}')
     layers, width, heads = shapes[size]
-    return cls(**{**dict(num_layers=layers, d_model=width, num_heads=heads, d_ff=4 * width), **overrides})
+    return cls(
+      **{**dict(num_layers=layers, d_model=width, num_heads=heads, d_ff=4 * width), **overrides}
+    )
 
   @classmethod
   def course(cls, **overrides):
-    """The course's nanoGPT-style model (seed 004): bias-free Q/K/V, ReLU FFN, a separate biased output layer."""
-    return cls(**{**dict(vocab_size=65, max_len=256, num_layers=6, d_model=384, num_heads=6, d_ff=1536,
-                         activation='relu', qkv_bias=False, fused_qkv=False, tie_output=False, output_bias=True,
-                         dropout_rate=0.2, attention_dropout_rate=0.2), **overrides})
+    """The course's nanoGPT-style model (see the README): bias-free Q/K/V, ReLU FFN, a separate biased output
+    layer."""
+    return cls(
+      **{
+        **dict(
+          vocab_size=65,
+          max_len=256,
+          num_layers=6,
+          d_model=384,
+          num_heads=6,
+          d_ff=1536,
+          activation='relu',
+          qkv_bias=False,
+          fused_qkv=False,
+          tie_output=False,
+          output_bias=True,
+          dropout_rate=0.2,
+          attention_dropout_rate=0.2,
+        ),
+        **overrides,
+      }
+    )
 
 
 class GPT(nn.Module):
   """Causal language model: ``(B, T)`` ids -> ``(B, T, V)`` float32 next-token logits.
 
-  Parameters: ``token_embed``, ``positions`` (learned), ``decoder`` (:class:`Stack` of causal :class:`EncoderLayer`\\ s
-  with a final norm), and ``output`` unless the head is tied.
+  Parameters: ``token_embed``, ``positions`` (learned), ``decoder`` (a :class:`Stack` of causal :class:`Block`\\ s
+  with a final norm), and ``output`` (or ``output_bias``) as the head needs.
   """
 
   config: GPTConfig
 
   def setup(self):
     cfg = self.config
-    self.token_embed = TokenEmbedding(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
-                                      param_dtype=cfg.weight_dtype, embedding_init=cfg.kernel_init)
+    self.token_embed = TokenEmbedding(
+      cfg.vocab_size,
+      cfg.d_model,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.weight_dtype,
+      embedding_init=cfg.kernel_init,
+    )
     self.positions = make_position_encoding(cfg, cfg.position_encoding)
-    self.dropout = nn.Dropout(cfg.dropout_rate)
-    self.decoder = Stack(cfg, EncoderLayer, cfg.num_layers)
-    if not cfg.tie_output:
-      self.output = nn.Dense(cfg.vocab_size, use_bias=cfg.output_bias, dtype=jnp.float32,
-                             param_dtype=cfg.weight_dtype, kernel_init=cfg.kernel_init)
-    elif cfg.output_bias:
-      self.output_bias = self.param('output_bias', nn.initializers.zeros, (cfg.vocab_size,), cfg.weight_dtype)
+    self.embed = InputEmbedding(self.token_embed, self.positions, cfg.dropout_rate)
+    self.decoder = Stack(cfg, Block, cfg.num_layers)
+    self.head = OutputHead(
+      cfg.vocab_size, cfg.tie_output, cfg.output_bias, cfg.weight_dtype, cfg.kernel_init
+    )
+    nn.share_scope(self, self.head)  # `output` / `output_bias` live at the top of the tree
 
   def hidden_states(self, ids, *, valid=None, positions=None, deterministic: bool = True):
     """``(B, T)`` ids -> ``(B, T, D)`` final (normed) hidden states.
@@ -94,38 +129,28 @@ class GPT(nn.Module):
     cfg = self.config
     valid = token_validity(ids, valid, cfg.pad_id, cfg.max_len, 'input')
     positions = default_positions(ids) if positions is None else positions
-    x = self._embed(ids, positions, deterministic)
-    mask = masks.combine_masks(masks.causal_mask(ids.shape[1]), key_mask_or_none(valid))  # (B|1, 1, T, T)
-    return self.decoder(x, mask, *self._rotary(positions), deterministic=deterministic)
+    mask = masks.combine_masks(
+      masks.causal_mask(ids.shape[1]), masks.key_mask(valid)
+    )  # (B|1, 1, T, T)
+    x = self.embed(ids, positions, deterministic=deterministic)  # (B, T, D)
+    return self.decoder(x, mask, positions, deterministic=deterministic)
 
   def decode_step(self, ids, *, positions, cache_valid=None):
-    """Cached decoding (apply with ``mutable=['cache']``): ``(B, T)`` ids continuing the cached sequence -> ``(B, T, V)``
-    float32 logits. The first call prefills the prompt, later ones feed one token each.
+    """Cached decoding (apply with ``mutable=['cache']``): ``(B, T)`` ids continuing the cached sequence ->
+    ``(B, T, V)`` float32 logits. The first call prefills the prompt, later ones feed one token each.
 
     ``positions``: ``(B, T)`` position ids of the new tokens. ``cache_valid``: ``(B, S)`` over every cache slot, True
     for real tokens (False for left padding); slots not yet written are hidden by causality whatever it says.
     """
     check_shape(positions, ids.shape, 'positions')
-    x = self._embed(ids, positions, deterministic=True)
-    return self.logits(self.decoder(x, key_mask_or_none(cache_valid), *self._rotary(positions), decode=True))
-
-  def _rotary(self, positions) -> tuple:
-    """The layers' extra argument: the ``(B, T)`` positions when attention is rotary, nothing otherwise."""
-    return () if self.config.rope_theta is None else (positions,)
-
-  def _embed(self, ids, positions, deterministic):
-    x = self.token_embed(ids)  # (B, T, D)
-    if self.positions is not None:
-      x = x + self.positions(positions)
-    return self.dropout(x, deterministic=deterministic)
+    x = self.embed(ids, positions)
+    return self.logits(self.decoder(x, masks.key_mask(cache_valid), positions, decode=True))
 
   def logits(self, x):
     """``(B, T, D)`` -> ``(B, T, V)`` float32 logits."""
-    cfg = self.config
-    if cfg.tie_output:
-      out = self.token_embed.attend(x)
-      return out + self.output_bias.astype(jnp.float32) if cfg.output_bias else out
-    return self.output(x.astype(jnp.float32))
+    return self.head(x, self.token_embed.embedding)
 
   def __call__(self, ids, *, valid=None, positions=None, deterministic: bool = True):
-    return self.logits(self.hidden_states(ids, valid=valid, positions=positions, deterministic=deterministic))
+    return self.logits(
+      self.hidden_states(ids, valid=valid, positions=positions, deterministic=deterministic)
+    )

@@ -15,10 +15,21 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer_jax import masks
-from transformer_jax.modules.rotary import apply_rotary
+from transformer_jax.modules.rotary import Rotary
 from transformer_jax.validation import check_attention_mask
 
 Implementation = Literal['einsum', 'xla', 'cudnn'] | None
+
+# Names in the 'cache' collection. Every key/value buffer ends in (B, S, G, K); scan adds a leading L.
+CACHED_KEY, CACHED_VALUE, CACHE_INDEX = (
+  'cached_key',
+  'cached_value',
+  'cache_index',
+)  # self-attention, per slot
+MEMORY_KEY, MEMORY_VALUE = (
+  'memory_key',
+  'memory_value',
+)  # cross-attention: the projected encoder output
 
 
 def _full_mask(mask, batch: int, q_len: int, kv_len: int):
@@ -27,16 +38,30 @@ def _full_mask(mask, batch: int, q_len: int, kv_len: int):
   return jnp.broadcast_to(mask, (batch, mask.shape[1], q_len, kv_len))
 
 
-def dot_product_attention(query, key, value, mask=None, *, dropout_rate: float = 0.0, dropout_rng=None,
-                          deterministic: bool = True, return_weights: bool = False,
-                          implementation: Implementation = None):
+def dot_product_attention(
+  query,
+  key,
+  value,
+  mask=None,
+  *,
+  bias=None,
+  dropout_rate: float = 0.0,
+  dropout_rng=None,
+  deterministic: bool = True,
+  return_weights: bool = False,
+  implementation: Implementation = None,
+):
   """``softmax(q k^T / sqrt(K)) v`` with boolean masking.
 
   Args:
     query: ``(B, T, H, K)``.
-    key: ``(B, S, H, K)``.
-    value: ``(B, S, H, K)``.
+    key: ``(B, S, G, K)``, where ``G`` divides ``H``: grouped-query attention when ``G < H`` (multi-query when
+      ``G = 1``), query head ``h`` attending with key/value head ``h // (H / G)`` as Hugging Face's ``repeat_kv``
+      arranges them. The key/value heads are never copied.
+    value: ``(B, S, G, K)``.
     mask: boolean, broadcastable to ``(B, H, T, S)``; ``True`` = may attend.
+    bias: float, broadcastable to ``(B, H, T, S)``, added to the logits before masking (T5's relative position
+      bias, :mod:`~transformer_jax.modules.relative_position`). Forces the einsum path.
     dropout_rate, dropout_rng, deterministic: dropout on the attention weights (needs ``dropout_rng`` when active).
     return_weights: also return the ``(B, H, T, S)`` float32 weights (forces the einsum path).
     implementation: ``None``/``'einsum'``: two einsums around a float32 softmax, written out here (the fastest on
@@ -48,25 +73,41 @@ def dot_product_attention(query, key, value, mask=None, *, dropout_rate: float =
     weights and a zero output (never NaN). Logits and softmax are float32 whatever the input dtype.
   """
   batch, q_len, heads, head_dim = query.shape
-  kv_len = key.shape[1]
-  if key.shape != value.shape or key.shape[0] != batch or key.shape[2:] != (heads, head_dim):
-    raise ValueError(f'attention shapes disagree: query {query.shape}, key {key.shape}, value {value.shape}')
+  kv_len, kv_heads = key.shape[1], key.shape[2]
+  if (
+    key.shape != value.shape
+    or key.shape[0] != batch
+    or key.shape[3] != head_dim
+    or kv_heads < 1
+    or heads % kv_heads
+  ):
+    raise ValueError(
+      f'attention shapes disagree: query {query.shape}, key {key.shape}, value {value.shape}'
+    )
   if mask is not None:
     check_attention_mask(mask, batch, heads, q_len, kv_len)
   use_dropout = dropout_rate > 0.0 and not deterministic
   if use_dropout and dropout_rng is None:
-    raise ValueError('attention dropout is active (deterministic=False) but no dropout_rng was given')
+    raise ValueError(
+      'attention dropout is active (deterministic=False) but no dropout_rng was given'
+    )
   # Rows with no visible key: zeros, not a uniform average over masked keys. (B, H|1, T, 1)
   row_ok = None if mask is None else jnp.any(mask, axis=-1, keepdims=True)
 
-  if implementation in ('xla', 'cudnn') and not return_weights and not use_dropout:
+  if implementation in ('xla', 'cudnn') and not return_weights and not use_dropout and bias is None:
     full = None if mask is None else _full_mask(mask, batch, q_len, kv_len)
     out = jax.nn.dot_product_attention(query, key, value, mask=full, implementation=implementation)
     return _zero_empty_rows(out, row_ok)
 
-  # Scaling the (B, T, H, K) query instead of the (B, H, T, S) logits saves a pass over the larger array.
-  scaled = query * jnp.asarray(1 / math.sqrt(head_dim), query.dtype)
-  logits = jnp.einsum('BTHK,BSHK->BHTS', scaled, key, preferred_element_type=jnp.float32).astype(jnp.float32)
+  # Scaling the (B, T, H, K) query instead of the (B, H, T, S) logits saves a pass over the larger array. Query heads
+  # are split into (G, H/G) groups so that each group meets its one key/value head.
+  scaled = (query * jnp.asarray(1 / math.sqrt(head_dim), query.dtype)).reshape(
+    batch, q_len, kv_heads, heads // kv_heads, head_dim
+  )  # (B, T, G, H/G, K)
+  logits = jnp.einsum('BTGQK,BSGK->BGQTS', scaled, key, preferred_element_type=jnp.float32)
+  logits = logits.astype(jnp.float32).reshape(batch, heads, q_len, kv_len)  # (B, H, T, S)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1)  # (B, H, T, S)
@@ -74,7 +115,9 @@ def dot_product_attention(query, key, value, mask=None, *, dropout_rate: float =
   if use_dropout:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
     applied = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-  out = _zero_empty_rows(jnp.einsum('BHTS,BSHK->BTHK', applied.astype(value.dtype), value), row_ok)
+  grouped = applied.astype(value.dtype).reshape(batch, kv_heads, heads // kv_heads, q_len, kv_len)
+  out = jnp.einsum('BGQTS,BSGK->BTGQK', grouped, value).reshape(batch, q_len, heads, head_dim)
+  out = _zero_empty_rows(out, row_ok)
   if not return_weights:
     return out
   return out, weights if row_ok is None else jnp.where(row_ok, weights, 0.0)
@@ -89,22 +132,25 @@ def _zero_empty_rows(out, row_ok):
 class MultiHeadAttention(nn.Module):
   """Multi-head attention for self- (``inputs_kv=None``) and cross-attention.
 
-  Parameters: ``query``/``key``/``value`` kernels ``(D, H, K)`` or, with ``fused_qkv``, one ``qkv`` kernel
-  ``(D, 3, H, K)`` (self-attention only); ``out`` kernel ``(H, K, D)``. Applied with ``mutable=['intermediates']``
+  Parameters: ``query`` kernel ``(D, H, K)``, ``key``/``value`` kernels ``(D, G, K)`` for ``G = num_kv_heads``
+  (grouped-query attention when ``G < H``), or, with ``fused_qkv``, one ``qkv`` kernel ``(D, 3, H, K)``
+  (self-attention with ``G = H`` only); ``out`` kernel ``(H, K, D)``. Applied with ``mutable=['intermediates']``
   it also sows the ``(B, H, T, S)`` attention weights under ``attention_weights``.
 
   With ``decode=True`` (applied with ``mutable=['cache']``, see :mod:`transformer_jax.generation`) it reads and writes
   the ``'cache'`` collection. Self-attention writes the chunk's keys and values into fixed-size ``cached_key`` /
-  ``cached_value`` buffers ``(B, S, H, K)`` at ``cache_index`` and attends to every slot written so far.
+  ``cached_value`` buffers ``(B, S, G, K)`` (key/value heads only) at ``cache_index`` and attends to every slot
+  written so far.
   Cross-attention (``cross=True``) stores the projected encoder output as ``memory_key`` / ``memory_value`` when
   ``inputs_kv`` is given, and later calls pass ``inputs_kv=None`` to reuse them, so the memory is projected once per
   sequence.
 
-  With ``rope_theta`` (self-attention only), queries and keys are rotated by their ``positions`` before they meet
-  (:mod:`~transformer_jax.modules.rotary`); the cache holds rotated keys.
+  With ``rotary`` or ``rope_theta`` (self-attention only), queries and keys are rotated by their ``positions``
+  before they meet (:mod:`~transformer_jax.modules.rotary`); the cache holds rotated keys.
   """
 
   num_heads: int
+  num_kv_heads: int | None = None  # default: num_heads
   head_dim: int | None = None  # default: D // num_heads
   qkv_bias: bool = True
   out_bias: bool = True
@@ -112,42 +158,74 @@ class MultiHeadAttention(nn.Module):
   cross: bool = False  # keys/values come from a separate memory (the decoder's cross-attention); matters for caching
   dropout_rate: float = 0.0
   implementation: Implementation = None
-  rope_theta: float | None = None  # rotary positions with this base; None: the inputs carry their positions
+  # Rotary positions: `rotary` in full, or `rope_theta` alone for the plain rotation with that base. Neither: the
+  # inputs carry their positions.
+  rotary: Rotary | None = None
+  rope_theta: float | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.xavier_uniform()
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv=None, mask=None, *, positions=None, deterministic: bool = True,
-               decode: bool = False):
+  def __call__(
+    self,
+    inputs_q,
+    inputs_kv=None,
+    mask=None,
+    *,
+    positions=None,
+    deterministic: bool = True,
+    decode: bool = False,
+  ):
     """``(B, T, D)`` queries, optional ``(B, S, D)`` keys/values -> ``(B, T, D)``. ``positions``: ``(B, T)`` position
     ids of the queries (and keys) for rotary attention; default ``0..T-1``, except in cached decoding."""
     features = inputs_q.shape[-1]
     if self.head_dim is None and features % self.num_heads:
       raise ValueError(f'd_model={features} is not divisible by num_heads={self.num_heads}')
     head_dim = self.head_dim or features // self.num_heads
+    kv_heads = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv_heads or (self.fused_qkv and kv_heads != self.num_heads):
+      raise ValueError(
+        f'num_kv_heads={kv_heads} must divide num_heads={self.num_heads} (and equal it with fused_qkv)'
+      )
     if decode and inputs_kv is not None and not self.cross:
-      raise ValueError('cached decoding of attention over a separate memory needs MultiHeadAttention(cross=True)')
+      raise ValueError(
+        'cached decoding of attention over a separate memory needs MultiHeadAttention(cross=True)'
+      )
     dense = lambda shape, name: nn.DenseGeneral(  # noqa: E731
-        shape, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=self.kernel_init, name=name)
+      shape,
+      use_bias=self.qkv_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=self.kernel_init,
+      name=name,
+    )
 
     if self.fused_qkv:
       if inputs_kv is not None:
-        raise ValueError('fused_qkv projects one input; cross-attention needs separate query and key/value inputs')
+        raise ValueError(
+          'fused_qkv projects one input; cross-attention needs separate query and key/value inputs'
+        )
       qkv = dense((3, self.num_heads, head_dim), 'qkv')(inputs_q)  # (B, T, 3, H, K)
       query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
       query = dense((self.num_heads, head_dim), 'query')(inputs_q)  # (B, T, H, K)
-      if self.cross and decode and inputs_kv is None:  # later decoding steps: the memory projected at the first
-        if not self.has_variable('cache', 'memory_key'):
-          raise ValueError('cached cross-attention needs inputs_kv (the encoder output) on its first call')
-        key, value = self.get_variable('cache', 'memory_key'), self.get_variable('cache', 'memory_value')
+      if (
+        self.cross and decode and inputs_kv is None
+      ):  # later decoding steps: the memory projected at the first
+        if not self.has_variable('cache', MEMORY_KEY):
+          raise ValueError(
+            'cached cross-attention needs inputs_kv (the encoder output) on its first call'
+          )
+        key, value = (
+          self.get_variable('cache', MEMORY_KEY),
+          self.get_variable('cache', MEMORY_VALUE),
+        )
       else:
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
-        key = dense((self.num_heads, head_dim), 'key')(inputs_kv)  # (B, S, H, K)
-        value = dense((self.num_heads, head_dim), 'value')(inputs_kv)  # (B, S, H, K)
-    if self.rope_theta is not None:
+        key = dense((kv_heads, head_dim), 'key')(inputs_kv)  # (B, S, G, K)
+        value = dense((kv_heads, head_dim), 'value')(inputs_kv)  # (B, S, G, K)
+    if self.rotary is not None or self.rope_theta is not None:
       query, key = self._rotate(query, key, positions, decode)
     if decode:
       key, value, mask = self._use_cache(key, value, mask)
@@ -155,36 +233,59 @@ class MultiHeadAttention(nn.Module):
     want_weights = self.is_mutable_collection('intermediates')
     use_dropout = self.dropout_rate > 0.0 and not deterministic
     result = dot_product_attention(
-        query, key, value, mask, dropout_rate=self.dropout_rate,
-        dropout_rng=self.make_rng('dropout') if use_dropout else None, deterministic=deterministic,
-        return_weights=want_weights, implementation=self.implementation)
+      query,
+      key,
+      value,
+      mask,
+      dropout_rate=self.dropout_rate,
+      dropout_rng=self.make_rng('dropout') if use_dropout else None,
+      deterministic=deterministic,
+      return_weights=want_weights,
+      implementation=self.implementation,
+    )
     if want_weights:
       result, weights = result
       self.sow('intermediates', 'attention_weights', weights)
-    return nn.DenseGeneral(features, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
-                           param_dtype=self.param_dtype, kernel_init=self.kernel_init, name='out')(result)
+    return nn.DenseGeneral(
+      features,
+      axis=(-2, -1),
+      use_bias=self.out_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=self.kernel_init,
+      name='out',
+    )(result)
 
   def _rotate(self, query, key, positions, decode: bool):
     if self.cross:
-      raise ValueError('rotary positions apply to self-attention; cross-attention keys have positions of their own')
+      raise ValueError(
+        'rotary positions apply to self-attention; cross-attention keys have positions of their own'
+      )
     if positions is None:
       if decode:
-        raise ValueError('cached decoding with rotary positions needs the positions of the new tokens')
+        raise ValueError(
+          'cached decoding with rotary positions needs the positions of the new tokens'
+        )
       positions = jnp.arange(query.shape[1])[None]  # (1, T)
-    return apply_rotary(query, positions, self.rope_theta), apply_rotary(key, positions, self.rope_theta)
+    rotary = self.rotary or Rotary(self.rope_theta)
+    return rotary.apply(query, positions), rotary.apply(key, positions)
 
   def _use_cache(self, key, value, mask):
-    """The keys, values ``(B, S, H, K)`` and mask to attend with in cached decoding (see the class docstring)."""
+    """The keys, values ``(B, S, G, K)`` and mask to attend with in cached decoding (see the class docstring)."""
     if self.cross:
-      self.put_variable('cache', 'memory_key', key)
-      self.put_variable('cache', 'memory_value', value)
+      self.put_variable('cache', MEMORY_KEY, key)
+      self.put_variable('cache', MEMORY_VALUE, value)
       return key, value, mask
-    cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
-    cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
-    index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+    cached_key = self.variable('cache', CACHED_KEY, jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable('cache', CACHED_VALUE, jnp.zeros, value.shape, value.dtype)
+    index = self.variable('cache', CACHE_INDEX, lambda: jnp.zeros((), jnp.int32))
     start, chunk, size = index.value, key.shape[1], cached_key.value.shape[1]
     cached_key.value = lax.dynamic_update_slice(cached_key.value, key, (0, start, 0, 0))
     cached_value.value = lax.dynamic_update_slice(cached_value.value, value, (0, start, 0, 0))
     index.value = start + chunk
     # Slots past the chunk hold zeros (or stale entries): causality with the chunk's offset hides them.
-    return cached_key.value, cached_value.value, masks.combine_masks(mask, masks.causal_mask(chunk, size, start))
+    return (
+      cached_key.value,
+      cached_value.value,
+      masks.combine_masks(mask, masks.causal_mask(chunk, size, start)),
+    )

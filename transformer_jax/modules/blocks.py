@@ -1,7 +1,8 @@
-"""Encoder and decoder layers, and the stack that repeats them.
+"""The Transformer layers, and the stack that repeats them.
 
-A layer is a few residual sublayers. With ``pre_norm`` each is ``x + dropout(f(norm(x)))`` (GPT-2); without it,
-``norm(x + dropout(f(x)))`` (the original Transformer, BERT).
+A layer is a few residual sublayers, one line each in ``__call__``. With ``pre_norm`` a sublayer is
+``x + dropout(f(norm(x)))`` (GPT-2, Llama); without it, ``norm(x + dropout(f(x)))`` (the original Transformer, BERT).
+Runtime modes (``deterministic``, ``decode``) are call arguments at every level.
 """
 
 from __future__ import annotations
@@ -15,73 +16,128 @@ import jax.numpy as jnp
 from transformer_jax.config import REMAT_POLICIES, BlockConfig
 from transformer_jax.modules.attention import MultiHeadAttention
 from transformer_jax.modules.feedforward import FeedForward
-from transformer_jax.modules.normalization import LayerNorm
+from transformer_jax.modules.normalization import make_norm
 from transformer_jax.sharding import shard_activation
 
 
-def make_norm(config: BlockConfig, name: str) -> LayerNorm:
-  return LayerNorm(epsilon=config.norm_eps, variant=config.norm_variant, dtype=config.compute_dtype,
-                   param_dtype=config.weight_dtype, name=name)
-
-
-def make_attention(config: BlockConfig, name: str, *, cross: bool = False) -> MultiHeadAttention:
+def make_attention(config: BlockConfig, *, cross: bool = False) -> MultiHeadAttention:
   """Self-attention (Q/K/V fused when the config says so) or, with ``cross``, attention over the encoder memory."""
   return MultiHeadAttention(
-      num_heads=config.num_heads, qkv_bias=config.qkv_bias, fused_qkv=config.fused_qkv and not cross, cross=cross,
-      dropout_rate=config.attention_dropout_rate, implementation=config.attention_implementation,
-      rope_theta=None if cross else config.rope_theta, dtype=config.compute_dtype, param_dtype=config.weight_dtype, kernel_init=config.kernel_init, name=name)
+    num_heads=config.num_heads,
+    num_kv_heads=config.kv_heads,
+    qkv_bias=config.qkv_bias,
+    out_bias=config.use_bias,
+    fused_qkv=config.fused_qkv and not cross,
+    cross=cross,
+    dropout_rate=config.attention_dropout_rate,
+    implementation=config.attention_implementation,
+    rotary=None if cross else config.rotary,
+    dtype=config.compute_dtype,
+    param_dtype=config.weight_dtype,
+    kernel_init=config.kernel_init,
+  )
 
 
-def residual(config: BlockConfig, x, sublayer: Callable, norm: LayerNorm, deterministic: bool):
-  """One residual sublayer, pre- or post-norm. Call inside a compact method (it creates a Dropout)."""
-  drop = nn.Dropout(config.dropout_rate)
-  if config.pre_norm:
-    return x + drop(sublayer(norm(x)), deterministic=deterministic)
-  return norm(x + drop(sublayer(x), deterministic=deterministic))
+def make_ffn(config: BlockConfig) -> FeedForward:
+  return FeedForward(
+    config.d_ff,
+    config.activation,
+    gated=config.gated_ffn,
+    use_bias=config.use_bias,
+    dtype=config.compute_dtype,
+    param_dtype=config.weight_dtype,
+    kernel_init=config.kernel_init,
+  )
 
 
-class EncoderLayer(nn.Module):
-  """Self-attention then FFN. With a causal mask it is also the GPT block."""
-
-  config: BlockConfig
-  deterministic: bool = True
-  decode: bool = False  # cached decoding: see MultiHeadAttention
-
-  @nn.compact
-  def __call__(self, x, mask=None, positions=None):
-    """``(B, T, D)``, mask broadcastable to ``(B, H, T, T)`` -> ``(B, T, D)``. ``positions``: ``(B, T)``, for rotary
-    attention (``config.rope_theta``)."""
-    cfg = self.config
-    attn = make_attention(cfg, 'self_attention')
-    x = residual(cfg, x, lambda h: attn(h, mask=mask, positions=positions, deterministic=self.deterministic,
-                                        decode=self.decode),
-                 make_norm(cfg, 'self_attention_norm'), self.deterministic)
-    ffn = FeedForward(cfg.d_ff, cfg.activation, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                      kernel_init=cfg.kernel_init, name='ffn')
-    return residual(cfg, x, ffn, make_norm(cfg, 'ffn_norm'), self.deterministic)
-
-
-class DecoderLayer(nn.Module):
-  """Masked self-attention, cross-attention over the encoder output, then FFN."""
+class _Residual(nn.Module):
+  """Shared by the layers: ``add(x, norm, f)`` is one residual sublayer, pre- or post-norm as the config says."""
 
   config: BlockConfig
-  deterministic: bool = True
-  decode: bool = False  # cached decoding: memory=None after the first step reuses the cached memory keys/values
 
-  @nn.compact
-  def __call__(self, x, self_mask, memory, cross_mask=None):
-    """``(B, T, D)`` targets, ``(B, S, D)`` memory; masks ``(B, H, T, T)`` and ``(B, H, T, S)`` -> ``(B, T, D)``."""
-    cfg = self.config
-    self_attn = make_attention(cfg, 'self_attention')
-    x = residual(cfg, x, lambda h: self_attn(h, mask=self_mask, deterministic=self.deterministic, decode=self.decode),
-                 make_norm(cfg, 'self_attention_norm'), self.deterministic)
-    cross_attn = make_attention(cfg, 'cross_attention', cross=True)
-    x = residual(cfg, x, lambda h: cross_attn(h, memory, mask=cross_mask, deterministic=self.deterministic,
-                                              decode=self.decode),
-                 make_norm(cfg, 'cross_attention_norm'), self.deterministic)
-    ffn = FeedForward(cfg.d_ff, cfg.activation, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                      kernel_init=cfg.kernel_init, name='ffn')
-    return residual(cfg, x, ffn, make_norm(cfg, 'ffn_norm'), self.deterministic)
+  def setup(self):
+    self.dropout = nn.Dropout(self.config.dropout_rate)
+
+  def add(self, x, norm: nn.Module, sublayer: Callable, deterministic: bool):
+    if self.config.pre_norm:
+      return x + self.dropout(sublayer(norm(x)), deterministic=deterministic)
+    return norm(x + self.dropout(sublayer(x), deterministic=deterministic))
+
+
+class Block(_Residual):
+  """Self-attention then FFN: the layer of BERT and of the Transformer's encoder, and with a causal mask the GPT block.
+
+  Parameters: ``self_attention``, ``self_attention_norm``, ``ffn``, ``ffn_norm``.
+  """
+
+  def setup(self):
+    super().setup()
+    self.self_attention_norm = make_norm(self.config)
+    self.self_attention = make_attention(self.config)
+    self.ffn_norm = make_norm(self.config)
+    self.ffn = make_ffn(self.config)
+
+  def __call__(
+    self, x, mask=None, positions=None, *, deterministic: bool = True, decode: bool = False
+  ):
+    """``(B, T, D)`` -> ``(B, T, D)``. ``mask``: broadcastable to ``(B, H, T, T)``, True = may attend.
+    ``positions``: ``(B, T)`` position ids, used by rotary attention (``config.rope_theta``)."""
+    attend = lambda h: self.self_attention(
+      h,
+      mask=mask,
+      positions=positions,
+      deterministic=deterministic,  # noqa: E731
+      decode=decode,
+    )
+    x = self.add(x, self.self_attention_norm, attend, deterministic)
+    return self.add(x, self.ffn_norm, self.ffn, deterministic)
+
+
+class CrossAttentionBlock(_Residual):
+  """Masked self-attention, attention over the encoder output, then FFN: the Transformer's decoder layer.
+
+  Parameters: those of :class:`Block` and ``cross_attention``, ``cross_attention_norm``.
+  """
+
+  def setup(self):
+    super().setup()
+    self.self_attention_norm = make_norm(self.config)
+    self.self_attention = make_attention(self.config)
+    self.cross_attention_norm = make_norm(self.config)
+    self.cross_attention = make_attention(self.config, cross=True)
+    self.ffn_norm = make_norm(self.config)
+    self.ffn = make_ffn(self.config)
+
+  def __call__(
+    self,
+    x,
+    self_mask,
+    memory,
+    memory_mask=None,
+    *,
+    deterministic: bool = True,
+    decode: bool = False,
+  ):
+    """``(B, T, D)`` targets, ``(B, S, D)`` memory; masks ``(B, H, T, T)`` and ``(B, H, T, S)`` -> ``(B, T, D)``.
+
+    In cached decoding, ``memory=None`` after the first step attends to the cached memory keys and values."""
+    attend = lambda h: self.self_attention(
+      h, mask=self_mask, deterministic=deterministic, decode=decode
+    )  # noqa: E731
+    x = self.add(x, self.self_attention_norm, attend, deterministic)
+    attend_memory = lambda h: self.cross_attention(
+      h,
+      memory,
+      mask=memory_mask,  # noqa: E731
+      deterministic=deterministic,
+      decode=decode,
+    )
+    x = self.add(x, self.cross_attention_norm, attend_memory, deterministic)
+    return self.add(x, self.ffn_norm, self.ffn, deterministic)
+
+
+EncoderLayer = Block  # deprecated names (0.1): kept so that existing imports keep working
+DecoderLayer = CrossAttentionBlock
 
 
 def _residual_stream(x):
@@ -90,16 +146,13 @@ def _residual_stream(x):
   return shard_activation(x, 'batch', None, None)
 
 
-def _scan_body(layer, carry, *args):
-  return _residual_stream(layer(carry, *args)), None
-
-
 class Stack(nn.Module):
   """``num_layers`` copies of ``layer_cls`` and an optional final norm.
 
   Plain loop: parameters ``layers_0 ... layers_{L-1}``. With ``config.scan_layers``: one ``layers`` subtree whose
   leaves carry a leading ``L`` axis (see :func:`stack_layers` / :func:`unstack_layers` to move between the two).
-  ``config.remat_policy`` wraps each layer in ``nn.remat``. All variants compute the same numbers.
+  ``config.remat_policy`` recomputes each layer's activations in the backward pass. All variants compute the same
+  numbers.
   """
 
   config: BlockConfig
@@ -107,27 +160,36 @@ class Stack(nn.Module):
   num_layers: int
 
   @nn.compact
-  def __call__(self, x, *args, deterministic: bool = True, decode: bool = False):
-    """``(B, T, D)`` and the layer's extra arguments (masks, memory) -> ``(B, T, D)``.
+  def __call__(self, x, *layer_args, deterministic: bool = True, decode: bool = False):
+    """``(B, T, D)`` and the layer's other arguments (masks, positions, memory) -> ``(B, T, D)``.
 
     ``decode``: cached decoding (apply with ``mutable=['cache']``); under scan each cache leaf gains a leading ``L``.
     """
     cfg = self.config
-    layer_cls = self.layer_cls
-    x = _residual_stream(x)
+
+    def apply_layer(layer, x, *args):
+      return _residual_stream(layer(x, *args, deterministic=deterministic, decode=decode))
+
     if cfg.remat_policy != 'none':
       # prevent_cse only matters outside scan; inside scan it just blocks optimisations.
-      layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+      apply_layer = nn.remat(
+        apply_layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
+      )
+    x = _residual_stream(x)
     if cfg.scan_layers:
-      scan = nn.scan(_scan_body, variable_axes={'params': 0, 'intermediates': 0, 'cache': 0},
-                     split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,) * len(args),
-                     length=self.num_layers)
-      x, _ = scan(layer_cls(cfg, deterministic, decode, name='layers'), x, *args)
+      scan = nn.scan(
+        lambda layer, carry, *args: (apply_layer(layer, carry, *args), None),
+        variable_axes={'params': 0, 'intermediates': 0, 'cache': 0},
+        split_rngs={'params': True, 'dropout': True},
+        in_axes=(nn.broadcast,) * len(layer_args),
+        length=self.num_layers,
+      )
+      x, _ = scan(self.layer_cls(cfg, name='layers'), x, *layer_args)
     else:
       for i in range(self.num_layers):
-        x = _residual_stream(layer_cls(cfg, deterministic, decode, name=f'layers_{i}')(x, *args))
+        x = apply_layer(self.layer_cls(cfg, name=f'layers_{i}'), x, *layer_args)
     if cfg.final_norm:
-      x = make_norm(cfg, 'final_norm')(x)
+      x = make_norm(cfg, name='final_norm')(x)
     return x
 
 
@@ -141,5 +203,8 @@ def stack_layers(stack_params: dict, num_layers: int) -> dict:
 def unstack_layers(stack_params: dict, num_layers: int) -> dict:
   """Scan layout -> loop layout; the inverse of :func:`stack_layers`."""
   rest = {k: v for k, v in stack_params.items() if k != 'layers'}
-  layers = {f'layers_{i}': jax.tree.map(lambda x, i=i: x[i], stack_params['layers']) for i in range(num_layers)}
+  layers = {
+    f'layers_{i}': jax.tree.map(lambda x, i=i: x[i], stack_params['layers'])
+    for i in range(num_layers)
+  }
   return {**rest, **layers}

@@ -1,4 +1,4 @@
-"""Token, position and segment embeddings."""
+"""Token, position and segment embeddings; the input embedding and the output head every model shares."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 from transformer_jax.validation import check_length, check_token_ids
 
 SinusoidLayout = Literal['interleaved', 'concatenated']
+POSITION_ENCODINGS = ('sinusoidal', 'sinusoidal_concat', 'learned', 'none')
 
 
 class TokenEmbedding(nn.Module):
@@ -29,7 +30,9 @@ class TokenEmbedding(nn.Module):
   embedding_init: Callable = nn.initializers.normal(stddev=1.0)
 
   def setup(self):
-    self.embedding = self.param('embedding', self.embedding_init, (self.vocab_size, self.features), self.param_dtype)
+    self.embedding = self.param(
+      'embedding', self.embedding_init, (self.vocab_size, self.features), self.param_dtype
+    )
 
   def __call__(self, ids):
     """``(B, T)`` int -> ``(B, T, D)`` in ``dtype``."""
@@ -43,11 +46,14 @@ class TokenEmbedding(nn.Module):
 
   def attend(self, query):
     """Tied output projection: ``(..., D) -> (..., V)`` logits, computed in float32."""
-    return jnp.einsum('...d,vd->...v', query.astype(jnp.float32), self.embedding.astype(jnp.float32))
+    return jnp.einsum(
+      '...d,vd->...v', query.astype(jnp.float32), self.embedding.astype(jnp.float32)
+    )
 
 
-def sinusoidal_table(max_len: int, features: int, layout: SinusoidLayout = 'interleaved',
-                     base: float = 10000.0) -> np.ndarray:
+def sinusoidal_table(
+  max_len: int, features: int, layout: SinusoidLayout = 'interleaved', base: float = 10000.0
+) -> np.ndarray:
   """The fixed encoding of "Attention Is All You Need": ``[max_len, D]`` float32.
 
   ``PE[p, 2i] = sin(p / base^(2i/D))``, ``PE[p, 2i+1] = cos(...)``. ``'interleaved'`` puts sin and cos in alternate
@@ -66,7 +72,9 @@ def sinusoidal_table(max_len: int, features: int, layout: SinusoidLayout = 'inte
     half = features // 2
     table[:, :half], table[:, half:] = np.sin(angles), np.cos(angles)
   else:
-    raise ValueError(f"unknown sinusoid layout {layout!r}; expected 'interleaved' or 'concatenated'")
+    raise ValueError(
+      f"unknown sinusoid layout {layout!r}; expected 'interleaved' or 'concatenated'"
+    )
   return table.astype(np.float32)
 
 
@@ -101,5 +109,96 @@ class LearnedPositionalEmbedding(nn.Module):
     """``(B, T)`` positions -> ``(B, T, D)`` embeddings."""
     check_length(positions.shape[-1], self.max_len)
     check_token_ids(positions, self.max_len, 'positions')
-    table = self.param('embedding', self.embedding_init, (self.max_len, self.features), self.param_dtype)
+    table = self.param(
+      'embedding', self.embedding_init, (self.max_len, self.features), self.param_dtype
+    )
     return jnp.take(table, positions, axis=0).astype(self.dtype)
+
+
+def make_position_encoding(config, kind: str, name: str | None = None) -> nn.Module | None:
+  """The position module ``kind`` names (see :data:`POSITION_ENCODINGS`), or ``None`` for ``'none'`` (no absolute
+  positions: rotary attention, or none at all)."""
+  if kind in ('sinusoidal', 'sinusoidal_concat'):
+    layout = 'interleaved' if kind == 'sinusoidal' else 'concatenated'
+    return SinusoidalPositionalEncoding(
+      config.max_len, config.d_model, layout, dtype=config.compute_dtype, name=name
+    )
+  if kind == 'learned':
+    return LearnedPositionalEmbedding(
+      config.max_len,
+      config.d_model,
+      dtype=config.compute_dtype,
+      param_dtype=config.weight_dtype,
+      embedding_init=nn.initializers.normal(config.init_std or 0.02),
+      name=name,
+    )
+  if kind == 'none':
+    return None
+  raise ValueError(f'unknown position encoding {kind!r}; expected one of {POSITION_ENCODINGS}')
+
+
+def default_positions(ids):
+  """``(B, T)`` positions ``0 .. T-1``."""
+  return jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+
+
+class InputEmbedding(nn.Module):
+  """``x = dropout(norm(tokens(ids) + positions(p) + segments(s)))``, each part optional but the tokens.
+
+  It owns no parameters: the tables are its owner's (so a model's parameter tree names them, and two embeddings can
+  share one token table).
+  """
+
+  tokens: TokenEmbedding
+  positions: nn.Module | None = None
+  dropout_rate: float = 0.0
+  segments: TokenEmbedding | None = None
+  norm: nn.Module | None = None
+
+  @nn.compact
+  def __call__(self, ids, positions=None, segment_ids=None, *, deterministic: bool = True):
+    """``(B, T)`` ids (and positions, default ``0..T-1``; segment ids) -> ``(B, T, D)``."""
+    x = self.tokens(ids)  # (B, T, D)
+    if self.positions is not None:
+      x = x + self.positions(default_positions(ids) if positions is None else positions)
+    if self.segments is not None:
+      x = x + self.segments(jnp.zeros_like(ids) if segment_ids is None else segment_ids)
+    if self.norm is not None:
+      x = self.norm(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class OutputHead(nn.Module):
+  """``(..., D)`` -> ``(..., V)`` float32 logits: tied to a token table (``x @ table^T``, plus ``bias_name`` when
+  ``use_bias``) or a separate ``output`` Dense.
+
+  Its owner shares its scope (``nn.share_scope``), so the parameters (``output`` or ``output_bias``) sit in the
+  owner's tree as if the owner had made them.
+  """
+
+  vocab_size: int
+  tied: bool
+  use_bias: bool
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+  bias_name: str = 'output_bias'
+
+  @nn.compact
+  def __call__(self, x, table=None):
+    """``table``: the ``(V, D)`` token embedding the head is tied to."""
+    x32 = x.astype(jnp.float32)
+    if not self.tied:
+      return nn.Dense(
+        self.vocab_size,
+        use_bias=self.use_bias,
+        dtype=jnp.float32,
+        param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init,
+        name='output',
+      )(x32)
+    out = jnp.einsum('...d,vd->...v', x32, table.astype(jnp.float32))
+    if self.use_bias:
+      out = out + self.param(
+        self.bias_name, nn.initializers.zeros, (self.vocab_size,), self.param_dtype
+      ).astype(jnp.float32)
+    return out

@@ -1,4 +1,4 @@
-"""Position-wise feed-forward network."""
+"""Position-wise feed-forward networks, plain or gated."""
 
 from __future__ import annotations
 
@@ -9,14 +9,21 @@ import jax.numpy as jnp
 
 from transformer_jax.activations import ACTIVATIONS
 
-Activation = Literal['relu', 'gelu', 'gelu_tanh']
+Activation = Literal['relu', 'gelu', 'gelu_tanh', 'silu']
 
 
 class FeedForward(nn.Module):
-  """``FFN(x) = act(x W1 + b1) W2 + b2``: ``(B, T, D) -> (B, T, D)`` through ``F`` hidden units."""
+  """``(B, T, D) -> (B, T, D)`` through ``F`` hidden units.
+
+  Plain: ``act(x W_in + b_in) W_out + b_out`` (``fc_in``, ``fc_out``). Gated (Shazeer 2020, "GLU Variants Improve
+  Transformer"): ``(act(x W_gate) * (x W_in)) W_out`` with a third projection ``fc_gate``; SwiGLU with ``'silu'``
+  (Llama's ``gate_proj``/``up_proj``/``down_proj``), GeGLU with ``'gelu'``/``'gelu_tanh'`` (T5 v1.1's ``wi_0``/
+  ``wi_1``/``wo``).
+  """
 
   hidden_dim: int
   activation: Activation = 'relu'
+  gated: bool = False
   use_bias: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -25,8 +32,18 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x):
     if self.activation not in ACTIVATIONS:
-      raise ValueError(f'unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}')
-    dense = lambda n, name: nn.Dense(n, use_bias=self.use_bias, dtype=self.dtype,  # noqa: E731
-                                     param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
-    h = ACTIVATIONS[self.activation](dense(self.hidden_dim, 'fc_in')(x))  # (B, T, F)
+      raise ValueError(
+        f'unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}'
+      )
+    act = ACTIVATIONS[self.activation]
+    dense = lambda n, name: nn.Dense(
+      n,
+      use_bias=self.use_bias,
+      dtype=self.dtype,  # noqa: E731
+      param_dtype=self.param_dtype,
+      kernel_init=self.kernel_init,
+      name=name,
+    )
+    h = dense(self.hidden_dim, 'fc_in')(x)  # (B, T, F)
+    h = act(dense(self.hidden_dim, 'fc_gate')(x)) * h if self.gated else act(h)
     return dense(x.shape[-1], 'fc_out')(h)  # (B, T, D)

@@ -1,4 +1,4 @@
-"""Layer normalisation with float32 statistics."""
+"""Layer normalisation and RMS normalisation, with float32 statistics."""
 
 from __future__ import annotations
 
@@ -7,19 +7,21 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
-NormVariant = Literal['standard', 'seed']
+NormVariant = Literal['standard', 'unbiased_std']
 
 
 class LayerNorm(nn.Module):
   """LayerNorm over the last axis; statistics are always computed in float32.
 
   ``variant='standard'`` is ``(x - mean) / sqrt(var + eps)`` with the biased variance (``torch.nn.LayerNorm``, Flax,
-  GPT-2, BERT). ``variant='seed'`` is ``(x - mean) / (std + eps)`` with the unbiased std, which is what the course's
-  hand-written PyTorch LayerNorm computes; it exists only so that converted seed models give identical numbers.
+  GPT-2, BERT). ``variant='unbiased_std'`` is ``(x - mean) / (std + eps)`` with the unbiased std: what the
+  hand-written PyTorch LayerNorm of the course this project grew from computes (see the README), kept so that its
+  models convert to identical numbers. ``'seed'`` is the old name of ``'unbiased_std'``.
   """
 
   epsilon: float = 1e-5
   variant: NormVariant = 'standard'
+  use_bias: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -28,18 +30,56 @@ class LayerNorm(nn.Module):
     """``(..., D) -> (..., D)`` in ``dtype``."""
     features = x.shape[-1]
     x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    centred = x32 - mean
+    centred = x32 - x32.mean(-1, keepdims=True)
     if self.variant == 'standard':
       y = centred * jnp.reciprocal(jnp.sqrt(jnp.mean(centred**2, -1, keepdims=True) + self.epsilon))
-    elif self.variant == 'seed':
+    elif self.variant in ('unbiased_std', 'seed'):
       if features < 2:
-        raise ValueError('the seed LayerNorm uses the unbiased std and needs at least 2 features')
+        raise ValueError('the unbiased-std LayerNorm needs at least 2 features')
       std = jnp.sqrt(jnp.sum(centred**2, -1, keepdims=True) / (features - 1))
       y = centred / (std + self.epsilon)
     else:
-      raise ValueError(f"unknown LayerNorm variant {self.variant!r}; expected 'standard' or 'seed'")
-    scale = self.param('scale', nn.initializers.ones, (features,), self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
-    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+      raise ValueError(
+        f"unknown LayerNorm variant {self.variant!r}; expected 'standard' or 'unbiased_std'"
+      )
+    y = y * self.param('scale', nn.initializers.ones, (features,), self.param_dtype).astype(
+      jnp.float32
+    )
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (features,), self.param_dtype).astype(
+        jnp.float32
+      )
     return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square normalisation (Zhang & Sennrich 2019): ``x / sqrt(mean(x^2) + eps) * scale``, no centring and
+  no bias (T5, Llama, Mistral, Qwen2). Statistics and the scaling are float32.
+
+  ``scale_plus_one``: the scale is stored as an offset from 1 and applied as ``(1 + scale)`` (Gemma), so it
+  initialises to zeros.
+  """
+
+  epsilon: float = 1e-6
+  scale_plus_one: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """``(..., D) -> (..., D)`` in ``dtype``."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32**2, -1, keepdims=True) + self.epsilon))
+    init = nn.initializers.zeros if self.scale_plus_one else nn.initializers.ones
+    scale = self.param('scale', init, (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+    return (y * (1.0 + scale if self.scale_plus_one else scale)).astype(self.dtype)
+
+
+def make_norm(config, name: str | None = None) -> nn.Module:
+  """The norm a :class:`~transformer_jax.BlockConfig` asks for (``norm_type``, ``norm_eps``, ...)."""
+  common = dict(
+    epsilon=config.norm_eps, dtype=config.compute_dtype, param_dtype=config.weight_dtype, name=name
+  )
+  if config.norm_type == 'rms_norm':
+    return RMSNorm(scale_plus_one=config.norm_scale_plus_one, **common)
+  return LayerNorm(variant=config.norm_variant, use_bias=config.use_bias, **common)

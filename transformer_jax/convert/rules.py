@@ -41,7 +41,7 @@ class Rule:
   def canonical(self, our_shape: tuple[int, ...]) -> tuple[int, ...]:
     if self.n_in == 0:
       return (math.prod(our_shape),)
-    return math.prod(our_shape[:self.n_in]), math.prod(our_shape[self.n_in:])
+    return math.prod(our_shape[: self.n_in]), math.prod(our_shape[self.n_in :])
 
   def torch_shape(self, our_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape each of this rule's PyTorch tensors must have."""
@@ -72,20 +72,43 @@ class Mapping:
 
   rules: tuple[Rule, ...]
   aliases: dict[str, str] = dataclasses.field(default_factory=dict)
-  buffers: tuple[str, ...] = ()  # regexes of non-weight entries (causal masks, position ids) skipped on import
+  buffers: tuple[
+    str, ...
+  ] = ()  # regexes of non-weight entries (causal masks, position ids) skipped on import
+
+
+# The blocks of GPT-2, BERT and the original Transformer: formats without RMSNorm, gated FFNs, grouped-query or rotary
+# attention, or bias-free layers refuse models that use them.
+CLASSIC_BLOCKS = dict(
+  norm_type=('layer_norm',),
+  gated_ffn=(False,),
+  use_bias=(True,),
+  rope_theta=(None,),
+  num_kv_heads=(None,),
+)
 
 
 def require(config, what: str, **allowed: tuple) -> None:
   """Raises one :class:`ConversionError` naming every field of ``config`` outside its ``allowed`` values: a model the
-  format ``what`` cannot express, whose weights would load there and compute something else. Every table builder
-  calls it, so an export can never silently produce a checkpoint of a different model."""
-  bad = [f'{k}={getattr(config, k)!r} (needs {" or ".join(map(repr, v))})' for k, v in allowed.items()
-         if getattr(config, k) not in v]
+  format ``what`` cannot express, whose weights would load there and compute something else. Every spec's
+  ``check`` calls it, so an export can never silently produce a checkpoint of a different model."""
+  if config.kv_heads == config.num_heads:  # num_kv_heads=H is plain multi-head attention
+    allowed = {
+      **allowed,
+      'num_kv_heads': allowed.get('num_kv_heads', (None,)) + (config.num_heads,),
+    }
+  bad = [
+    f'{k}={getattr(config, k)!r} (needs {" or ".join(map(repr, v))})'
+    for k, v in allowed.items()
+    if getattr(config, k) not in v
+  ]
   if bad:
     raise ConversionError(f'{what} cannot express this model: ' + ', '.join(bad))
 
 
-def dense(ours: str, torch: str, *, n_in: int = 1, transpose: bool = True, bias: bool = True) -> list[Rule]:
+def dense(
+  ours: str, torch: str, *, n_in: int = 1, transpose: bool = True, bias: bool = True
+) -> list[Rule]:
   """A Dense/DenseGeneral ``ours`` from ``torch.weight`` (``nn.Linear``, or a ``Conv1D`` with ``transpose=False``)."""
   rules = [Rule(f'{ours}/kernel', (f'{torch}.weight',), n_in, transpose)]
   return rules + [Rule(f'{ours}/bias', (f'{torch}.bias',), 0)] if bias else rules
@@ -93,7 +116,10 @@ def dense(ours: str, torch: str, *, n_in: int = 1, transpose: bool = True, bias:
 
 def norm(ours: str, torch: str, scale: str = 'weight', bias: str = 'bias') -> list[Rule]:
   """A LayerNorm; the course's hand-written one names its parameters ``gamma``/``beta``."""
-  return [Rule(f'{ours}/scale', (f'{torch}.{scale}',), 0), Rule(f'{ours}/bias', (f'{torch}.{bias}',), 0)]
+  return [
+    Rule(f'{ours}/scale', (f'{torch}.{scale}',), 0),
+    Rule(f'{ours}/bias', (f'{torch}.{bias}',), 0),
+  ]
 
 
 def table(ours: str, torch: str) -> Rule:
@@ -104,7 +130,9 @@ def table(ours: str, torch: str) -> Rule:
 QKVSource = str | tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 
 
-def qkv(ours: str, weights: QKVSource, biases: QKVSource | None, *, fused: bool, transpose: bool = True) -> list[Rule]:
+def qkv(
+  ours: str, weights: QKVSource, biases: QKVSource | None, *, fused: bool, transpose: bool = True
+) -> list[Rule]:
   """Query/key/value projections of the attention ``ours``.
 
   ``weights``/``biases``: one packed key (``in_proj_weight``, GPT-2's ``c_attn``), or three tuples of keys for Q, K
@@ -126,8 +154,9 @@ def qkv(ours: str, weights: QKVSource, biases: QKVSource | None, *, fused: bool,
   return rules
 
 
-def check_names_and_shapes(found: dict[str, tuple], expected: dict[str, tuple], what: str,
-                           optional: Iterable[str] = ()) -> None:
+def check_names_and_shapes(
+  found: dict[str, tuple], expected: dict[str, tuple], what: str, optional: Iterable[str] = ()
+) -> None:
   """Raises one :class:`ConversionError` naming every missing, unexpected and wrongly shaped entry of ``found``."""
   optional = set(optional)
   missing = [n for n in expected if n not in found]
@@ -138,7 +167,9 @@ def check_names_and_shapes(found: dict[str, tuple], expected: dict[str, tuple], 
   lines = [f'{what} does not match the model:']
   lines += [f'  missing: {n} (expected shape {tuple(expected[n])})' for n in missing]
   lines += [f'  unexpected: {n} (found shape {tuple(found[n])})' for n in unexpected]
-  lines += [f'  wrong shape: {n}: expected {tuple(expected[n])}, found {tuple(found[n])}' for n in wrong]
+  lines += [
+    f'  wrong shape: {n}: expected {tuple(expected[n])}, found {tuple(found[n])}' for n in wrong
+  ]
   raise ConversionError('\n'.join(lines))
 
 
@@ -152,27 +183,44 @@ def expected_torch_shapes(mapping: Mapping, our_shapes: dict[str, tuple]) -> dic
 
 def _check_table(mapping: Mapping, our_shapes: dict[str, tuple]) -> None:
   """A table must cover our parameters exactly (a gap here is a bug in the table, not in the checkpoint)."""
-  check_names_and_shapes({r.ours: our_shapes.get(r.ours, ()) for r in mapping.rules}, our_shapes,
-                         'the conversion table (a bug: please report it)')
+  check_names_and_shapes(
+    {r.ours: our_shapes.get(r.ours, ()) for r in mapping.rules},
+    our_shapes,
+    'the conversion table (a bug: please report it)',
+  )
 
 
-def state_to_flat_params(state: dict[str, np.ndarray], mapping: Mapping, our_shapes: dict[str, tuple],
-                         dtype: Any) -> dict[str, np.ndarray]:
+def state_to_flat_params(
+  state: dict[str, np.ndarray], mapping: Mapping, our_shapes: dict[str, tuple], dtype: Any
+) -> dict[str, np.ndarray]:
   """PyTorch-named arrays -> our ``{'a/b/kernel': array}``, after checking every name and shape."""
   _check_table(mapping, our_shapes)
   buffers = [re.compile(p) for p in mapping.buffers]
   weights = {k: v for k, v in state.items() if not any(b.fullmatch(k) for b in buffers)}
-  check_names_and_shapes({k: v.shape for k, v in weights.items()}, expected_torch_shapes(mapping, our_shapes),
-                         'the PyTorch state dict', optional=mapping.aliases)
-  untied = [f'{alias} differs from {source}' for alias, source in mapping.aliases.items()
-            if alias in weights and not np.array_equal(weights[alias], weights[source])]
+  check_names_and_shapes(
+    {k: v.shape for k, v in weights.items()},
+    expected_torch_shapes(mapping, our_shapes),
+    'the PyTorch state dict',
+    optional=mapping.aliases,
+  )
+  untied = [
+    f'{alias} differs from {source}'
+    for alias, source in mapping.aliases.items()
+    if alias in weights and not np.array_equal(weights[alias], weights[source])
+  ]
   if untied:
-    raise ConversionError('tied weights differ (untied heads are not supported): ' + '; '.join(untied))
-  return {r.ours: r.to_ours([weights[k] for k in r.torch], our_shapes[r.ours]).astype(dtype) for r in mapping.rules}
+    raise ConversionError(
+      'tied weights differ (untied heads are not supported): ' + '; '.join(untied)
+    )
+  return {
+    r.ours: r.to_ours([weights[k] for k in r.torch], our_shapes[r.ours]).astype(dtype)
+    for r in mapping.rules
+  }
 
 
-def flat_params_to_state(flat: dict[str, np.ndarray], mapping: Mapping, our_shapes: dict[str, tuple],
-                         ) -> dict[str, np.ndarray]:
+def flat_params_to_state(
+  flat: dict[str, np.ndarray], mapping: Mapping, our_shapes: dict[str, tuple]
+) -> dict[str, np.ndarray]:
   """Our ``{'a/b/kernel': array}`` -> PyTorch-named arrays (packed keys reassembled), after checking ``flat``."""
   _check_table(mapping, our_shapes)
   check_names_and_shapes({k: v.shape for k, v in flat.items()}, our_shapes, 'the params')
@@ -184,5 +232,7 @@ def flat_params_to_state(flat: dict[str, np.ndarray], mapping: Mapping, our_shap
   state = {}
   for key, parts in pieces.items():
     parts.sort(key=lambda p: p[0])
-    state[key] = np.ascontiguousarray(parts[0][2].from_canonical(np.concatenate([p[1] for p in parts], axis=-1)))
+    state[key] = np.ascontiguousarray(
+      parts[0][2].from_canonical(np.concatenate([p[1] for p in parts], axis=-1))
+    )
   return state | {alias: state[source] for alias, source in mapping.aliases.items()}

@@ -14,12 +14,17 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-from transformer_jax.convert import hf
-from transformer_jax.convert.common import export_state, to_numpy
-from transformer_jax.convert.tables import ConversionError
-from transformer_jax.models import GPT
+from transformer_jax.convert.bert import BERT_SPEC
+from transformer_jax.convert.engine import export_state, to_numpy
+from transformer_jax.convert.gpt2 import GPT2
+from transformer_jax.convert.rules import ConversionError
+from transformer_jax.convert.spec import load
 
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')  # in order of preference
+
+
+# model_type -> the spec that converts it
+SPECS = {spec.model_type: spec for spec in (GPT2, BERT_SPEC)}
 
 
 def read_config(path: Path) -> dict:
@@ -39,8 +44,12 @@ def _read_file(file: Path) -> dict[str, np.ndarray]:
       return safetensors.numpy.load_file(file)
     import torch  # .bin checkpoints are torch pickles
 
-    return {k: to_numpy(v) for k, v in torch.load(file, map_location='cpu', weights_only=True).items()}
-  except Exception as e:  # safetensors and torch raise many types for a damaged file; report them all alike
+    return {
+      k: to_numpy(v) for k, v in torch.load(file, map_location='cpu', weights_only=True).items()
+    }
+  except (
+    Exception
+  ) as e:  # safetensors and torch raise many types for a damaged file; report them all alike
     raise ConversionError(f'cannot read weights file {file}: {type(e).__name__}: {e}') from e
 
 
@@ -59,7 +68,9 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
       if missing:
         raise ConversionError(f'{index} lists shards that are missing: {missing}')
       return {k: v for s in shards for k, v in _read_file(path / s).items()}
-  raise ConversionError(f'no weights in {path}: expected one of {list(WEIGHT_FILES)} or a sharded *.index.json')
+  raise ConversionError(
+    f'no weights in {path}: expected one of {list(WEIGHT_FILES)} or a sharded *.index.json'
+  )
 
 
 def _check_architecture(config: dict, supported) -> None:
@@ -67,8 +78,10 @@ def _check_architecture(config: dict, supported) -> None:
   weights carry is then read off the weights themselves, as ``from_pretrained`` does."""
   names = config.get('architectures') or []
   if names and not any(n in supported for n in names):
-    raise ConversionError(f'unsupported architectures {names} for model_type {config["model_type"]!r}; '
-                          f'supported: {sorted(supported)}')
+    raise ConversionError(
+      f'unsupported architectures {names} for model_type {config["model_type"]!r}; '
+      f'supported: {sorted(supported)}'
+    )
 
 
 def load_hf(path: str | os.PathLike, dtype=None) -> tuple:
@@ -86,11 +99,13 @@ def load_hf(path: str | os.PathLike, dtype=None) -> tuple:
   path = Path(path)
   config = read_config(path)
   model_type = config.get('model_type')
-  if model_type not in ('gpt2', 'bert'):
-    raise ConversionError(f'unsupported model_type {model_type!r} in {path / "config.json"}; supported: bert, gpt2')
-  _check_architecture(config, hf.GPT2_ARCHITECTURES if model_type == 'gpt2' else hf.BERT_CLASSES)
-  convert = hf.from_gpt2 if model_type == 'gpt2' else hf.from_bert
-  return convert(read_weights(path), config, dtype=dtype)
+  if model_type not in SPECS:
+    raise ConversionError(
+      f'unsupported model_type {model_type!r} in {path / "config.json"}; supported: {", ".join(sorted(SPECS))}'
+    )
+  spec = SPECS[model_type]
+  _check_architecture(config, spec.architectures)
+  return load(spec, read_weights(path), config, dtype=dtype)
 
 
 def save_hf(model, params: dict, path: str | os.PathLike) -> None:
@@ -99,14 +114,12 @@ def save_hf(model, params: dict, path: str | os.PathLike) -> None:
   A :class:`~transformer_jax.GPT` is saved as ``GPT2LMHeadModel``; the BERT classes as their Hugging Face twins.
   Tied copies (``lm_head.weight``, the MLM decoder) are left out, as ``save_pretrained`` does.
   """
-  if isinstance(model, GPT):
-    config = hf.gpt2_hf_config(model.config)
-    mapping = hf.gpt2_mapping(model.config)
-  elif type(model) in hf.BERT_CLASSES.values():
-    config = hf.bert_hf_config(model.config, hf.our_bert_architecture(model))
-    mapping = hf.bert_mapping(model.config, config['architectures'][0])
-  else:
+  spec = next((s for s in SPECS.values() if type(model) in s.architectures.values()), None)
+  if spec is None:
     raise ConversionError(f'save_hf supports GPT and the BERT classes, not {type(model).__name__}')
+  architecture = spec.architecture_of(model)
+  config = spec.hf_config(model.config, architecture)
+  mapping = spec.table(model.config, architecture)
   state = export_state(model, params, mapping)
   for alias in mapping.aliases:
     del state[alias]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from transformer_jax.convert.tables import Mapping, flat_params_to_state, state_to_flat_params
+from transformer_jax.convert.rules import Mapping, flat_params_to_state, state_to_flat_params
 from transformer_jax.models import Transformer
 from transformer_jax.modules.blocks import stack_layers, unstack_layers
 
@@ -53,12 +53,18 @@ def init_inputs(model: nn.Module) -> tuple:
 
 
 def loop_layout_model(model: nn.Module) -> nn.Module:
-  return model.clone(config=model.config.replace(scan_layers=False)) if model.config.scan_layers else model
+  return (
+    model.clone(config=model.config.replace(scan_layers=False))
+    if model.config.scan_layers
+    else model
+  )
 
 
 def our_shapes(model: nn.Module) -> dict[str, tuple]:
   """``{'a/b/kernel': shape}`` of ``model``'s params in the loop layout (``layers_0``...), computed without memory."""
-  tree = jax.eval_shape(loop_layout_model(model).init, jax.random.key(0), *init_inputs(model))['params']
+  tree = jax.eval_shape(loop_layout_model(model).init, jax.random.key(0), *init_inputs(model))[
+    'params'
+  ]
   return {k: v.shape for k, v in flatten(tree).items()}
 
 
@@ -83,21 +89,31 @@ def to_model_layout(params: dict, config) -> dict:
 
 def to_loop_layout(params: dict) -> dict:
   """Params in either layout -> the loop layout."""
-  return _map_stacks(params, lambda s: unstack_layers(s, len(jax.tree.leaves(s['layers'])[0])) if 'layers' in s
-                     else s)
+  return _map_stacks(
+    params,
+    lambda s: unstack_layers(s, len(jax.tree.leaves(s['layers'])[0])) if 'layers' in s else s,
+  )
 
 
-def import_state(state: dict[str, np.ndarray], model: nn.Module, mapping: Mapping, dtype: str) -> dict:
+def import_state(
+  state: dict[str, np.ndarray], model: nn.Module, mapping: Mapping, dtype: str
+) -> dict:
   """A PyTorch-named state of numpy arrays (:func:`state_to_numpy`) -> ``model``'s params (in its layout, as jax
   arrays of ``dtype``), checked by ``mapping``."""
   flat = state_to_flat_params(state, mapping, our_shapes(model), jnp.dtype(dtype))
-  return to_model_layout(jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat, sep='/')), model.config)
+  return to_model_layout(
+    jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat, sep='/')), model.config
+  )
 
 
 def export_state(model: nn.Module, params: dict, mapping: Mapping, as_torch: bool = False) -> dict:
   """``model``'s params (either layout) -> a PyTorch-named state dict of numpy arrays, or torch tensors."""
-  params = params['params'] if set(params) == {'params'} else params  # also accept {'params': ...} variables
-  flat = flatten(to_loop_layout(jax.device_get(params)))  # one transfer per leaf; unstacking numpy only makes views
+  params = (
+    params['params'] if set(params) == {'params'} else params
+  )  # also accept {'params': ...} variables
+  flat = flatten(
+    to_loop_layout(jax.device_get(params))
+  )  # one transfer per leaf; unstacking numpy only makes views
   state = flat_params_to_state(flat, mapping, our_shapes(model))
   return {k: to_torch_tensor(v) for k, v in state.items()} if as_torch else state
 
@@ -107,4 +123,6 @@ def to_torch_tensor(array: np.ndarray):
 
   if array.dtype == jnp.bfloat16:
     return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
-  return torch.from_numpy(array)  # flat_params_to_state made it: a fresh, contiguous, writable array
+  return torch.from_numpy(
+    array
+  )  # flat_params_to_state made it: a fresh, contiguous, writable array

@@ -1,0 +1,137 @@
+"""The GPT-2 spec: Hugging Face's ``GPT2LMHeadModel`` and ``GPT2Model`` <-> our :class:`~transformer_jax.GPT`.
+
+Configs travel as plain dicts (``config.json``, or ``hf_model.config.to_dict()``), so that nothing here needs
+``transformers``; torch is imported only when a torch object is handed in or asked for.
+"""
+
+from __future__ import annotations
+
+from transformer_jax.convert.hf_options import HF_ACTIVATIONS, activation, refuse
+from transformer_jax.convert.rules import CLASSIC_BLOCKS, Mapping, dense, norm, qkv, require, table
+from transformer_jax.convert.spec import Spec, export, load
+from transformer_jax.models import GPT, GPTConfig
+
+
+def gpt2_config(hf: dict, dtype: str = 'float32') -> GPTConfig:
+  """A ``GPT2Config`` dict -> :class:`GPTConfig` (fused Q/K/V, tied head, like the checkpoint)."""
+  refuse(
+    hf,
+    scale_attn_weights=(True,),
+    scale_attn_by_inverse_layer_idx=(False,),
+    add_cross_attention=(False,),
+  )
+  return GPTConfig(
+    vocab_size=hf['vocab_size'],
+    max_len=hf['n_positions'],
+    num_layers=hf['n_layer'],
+    d_model=hf['n_embd'],
+    num_heads=hf['n_head'],
+    d_ff=hf.get('n_inner') or 4 * hf['n_embd'],
+    activation=activation(hf.get('activation_function', 'gelu_new')),
+    norm_eps=hf.get('layer_norm_epsilon', 1e-5),
+    dropout_rate=hf.get('resid_pdrop', 0.1),
+    attention_dropout_rate=hf.get('attn_pdrop', 0.1),
+    init_std=hf.get('initializer_range', 0.02),
+    dtype=dtype,
+    param_dtype=dtype,
+  )
+
+
+def _config_to_hf(config: GPTConfig, architecture: str) -> dict:
+  return dict(
+    model_type='gpt2',
+    architectures=[architecture],
+    vocab_size=config.vocab_size,
+    n_positions=config.max_len,
+    n_layer=config.num_layers,
+    n_embd=config.d_model,
+    n_head=config.num_heads,
+    n_inner=config.d_ff,
+    activation_function=HF_ACTIVATIONS[config.activation],
+    layer_norm_epsilon=config.norm_eps,
+    resid_pdrop=config.dropout_rate,
+    embd_pdrop=config.dropout_rate,
+    attn_pdrop=config.attention_dropout_rate,
+    initializer_range=config.init_std or 0.02,
+    tie_word_embeddings=True,
+    dtype=config.param_dtype,
+  )
+
+
+def check_gpt2(config: GPTConfig) -> None:
+  """Raises :class:`ConversionError` for a model GPT-2 cannot express."""
+  require(
+    config,
+    'GPT-2',
+    pre_norm=(True,),
+    final_norm=(True,),
+    qkv_bias=(True,),
+    tie_output=(True,),
+    output_bias=(False,),
+    position_encoding=('learned',),
+    norm_variant=('standard',),
+    activation=tuple(HF_ACTIVATIONS),
+    **CLASSIC_BLOCKS,
+  )
+
+
+def _mapping(config: GPTConfig, architecture: str) -> Mapping:
+  """HF GPT-2 names (``transformer.`` prefixed with the LM head) -> ours. ``Conv1D`` stores ``[in, out]``."""
+  head = architecture == 'GPT2LMHeadModel'
+  p = 'transformer.' if head else ''
+  rules = [table('token_embed', f'{p}wte.weight'), table('positions', f'{p}wpe.weight')]
+  for i in range(config.num_layers):
+    ours, h = f'decoder/layers_{i}', f'{p}h.{i}.'
+    rules += norm(f'{ours}/self_attention_norm', f'{h}ln_1') + norm(f'{ours}/ffn_norm', f'{h}ln_2')
+    rules += qkv(
+      f'{ours}/self_attention',
+      f'{h}attn.c_attn.weight',
+      f'{h}attn.c_attn.bias',
+      fused=config.fused_qkv,
+      transpose=False,
+    )
+    rules += dense(f'{ours}/self_attention/out', f'{h}attn.c_proj', n_in=2, transpose=False)
+    rules += dense(f'{ours}/ffn/fc_in', f'{h}mlp.c_fc', transpose=False)
+    rules += dense(f'{ours}/ffn/fc_out', f'{h}mlp.c_proj', transpose=False)
+  rules += norm('decoder/final_norm', f'{p}ln_f')
+  return Mapping(
+    tuple(rules),
+    aliases={'lm_head.weight': f'{p}wte.weight'} if head else {},
+    buffers=(r'.*\.attn\.(bias|masked_bias)',),
+  )  # causal-mask buffers of older checkpoints
+
+
+def _architecture_of_state(state: dict) -> str:
+  return 'GPT2LMHeadModel' if any(k.startswith('transformer.') for k in state) else 'GPT2Model'
+
+
+GPT2 = Spec(
+  model_type='gpt2',
+  architectures={'GPT2LMHeadModel': GPT, 'GPT2Model': GPT},
+  config_from_hf=gpt2_config,
+  config_to_hf=_config_to_hf,
+  check=check_gpt2,
+  mapping=_mapping,
+  architecture_of_state=_architecture_of_state,
+)
+
+
+def gpt2_hf_config(config: GPTConfig, head: bool = True) -> dict:
+  """:class:`GPTConfig` -> a ``config.json`` dict for ``GPT2LMHeadModel`` (``head``) or ``GPT2Model``."""
+  return GPT2.hf_config(config, 'GPT2LMHeadModel' if head else 'GPT2Model')
+
+
+def gpt2_mapping(config: GPTConfig, head: bool = True) -> Mapping:
+  """The name table of ``GPT2LMHeadModel`` (``head``) or ``GPT2Model``."""
+  return GPT2.table(config, 'GPT2LMHeadModel' if head else 'GPT2Model')
+
+
+def from_gpt2(model_or_state, config=None, *, dtype=None) -> tuple[GPT, dict]:
+  """``GPT2LMHeadModel``/``GPT2Model`` (or a state dict plus its config, a ``GPT2Config`` or dict) -> ``(GPT,
+  params)``. ``dtype``: the params' dtype (default: the checkpoint's)."""
+  return load(GPT2, model_or_state, config, dtype=dtype)
+
+
+def to_gpt2(model: GPT, params: dict, *, head: bool = True, as_torch: bool = False) -> dict:
+  """Our GPT params -> a ``GPT2LMHeadModel`` (``head``) or ``GPT2Model`` state dict (numpy, or torch tensors)."""
+  return export(GPT2, model, params, 'GPT2LMHeadModel' if head else 'GPT2Model', as_torch)
