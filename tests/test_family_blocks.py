@@ -291,3 +291,56 @@ def test_an_additive_bias_shifts_the_logits_before_the_softmax():
   weights = np.exp(logits - logits.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   np.testing.assert_allclose(got, np.einsum('bhts,bshk->bthk', weights, v), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- BART's embeddings: positions offset by 2, a norm
+
+
+def test_learned_positions_with_an_offset_match_bart():
+  from transformers.models.bart.modeling_bart import BartLearnedPositionalEmbedding
+
+  from transformer_jax.modules import LearnedPositionalEmbedding
+
+  max_len, positions = 9, np.array([[0, 1, 2, 3, 4], [4, 5, 6, 7, 8]])
+  torch_positions = BartLearnedPositionalEmbedding(max_len, D)
+  ours = LearnedPositionalEmbedding(max_len, D, offset=2)
+  table = torch_positions.weight.detach().numpy()
+  assert table.shape == (max_len + 2, D)
+  got = ours.apply({'params': {'embedding': jnp.asarray(table)}}, jnp.asarray(positions))
+  with torch.no_grad():
+    expected = torch_positions(
+      torch.zeros(2, 5), position_ids=torch.tensor(positions[0])
+    )  # rows 2..6
+  np.testing.assert_array_equal(got[0], expected[0].numpy())
+  np.testing.assert_array_equal(got[1], table[positions[1] + 2])
+  with pytest.raises(ValueError, match='positions out of range'):
+    ours.apply({'params': {'embedding': jnp.asarray(table)}}, jnp.asarray([[0, 9]]))
+
+
+def test_an_embedding_norm_normalises_the_summed_embeddings():
+  from transformer_jax import Transformer, TransformerConfig
+
+  cfg = TransformerConfig(
+    src_vocab_size=13,
+    tgt_vocab_size=17,
+    max_len=9,
+    num_layers=1,
+    d_model=D,
+    num_heads=3,
+    d_ff=F,
+    position_encoding='learned',
+    position_offset=2,
+    embed_norm=True,
+    dropout_rate=0.0,
+    attention_dropout_rate=0.0,
+  )
+  model = Transformer(cfg)
+  src, tgt = np.ones((B, 7), np.int32), np.ones((B, T), np.int32)
+  params = model.init(jax.random.key(0), src, tgt)['params']
+  assert {'source_embed_norm', 'target_embed_norm'} <= set(params)
+  assert params['source_positions']['embedding'].shape == (9 + 2, D)
+  embedded = model.apply({'params': params}, src, method=lambda m, ids: m.embed_source(ids))
+  np.testing.assert_allclose(
+    np.asarray(embedded).mean(-1), 0.0, atol=1e-5
+  )  # LayerNorm at init: zero mean, unit var
+  np.testing.assert_allclose(np.asarray(embedded).std(-1), 1.0, atol=1e-3)

@@ -86,3 +86,44 @@ def test_batch_must_divide_over_data_axes():
     ValueError, match='batch size 6 does not divide across the 4 data-parallel devices'
   ):
     check_batch_divisible(6, FakeMesh())
+
+
+def test_kv_heads_and_gate_projections_get_tensor_parallel_specs():
+  """Grouped-query attention on a 4-way tensor axis: 8 query heads split, 2 key/value heads (fewer than the axis)
+  stay whole rather than being padded; the gated FFN's gate splits like its input projection."""
+  from jax.sharding import AbstractMesh, PartitionSpec
+
+  from transformer_jax.sharding import DEFAULT_RULES, _spec
+
+  cfg = GPTConfig(
+    vocab_size=41,
+    num_layers=1,
+    d_model=32,
+    num_heads=8,
+    num_kv_heads=2,
+    d_ff=24,
+    max_len=16,
+    fused_qkv=False,
+    gated_ffn=True,
+    activation='silu',
+    use_bias=False,
+  )
+  params = shapes(GPT(cfg), IDS)
+  axes = param_logical_axes(params)
+  mesh = AbstractMesh((1, 1, 4), ('data', 'fsdp', 'tensor'))
+  layer, layer_axes = params['decoder']['layers_0'], axes['decoder']['layers_0']
+  spec = lambda *path: _spec(_get(layer_axes, path), _get(layer, path).shape, mesh, DEFAULT_RULES)  # noqa: E731
+  assert spec('self_attention', 'query', 'kernel') == PartitionSpec(None, 'tensor', None)
+  assert spec('self_attention', 'key', 'kernel') == PartitionSpec(None, None, None)
+  assert (
+    spec('ffn', 'fc_gate', 'kernel')
+    == spec('ffn', 'fc_in', 'kernel')
+    == PartitionSpec(None, 'tensor')
+  )
+  assert spec('ffn', 'fc_out', 'kernel') == PartitionSpec('tensor', None)
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree

@@ -42,6 +42,8 @@ class BlockConfig:
   num_kv_heads: int | None = None
   d_ff: int = 2048
   max_len: int = 512  # longest sequence the position encoding covers
+  position_offset: int = 0  # learned positions read row p + offset (BART: 2)
+  embed_norm: bool = False  # a norm on the summed embeddings, before dropout (BART)
   dropout_rate: float = 0.1  # embeddings and residual branches
   attention_dropout_rate: float = 0.1  # attention weights
   # 'relu' | 'gelu' (exact erf) | 'gelu_tanh' (GPT-2's approximation) | 'silu'
@@ -132,6 +134,10 @@ class BlockConfig:
         problems.append(
           'llama3 rope scaling needs rope_high_freq_factor > rope_low_freq_factor > 0'
         )
+    if not isinstance(self.position_offset, int) or self.position_offset < 0:
+      problems.append(
+        f'position_offset must be a non-negative integer, got {self.position_offset!r}'
+      )
     if self.norm_eps <= 0:
       problems.append(f'norm_eps must be positive, got {self.norm_eps}')
     if self.remat_policy not in REMAT_POLICIES:

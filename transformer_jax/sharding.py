@@ -1,9 +1,10 @@
 """Device meshes and parameter shardings by logical axis names.
 
-Every parameter gets logical axis names from its path and shape (``embed``, ``vocab``, ``heads``, ``kv``, ``mlp``,
-``layers``...), and rules map logical names to mesh axes. The same model code then runs data parallel, FSDP
-(parameters and optimizer state split over ``fsdp``), tensor parallel (heads, FFN hidden units and the vocabulary
-split over ``tensor``) or any mix, and converted checkpoints get shardings without annotations of their own.
+Every parameter gets logical axis names (``embed``, ``vocab``, ``heads``, ``kv``, ``mlp``, ``layers``...) that the
+block creating it declares next to its definition (:func:`declare_axes`), and rules map logical names to mesh axes.
+The same model code then runs data parallel, FSDP (parameters and optimizer state split over ``fsdp``), tensor
+parallel (heads, FFN hidden units and the vocabulary split over ``tensor``) or any mix, and converted checkpoints get
+shardings without annotations of their own.
 
     mesh = make_mesh(data=-1, fsdp=2, tensor=1)
     params = jax.device_put(params, param_shardings(params, mesh))
@@ -56,31 +57,30 @@ def make_mesh(
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+# (module name, parameter name) -> logical names of the parameter's axes (loop layout). Each block declares its own
+# where it is defined (declare_axes below its class); names are those the parameter tree uses.
+_DECLARED: dict[tuple[str, str], tuple[str | None, ...]] = {}
+
+
+def declare_axes(module_names: str | tuple[str, ...], **params: tuple[str | None, ...]) -> None:
+  """Declares the logical axes of the parameters ``params`` (e.g. ``kernel=('embed', 'mlp')``) of every submodule
+  named ``module_names``, or of parameters created directly under those names (``module_names='*'``: a parameter
+  of that name wherever it sits). A block calls this next to its definition, so a new block carries its layout."""
+  for module in (module_names,) if isinstance(module_names, str) else module_names:
+    for param, axes in params.items():
+      _DECLARED[module, param] = tuple(axes)
+
+
 def _leaf_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
-  """Logical names of one parameter's axes, from its path (loop layout; a scanned stack adds ``layers``)."""
+  """Logical names of one parameter's axes, from its declaration (a scanned stack adds a leading ``layers``).
+  Undeclared parameters: kernels ``(D, out)`` split on ``embed``; vectors and norm scales ``(D,)`` on ``embed``."""
   name, parent = path[-1], path[-2] if len(path) > 1 else ''
   scanned = 'layers' in path  # a scanned stack's leaves carry a leading layer axis
   core_ndim = ndim - scanned
-  if parent in ('qkv',):
-    core = {'kernel': ('embed', None, 'heads', 'kv'), 'bias': (None, 'heads', 'kv')}[name]
-  elif parent in ('query', 'key', 'value'):
-    core = {'kernel': ('embed', 'heads', 'kv'), 'bias': ('heads', 'kv')}[name]
-  elif parent == 'out' and name == 'kernel':
-    core = ('heads', 'kv', 'embed')
-  elif parent == 'fc_in':
-    core = {'kernel': ('embed', 'mlp'), 'bias': ('mlp',)}[name]
-  elif parent == 'fc_out' and name == 'kernel':
-    core = ('mlp', 'embed')
-  elif name == 'embedding':
-    # Token tables are (V, D); position and segment tables (max_len or types, D) are small and stay whole on axis 0.
-    core = ('vocab' if parent in ('token_embed', 'source_embed', 'target_embed') else None, 'embed')
-  elif parent == 'output' and name == 'kernel':
-    core = ('embed', 'vocab')
-  elif name in ('output_bias', 'mlm_bias') or (parent == 'output' and name == 'bias'):
-    core = ('vocab',)
-  elif name == 'kernel':  # pooler, MLM transform, classifier: (D, out)
+  core = _DECLARED.get((parent, name), _DECLARED.get(('*', name)))
+  if core is None and name == 'kernel':  # pooler, MLM transform, classifier: (D, out)
     core = ('embed',) + (None,) * (core_ndim - 1)
-  else:  # norms, remaining biases: (D,) vectors
+  elif core is None:
     core = ('embed',) if core_ndim == 1 else (None,) * core_ndim
   if len(core) != core_ndim:
     raise ValueError(f'cannot name the axes of parameter {"/".join(path)} with {ndim} dimensions')

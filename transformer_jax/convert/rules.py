@@ -85,6 +85,8 @@ CLASSIC_BLOCKS = dict(
   use_bias=(True,),
   rope_theta=(None,),
   num_kv_heads=(None,),
+  position_offset=(0,),
+  embed_norm=(False,),
 )
 
 

@@ -17,6 +17,7 @@ from transformer_jax.modules.embeddings import (
   default_positions,
   make_position_encoding,
 )
+from transformer_jax.modules.normalization import make_norm
 from transformer_jax.validation import check_shape, token_validity
 
 
@@ -113,7 +114,10 @@ class GPT(nn.Module):
       embedding_init=cfg.kernel_init,
     )
     self.positions = make_position_encoding(cfg, cfg.position_encoding)
-    self.embed = InputEmbedding(self.token_embed, self.positions, cfg.dropout_rate)
+    self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
+    self.embed = InputEmbedding(
+      self.token_embed, self.positions, cfg.dropout_rate, norm=self.embed_norm
+    )
     self.decoder = Stack(cfg, Block, cfg.num_layers)
     self.head = OutputHead(
       cfg.vocab_size, cfg.tie_output, cfg.output_bias, cfg.weight_dtype, cfg.kernel_init

@@ -16,6 +16,7 @@ from transformer_jax.modules.embeddings import (
   TokenEmbedding,
   make_position_encoding,
 )
+from transformer_jax.modules.normalization import make_norm
 from transformer_jax.validation import check_shape, token_validity
 
 
@@ -128,8 +129,14 @@ class Transformer(nn.Module):
     target_table = self.source_embed if cfg.share_embeddings else self.target_embed
     self.source_positions = make_position_encoding(cfg, cfg.position_encoding)
     self.target_positions = make_position_encoding(cfg, cfg.position_encoding)
-    self.embed_source = InputEmbedding(self.source_embed, self.source_positions, cfg.dropout_rate)
-    self.embed_target = InputEmbedding(target_table, self.target_positions, cfg.dropout_rate)
+    self.source_embed_norm = make_norm(cfg) if cfg.embed_norm else None
+    self.target_embed_norm = make_norm(cfg) if cfg.embed_norm else None
+    self.embed_source = InputEmbedding(
+      self.source_embed, self.source_positions, cfg.dropout_rate, norm=self.source_embed_norm
+    )
+    self.embed_target = InputEmbedding(
+      target_table, self.target_positions, cfg.dropout_rate, norm=self.target_embed_norm
+    )
     self.encoder = Stack(cfg, Block, cfg.num_layers)
     self.decoder = Stack(cfg, CrossAttentionBlock, cfg.decoder_layers)
     self.head = OutputHead(

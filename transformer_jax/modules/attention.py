@@ -16,6 +16,7 @@ from jax import lax
 
 from transformer_jax import masks
 from transformer_jax.modules.rotary import Rotary
+from transformer_jax.sharding import declare_axes
 from transformer_jax.validation import check_attention_mask
 
 Implementation = Literal['einsum', 'xla', 'cudnn'] | None
@@ -289,3 +290,9 @@ class MultiHeadAttention(nn.Module):
       cached_value.value,
       masks.combine_masks(mask, masks.causal_mask(chunk, size, start)),
     )
+
+
+# Heads split over the tensor axis; a key/value head count the axis does not divide stays whole (see sharding._spec).
+declare_axes('qkv', kernel=('embed', None, 'heads', 'kv'), bias=(None, 'heads', 'kv'))
+declare_axes(('query', 'key', 'value'), kernel=('embed', 'heads', 'kv'), bias=('heads', 'kv'))
+declare_axes('out', kernel=('heads', 'kv', 'embed'))

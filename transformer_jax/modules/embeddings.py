@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax.sharding import declare_axes
 from transformer_jax.validation import check_length, check_token_ids
 
 SinusoidLayout = Literal['interleaved', 'concatenated']
@@ -96,10 +97,12 @@ class SinusoidalPositionalEncoding(nn.Module):
 
 
 class LearnedPositionalEmbedding(nn.Module):
-  """Learned absolute positions (GPT, BERT): a ``[max_len, D]`` table looked up by position."""
+  """Learned absolute positions (GPT, BERT): a ``[max_len + offset, D]`` table; position ``p`` reads row
+  ``p + offset``. BART's ``offset=2`` keeps two rows its checkpoints carry and never read."""
 
   max_len: int
   features: int
+  offset: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   embedding_init: Callable = nn.initializers.normal(stddev=0.02)
@@ -109,10 +112,9 @@ class LearnedPositionalEmbedding(nn.Module):
     """``(B, T)`` positions -> ``(B, T, D)`` embeddings."""
     check_length(positions.shape[-1], self.max_len)
     check_token_ids(positions, self.max_len, 'positions')
-    table = self.param(
-      'embedding', self.embedding_init, (self.max_len, self.features), self.param_dtype
-    )
-    return jnp.take(table, positions, axis=0).astype(self.dtype)
+    rows = (self.max_len + self.offset, self.features)
+    table = self.param('embedding', self.embedding_init, rows, self.param_dtype)
+    return jnp.take(table, positions + self.offset, axis=0).astype(self.dtype)
 
 
 def make_position_encoding(config, kind: str, name: str | None = None) -> nn.Module | None:
@@ -127,6 +129,7 @@ def make_position_encoding(config, kind: str, name: str | None = None) -> nn.Mod
     return LearnedPositionalEmbedding(
       config.max_len,
       config.d_model,
+      config.position_offset,
       dtype=config.compute_dtype,
       param_dtype=config.weight_dtype,
       embedding_init=nn.initializers.normal(config.init_std or 0.02),
@@ -202,3 +205,14 @@ class OutputHead(nn.Module):
         self.bias_name, nn.initializers.zeros, (self.vocab_size,), self.param_dtype
       ).astype(jnp.float32)
     return out
+
+
+# Token tables (V, D) split the vocabulary over the tensor axis; position and segment tables are small and stay whole
+# on axis 0. The output head's kernel and biases follow the vocabulary.
+declare_axes(('token_embed', 'source_embed', 'target_embed'), embedding=('vocab', 'embed'))
+declare_axes(
+  ('positions', 'source_positions', 'target_positions', 'token_type_embed'),
+  embedding=(None, 'embed'),
+)
+declare_axes('output', kernel=('embed', 'vocab'), bias=('vocab',))
+declare_axes('*', output_bias=('vocab',), mlm_bias=('vocab',))

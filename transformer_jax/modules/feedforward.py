@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from transformer_jax.activations import ACTIVATIONS
+from transformer_jax.sharding import declare_axes
 
 Activation = Literal['relu', 'gelu', 'gelu_tanh', 'silu']
 
@@ -47,3 +48,8 @@ class FeedForward(nn.Module):
     h = dense(self.hidden_dim, 'fc_in')(x)  # (B, T, F)
     h = act(dense(self.hidden_dim, 'fc_gate')(x)) * h if self.gated else act(h)
     return dense(x.shape[-1], 'fc_out')(h)  # (B, T, D)
+
+
+# Hidden units split over the tensor axis.
+declare_axes(('fc_in', 'fc_gate'), kernel=('embed', 'mlp'), bias=('mlp',))
+declare_axes('fc_out', kernel=('mlp', 'embed'))

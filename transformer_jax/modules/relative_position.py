@@ -11,6 +11,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from transformer_jax.sharding import declare_axes
+
 
 def relative_position_buckets(
   relative_position, *, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128
@@ -63,3 +65,8 @@ class RelativePositionBias(nn.Module):
     )
     bias = jnp.take(table.astype(jnp.float32), buckets, axis=0)  # (T, S, H)
     return jnp.transpose(bias, (2, 0, 1))[None]  # (1, H, T, S)
+
+
+declare_axes(
+  'relative_position_bias', embedding=(None, 'heads')
+)  # (buckets, H): heads follow attention's split
