@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import (
+from benchmarks.harness import (
   adamw_step,
   machine_info,
   next_token_loss,

@@ -20,7 +20,7 @@ import argparse
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (
+from benchmarks.harness import (
   machine_info,
   memory_bandwidth,
   print_machine,

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (
+from benchmarks.harness import (
   adamw_step,
   machine_info,
   next_token_loss,

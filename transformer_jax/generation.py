@@ -66,9 +66,10 @@ def generate(
   Returns:
     ``(B, max_new_tokens)`` int32 new tokens (the prompt is not repeated).
   """
-  prompt_ids, prompt_valid = _check_prompt(model, prompt_ids, prompt_valid, max_new_tokens)
-  settings, floats = make_settings(
-    model.config.vocab_size,
+  prompt_ids, prompt_valid, settings, floats = _check_gpt_request(
+    model,
+    prompt_ids,
+    prompt_valid,
     max_new_tokens,
     eos_id,
     pad_id,
@@ -99,9 +100,10 @@ def beam_search(
   A hypothesis ends at ``eos_id`` or after ``max_new_tokens``; its score is its summed log-probability divided by
   (number of new tokens, ``eos_id`` included) ``** length_penalty``. Returns the ``beam_size`` best, best first.
   """
-  prompt_ids, prompt_valid = _check_prompt(model, prompt_ids, prompt_valid, max_new_tokens)
-  settings, floats = make_settings(
-    model.config.vocab_size,
+  prompt_ids, prompt_valid, settings, floats = _check_gpt_request(
+    model,
+    prompt_ids,
+    prompt_valid,
     max_new_tokens,
     eos_id,
     pad_id,
@@ -170,13 +172,13 @@ def translate_beams(
     model,
     src_ids,
     src_valid,
-    max_len,
-    bos_id,
-    eos_id,
-    pad_id,
-    no_repeat_ngram_size,
-    beam_size,
-    length_penalty,
+    max_len=max_len,
+    bos_id=bos_id,
+    eos_id=eos_id,
+    pad_id=pad_id,
+    no_repeat_ngram_size=no_repeat_ngram_size,
+    beam_size=beam_size,
+    length_penalty=length_penalty,
   )
   return compiled_translate_beams(model, settings, bos_id, params, floats, src_ids, src_valid)
 
@@ -199,6 +201,18 @@ def _checked_ids(model, family: type, ids, vocab_field: str, name: str, instead:
   ids = _host(ids)
   check_token_ids(ids, getattr(model.config, vocab_field), name)
   return ids
+
+
+def _check_gpt_request(
+  model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, no_repeat_ngram_size, **search
+):
+  """Checks a GPT request: the prompt (``(B, T)`` int32 ids and bool validity) and the settings (static and traced;
+  ``search``: the sampling or beam options of :func:`make_settings`)."""
+  prompt_ids, prompt_valid = _check_prompt(model, prompt_ids, prompt_valid, max_new_tokens)
+  settings, floats = make_settings(
+    model.config.vocab_size, max_new_tokens, eos_id, pad_id, no_repeat_ngram_size, **search
+  )
+  return prompt_ids, prompt_valid, settings, floats
 
 
 def _check_prompt(model, prompt_ids, prompt_valid, max_new_tokens):

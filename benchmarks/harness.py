@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: machine facts, timing, a printed table and a JSON record."""
+"""The benchmark harness: machine facts, timing, a printed table and a JSON record, shared by the benchmark scripts."""
 
 from __future__ import annotations
 
