@@ -138,19 +138,23 @@ def test_grouped_attention_projects_and_caches_only_the_kv_heads():
     attention_dropout_rate=0.0,
   )
   model, ids = GPT(cfg), np.asarray(jax.random.randint(jax.random.key(0), (B, 9), 0, 23))
-  params = model.init(jax.random.key(1), ids)['params']
+  params = jax.jit(model.init)(jax.random.key(1), ids)['params']
   attention = params['decoder']['layers_0']['self_attention']
   assert attention['query']['kernel'].shape == (24, 6, 4)
   assert attention['key']['kernel'].shape == attention['value']['kernel'].shape == (24, 2, 4)
-  full = model.apply({'params': params}, ids)
+  full = jax.jit(model.apply)({'params': params}, ids)
   positions = jnp.broadcast_to(jnp.arange(9), (B, 9))
-  _, variables = model.apply(
-    {'params': params},
-    ids[:, :1],
-    positions=positions[:, :1],
-    method=GPT.decode_step,
-    mutable=['cache'],
-  )
+
+  @jax.jit
+  def step(cache, ids, positions):
+    return model.apply(
+      {'params': params, 'cache': cache},
+      ids,
+      positions=positions,
+      method=GPT.decode_step,
+      mutable=['cache'],
+    )
+
   shapes = jax.eval_shape(
     lambda: model.apply(
       {'params': params},
@@ -158,31 +162,19 @@ def test_grouped_attention_projects_and_caches_only_the_kv_heads():
       positions=positions,
       method=GPT.decode_step,
       mutable=['cache'],
-    )[1]
+    )[1]['cache']
   )
-  cache = jax.tree.map(jnp.zeros_like, shapes)['cache']
+  cache = jax.tree.map(jnp.zeros_like, shapes)
   assert cache['decoder']['layers_0']['self_attention']['cached_key'].shape == (
     B,
     9,
     2,
     4,
   )  # (B, S, G, K)
-  prefill, variables = model.apply(
-    {'params': params, 'cache': cache},
-    ids[:, :6],
-    positions=positions[:, :6],
-    method=GPT.decode_step,
-    mutable=['cache'],
-  )
-  steps = [prefill]
+  logits, variables = step(cache, ids[:, :6], positions[:, :6])  # prefill, then one token at a time
+  steps = [logits]
   for j in range(6, 9):
-    logits, variables = model.apply(
-      {'params': params, 'cache': variables['cache']},
-      ids[:, j : j + 1],
-      positions=positions[:, j : j + 1],
-      method=GPT.decode_step,
-      mutable=['cache'],
-    )
+    logits, variables = step(variables['cache'], ids[:, j : j + 1], positions[:, j : j + 1])
     steps.append(logits)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
 
@@ -219,8 +211,10 @@ def test_a_llama_shaped_gpt_has_no_biases_but_the_ones_asked_for():
     tie_output=False,
   )
   ids = np.zeros((1, 3), np.int32)
-  llama = GPT(GPTConfig(**cfg, qkv_bias=False)).init(jax.random.key(0), ids)['params']
-  qwen2 = GPT(GPTConfig(**cfg, qkv_bias=True)).init(jax.random.key(0), ids)['params']
+  tree = lambda **kw: jax.eval_shape(GPT(GPTConfig(**cfg, **kw)).init, jax.random.key(0), ids)[
+    'params'
+  ]  # noqa: E731
+  llama, qwen2 = tree(qkv_bias=False), tree(qkv_bias=True)
   names = lambda tree: {
     '/'.join(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
   }  # noqa: E731
@@ -336,7 +330,7 @@ def test_an_embedding_norm_normalises_the_summed_embeddings():
   )
   model = Transformer(cfg)
   src, tgt = np.ones((B, 7), np.int32), np.ones((B, T), np.int32)
-  params = model.init(jax.random.key(0), src, tgt)['params']
+  params = jax.jit(model.init)(jax.random.key(0), src, tgt)['params']
   assert {'source_embed_norm', 'target_embed_norm'} <= set(params)
   assert params['source_positions']['embedding'].shape == (9 + 2, D)
   embedded = model.apply({'params': params}, src, method=lambda m, ids: m.embed_source(ids))
