@@ -30,7 +30,7 @@ from transformer_jax.models import (
 )
 from transformer_jax.modules import *  # noqa: F403  (every building block, also as transformer_jax.<name>)
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 __all__ = [
   'BERT',
