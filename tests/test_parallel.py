@@ -8,12 +8,14 @@ starts); the tests below read what they left behind.
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from train_helpers import command_line, layout_fields
 
 REPO = pathlib.Path(__file__).parents[1]
@@ -28,8 +30,7 @@ LAYOUTS = {
   'pmap': 'pmap',
 }
 TASKS = {'gpt': 'lm', 'encoder_decoder': 'translation'}
-# One worker runs them all (pytest -n: --dist loadgroup keeps the group together, so the fixture runs once).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('layouts')]
+pytestmark = pytest.mark.slow
 
 
 def _run(command, env, timeout=600):
@@ -47,8 +48,23 @@ def _free_port() -> int:
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """Runs every layout once; returns the output folder (see the worker's docstring for what it holds)."""
-  out = tmp_path_factory.mktemp('layouts')
+  """Runs every layout once per test session and returns the output folder (see the worker's docstring for what it
+  holds). Under pytest -n the first worker to get here runs them and the others wait for it and reuse the results:
+  two workers training 8 simulated devices each at once would take twice as long on shared cores."""
+  worker_root = tmp_path_factory.getbasetemp()
+  # this session's folder: under pytest -n each worker's base folder sits inside it
+  shared = worker_root.parent if os.environ.get('PYTEST_XDIST_WORKER') else worker_root
+  out = shared / 'layouts'
+  with FileLock(str(shared / 'layouts.lock')):
+    if not (out / 'complete').exists():
+      shutil.rmtree(out, ignore_errors=True)
+      out.mkdir()
+      _run_layouts(out)
+      (out / 'complete').touch()
+  return out
+
+
+def _run_layouts(out):
   env = {
     **os.environ,
     'XDG_CACHE_HOME': str(out / 'cache'),
@@ -69,7 +85,10 @@ def runs(tmp_path_factory):
     f'--config.distributed.coordinator_address=127.0.0.1:{_free_port()}',
     '--config.distributed.num_processes=2',
   ]
-  env4 = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  env4 = {
+    **env,
+    'XLA_FLAGS': env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4',
+  }
   procs = [
     subprocess.Popen(
       [sys.executable, '-m', 'train', *flags, f'--config.distributed.process_id={i}'],
@@ -94,7 +113,6 @@ def runs(tmp_path_factory):
     'two_processes_restored:lm:single:3:two_processes',
   ]
   _run([sys.executable, str(WORKER), '1', str(out), *one], env)
-  return out
 
 
 def train_losses(workdir) -> list[float]:
