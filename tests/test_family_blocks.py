@@ -14,6 +14,18 @@ from transformer_jax import GPT, BlockConfig, GPTConfig
 from transformer_jax.modules import FeedForward, MultiHeadAttention, RMSNorm, dot_product_attention
 
 B, T, D, F = 2, 5, 12, 20
+# A decoder with 6 query heads of 4 over 2 key/value heads and rotary positions (Llama's attention).
+GROUPED_DECODER = dict(
+  vocab_size=23,
+  max_len=16,
+  d_model=24,
+  num_heads=6,
+  num_kv_heads=2,
+  d_ff=20,
+  fused_qkv=False,
+  position_encoding='none',
+  rope_theta=10000.0,
+)
 
 
 def random_input(shape, seed=0):
@@ -37,7 +49,6 @@ def t(x):
 def test_rms_norm_matches_hugging_face(reference, plus_one):
   x, eps = random_input((B, T, D)), 1e-3  # a large eps, so where it enters shows
   norm = RMSNorm(epsilon=eps, scale_plus_one=plus_one)
-  params = norm.init(jax.random.key(0), x)
   scale = random_input((D,), 1) * 0.3
   params = {'params': {'scale': jnp.asarray(scale)}}
   torch_norm = reference(D, eps=eps)
@@ -123,20 +134,7 @@ def test_grouped_attention_matches_hugging_face_repeat_kv(heads, kv_heads):
 
 
 def test_grouped_attention_projects_and_caches_only_the_kv_heads():
-  cfg = GPTConfig(
-    vocab_size=23,
-    max_len=16,
-    num_layers=2,
-    d_model=24,
-    num_heads=6,
-    num_kv_heads=2,
-    d_ff=20,
-    fused_qkv=False,
-    position_encoding='none',
-    rope_theta=10000.0,
-    dropout_rate=0.0,
-    attention_dropout_rate=0.0,
-  )
+  cfg = GPTConfig(**GROUPED_DECODER, num_layers=2, dropout_rate=0.0, attention_dropout_rate=0.0)
   model, ids = GPT(cfg), np.asarray(jax.random.randint(jax.random.key(0), (B, 9), 0, 23))
   params = jax.jit(model.init)(jax.random.key(1), ids)['params']
   attention = params['decoder']['layers_0']['self_attention']
@@ -194,16 +192,8 @@ def test_attention_refuses_kv_heads_that_do_not_divide_the_heads():
 
 def test_a_llama_shaped_gpt_has_no_biases_but_the_ones_asked_for():
   cfg = dict(
-    vocab_size=23,
-    max_len=16,
+    **GROUPED_DECODER,
     num_layers=1,
-    d_model=24,
-    num_heads=6,
-    num_kv_heads=2,
-    d_ff=20,
-    fused_qkv=False,
-    position_encoding='none',
-    rope_theta=10000.0,
     norm_type='rms_norm',
     gated_ffn=True,
     activation='silu',
