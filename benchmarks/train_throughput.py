@@ -52,10 +52,11 @@ from transformer_jax import (
 from transformer_jax.convert.bert import bert_hf_config
 from transformer_jax.convert.gpt2 import gpt2_hf_config
 
+# the same AdamW on both sides (optax's default decay is 1e-4, PyTorch's 1e-2)
 LR, WEIGHT_DECAY = (
   3e-4,
   0.01,
-)  # the same AdamW on both sides (optax's default decay is 1e-4, PyTorch's 1e-2)
+)
 
 
 @dataclasses.dataclass
@@ -176,18 +177,18 @@ def seq2seq_case(args, overrides: dict) -> Case:
     )
     return next_token_loss(logits, tgt[:, 1:])
 
-  rng = np.random.default_rng(
-    0
-  )  # ids from 1: no padding, but both sides still build and apply their masks
+  # ids from 1: no padding, but both sides still build and apply their masks
+  rng = np.random.default_rng(0)
   src = rng.integers(1, cfg.src_vocab_size, (args.batch, args.seq), dtype=np.int32)
   tgt = rng.integers(1, cfg.tgt_vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
   d, f, layers, n = cfg.d_model, cfg.d_ff, cfg.num_layers, args.batch * args.seq
   encoder = n * (dense_flops(layers, d, f) + attention_flops(layers, d, args.seq))
+  # self- and cross-attention
   decoder = n * (
     dense_flops(layers, d, f, attn_projections=8)
     + 2 * d * cfg.tgt_vocab_size
     + attention_flops(2 * layers, d, args.seq)
-  )  # self- and cross-attention
+  )
   return Case(
     'seq2seq',
     model,
@@ -231,9 +232,8 @@ def bert_case(args, overrides: dict) -> Case:
   ids = np.random.default_rng(0).integers(1, cfg.vocab_size, (args.batch, args.seq), dtype=np.int32)
   hf = BertConfig.from_dict(bert_hf_config(cfg, 'BertForMaskedLM'))
   d = cfg.d_model
-  per_token = (
-    dense_flops(cfg.num_layers, d, cfg.d_ff) + 2 * d * d + 2 * d * cfg.vocab_size
-  )  # + MLM transform, decoder
+  # + MLM transform, decoder
+  per_token = dense_flops(cfg.num_layers, d, cfg.d_ff) + 2 * d * d + 2 * d * cfg.vocab_size
   return Case(
     'bert',
     model,
@@ -254,13 +254,11 @@ def run_jax(case: Case, repeats: int) -> dict:
   init_args = [jnp.asarray(v[:1, :8]) for v in case.batch.values()]
   params = jax.jit(case.model.init)(jax.random.key(0), *init_args)['params']
   opt_state = optimizer.init(params)
-  params_m = (
-    sum(x.size for x in jax.tree.leaves(params)) / 1e6
-  )  # counted now: the step donates these buffers
+  # counted now: the step donates these buffers
+  params_m = sum(x.size for x in jax.tree.leaves(params)) / 1e6
 
-  batch = jax.device_put(
-    case.batch
-  )  # on the device before timing: the step never waits for the host
+  # on the device before timing: the step never waits for the host
+  batch = jax.device_put(case.batch)
   rng = jax.random.key(1)
   start = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch, rng).compile()

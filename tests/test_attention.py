@@ -245,9 +245,8 @@ def test_seed_worked_example():
   q = jnp.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])[None, :, None, :]
   k = jnp.array([[1.0, 2.0, 1.0], [2.0, 1.0, 0.0]])[None, :, None, :]
   v = jnp.array([[0.5, 0.8], [0.2, 0.3]])[None, :, None, :]
-  v = jnp.pad(
-    v, ((0, 0), (0, 0), (0, 0), (0, 1))
-  )  # values share the key width here: a zero third column
+  # values share the key width here: a zero third column
+  v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, 1)))
   out, w = dot_product_attention(q, k, v, return_weights=True)
   ref_out, ref_w = reference_attention(q, k, v, np.ones((1, 1, 1, 1), bool))
   np.testing.assert_allclose(w[0, 0], ref_w[0, 0], atol=1e-6)

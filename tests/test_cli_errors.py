@@ -150,9 +150,8 @@ BAD_INPUTS = [
 )
 def test_bad_input_is_one_line_and_creates_nothing(task, extra, message, tmp_path):
   workdir = tmp_path / 'work'
-  preset = (
-    command_line(task, tiny_fields(task)) if task else []
-  )  # None: a case about the --config flag itself
+  # None: a case about the --config flag itself
+  preset = command_line(task, tiny_fields(task)) if task else []
   argv = ['train', f'--workdir={workdir}', *preset, *extra(tmp_path)]
   assert_clean_failure(run_all(argv), message)
   assert not workdir.exists()

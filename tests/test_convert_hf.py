@@ -163,9 +163,8 @@ def test_load_hf_dtypes(tmp_path, stored, requested):
   assert {x.dtype for x in jax.tree.leaves(params)} == {expected}
   assert jnp.dtype(model.config.param_dtype) == expected
   ours = params['decoder']['layers_1']['ffn']['fc_in']['kernel']
-  theirs = (
-    hf_model.transformer.h[1].mlp.c_fc.weight.float().detach().numpy()
-  )  # Conv1D: already (in, out)
+  # Conv1D: already (in, out)
+  theirs = hf_model.transformer.h[1].mlp.c_fc.weight.float().detach().numpy()
   np.testing.assert_array_equal(np.asarray(ours, np.float32), theirs)
 
 

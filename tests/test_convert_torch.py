@@ -135,9 +135,8 @@ def test_torch_transformer_forward(rng, norm_first, batch_first, activation):
   bundle = make_torch_transformer(norm_first, batch_first, activation)
   model, params = from_bundle(bundle)
   src, tgt = seq2seq_batch(rng)
-  expected = (
-    torch_seq2seq_logits(bundle, src, tgt).detach().numpy()
-  )  # grad mode on: no nested-tensor fast path
+  # grad mode on: no nested-tensor fast path
+  expected = torch_seq2seq_logits(bundle, src, tgt).detach().numpy()
   np.testing.assert_allclose(ours(model, params, src, tgt), expected, atol=1e-5, rtol=0)
 
 
@@ -188,9 +187,8 @@ def seq2seq_task(rng, layers):
 
   def batch():
     src, tgt = seq2seq_batch(rng)
-    tgt_in = np.concatenate(
-      [np.ones((B, 1), tgt.dtype), tgt[:, :-1]], axis=1
-    )  # BOS = 1, shifted right
+    # BOS = 1, shifted right
+    tgt_in = np.concatenate([np.ones((B, 1), tgt.dtype), tgt[:, :-1]], axis=1)
     return (src, tgt_in), tgt
 
   def torch_logits(inputs):
@@ -233,25 +231,22 @@ def test_gradient_parity(rng, task):
   assert set(ours_as_torch) == set(torch_grads)
   worst = max(np.abs(ours_as_torch[n] - torch_grads[n]).max() for n in torch_grads)
   assert worst < 1e-4, worst
-  assert (
-    max(np.abs(g).max() for g in torch_grads.values()) > 1e-3
-  )  # the gradients are not trivially zero
+  # the gradients are not trivially zero
+  assert max(np.abs(g).max() for g in torch_grads.values()) > 1e-3
 
 
 @pytest.mark.parametrize('task', TASKS)
 def test_adamw_training_parity(rng, task):
   """20 AdamW steps from the same converted weights on the same batches: the losses agree at every step."""
   torch.manual_seed(0)
-  ref, model, params, _, batch, torch_logits, jax_logits = task(
-    rng, layers=1
-  )  # 1 layer: compile time
+  # 1 layer: compile time
+  ref, model, params, _, batch, torch_logits, jax_logits = task(rng, layers=1)
   lr, wd, eps = 3e-3, 0.01, 1e-8
   torch_opt = torch.optim.AdamW(
     ref.parameters(), lr=lr, betas=(0.9, 0.999), eps=eps, weight_decay=wd
   )
-  tx = optax.adamw(
-    lr, b1=0.9, b2=0.999, eps=eps, weight_decay=wd
-  )  # optax's default weight_decay is 1e-4, not 1e-2
+  # optax's default weight_decay is 1e-4, not 1e-2
+  tx = optax.adamw(lr, b1=0.9, b2=0.999, eps=eps, weight_decay=wd)
 
   @jax.jit
   def step(p, opt_state, inputs, labels):
@@ -287,9 +282,8 @@ SOURCES = {
 def test_ours_to_torch_to_ours_is_identity(rng, source):
   make, from_torch, to_torch = SOURCES[source]
   model, params = from_torch(make())
-  params = jax.tree.map(
-    lambda x: x + rng.normal(size=x.shape).astype(x.dtype), params
-  )  # unlike any torch init
+  # unlike any torch init
+  params = jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype), params)
   module = make()
   module.load_state_dict(to_torch(model, params, as_torch=True), strict=True)
   _, back = from_torch(module)

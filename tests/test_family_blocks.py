@@ -29,9 +29,8 @@ GROUPED_DECODER = dict(
 
 
 def random_input(shape, seed=0):
-  return np.array(
-    jax.random.normal(jax.random.key(seed), shape) * 2.0 + 0.5, np.float32
-  )  # a writable copy
+  # a writable copy
+  return np.array(jax.random.normal(jax.random.key(seed), shape) * 2.0 + 0.5, np.float32)
 
 
 def t(x):
@@ -163,12 +162,13 @@ def test_grouped_attention_projects_and_caches_only_the_kv_heads():
     )[1]['cache']
   )
   cache = jax.tree.map(jnp.zeros_like, shapes)
+  # (B, S, G, K)
   assert cache['decoder']['layers_0']['self_attention']['cached_key'].shape == (
     B,
     9,
     2,
     4,
-  )  # (B, S, G, K)
+  )
   logits, variables = step(cache, ids[:, :6], positions[:, :6])  # prefill, then one token at a time
   steps = [logits]
   for j in range(6, 9):
@@ -201,13 +201,17 @@ def test_a_llama_shaped_gpt_has_no_biases_but_the_ones_asked_for():
     tie_output=False,
   )
   ids = np.zeros((1, 3), np.int32)
-  tree = lambda **kw: jax.eval_shape(GPT(GPTConfig(**cfg, **kw)).init, jax.random.key(0), ids)[
-    'params'
-  ]  # noqa: E731
+
+  def tree(**kw):
+    return jax.eval_shape(GPT(GPTConfig(**cfg, **kw)).init, jax.random.key(0), ids)['params']
+
   llama, qwen2 = tree(qkv_bias=False), tree(qkv_bias=True)
-  names = lambda tree: {
-    '/'.join(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-  }  # noqa: E731
+
+  def names(tree):
+    return {
+      '/'.join(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
   assert not [n for n in names(llama) if n.endswith('bias')]
   assert sorted(n for n in names(qwen2) if n.endswith('bias')) == [
     f'decoder/layers_0/self_attention/{p}/bias' for p in ('key', 'query', 'value')
@@ -235,11 +239,12 @@ def test_relative_position_bias_matches_t5(decoder, q_len, kv_len, past):
 
   from transformer_jax.modules.relative_position import RelativePositionBias
 
+  # odd sizes: few exact buckets, so long distances hit the log range
   heads, buckets, max_distance = (
     3,
     10,
     24,
-  )  # odd sizes: few exact buckets, so long distances hit the log range
+  )
   config = T5Config(
     d_model=12,
     d_kv=4,
@@ -292,9 +297,8 @@ def test_learned_positions_with_an_offset_match_bart():
   assert table.shape == (max_len + 2, D)
   got = ours.apply({'params': {'embedding': jnp.asarray(table)}}, jnp.asarray(positions))
   with torch.no_grad():
-    expected = torch_positions(
-      torch.zeros(2, 5), position_ids=torch.tensor(positions[0])
-    )  # rows 2..6
+    # rows 2..6
+    expected = torch_positions(torch.zeros(2, 5), position_ids=torch.tensor(positions[0]))
   np.testing.assert_array_equal(got[0], expected[0].numpy())
   np.testing.assert_array_equal(got[1], table[positions[1] + 2])
   with pytest.raises(ValueError, match='positions out of range'):
@@ -324,7 +328,6 @@ def test_an_embedding_norm_normalises_the_summed_embeddings():
   assert {'source_embed_norm', 'target_embed_norm'} <= set(params)
   assert params['source_positions']['embedding'].shape == (9 + 2, D)
   embedded = model.apply({'params': params}, src, method=lambda m, ids: m.embed_source(ids))
-  np.testing.assert_allclose(
-    np.asarray(embedded).mean(-1), 0.0, atol=1e-5
-  )  # LayerNorm at init: zero mean, unit var
+  # LayerNorm at init: zero mean, unit var
+  np.testing.assert_allclose(np.asarray(embedded).mean(-1), 0.0, atol=1e-5)
   np.testing.assert_allclose(np.asarray(embedded).std(-1), 1.0, atol=1e-3)

@@ -29,9 +29,8 @@ TINY = dict(
   dropout_rate=0.0,
   attention_dropout_rate=0.0,
 )
-LEFT_PADDED = np.array(
-  [[True] * T, [False, False] + [True] * (T - 2)]
-)  # row 1 has 2 padding tokens
+# row 1 has 2 padding tokens
+LEFT_PADDED = np.array([[True] * T, [False, False] + [True] * (T - 2)])
 
 
 def random_params(model, *dummy_inputs):
@@ -191,9 +190,8 @@ def brute_force_best(log_probs_of, vocab, n, eos, alpha):
     for h in itertools.product(range(vocab), repeat=length)
     if eos not in h[:-1] and (h[-1] == eos or length == n)
   ]
-  filled = np.array(
-    [list(h) + [eos] * (n - len(h)) for h in hyps]
-  )  # causal: the filler changes no score
+  # causal: the filler changes no score
+  filled = np.array([list(h) + [eos] * (n - len(h)) for h in hyps])
   log_probs = log_probs_of(filled)  # (C, n, vocab) before each token
   scores = [
     log_probs[c, np.arange(len(h)), list(h)].sum() / len(h) ** alpha for c, h in enumerate(hyps)
@@ -378,9 +376,8 @@ def sampled_with_full_logits(batch, **settings):
 def test_top_k_never_emits_outside_the_top_k():
   k = 3
   out, logits = sampled_with_full_logits(64, temperature=3.0, top_k=k)
-  rank = (logits > np.take_along_axis(logits, out[..., None], -1)).sum(
-    -1
-  )  # tokens more likely than the one emitted
+  # tokens more likely than the one emitted
+  rank = (logits > np.take_along_axis(logits, out[..., None], -1)).sum(-1)
   assert rank.max() < k
   assert rank.max() > 0, 'temperature 3 should sample below the top token'
 
@@ -390,9 +387,8 @@ def test_top_p_never_emits_outside_the_nucleus():
   out, logits = sampled_with_full_logits(64, temperature=temperature, top_p=top_p)
   probs = np.asarray(jax.nn.softmax(logits / temperature, axis=-1))
   emitted = np.take_along_axis(probs, out[..., None], -1)[..., 0]
-  mass_above = np.where(probs > emitted[..., None], probs, 0).sum(
-    -1
-  )  # mass of strictly more likely tokens
+  # mass of strictly more likely tokens
+  mass_above = np.where(probs > emitted[..., None], probs, 0).sum(-1)
   assert mass_above.max() < top_p
   assert (mass_above > 0).any(), 'the nucleus should hold more than the top token somewhere'
 
@@ -426,9 +422,8 @@ def test_decode_loop_is_traced_once(search, monkeypatch):
     search_module, counted.__name__, lambda *a, **kw: traces.append(1) or counted(*a, **kw)
   )
   batch, length = 3, 4  # a shape no other test compiles
-  for seed in range(
-    3
-  ):  # new prompts, padding, keys and float settings: same shapes, so no new trace
+  # new prompts, padding, keys and float settings: same shapes, so no new trace
+  for seed in range(3):
     prompt = ids_of((batch, length), V, seed)
     valid = np.arange(length)[None] >= np.array([[0], [seed], [1]])
     if search == 'sample':

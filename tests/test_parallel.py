@@ -65,10 +65,11 @@ def runs(tmp_path_factory):
 
 
 def _run_layouts(out):
+  # compiled programs stay out of the user's cache
   env = {
     **os.environ,
     'XDG_CACHE_HOME': str(out / 'cache'),
-  }  # compiled programs stay out of the user's cache
+  }
   eight = [
     f'{model}_{name}:{task}:{layout}:{STEPS}'
     for model, task in TASKS.items()
@@ -173,9 +174,8 @@ def test_two_processes_train_like_one_process(runs):
   np.testing.assert_allclose(
     train_losses(runs / 'two_processes'), train_losses(runs / 'gpt_single'), rtol=1e-5
   )
-  assert_resumed(
-    runs, 'two_processes_restored', STEPS
-  )  # its parameters are the ones the two processes saved
+  # its parameters are the ones the two processes saved
+  assert_resumed(runs, 'two_processes_restored', STEPS)
   assert max_param_diff(runs, 'two_processes_restored', 'gpt_single') < 1e-5
   log = (runs / 'two_processes.log').read_text()
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} (8 devices, 2 processes)" in log

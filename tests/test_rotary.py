@@ -17,9 +17,8 @@ B, T, H, K = 2, 5, 3, 8
 @pytest.mark.parametrize('theta', [10000.0, 500000.0])
 def test_rotation_equals_hugging_face_llama(theta, rng):
   query, key = rng.standard_normal((2, B, T, H, K)).astype(np.float32)
-  positions = np.array(
-    [[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]]
-  )  # the second row continues a cached prefix
+  # the second row continues a cached prefix
+  positions = np.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
   config = LlamaConfig(
     hidden_size=H * K,
     num_attention_heads=H,
@@ -47,9 +46,8 @@ def test_scores_depend_only_on_the_distance(rng):
     apply_rotary(key, positions + shift),
   )
   np.testing.assert_allclose(scores(0), scores(37), atol=2e-5)
-  assert not np.allclose(
-    scores(0), jnp.einsum('BTHK,BSHK->BHTS', query, key), atol=1e-3
-  )  # it does rotate
+  # it does rotate
+  assert not np.allclose(scores(0), jnp.einsum('BTHK,BSHK->BHTS', query, key), atol=1e-3)
 
 
 def test_bf16_inputs_keep_their_dtype_with_float32_angles(rng):
@@ -186,9 +184,8 @@ def test_scaled_frequencies_match_hugging_face(rope_parameters):
   )
   assert attention_factor == 1.0
   np.testing.assert_allclose(ours.frequencies(16), expected.numpy(), rtol=1e-6)
-  assert not np.allclose(
-    ours.frequencies(16), Rotary(500000.0).frequencies(16)
-  )  # the scaling did something
+  # the scaling did something
+  assert not np.allclose(ours.frequencies(16), Rotary(500000.0).frequencies(16))
 
 
 def test_partial_rotation_matches_hugging_face_and_passes_the_rest_through():

@@ -125,9 +125,8 @@ def test_grad_accumulation_equals_the_whole_batch(tmp_path):
   )
   split = lambda b, count: {k: v.reshape((count, -1) + v.shape[1:]) for k, v in b.items()}  # noqa: E731
   uneven = lambda b: len({int(w.sum()) for w in np.split(b['weights'], 2)}) == 2  # noqa: E731
-  batch = next(
-    b for b in map(task.train_batch, range(50)) if uneven(b)
-  )  # halves with different token counts
+  # halves with different token counts
+  batch = next(b for b in map(task.train_batch, range(50)) if uneven(b))
   state = create_state(task, optimizer, 0)
   results = [step(state, split(batch, count)) for count in (1, 2)]
   (whole, m1), (accumulated, m2) = results
@@ -332,9 +331,8 @@ def test_the_continue_command_rebuilds_the_config(task, overrides, monkeypatch):
     and command[-1] == '--config.num_train_steps=99'
   )
   monkeypatch.chdir(REPO)
-  monkeypatch.setattr(
-    sys, 'argv', ['train', *command[4:]]
-  )  # ml_collections defines the override flags from it
+  # ml_collections defines the override flags from it
+  monkeypatch.setattr(sys, 'argv', ['train', *command[4:]])
   flag_values = absl_flags.FlagValues()
   config_flags.DEFINE_config_file('config', 'train/configs/default.py', flag_values=flag_values)
   flag_values(sys.argv)

@@ -138,9 +138,8 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
   saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
   assert len(saved) == 1 and saved[0] >= 3
   with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(
-      json.load(f)
-    )  # the run's own config, as the same command would give
+    # the run's own config, as the same command would give
+    config = ml_collections.ConfigDict(json.load(f))
   config.num_train_steps = saved[0] + 2
   summary = train_and_evaluate(config, workdir)
   assert summary['step'] == saved[0] + 2 and len(train_losses(workdir)) == saved[0] + 2

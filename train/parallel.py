@@ -207,9 +207,8 @@ class MeshLayout(Layout):
   def __init__(self, config, abstract_state):
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     batch = batch_sharding(mesh)
-    micro = NamedSharding(
-      mesh, P(None, *batch.spec)
-    )  # (A, B / A, ...): each micro-batch split over the data axes
+    # (A, B / A, ...): each micro-batch split over the data axes
+    micro = NamedSharding(mesh, P(None, *batch.spec))
     super().__init__(
       config, mesh, data_parallel_size(mesh), state_shardings(abstract_state, mesh), micro, batch
     )

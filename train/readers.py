@@ -16,9 +16,8 @@ import re
 from typing import Iterator
 
 BUILTIN = 'builtin'
-CHUNK_CHARS = (
-  1 << 20
-)  # texts are read and tokenized about a megabyte at a time, so memory stays flat
+# texts are read and tokenized about a megabyte at a time, so memory stays flat
+CHUNK_CHARS = 1 << 20
 _INTEGER = re.compile(r'[+-]?\d+')
 
 

@@ -138,9 +138,8 @@ class Run:
     self.config, self.workdir = config, workdir
     check_resumable(workdir, config.to_dict())
     self.task, optimizer, schedule, create, self.layout = primary_first(self._prepare, 'data')
-    self.eval_data = [
-      self.layout.place_eval(batch) for batch in self.task.eval_batches()
-    ]  # fixed: placed once
+    # fixed: placed once
+    self.eval_data = [self.layout.place_eval(batch) for batch in self.task.eval_batches()]
     self.train_step = self.layout.compile_train(
       train_step_fn(
         self.task,
@@ -214,9 +213,8 @@ def log_train(
   run: Run, writer: MetricWriter, step: int, pending: list, tokens: int, started: float, bar
 ) -> None:
   """Averages the metrics of the steps since the last log (one transfer), writes them and updates the bar."""
-  history = jax.device_get(
-    pending
-  )  # waits for the queued steps, so the clock below covers their work
+  # waits for the queued steps, so the clock below covers their work
+  history = jax.device_get(pending)
   metrics = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
   seconds = time.perf_counter() - started
   metrics['tokens_per_sec'] = tokens / max(seconds, 1e-9)

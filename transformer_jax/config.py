@@ -17,11 +17,12 @@ import jax.numpy as jnp
 from transformer_jax.activations import ACTIVATIONS
 
 NORM_TYPES = ('layer_norm', 'rms_norm')
+# Hugging Face's rope_type values we implement ('default' is None)
 ROPE_SCALINGS = (
   None,
   'linear',
   'llama3',
-)  # Hugging Face's rope_type values we implement ('default' is None)
+)
 
 REMAT_POLICIES = {
   'none': None,
@@ -166,9 +167,8 @@ class BlockConfig:
   def rotary(self):
     """How self-attention rotates queries and keys (a :class:`~transformer_jax.modules.rotary.Rotary`); ``None``
     without rotary positions."""
-    from transformer_jax.modules.rotary import (
-      Rotary,
-    )  # the modules import this file: a top-level import would cycle
+    # the modules import this file: a top-level import would cycle
+    from transformer_jax.modules.rotary import Rotary
 
     if self.rope_theta is None:
       return None

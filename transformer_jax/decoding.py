@@ -39,12 +39,12 @@ def prefill_gpt(
   """Prefills left-padded prompts into a cache of ``T + N - 1`` slots (the last new token is never fed)."""
   batch, prompt_len = prompt_ids.shape
   slots = prompt_len + max_new_tokens - 1
-  positions = jnp.maximum(
-    jnp.cumsum(prompt_valid, axis=1) - 1, 0
-  )  # (B, T): real tokens count from 0
+  # (B, T): real tokens count from 0
+  positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0)
+  # (B, S)
   cache_valid = jnp.concatenate(
     [prompt_valid, jnp.ones((batch, max_new_tokens - 1), jnp.bool_)], axis=1
-  )  # (B, S)
+  )
   dummy = jnp.zeros((batch, slots), jnp.int32)
   cache = _empty_cache(
     model, params, GPT.decode_step, dummy, positions=dummy, cache_valid=cache_valid
@@ -74,9 +74,8 @@ def prefill_translation(
 ) -> PrefilledModel:
   """Encodes the source, caches its cross-attention keys/values and prefills the start token."""
   batch = src_ids.shape[0]
-  memory = model.apply(
-    {'params': params}, src_ids, src_valid=src_valid, method=Transformer.encode
-  )  # (B, S, D)
+  # (B, S, D)
+  memory = model.apply({'params': params}, src_ids, src_valid=src_valid, method=Transformer.encode)
   bos = jnp.full((batch, 1), bos_id, jnp.int32)
   dummy = jnp.zeros((batch, max_len), jnp.int32)
   cache = _empty_cache(
@@ -131,9 +130,8 @@ def compiled_translate_greedy(model, settings, bos_id, params, floats, src_ids, 
   prefilled = prefill_translation(
     model, params, src_ids, src_valid, settings.max_new_tokens, bos_id
   )
-  return sample_loop(
-    prefilled, settings, floats, jax.random.key(0)
-  )  # greedy: the key is never used
+  # greedy: the key is never used
+  return sample_loop(prefilled, settings, floats, jax.random.key(0))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

@@ -15,6 +15,8 @@ in its cache and :mod:`transformer_jax.search` holds the compiled loops.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 
@@ -26,7 +28,14 @@ from transformer_jax.decoding import (
 )
 from transformer_jax.models.gpt import GPT
 from transformer_jax.models.transformer import Transformer
-from transformer_jax.search import Beams, check_id, check_positive, make_settings
+from transformer_jax.search import (
+  Beams,
+  FloatSettings,
+  SearchSettings,
+  check_id,
+  check_positive,
+  make_settings,
+)
 from transformer_jax.validation import check_length, check_token_ids, is_concrete, token_validity
 
 __all__ = ['Beams', 'beam_search', 'generate', 'translate', 'translate_beams']
@@ -66,18 +75,10 @@ def generate(
   Returns:
     ``(B, max_new_tokens)`` int32 new tokens (the prompt is not repeated).
   """
-  prompt_ids, prompt_valid, settings, floats = _check_gpt_request(
-    model,
-    prompt_ids,
-    prompt_valid,
-    max_new_tokens,
-    eos_id,
-    pad_id,
-    no_repeat_ngram_size,
-    temperature=temperature,
-    top_k=top_k,
-    top_p=top_p,
-  )
+  prompt_ids, prompt_valid = _check_prompt(model, prompt_ids, prompt_valid, max_new_tokens)
+  stopping = (eos_id, pad_id, no_repeat_ngram_size)
+  sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+  settings, floats = make_settings(model.config.vocab_size, max_new_tokens, *stopping, **sampling)
   rng = jax.random.key(0) if rng is None else rng
   return compiled_generate(model, settings, params, floats, prompt_ids, prompt_valid, rng)
 
@@ -100,17 +101,10 @@ def beam_search(
   A hypothesis ends at ``eos_id`` or after ``max_new_tokens``; its score is its summed log-probability divided by
   (number of new tokens, ``eos_id`` included) ``** length_penalty``. Returns the ``beam_size`` best, best first.
   """
-  prompt_ids, prompt_valid, settings, floats = _check_gpt_request(
-    model,
-    prompt_ids,
-    prompt_valid,
-    max_new_tokens,
-    eos_id,
-    pad_id,
-    no_repeat_ngram_size,
-    beam_size=beam_size,
-    length_penalty=length_penalty,
-  )
+  prompt_ids, prompt_valid = _check_prompt(model, prompt_ids, prompt_valid, max_new_tokens)
+  scoring = dict(beam_size=beam_size, length_penalty=length_penalty)
+  stopping = (eos_id, pad_id, no_repeat_ngram_size)
+  settings, floats = make_settings(model.config.vocab_size, max_new_tokens, *stopping, **scoring)
   return compiled_beam_search_gpt(model, settings, params, floats, prompt_ids, prompt_valid)
 
 
@@ -133,54 +127,23 @@ def translate(
   Returns ``(B, max_len)`` int32 target tokens after ``bos_id`` (``eos_id`` included, then ``pad_id``). See
   :func:`translate_beams` for every beam and its score.
   """
+  target = (max_len, bos_id, eos_id, pad_id)
+  search = (no_repeat_ngram_size, beam_size, length_penalty)
+  request = _check_translation(model, src_ids, src_valid, *target, *search)
   if beam_size == 1:
-    settings, floats, src_ids, src_valid = _check_translation(
-      model, src_ids, src_valid, max_len, bos_id, eos_id, pad_id, no_repeat_ngram_size
-    )
-    return compiled_translate_greedy(model, settings, bos_id, params, floats, src_ids, src_valid)
-  return translate_beams(
-    model,
-    params,
-    src_ids,
-    max_len=max_len,
-    bos_id=bos_id,
-    eos_id=eos_id,
-    beam_size=beam_size,
-    length_penalty=length_penalty,
-    src_valid=src_valid,
-    no_repeat_ngram_size=no_repeat_ngram_size,
-    pad_id=pad_id,
-  ).tokens[:, 0]
+    return compiled_translate_greedy(model, request.settings, bos_id, params, *request[1:])
+  return compiled_translate_beams(model, request.settings, bos_id, params, *request[1:]).tokens[
+    :, 0
+  ]
 
 
-def translate_beams(
-  model: Transformer,
-  params,
-  src_ids,
-  *,
-  max_len: int,
-  bos_id: int,
-  eos_id: int,
-  beam_size: int,
-  length_penalty: float = 1.0,
-  src_valid=None,
-  no_repeat_ngram_size: int = 0,
-  pad_id: int = 0,
-) -> Beams:
-  """Beam search for the encoder-decoder (arguments as in :func:`translate`, scoring as in :func:`beam_search`)."""
-  settings, floats, src_ids, src_valid = _check_translation(
-    model,
-    src_ids,
-    src_valid,
-    max_len=max_len,
-    bos_id=bos_id,
-    eos_id=eos_id,
-    pad_id=pad_id,
-    no_repeat_ngram_size=no_repeat_ngram_size,
-    beam_size=beam_size,
-    length_penalty=length_penalty,
-  )
-  return compiled_translate_beams(model, settings, bos_id, params, floats, src_ids, src_valid)
+def translate_beams(model: Transformer, params, src_ids, *, beam_size: int, **options) -> Beams:
+  """Beam search for the encoder-decoder: every beam and its score, best first (scoring as in :func:`beam_search`).
+
+  ``options``: the other keyword arguments of :func:`translate`; ``max_len``, ``bos_id`` and ``eos_id`` are required.
+  """
+  request = _check_translation(model, src_ids, beam_size=beam_size, **options)
+  return compiled_translate_beams(model, request.settings, options['bos_id'], params, *request[1:])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -201,18 +164,6 @@ def _checked_ids(model, family: type, ids, vocab_field: str, name: str, instead:
   ids = _host(ids)
   check_token_ids(ids, getattr(model.config, vocab_field), name)
   return ids
-
-
-def _check_gpt_request(
-  model, prompt_ids, prompt_valid, max_new_tokens, eos_id, pad_id, no_repeat_ngram_size, **search
-):
-  """Checks a GPT request: the prompt (``(B, T)`` int32 ids and bool validity) and the settings (static and traced;
-  ``search``: the sampling or beam options of :func:`make_settings`)."""
-  prompt_ids, prompt_valid = _check_prompt(model, prompt_ids, prompt_valid, max_new_tokens)
-  settings, floats = make_settings(
-    model.config.vocab_size, max_new_tokens, eos_id, pad_id, no_repeat_ngram_size, **search
-  )
-  return prompt_ids, prompt_valid, settings, floats
 
 
 def _check_prompt(model, prompt_ids, prompt_valid, max_new_tokens):
@@ -243,28 +194,39 @@ def _check_prompt(model, prompt_ids, prompt_valid, max_new_tokens):
   return prompt_ids.astype(np.int32), valid
 
 
+class _Translation(NamedTuple):
+  """A checked encoder-decoder request, in the order the compiled programs take it (after the model, settings and
+  start token, which are static, and the params)."""
+
+  settings: SearchSettings
+  floats: FloatSettings
+  src_ids: np.ndarray  # (B, S) int32
+  src_valid: np.ndarray  # (B, S) bool
+
+
 def _check_translation(
   model,
   src_ids,
-  src_valid,
-  max_len,
-  bos_id,
-  eos_id,
-  pad_id,
-  no_repeat_ngram_size,
+  src_valid=None,
+  max_len=None,
+  bos_id=None,
+  eos_id=None,
+  pad_id=0,
+  no_repeat_ngram_size=0,
   beam_size=1,
   length_penalty=1.0,
-):
-  """Checks an encoder-decoder request; returns its settings, floats, ``(B, S)`` int32 ids and bool validity."""
+) -> _Translation:
+  """Checks an encoder-decoder request (the arguments of :func:`translate`)."""
   cfg = model.config
   src_ids = _checked_ids(
     model, Transformer, src_ids, 'src_vocab_size', 'source ids', 'generate for GPT'
   )
+  for name, value in (('max_len', max_len), ('bos_id', bos_id), ('eos_id', eos_id)):
+    if value is None:
+      raise ValueError(f'translate needs {name}')
   check_positive('max_len', max_len)
   check_length(max_len, cfg.max_len, 'target (the start token takes position 0)')
   check_id('bos_id', bos_id, cfg.tgt_vocab_size)
-  if eos_id is None:
-    raise ValueError('translate needs an eos_id')
   settings, floats = make_settings(
     cfg.tgt_vocab_size,
     max_len,
@@ -277,9 +239,5 @@ def _check_translation(
   valid = token_validity(
     src_ids, None if src_valid is None else _host(src_valid), cfg.pad_id, cfg.max_len, 'source'
   )
-  return (
-    settings,
-    floats,
-    src_ids.astype(np.int32),
-    np.ones(src_ids.shape, np.bool_) if valid is None else valid,
-  )
+  valid = np.ones(src_ids.shape, np.bool_) if valid is None else valid
+  return _Translation(settings, floats, src_ids.astype(np.int32), valid)

@@ -139,9 +139,8 @@ def sample_loop(prefilled: PrefilledModel, s: SearchSettings, floats: FloatSetti
     return _SampleState(state.j + 1, history, state.finished | is_eos(tokens, s), state.cache, rng)
 
   def body(state: _SampleState) -> _SampleState:
-    fed = lax.dynamic_index_in_dim(
-      state.history, prefix_len + state.j - 1, axis=1, keepdims=False
-    )  # (B,)
+    # (B,)
+    fed = lax.dynamic_index_in_dim(state.history, prefix_len + state.j - 1, axis=1, keepdims=False)
     logits, cache = prefilled.step(state.cache, prefilled.rows, fed, state.j - 1)
     return emit(state._replace(cache=cache), logits)
 
@@ -225,9 +224,8 @@ def beam_loop(prefilled: PrefilledModel, s: SearchSettings, floats: FloatSetting
     return (state.j < n_new) & ~jnp.all(settled)
 
   live = jnp.repeat(history[:, None], width, axis=1)  # (B, W, L)
-  first_only = jnp.where(
-    jnp.arange(width) == 0, 0.0, -jnp.inf
-  )  # identical copies: keep one until they differ
+  # identical copies: keep one until they differ
+  first_only = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf)
   state = _BeamState(
     jnp.zeros((), jnp.int32),
     live,

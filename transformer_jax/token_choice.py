@@ -44,9 +44,8 @@ def repeated_ngrams(history, valid, length, n: int, vocab_size: int):
   rows, slots = history.shape
   count = slots - n + 1
   windows = jnp.stack([history[:, i : i + count] for i in range(n)], axis=-1)  # (R, L-n+1, n)
-  windows_real = jnp.stack([valid[:, i : i + count] for i in range(n)], axis=-1).all(
-    -1
-  )  # (R, L-n+1)
+  # (R, L-n+1)
+  windows_real = jnp.stack([valid[:, i : i + count] for i in range(n)], axis=-1).all(-1)
   # The last n-1 tokens written; a slice of a window array keeps its start traced but its size static.
   # The window starting n-1 slots back holds the last n-1 tokens, then the slot about to be written. Before n-1
   # tokens exist the clamped start reads garbage, but then no window is complete and nothing is banned.
@@ -54,9 +53,8 @@ def repeated_ngrams(history, valid, length, n: int, vocab_size: int):
   tail = lax.dynamic_slice_in_dim(windows, start, 1, axis=1)[:, 0, :-1]  # (R, n-1)
   tail_real = lax.dynamic_slice_in_dim(windows_real, start, 1, axis=1)  # (R, 1)
   ends_before = jnp.arange(count) + n - 1 < length  # (L-n+1,): windows already written in full
-  hit = (
-    (windows[..., :-1] == tail[:, None]).all(-1) & windows_real & ends_before & tail_real
-  )  # (R, L-n+1)
+  # (R, L-n+1)
+  hit = (windows[..., :-1] == tail[:, None]).all(-1) & windows_real & ends_before & tail_real
   banned = (
     jnp.zeros((rows, vocab_size), jnp.int32)
     .at[jnp.arange(rows)[:, None], windows[..., -1]]

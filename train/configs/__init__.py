@@ -11,12 +11,13 @@ import importlib
 import ml_collections
 from ml_collections import config_dict
 
+# Model fields set from the vocabulary, not the config.
 DATA_DERIVED = (
   'vocab_size',
   'src_vocab_size',
   'tgt_vocab_size',
   'pad_id',
-)  # set from the vocabulary, not the config
+)
 _TYPES = {'int | None': int, 'float | None': float, 'str | None': str}
 
 

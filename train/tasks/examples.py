@@ -65,10 +65,10 @@ class TranslationTask(ExampleTask):
     train, val = self._pairs()
     self.src_vocab = self._vocab('vocab.json', (s for s, _ in train), cfg.vocab)
     self.tgt_vocab = self._vocab('target_vocab.json', (t for _, t in train), cfg.target_vocab)
-    encode = lambda pairs: data.encode_pairs(
-      pairs, self.src_vocab, self.tgt_vocab, cfg.src_len, cfg.tgt_len
-    )  # noqa: E731
-    self.train, self.val = encode(train), encode(val)
+    self.train, self.val = (
+      data.encode_pairs(pairs, self.src_vocab, self.tgt_vocab, cfg.src_len, cfg.tgt_len)
+      for pairs in (train, val)
+    )
     self.model = Transformer(
       model_config(
         TransformerConfig,

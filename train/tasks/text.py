@@ -93,9 +93,8 @@ class LanguageModelTask(TextTask):
 
     cfg = self.config.sample
     prompt = self.vocab.encode(cfg.prompt) or [BOS]
-    new_tokens = min(
-      cfg.max_new_tokens, self.config.model.max_len - len(prompt)
-    )  # positions the model has
+    # positions the model has
+    new_tokens = min(cfg.max_new_tokens, self.config.model.max_len - len(prompt))
     new = generate(
       self.model,
       params,

@@ -24,54 +24,48 @@ BERT_CLASSES = {
 }
 
 
-def bert_config(hf: dict, dtype: str = 'float32') -> BERTConfig:
-  """A ``BertConfig`` dict -> :class:`BERTConfig`."""
+# Our field -> the BertConfig key, and BertConfig's defaults for the keys a config.json may omit.
+_FIELDS = {
+  'vocab_size': 'vocab_size',
+  'type_vocab_size': 'type_vocab_size',
+  'max_len': 'max_position_embeddings',
+  'num_layers': 'num_hidden_layers',
+  'd_model': 'hidden_size',
+  'num_heads': 'num_attention_heads',
+  'd_ff': 'intermediate_size',
+  'norm_eps': 'layer_norm_eps',
+  'dropout_rate': 'hidden_dropout_prob',
+  'attention_dropout_rate': 'attention_probs_dropout_prob',
+  'pad_id': 'pad_token_id',
+  'classifier_dropout_rate': 'classifier_dropout',
+}
+_HF_DEFAULTS = {
+  'type_vocab_size': 2,
+  'layer_norm_eps': 1e-12,
+  'hidden_dropout_prob': 0.1,
+  'attention_probs_dropout_prob': 0.1,
+  'pad_token_id': 0,
+  'classifier_dropout': None,
+}
+
+
+def _more_from_hf(hf: dict) -> dict:
   refuse(
     hf, position_embedding_type=('absolute',), is_decoder=(False,), add_cross_attention=(False,)
   )
-  num_labels = hf.get('num_labels') or len(hf.get('id2label') or {}) or 2
-  return BERTConfig(
-    vocab_size=hf['vocab_size'],
-    type_vocab_size=hf.get('type_vocab_size', 2),
-    max_len=hf['max_position_embeddings'],
-    num_layers=hf['num_hidden_layers'],
-    d_model=hf['hidden_size'],
-    num_heads=hf['num_attention_heads'],
-    d_ff=hf['intermediate_size'],
+  return dict(
     activation=activation(hf.get('hidden_act', 'gelu')),
-    norm_eps=hf.get('layer_norm_eps', 1e-12),
-    dropout_rate=hf.get('hidden_dropout_prob', 0.1),
-    attention_dropout_rate=hf.get('attention_probs_dropout_prob', 0.1),
     init_std=hf.get('initializer_range', 0.02),
-    pad_id=hf.get('pad_token_id', 0),
-    num_labels=num_labels,
-    classifier_dropout_rate=hf.get('classifier_dropout'),
-    dtype=dtype,
-    param_dtype=dtype,
+    num_labels=hf.get('num_labels') or len(hf.get('id2label') or {}) or 2,
   )
 
 
-def _config_to_hf(config: BERTConfig, architecture: str) -> dict:
+def _more_to_hf(config: BERTConfig, architecture: str) -> dict:
   return dict(
-    model_type='bert',
-    architectures=[architecture],
-    vocab_size=config.vocab_size,
-    type_vocab_size=config.type_vocab_size,
-    max_position_embeddings=config.max_len,
-    num_hidden_layers=config.num_layers,
-    hidden_size=config.d_model,
-    num_attention_heads=config.num_heads,
-    intermediate_size=config.d_ff,
     hidden_act=HF_ACTIVATIONS[config.activation],
-    layer_norm_eps=config.norm_eps,
-    hidden_dropout_prob=config.dropout_rate,
-    attention_probs_dropout_prob=config.attention_dropout_rate,
     initializer_range=config.init_std or 0.02,
-    pad_token_id=config.pad_id,
-    classifier_dropout=config.classifier_dropout_rate,
     id2label={str(i): f'LABEL_{i}' for i in range(config.num_labels)},
     tie_word_embeddings=True,
-    dtype=config.param_dtype,
   )
 
 
@@ -144,8 +138,11 @@ def bert_architecture(state: dict) -> str:
 BERT_SPEC = Spec(
   model_type='bert',
   architectures=BERT_CLASSES,
-  config_from_hf=bert_config,
-  config_to_hf=_config_to_hf,
+  config_class=BERTConfig,
+  fields=_FIELDS,
+  hf_defaults=_HF_DEFAULTS,
+  more_from_hf=_more_from_hf,
+  more_to_hf=_more_to_hf,
   check=check_bert,
   mapping=bert_mapping,
   architecture_of_state=bert_architecture,

@@ -4,22 +4,20 @@ which share their names) <-> ours. Hyperparameters are read off the modules them
 from __future__ import annotations
 
 from transformer_jax.convert.engine import export_state
-from transformer_jax.convert.rules import (
-  CLASSIC_BLOCKS,
-  Mapping,
-  dense,
-  norm,
-  qkv,
-  require,
-  table,
-)
+from transformer_jax.convert.rules import CLASSIC_BLOCKS, Mapping, dense, norm, qkv, require, table
 from transformer_jax.convert.spec import convert_in
 from transformer_jax.models import GPT, GPTConfig, Transformer, TransformerConfig
 
+# The layer choices both course models fix.
+_COURSE_LAYERS = ('norm_variant', 'pre_norm', 'final_norm', 'activation', 'qkv_bias')
+_COURSE_EMBEDDINGS = ('tie_output', 'position_encoding')
+
 
 def _require_course(config, course, what: str, fields: tuple[str, ...]) -> None:
-  """The reference models have one architecture, the course preset's: these ``fields`` must keep its values."""
-  require(config, what, **{field: (getattr(course, field),) for field in fields}, **CLASSIC_BLOCKS)
+  """The reference models have one architecture, the course preset's: the fields both fix and the model's own
+  ``fields`` must keep its values."""
+  fixed = _COURSE_LAYERS + _COURSE_EMBEDDINGS + fields
+  require(config, what, **{field: (getattr(course, field),) for field in fixed}, **CLASSIC_BLOCKS)
 
 
 def reference_transformer_mapping(config: TransformerConfig) -> Mapping:
@@ -28,17 +26,7 @@ def reference_transformer_mapping(config: TransformerConfig) -> Mapping:
     config,
     TransformerConfig.course(),
     "the course's encoder-decoder",
-    (
-      'norm_variant',
-      'pre_norm',
-      'final_norm',
-      'activation',
-      'qkv_bias',
-      'share_embeddings',
-      'tie_output',
-      'position_encoding',
-      'scale_embeddings',
-    ),
+    ('share_embeddings', 'scale_embeddings'),
   )
   rules = [
     table('source_embed', 'encoder.embedding.weight'),
@@ -109,16 +97,7 @@ def reference_gpt_mapping(config: GPTConfig) -> Mapping:
     config,
     GPTConfig.course(),
     "the course's nanoGPT",
-    (
-      'norm_variant',
-      'pre_norm',
-      'final_norm',
-      'activation',
-      'qkv_bias',
-      'tie_output',
-      'output_bias',
-      'position_encoding',
-    ),
+    ('output_bias',),
   )
   rules = [
     table('token_embed', 'token_embedding_table.weight'),

@@ -108,12 +108,10 @@ def import_state(
 
 def export_state(model: nn.Module, params: dict, mapping: Mapping, as_torch: bool = False) -> dict:
   """``model``'s params (either layout) -> a PyTorch-named state dict of numpy arrays, or torch tensors."""
-  params = (
-    params['params'] if set(params) == {'params'} else params
-  )  # also accept {'params': ...} variables
-  flat = flatten(
-    to_loop_layout(jax.device_get(params))
-  )  # one transfer per leaf; unstacking numpy only makes views
+  # also accept {'params': ...} variables
+  params = params['params'] if set(params) == {'params'} else params
+  # one transfer per leaf; unstacking numpy only makes views
+  flat = flatten(to_loop_layout(jax.device_get(params)))
   state = flat_params_to_state(flat, mapping, our_shapes(model))
   return {k: to_torch_tensor(v) for k, v in state.items()} if as_torch else state
 
@@ -123,6 +121,5 @@ def to_torch_tensor(array: np.ndarray):
 
   if array.dtype == jnp.bfloat16:
     return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
-  return torch.from_numpy(
-    array
-  )  # flat_params_to_state made it: a fresh, contiguous, writable array
+  # flat_params_to_state made it: a fresh, contiguous, writable array
+  return torch.from_numpy(array)

@@ -11,50 +11,42 @@ from transformer_jax.convert.rules import CLASSIC_BLOCKS, Mapping, dense, norm, 
 from transformer_jax.convert.spec import Spec, export, load
 from transformer_jax.models import GPT, GPTConfig
 
+# Our field -> the GPT2Config key, and GPT2Config's defaults for the keys a config.json may omit.
+_FIELDS = {
+  'vocab_size': 'vocab_size',
+  'max_len': 'n_positions',
+  'num_layers': 'n_layer',
+  'd_model': 'n_embd',
+  'num_heads': 'n_head',
+  'norm_eps': 'layer_norm_epsilon',
+  'dropout_rate': 'resid_pdrop',
+  'attention_dropout_rate': 'attn_pdrop',
+}
+_HF_DEFAULTS = {'layer_norm_epsilon': 1e-5, 'resid_pdrop': 0.1, 'attn_pdrop': 0.1}
 
-def gpt2_config(hf: dict, dtype: str = 'float32') -> GPTConfig:
-  """A ``GPT2Config`` dict -> :class:`GPTConfig` (fused Q/K/V, tied head, like the checkpoint)."""
+
+def _more_from_hf(hf: dict) -> dict:
+  """Fused Q/K/V and a tied head come from the GPTConfig defaults, like the checkpoint."""
   refuse(
     hf,
     scale_attn_weights=(True,),
     scale_attn_by_inverse_layer_idx=(False,),
     add_cross_attention=(False,),
   )
-  return GPTConfig(
-    vocab_size=hf['vocab_size'],
-    max_len=hf['n_positions'],
-    num_layers=hf['n_layer'],
-    d_model=hf['n_embd'],
-    num_heads=hf['n_head'],
+  return dict(
     d_ff=hf.get('n_inner') or 4 * hf['n_embd'],
     activation=activation(hf.get('activation_function', 'gelu_new')),
-    norm_eps=hf.get('layer_norm_epsilon', 1e-5),
-    dropout_rate=hf.get('resid_pdrop', 0.1),
-    attention_dropout_rate=hf.get('attn_pdrop', 0.1),
     init_std=hf.get('initializer_range', 0.02),
-    dtype=dtype,
-    param_dtype=dtype,
   )
 
 
-def _config_to_hf(config: GPTConfig, architecture: str) -> dict:
+def _more_to_hf(config: GPTConfig, architecture: str) -> dict:
   return dict(
-    model_type='gpt2',
-    architectures=[architecture],
-    vocab_size=config.vocab_size,
-    n_positions=config.max_len,
-    n_layer=config.num_layers,
-    n_embd=config.d_model,
-    n_head=config.num_heads,
     n_inner=config.d_ff,
     activation_function=HF_ACTIVATIONS[config.activation],
-    layer_norm_epsilon=config.norm_eps,
-    resid_pdrop=config.dropout_rate,
     embd_pdrop=config.dropout_rate,
-    attn_pdrop=config.attention_dropout_rate,
     initializer_range=config.init_std or 0.02,
     tie_word_embeddings=True,
-    dtype=config.param_dtype,
   )
 
 
@@ -94,11 +86,12 @@ def _mapping(config: GPTConfig, architecture: str) -> Mapping:
     rules += dense(f'{ours}/ffn/fc_in', f'{h}mlp.c_fc', transpose=False)
     rules += dense(f'{ours}/ffn/fc_out', f'{h}mlp.c_proj', transpose=False)
   rules += norm('decoder/final_norm', f'{p}ln_f')
+  # causal-mask buffers of older checkpoints
   return Mapping(
     tuple(rules),
     aliases={'lm_head.weight': f'{p}wte.weight'} if head else {},
     buffers=(r'.*\.attn\.(bias|masked_bias)',),
-  )  # causal-mask buffers of older checkpoints
+  )
 
 
 def _architecture_of_state(state: dict) -> str:
@@ -108,8 +101,11 @@ def _architecture_of_state(state: dict) -> str:
 GPT2 = Spec(
   model_type='gpt2',
   architectures={'GPT2LMHeadModel': GPT, 'GPT2Model': GPT},
-  config_from_hf=gpt2_config,
-  config_to_hf=_config_to_hf,
+  config_class=GPTConfig,
+  fields=_FIELDS,
+  hf_defaults=_HF_DEFAULTS,
+  more_from_hf=_more_from_hf,
+  more_to_hf=_more_to_hf,
   check=check_gpt2,
   mapping=_mapping,
   architecture_of_state=_architecture_of_state,

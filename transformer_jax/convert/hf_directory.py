@@ -47,9 +47,8 @@ def _read_file(file: Path) -> dict[str, np.ndarray]:
     return {
       k: to_numpy(v) for k, v in torch.load(file, map_location='cpu', weights_only=True).items()
     }
-  except (
-    Exception
-  ) as e:  # safetensors and torch raise many types for a damaged file; report them all alike
+  # safetensors and torch raise many types for a damaged file; report them all alike
+  except Exception as e:
     raise ConversionError(f'cannot read weights file {file}: {type(e).__name__}: {e}') from e
 
 

@@ -21,19 +21,35 @@ from transformer_jax.convert.rules import ConversionError, Mapping
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-  """One Hugging Face format. ``architecture`` below is a name of ``architectures`` (e.g. ``'GPT2LMHeadModel'``)."""
+  """One Hugging Face format. ``architecture`` below is a name of ``architectures`` (e.g. ``'GPT2LMHeadModel'``).
+
+  Its config travels both ways through one table, ``fields``, for the fields that only change name; ``more_from_hf``
+  and ``more_to_hf`` add what takes more than a rename (activation names, derived sizes, head labels).
+  """
 
   model_type: str  # config.json's model_type
-  architectures: dict[
-    str, type
-  ]  # Hugging Face class name -> our model class; the first one per class is its default
-  config_from_hf: Callable[[dict, str], Any]  # (config.json dict, dtype name) -> our config
-  config_to_hf: Callable[[Any, str], dict]  # (our config, architecture) -> config.json dict
+  # Hugging Face class name -> our model class; the first one per class is its default.
+  architectures: dict[str, type]
+  config_class: type
+  # Our config field -> its config.json key. A key missing from config.json takes `hf_defaults[key]`, the Hugging
+  # Face config class's default; a key without a default must be there.
+  fields: dict[str, str]
+  hf_defaults: dict[str, Any]
+  # config.json dict -> our other fields; (our config, architecture) -> the other config.json keys.
+  more_from_hf: Callable[[dict], dict]
+  more_to_hf: Callable[[Any, str], dict]
   check: Callable[[Any], None]  # raises ConversionError for a config the format cannot express
   mapping: Callable[[Any, str], Mapping]  # (our config, architecture) -> the name table
-  architecture_of_state: Callable[
-    [dict], str
-  ]  # which architecture a state dict's weights are (its head)
+  # Which architecture a state dict's weights are (its head).
+  architecture_of_state: Callable[[dict], str]
+
+  def config_from_hf(self, hf: dict, dtype: str = 'float32'):
+    """A ``config.json`` dict -> our config, with parameters and compute in ``dtype``."""
+    missing = sorted(k for k in self.fields.values() if k not in hf and k not in self.hf_defaults)
+    if missing:
+      raise ConversionError(f'the {self.model_type} config lacks {", ".join(missing)}')
+    renamed = {ours: hf.get(key, self.hf_defaults.get(key)) for ours, key in self.fields.items()}
+    return self.config_class(**renamed, **self.more_from_hf(hf), dtype=dtype, param_dtype=dtype)
 
   def architecture_of(self, model: nn.Module) -> str:
     """The default Hugging Face architecture of one of our models."""
@@ -43,8 +59,15 @@ class Spec:
     raise ConversionError(f'{self.model_type} has no architecture for {type(model).__name__}')
 
   def hf_config(self, config, architecture: str) -> dict:
+    """Our config -> the ``config.json`` dict of ``architecture``."""
     self.check(config)
-    return self.config_to_hf(config, architecture)
+    return dict(
+      model_type=self.model_type,
+      architectures=[architecture],
+      **{key: getattr(config, ours) for ours, key in self.fields.items()},
+      **self.more_to_hf(config, architecture),
+      dtype=config.param_dtype,
+    )
 
   def table(self, config, architecture: str) -> Mapping:
     self.check(config)

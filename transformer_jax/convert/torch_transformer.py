@@ -19,11 +19,12 @@ from transformer_jax.convert.rules import (
 from transformer_jax.convert.spec import convert_in
 from transformer_jax.models import Transformer, TransformerConfig
 
+# the ones with no weights to bring
 TORCH_POSITION_ENCODINGS = (
   'sinusoidal',
   'sinusoidal_concat',
   'none',
-)  # the ones with no weights to bring
+)
 
 
 def _torch_activation(layer) -> str:
@@ -115,25 +116,15 @@ def torch_transformer_mapping(config: TransformerConfig) -> Mapping:
       rules += dense(f'{ours}/ffn/fc_in', f'{t}linear1') + dense(
         f'{ours}/ffn/fc_out', f'{t}linear2'
       )
-      for n, sublayer in enumerate(
-        sublayers, start=1
-      ):  # norm1, norm2(, norm3) follow the sublayer order
+      # norm1, norm2(, norm3) follow the sublayer order
+      for n, sublayer in enumerate(sublayers, start=1):
         rules += norm(f'{ours}/{sublayer}_norm', f'{t}norm{n}')
     rules += norm(f'{stack}/final_norm', f'transformer.{stack}.norm')
   return Mapping(tuple(rules + dense('output', 'output')))
 
 
 def from_torch_transformer(
-  transformer,
-  source_embed,
-  target_embed,
-  output,
-  *,
-  position_encoding: str = 'sinusoidal',
-  scale_embeddings: bool = True,
-  max_len: int = 512,
-  pad_id: int | None = 0,
-  dtype=None,
+  transformer, source_embed, target_embed, output, *, dtype=None, **options
 ) -> tuple[Transformer, dict]:
   """An ``nn.Transformer`` plus the source/target ``nn.Embedding`` and output ``nn.Linear`` around it ->
   ``(Transformer, params)``.
@@ -141,7 +132,8 @@ def from_torch_transformer(
   The torch side this matches: ``x = embed(ids) * sqrt(D)`` (``scale_embeddings``) ``+ PE`` (``position_encoding``:
   ``'sinusoidal'`` interleaved, ``'sinusoidal_concat'`` or ``'none'``), then the ``nn.Transformer`` (either
   ``norm_first`` and ``batch_first``: weights are the same), then ``output``. ``pad_id``: the padding id our model
-  derives masks from when none are passed (``None``: no padding).
+  derives masks from when none are passed (``None``: no padding). ``options``: ``position_encoding``,
+  ``scale_embeddings``, ``max_len`` and ``pad_id``, as in :func:`torch_transformer_config`.
   """
   import torch  # the caller handed us torch modules
 
@@ -149,12 +141,6 @@ def from_torch_transformer(
     dict(
       transformer=transformer, source_embed=source_embed, target_embed=target_embed, output=output
     )
-  )
-  options = dict(
-    position_encoding=position_encoding,
-    scale_embeddings=scale_embeddings,
-    max_len=max_len,
-    pad_id=pad_id,
   )
   return convert_in(
     bundle,

@@ -10,13 +10,8 @@ import jax.numpy as jnp
 from transformer_jax import masks
 from transformer_jax.activations import ACTIVATIONS
 from transformer_jax.config import BlockConfig
+from transformer_jax.modules import embeddings
 from transformer_jax.modules.blocks import Block, Stack
-from transformer_jax.modules.embeddings import (
-  InputEmbedding,
-  LearnedPositionalEmbedding,
-  OutputHead,
-  TokenEmbedding,
-)
 from transformer_jax.modules.normalization import make_norm
 from transformer_jax.validation import check_shape, token_validity
 
@@ -76,7 +71,7 @@ class BERT(nn.Module):
     valid = token_validity(ids, valid, cfg.pad_id, cfg.max_len, 'input')
     if token_type_ids is not None:
       check_shape(token_type_ids, ids.shape, 'token_type_ids')
-    table = lambda vocab, name: TokenEmbedding(  # noqa: E731
+    table = lambda vocab, name: embeddings.TokenEmbedding(  # noqa: E731
       vocab,
       cfg.d_model,
       dtype=cfg.compute_dtype,
@@ -84,7 +79,7 @@ class BERT(nn.Module):
       embedding_init=cfg.kernel_init,
       name=name,
     )
-    positions = LearnedPositionalEmbedding(
+    positions = embeddings.LearnedPositionalEmbedding(
       cfg.max_len,
       cfg.d_model,
       dtype=cfg.compute_dtype,
@@ -92,7 +87,7 @@ class BERT(nn.Module):
       embedding_init=cfg.kernel_init,
       name='positions',
     )
-    embed = InputEmbedding(
+    embed = embeddings.InputEmbedding(
       table(cfg.vocab_size, 'token_embed'),
       positions,
       cfg.dropout_rate,
@@ -105,6 +100,7 @@ class BERT(nn.Module):
     )
     pooled = None
     if self.add_pooler:
+      # (B, D)
       pooled = jnp.tanh(
         nn.Dense(
           cfg.d_model,
@@ -113,7 +109,7 @@ class BERT(nn.Module):
           kernel_init=cfg.kernel_init,
           name='pooler',
         )(x[:, 0])
-      )  # (B, D)
+      )
     return x, pooled
 
 
@@ -135,13 +131,12 @@ class BERTForMaskedLM(nn.Module):
       name='mlm_dense',
     )(x)
     x = make_norm(cfg, 'mlm_norm')(ACTIVATIONS[cfg.activation](x))
-    head = OutputHead(
+    head = embeddings.OutputHead(
       cfg.vocab_size, tied=True, use_bias=True, param_dtype=cfg.weight_dtype, bias_name='mlm_bias'
     )
     nn.share_scope(self, head)  # the decoder bias is `mlm_bias` at the top of the tree
-    return head(
-      x, bert.variables['params']['token_embed']['embedding']
-    )  # decoder tied to the (V, D) token table
+    # decoder tied to the (V, D) token table
+    return head(x, bert.variables['params']['token_embed']['embedding'])
 
 
 class BERTForSequenceClassification(nn.Module):

@@ -8,15 +8,8 @@ import flax.linen as nn
 
 from transformer_jax import masks
 from transformer_jax.config import BlockConfig
+from transformer_jax.modules import embeddings
 from transformer_jax.modules.blocks import Block, Stack
-from transformer_jax.modules.embeddings import (
-  POSITION_ENCODINGS,
-  InputEmbedding,
-  OutputHead,
-  TokenEmbedding,
-  default_positions,
-  make_position_encoding,
-)
 from transformer_jax.modules.normalization import make_norm
 from transformer_jax.validation import check_shape, token_validity
 
@@ -45,9 +38,9 @@ class GPTConfig(BlockConfig):
     problems = []
     if self.vocab_size < 1:
       problems.append('vocab_size must be positive')
-    if self.position_encoding not in POSITION_ENCODINGS:
+    if self.position_encoding not in embeddings.POSITION_ENCODINGS:
       problems.append(
-        f'position_encoding must be one of {POSITION_ENCODINGS}, got {self.position_encoding!r}'
+        f'position_encoding must be one of {embeddings.POSITION_ENCODINGS}, got {self.position_encoding!r}'
       )
     if self.pad_id is not None and not 0 <= self.pad_id < self.vocab_size:
       problems.append(f'pad_id={self.pad_id} is outside the vocabulary [0, {self.vocab_size})')
@@ -73,26 +66,11 @@ class GPTConfig(BlockConfig):
   def course(cls, **overrides):
     """The course's nanoGPT-style model (see the README): bias-free Q/K/V, ReLU FFN, a separate biased output
     layer."""
-    return cls(
-      **{
-        **dict(
-          vocab_size=65,
-          max_len=256,
-          num_layers=6,
-          d_model=384,
-          num_heads=6,
-          d_ff=1536,
-          activation='relu',
-          qkv_bias=False,
-          fused_qkv=False,
-          tie_output=False,
-          output_bias=True,
-          dropout_rate=0.2,
-          attention_dropout_rate=0.2,
-        ),
-        **overrides,
-      }
-    )
+    shape = dict(vocab_size=65, max_len=256, num_layers=6, d_model=384, num_heads=6, d_ff=1536)
+    head = dict(tie_output=False, output_bias=True)
+    dropout = dict(dropout_rate=0.2, attention_dropout_rate=0.2)
+    layers = dict(activation='relu', qkv_bias=False, fused_qkv=False)
+    return cls(**{**shape, **layers, **head, **dropout, **overrides})
 
 
 class GPT(nn.Module):
@@ -106,20 +84,20 @@ class GPT(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.token_embed = TokenEmbedding(
+    self.token_embed = embeddings.TokenEmbedding(
       cfg.vocab_size,
       cfg.d_model,
       dtype=cfg.compute_dtype,
       param_dtype=cfg.weight_dtype,
       embedding_init=cfg.kernel_init,
     )
-    self.positions = make_position_encoding(cfg, cfg.position_encoding)
+    self.positions = embeddings.make_position_encoding(cfg, cfg.position_encoding)
     self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
-    self.embed = InputEmbedding(
+    self.embed = embeddings.InputEmbedding(
       self.token_embed, self.positions, cfg.dropout_rate, norm=self.embed_norm
     )
     self.decoder = Stack(cfg, Block, cfg.num_layers)
-    self.head = OutputHead(
+    self.head = embeddings.OutputHead(
       cfg.vocab_size, cfg.tie_output, cfg.output_bias, cfg.weight_dtype, cfg.kernel_init
     )
     nn.share_scope(self, self.head)  # `output` / `output_bias` live at the top of the tree
@@ -132,10 +110,9 @@ class GPT(nn.Module):
     """
     cfg = self.config
     valid = token_validity(ids, valid, cfg.pad_id, cfg.max_len, 'input')
-    positions = default_positions(ids) if positions is None else positions
-    mask = masks.combine_masks(
-      masks.causal_mask(ids.shape[1]), masks.key_mask(valid)
-    )  # (B|1, 1, T, T)
+    positions = embeddings.default_positions(ids) if positions is None else positions
+    # (B|1, 1, T, T)
+    mask = masks.combine_masks(masks.causal_mask(ids.shape[1]), masks.key_mask(valid))
     x = self.embed(ids, positions, deterministic=deterministic)  # (B, T, D)
     return self.decoder(x, mask, positions, deterministic=deterministic)
 

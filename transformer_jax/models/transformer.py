@@ -8,14 +8,8 @@ import flax.linen as nn
 
 from transformer_jax import masks
 from transformer_jax.config import BlockConfig
+from transformer_jax.modules import embeddings
 from transformer_jax.modules.blocks import Block, CrossAttentionBlock, Stack
-from transformer_jax.modules.embeddings import (
-  POSITION_ENCODINGS,
-  InputEmbedding,
-  OutputHead,
-  TokenEmbedding,
-  make_position_encoding,
-)
 from transformer_jax.modules.normalization import make_norm
 from transformer_jax.validation import check_shape, token_validity
 
@@ -49,9 +43,9 @@ class TransformerConfig(BlockConfig):
         f'share_embeddings needs src_vocab_size == tgt_vocab_size, got {self.src_vocab_size} and '
         f'{self.tgt_vocab_size}'
       )
-    if self.position_encoding not in POSITION_ENCODINGS:
+    if self.position_encoding not in embeddings.POSITION_ENCODINGS:
       problems.append(
-        f'position_encoding must be one of {POSITION_ENCODINGS}, got {self.position_encoding!r}'
+        f'position_encoding must be one of {embeddings.POSITION_ENCODINGS}, got {self.position_encoding!r}'
       )
     elif self.position_encoding.startswith('sinusoidal') and self.d_model % 2:
       problems.append(f'sinusoidal position encodings need an even d_model, got {self.d_model}')
@@ -68,39 +62,16 @@ class TransformerConfig(BlockConfig):
   @classmethod
   def base(cls, **overrides):
     """The paper's base model: 6+6 layers, d_model 512, 8 heads, d_ff 2048, shared 37k vocabulary, tied output."""
-    return cls(
-      **{
-        **dict(
-          src_vocab_size=37000,
-          tgt_vocab_size=37000,
-          share_embeddings=True,
-          tie_output=True,
-          output_bias=False,
-        ),
-        **overrides,
-      }
-    )
+    vocab = dict(src_vocab_size=37000, tgt_vocab_size=37000, share_embeddings=True)
+    return cls(**{**vocab, 'tie_output': True, 'output_bias': False, **overrides})
 
   @classmethod
   def course(cls, **overrides):
     """The course's PyTorch encoder-decoder (see the README): separate embeddings, the course's LayerNorm
     (unbiased std, eps 1e-6 outside the sqrt), 0.1 dropout, a biased output layer, no final norms."""
-    return cls(
-      **{
-        **dict(
-          src_vocab_size=10000,
-          tgt_vocab_size=10000,
-          d_model=512,
-          num_heads=8,
-          d_ff=2048,
-          num_layers=6,
-          max_len=5000,
-          norm_variant='unbiased_std',
-          norm_eps=1e-6,
-        ),
-        **overrides,
-      }
-    )
+    shape = dict(src_vocab_size=10000, tgt_vocab_size=10000, d_model=512, num_heads=8, d_ff=2048)
+    layers = dict(num_layers=6, max_len=5000, norm_variant='unbiased_std', norm_eps=1e-6)
+    return cls(**{**shape, **layers, **overrides})
 
 
 class Transformer(nn.Module):
@@ -115,7 +86,7 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.config
-    table = lambda vocab: TokenEmbedding(  # noqa: E731
+    table = lambda vocab: embeddings.TokenEmbedding(  # noqa: E731
       vocab,
       cfg.d_model,
       scale_by_sqrt_dim=cfg.scale_embeddings,
@@ -127,19 +98,19 @@ class Transformer(nn.Module):
     if not cfg.share_embeddings:
       self.target_embed = table(cfg.tgt_vocab_size)
     target_table = self.source_embed if cfg.share_embeddings else self.target_embed
-    self.source_positions = make_position_encoding(cfg, cfg.position_encoding)
-    self.target_positions = make_position_encoding(cfg, cfg.position_encoding)
+    self.source_positions = embeddings.make_position_encoding(cfg, cfg.position_encoding)
+    self.target_positions = embeddings.make_position_encoding(cfg, cfg.position_encoding)
     self.source_embed_norm = make_norm(cfg) if cfg.embed_norm else None
     self.target_embed_norm = make_norm(cfg) if cfg.embed_norm else None
-    self.embed_source = InputEmbedding(
+    self.embed_source = embeddings.InputEmbedding(
       self.source_embed, self.source_positions, cfg.dropout_rate, norm=self.source_embed_norm
     )
-    self.embed_target = InputEmbedding(
+    self.embed_target = embeddings.InputEmbedding(
       target_table, self.target_positions, cfg.dropout_rate, norm=self.target_embed_norm
     )
     self.encoder = Stack(cfg, Block, cfg.num_layers)
     self.decoder = Stack(cfg, CrossAttentionBlock, cfg.decoder_layers)
-    self.head = OutputHead(
+    self.head = embeddings.OutputHead(
       cfg.tgt_vocab_size, cfg.tie_output, cfg.output_bias, cfg.weight_dtype, cfg.kernel_init
     )
     nn.share_scope(self, self.head)  # `output` / `output_bias` live at the top of the tree

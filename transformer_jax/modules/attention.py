@@ -6,6 +6,7 @@ Layouts: queries ``(B, T, H, K)``, keys and values ``(B, S, H, K)``, weights ``(
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Literal
 
@@ -22,15 +23,10 @@ from transformer_jax.validation import check_attention_mask
 Implementation = Literal['einsum', 'xla', 'cudnn'] | None
 
 # Names in the 'cache' collection. Every key/value buffer ends in (B, S, G, K); scan adds a leading L.
-CACHED_KEY, CACHED_VALUE, CACHE_INDEX = (
-  'cached_key',
-  'cached_value',
-  'cache_index',
-)  # self-attention, per slot
-MEMORY_KEY, MEMORY_VALUE = (
-  'memory_key',
-  'memory_value',
-)  # cross-attention: the projected encoder output
+# Self-attention, per slot:
+CACHED_KEY, CACHED_VALUE, CACHE_INDEX = 'cached_key', 'cached_value', 'cache_index'
+# Cross-attention: the projected encoder output.
+MEMORY_KEY, MEMORY_VALUE = 'memory_key', 'memory_value'
 
 
 def _full_mask(mask, batch: int, q_len: int, kv_len: int):
@@ -51,6 +47,7 @@ def dot_product_attention(
   deterministic: bool = True,
   return_weights: bool = False,
   implementation: Implementation = None,
+  check_mask: bool = True,
 ):
   """``softmax(q k^T / sqrt(K)) v`` with boolean masking.
 
@@ -68,6 +65,8 @@ def dot_product_attention(
     implementation: ``None``/``'einsum'``: two einsums around a float32 softmax, written out here (the fastest on
       CPU); ``'xla'`` or ``'cudnn'``: ``jax.nn.dot_product_attention`` with that implementation (``'cudnn'`` on
       GPUs, bf16 only). Dropout and ``return_weights`` always take the einsum path.
+    check_mask: check the mask's dtype and shape (at trace time). The models build their masks from inputs checked
+      where they enter, and turn it off so that a mask is checked once, not in every layer.
 
   Returns:
     ``(B, T, H, K)`` in the query's dtype, or ``(output, weights)``. A query row whose every key is masked gets zero
@@ -85,7 +84,7 @@ def dot_product_attention(
     raise ValueError(
       f'attention shapes disagree: query {query.shape}, key {key.shape}, value {value.shape}'
     )
-  if mask is not None:
+  if mask is not None and check_mask:
     check_attention_mask(mask, batch, heads, q_len, kv_len)
   use_dropout = dropout_rate > 0.0 and not deterministic
   if use_dropout and dropout_rng is None:
@@ -102,9 +101,10 @@ def dot_product_attention(
 
   # Scaling the (B, T, H, K) query instead of the (B, H, T, S) logits saves a pass over the larger array. Query heads
   # are split into (G, H/G) groups so that each group meets its one key/value head.
+  # (B, T, G, H/G, K)
   scaled = (query * jnp.asarray(1 / math.sqrt(head_dim), query.dtype)).reshape(
     batch, q_len, kv_heads, heads // kv_heads, head_dim
-  )  # (B, T, G, H/G, K)
+  )
   logits = jnp.einsum('BTGQK,BSGK->BGQTS', scaled, key, preferred_element_type=jnp.float32)
   logits = logits.astype(jnp.float32).reshape(batch, heads, q_len, kv_len)  # (B, H, T, S)
   if bias is not None:
@@ -163,6 +163,7 @@ class MultiHeadAttention(nn.Module):
   # inputs carry their positions.
   rotary: Rotary | None = None
   rope_theta: float | None = None
+  check_mask: bool = True  # see dot_product_attention
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.xavier_uniform()
@@ -193,13 +194,12 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(
         'cached decoding of attention over a separate memory needs MultiHeadAttention(cross=True)'
       )
-    dense = lambda shape, name: nn.DenseGeneral(  # noqa: E731
-      shape,
+    dense = functools.partial(
+      nn.DenseGeneral,
       use_bias=self.qkv_bias,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       kernel_init=self.kernel_init,
-      name=name,
     )
 
     if self.fused_qkv:
@@ -207,25 +207,22 @@ class MultiHeadAttention(nn.Module):
         raise ValueError(
           'fused_qkv projects one input; cross-attention needs separate query and key/value inputs'
         )
-      qkv = dense((3, self.num_heads, head_dim), 'qkv')(inputs_q)  # (B, T, 3, H, K)
+      qkv = dense((3, self.num_heads, head_dim), name='qkv')(inputs_q)  # (B, T, 3, H, K)
       query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
-      query = dense((self.num_heads, head_dim), 'query')(inputs_q)  # (B, T, H, K)
-      if (
-        self.cross and decode and inputs_kv is None
-      ):  # later decoding steps: the memory projected at the first
+      query = dense((self.num_heads, head_dim), name='query')(inputs_q)  # (B, T, H, K)
+      # Later decoding steps reuse the memory projected at the first.
+      if self.cross and decode and inputs_kv is None:
         if not self.has_variable('cache', MEMORY_KEY):
           raise ValueError(
             'cached cross-attention needs inputs_kv (the encoder output) on its first call'
           )
-        key, value = (
-          self.get_variable('cache', MEMORY_KEY),
-          self.get_variable('cache', MEMORY_VALUE),
-        )
+        key = self.get_variable('cache', MEMORY_KEY)  # (B, S, G, K)
+        value = self.get_variable('cache', MEMORY_VALUE)
       else:
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
-        key = dense((kv_heads, head_dim), 'key')(inputs_kv)  # (B, S, G, K)
-        value = dense((kv_heads, head_dim), 'value')(inputs_kv)  # (B, S, G, K)
+        key = dense((kv_heads, head_dim), name='key')(inputs_kv)  # (B, S, G, K)
+        value = dense((kv_heads, head_dim), name='value')(inputs_kv)  # (B, S, G, K)
     if self.rotary is not None or self.rope_theta is not None:
       query, key = self._rotate(query, key, positions, decode)
     if decode:
@@ -243,19 +240,12 @@ class MultiHeadAttention(nn.Module):
       deterministic=deterministic,
       return_weights=want_weights,
       implementation=self.implementation,
+      check_mask=self.check_mask,
     )
     if want_weights:
       result, weights = result
       self.sow('intermediates', 'attention_weights', weights)
-    return nn.DenseGeneral(
-      features,
-      axis=(-2, -1),
-      use_bias=self.out_bias,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=self.kernel_init,
-      name='out',
-    )(result)
+    return dense(features, axis=(-2, -1), use_bias=self.out_bias, name='out')(result)  # (B, T, D)
 
   def _rotate(self, query, key, positions, decode: bool):
     if self.cross:

@@ -7,6 +7,7 @@ Runtime modes (``deterministic``, ``decode``) are call arguments at every level.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -32,6 +33,7 @@ def make_attention(config: BlockConfig, *, cross: bool = False) -> MultiHeadAtte
     dropout_rate=config.attention_dropout_rate,
     implementation=config.attention_implementation,
     rotary=None if cross else config.rotary,
+    check_mask=False,  # the models build their masks from inputs checked where they enter
     dtype=config.compute_dtype,
     param_dtype=config.weight_dtype,
     kernel_init=config.kernel_init,
@@ -82,13 +84,8 @@ class Block(_Residual):
   ):
     """``(B, T, D)`` -> ``(B, T, D)``. ``mask``: broadcastable to ``(B, H, T, T)``, True = may attend.
     ``positions``: ``(B, T)`` position ids, used by rotary attention (``config.rope_theta``)."""
-    attend = lambda h: self.self_attention(
-      h,
-      mask=mask,
-      positions=positions,
-      deterministic=deterministic,  # noqa: E731
-      decode=decode,
-    )
+    modes = dict(deterministic=deterministic, decode=decode)
+    attend = functools.partial(self.self_attention, mask=mask, positions=positions, **modes)
     x = self.add(x, self.self_attention_norm, attend, deterministic)
     return self.add(x, self.ffn_norm, self.ffn, deterministic)
 
@@ -121,17 +118,12 @@ class CrossAttentionBlock(_Residual):
     """``(B, T, D)`` targets, ``(B, S, D)`` memory; masks ``(B, H, T, T)`` and ``(B, H, T, S)`` -> ``(B, T, D)``.
 
     In cached decoding, ``memory=None`` after the first step attends to the cached memory keys and values."""
-    attend = lambda h: self.self_attention(
-      h, mask=self_mask, deterministic=deterministic, decode=decode
-    )  # noqa: E731
-    x = self.add(x, self.self_attention_norm, attend, deterministic)
-    attend_memory = lambda h: self.cross_attention(
-      h,
-      memory,
-      mask=memory_mask,  # noqa: E731
-      deterministic=deterministic,
-      decode=decode,
+    modes = dict(deterministic=deterministic, decode=decode)
+    attend = functools.partial(self.self_attention, mask=self_mask, **modes)
+    attend_memory = functools.partial(
+      self.cross_attention, inputs_kv=memory, mask=memory_mask, **modes
     )
+    x = self.add(x, self.self_attention_norm, attend, deterministic)
     x = self.add(x, self.cross_attention_norm, attend_memory, deterministic)
     return self.add(x, self.ffn_norm, self.ffn, deterministic)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Literal
 
 import flax.linen as nn
@@ -37,17 +38,16 @@ class FeedForward(nn.Module):
         f'unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}'
       )
     act = ACTIVATIONS[self.activation]
-    dense = lambda n, name: nn.Dense(
-      n,
+    dense = functools.partial(
+      nn.Dense,
       use_bias=self.use_bias,
-      dtype=self.dtype,  # noqa: E731
+      dtype=self.dtype,
       param_dtype=self.param_dtype,
       kernel_init=self.kernel_init,
-      name=name,
     )
-    h = dense(self.hidden_dim, 'fc_in')(x)  # (B, T, F)
-    h = act(dense(self.hidden_dim, 'fc_gate')(x)) * h if self.gated else act(h)
-    return dense(x.shape[-1], 'fc_out')(h)  # (B, T, D)
+    h = dense(self.hidden_dim, name='fc_in')(x)  # (B, T, F)
+    h = act(dense(self.hidden_dim, name='fc_gate')(x)) * h if self.gated else act(h)
+    return dense(x.shape[-1], name='fc_out')(h)  # (B, T, D)
 
 
 # Hidden units split over the tensor axis.

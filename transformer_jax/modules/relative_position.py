@@ -22,9 +22,8 @@ def relative_position_buckets(
   buckets = jnp.zeros_like(relative_position)
   if bidirectional:
     num_buckets //= 2
-    buckets = (
-      buckets + (relative_position > 0).astype(relative_position.dtype) * num_buckets
-    )  # keys after the query
+    # keys after the query
+    buckets = buckets + (relative_position > 0).astype(relative_position.dtype) * num_buckets
     distance = jnp.abs(relative_position)
   else:
     distance = -jnp.minimum(relative_position, 0)  # keys after the query all fall in bucket 0
@@ -67,6 +66,5 @@ class RelativePositionBias(nn.Module):
     return jnp.transpose(bias, (2, 0, 1))[None]  # (1, H, T, S)
 
 
-declare_axes(
-  'relative_position_bias', embedding=(None, 'heads')
-)  # (buckets, H): heads follow attention's split
+# (buckets, H): heads follow attention's split
+declare_axes('relative_position_bias', embedding=(None, 'heads'))

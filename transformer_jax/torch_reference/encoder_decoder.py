@@ -37,9 +37,8 @@ class PositionalEncoding(nn.Module):
     pe = torch.zeros(max_seq_length, d_model, dtype=torch.float64)
     pe[:, 0::2] = torch.sin(position * div_term)
     pe[:, 1::2] = torch.cos(position * div_term)
-    self.register_buffer(
-      'pe', pe.float()[None], persistent=False
-    )  # (1, max_len, D), derived: not a weight
+    # (1, max_len, D), derived: not a weight
+    self.register_buffer('pe', pe.float()[None], persistent=False)
 
   def forward(self, x):
     return x + self.pe[:, : x.size(1)]
@@ -186,8 +185,7 @@ class Seq2SeqTransformer(nn.Module):
 
   def forward(self, src, tgt):
     """``(B, S)`` source and ``(B, T)`` target ids -> ``(B, T, V)`` logits."""
-    src_mask = key_mask(
-      src != self.pad_id
-    )  # (B, 1, 1, S): encoder keys and decoder cross-attention keys
+    # (B, 1, 1, S): encoder keys and decoder cross-attention keys
+    src_mask = key_mask(src != self.pad_id)
     tgt_mask = causal_mask(tgt.shape[1], tgt.device) & key_mask(tgt != self.pad_id)  # (B, 1, T, T)
     return self.final_layer(self.decoder(tgt, self.encoder(src, src_mask), tgt_mask, src_mask))

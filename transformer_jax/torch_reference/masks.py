@@ -13,9 +13,8 @@ def attend(q, k, v, mask=None):
   logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
   if mask is not None:
     logits = logits.masked_fill(~mask, float('-inf'))
-  weights = torch.softmax(logits, dim=-1).nan_to_num(
-    0.0
-  )  # fully masked rows: softmax of all -inf is NaN
+  # fully masked rows: softmax of all -inf is NaN
+  weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
   return weights @ v
 
 
