@@ -146,6 +146,29 @@ def test_non_boolean_mask_is_rejected():
     dot_product_attention(q, k, v, jnp.ones((B, 1, 1, S), jnp.float32))
 
 
+def test_models_check_their_masks_once_where_inputs_enter(monkeypatch):
+  """The mask a model builds from checked inputs is not checked again in every layer; attention used alone checks
+  its mask."""
+  from transformer_jax import GPT, GPTConfig
+  from transformer_jax.modules import attention
+
+  calls = []
+  checker = attention.check_attention_mask
+  monkeypatch.setattr(attention, 'check_attention_mask', lambda *a: calls.append(a) or checker(*a))
+  model = GPT(GPTConfig(vocab_size=11, max_len=8, num_layers=3, d_model=12, num_heads=3, d_ff=20))
+  ids = jnp.ones((2, 5), jnp.int32)
+  params = model.init(jax.random.key(0), ids)['params']
+  model.apply({'params': params}, ids, valid=jnp.ones((2, 5), bool))
+  assert not calls
+  with pytest.raises(ValueError, match='input validity mask has shape'):
+    model.apply({'params': params}, ids, valid=jnp.ones((2, 4), bool))
+  mha = MultiHeadAttention(num_heads=3)
+  x = jnp.ones((B, T, 12))
+  with pytest.raises(ValueError, match='not broadcastable'):
+    mha.init(jax.random.key(0), x, mask=jnp.ones((B, 1, T, T + 1), bool))
+  assert calls
+
+
 def project(params, name, x):
   """``x @ kernel + bias`` of one ``(D, H, K)`` projection: ``(B, L, D)`` -> ``(B, L, H, K)``."""
   return jnp.einsum('BLD,DHK->BLHK', x, params[name]['kernel']) + params[name]['bias']

@@ -232,6 +232,16 @@ def edit_config(**fields):
   return edit
 
 
+def drop_config_keys(*keys):
+  def edit(path):
+    config = json.loads((path / 'config.json').read_text())
+    (path / 'config.json').write_text(
+      json.dumps({k: v for k, v in config.items() if k not in keys})
+    )
+
+  return edit
+
+
 def drop_a_shard(path):
   sorted(path.glob('model-*.safetensors'))[0].unlink()
 
@@ -243,6 +253,10 @@ BROKEN_DIRS = {
     r"unsupported architectures \['GPT2DoubleHeadsModel'\]",
   ),
   'missing_shard': (drop_a_shard, 'lists shards that are missing'),
+  'config_without_sizes': (
+    drop_config_keys('n_layer', 'n_embd'),
+    'the gpt2 config lacks n_embd, n_layer',
+  ),
   'corrupt_index': (
     lambda p: next(p.glob('*.index.json')).write_text('{"weight_map": '),
     'is not a valid shard index',
