@@ -13,6 +13,7 @@ transformers = pytest.importorskip('transformers')
 
 from transformer_jax import convert  # noqa: E402
 from transformer_jax.convert import ConversionError  # noqa: E402
+from transformer_jax.convert.gpt2 import gpt2_hf_config  # noqa: E402
 
 B, T, H, K, V, F = 2, 5, 3, 4, 37, 20
 D = H * K
@@ -208,6 +209,21 @@ def test_export_checks_our_params_too():
     ConversionError, match=r'missing: pooler/bias[\s\S]*wrong shape: encoder/layers_0/ffn/fc_in'
   ):
     convert.to_bert(model, params)
+
+
+def test_blocks_gpt2_does_not_have_are_refused_on_export():
+  """A Llama-shaped GPT would load into GPT-2's names and compute something else: its export is refused, naming
+  each field. Key/value heads equal to the query heads are plain multi-head attention and pass."""
+  model, params = convert.from_gpt2(gpt2())
+  plain = model.config.replace(num_kv_heads=model.config.num_heads)
+  gpt2_hf_config(plain)
+  llama = plain.replace(
+    num_kv_heads=1, norm_type='rms_norm', gated_ffn=True, use_bias=False, fused_qkv=False
+  )
+  with pytest.raises(ConversionError, match='GPT-2 cannot express') as error:
+    gpt2_hf_config(llama)
+  for field in ('norm_type', 'gated_ffn', 'use_bias', 'grouped_query=True'):
+    assert field in str(error.value)
 
 
 def test_untied_head_is_refused():

@@ -187,6 +187,11 @@ class BlockConfig:
     return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
   @property
+  def grouped_query(self) -> bool:
+    """Fewer key/value heads than query heads (``num_kv_heads=num_heads`` is plain multi-head attention)."""
+    return self.kv_heads < self.num_heads
+
+  @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
 

@@ -84,7 +84,7 @@ CLASSIC_BLOCKS = dict(
   gated_ffn=(False,),
   use_bias=(True,),
   rope_theta=(None,),
-  num_kv_heads=(None,),
+  grouped_query=(False,),
   position_offset=(0,),
   embed_norm=(False,),
 )
@@ -94,11 +94,6 @@ def require(config, what: str, **allowed: tuple) -> None:
   """Raises one :class:`ConversionError` naming every field of ``config`` outside its ``allowed`` values: a model the
   format ``what`` cannot express, whose weights would load there and compute something else. Every spec's
   ``check`` calls it, so an export can never silently produce a checkpoint of a different model."""
-  if config.kv_heads == config.num_heads:  # num_kv_heads=H is plain multi-head attention
-    allowed = {
-      **allowed,
-      'num_kv_heads': allowed.get('num_kv_heads', (None,)) + (config.num_heads,),
-    }
   bad = [
     f'{k}={getattr(config, k)!r} (needs {" or ".join(map(repr, v))})'
     for k, v in allowed.items()
