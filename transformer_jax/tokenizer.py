@@ -1,0 +1,323 @@
+"""The tokenizer of a Hugging Face model directory, read with `tokenizers` alone (no transformers, no torch).
+
+`Tokenizer.from_directory(dir)` gives the ids, attention masks and decoded text that
+`transformers.AutoTokenizer.from_pretrained(dir)` gives (transformers 5). It reads `tokenizer.json`, else a BERT
+`vocab.txt`, else a GPT-2 `vocab.json` + `merges.txt`, with the settings in `tokenizer_config.json`.
+
+ids = load_tokenizer('bert-base-uncased/')(['a text', 'another text'], padding_side='left')['input_ids']
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+
+SPECIAL_TOKENS = ('pad', 'unk', 'cls', 'sep', 'mask', 'bos', 'eos')
+# transformers stores this as the `model_max_length` of a tokenizer without a length limit.
+_UNLIMITED = int(1e30)
+# transformers 5 does not run tokenizer.json as saved for these classes: their constructors rebuild the normalizer,
+# pre-tokenizer, decoder (and BERT's post-processor) from tokenizer_config.json, with these defaults.
+_FAMILY_OF_CLASS = {'BertTokenizer': 'bert', 'DistilBertTokenizer': 'bert', 'GPT2Tokenizer': 'gpt2'}
+_CLASS_OF_MODEL_TYPE = dict(bert='BertTokenizer', distilbert='BertTokenizer', gpt2='GPT2Tokenizer')
+_BERT = {f'{name}_token': f'[{name.upper()}]' for name in ('pad', 'unk', 'cls', 'sep', 'mask')}
+_GPT2 = {f'{name}_token': '<|endoftext|>' for name in ('unk', 'bos', 'eos')}
+_FAMILY_DEFAULTS = {
+  'bert': dict(_BERT, do_lower_case=True, strip_accents=None, tokenize_chinese_chars=True),
+  'gpt2': dict(_GPT2, add_prefix_space=False),
+  None: {},
+}
+# transformers' `clean_up_tokenization`, applied after decoding when the config asks for it.
+_CLEANUPS = [(f' {s}', s) for s in ('.', '?', '!', ',')] + [(" ' ", "'")]
+_CLEANUPS += [(f' {s}', s) for s in ("n't", "'m", "'s", "'ve", "'re")]
+# Config entries that name files or hold what tokenizer.json holds: `save` leaves them out.
+_NOT_SAVED = {'added_tokens_decoder', 'backend', 'name_or_path', 'special_tokens_map_file'}
+_NOT_SAVED |= {'merges_file', 'tokenizer_file', 'vocab_file'}
+_CLEAN_UP = 'clean_up_tokenization_spaces'
+_NOT_FOUND = (
+  'looked for tokenizer.json, vocab.txt, vocab.json + merges.txt; pass the directory that holds one'
+)
+
+
+class TokenizerError(ValueError):
+  """A tokenizer directory that cannot be read; its message is one line."""
+
+
+def _one_line(error: Exception) -> str:
+  """The message of `error` on one line."""
+  return ' '.join(str(error).split())
+
+
+def _read_json(file: Path) -> dict | None:
+  """The object in a JSON file, or None when there is no such file."""
+  if not file.is_file():
+    return None
+  try:
+    data = json.loads(file.read_text(encoding='utf-8'))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise TokenizerError(f'cannot read {file}: {_one_line(e)}') from e
+  if not isinstance(data, dict):
+    raise TokenizerError(f'cannot read {file}: expected a JSON object, got {type(data).__name__}')
+  return data
+
+
+def _content(token) -> str | None:
+  """A special token as written in a config: a string, or an AddedToken-like dict with its `content`."""
+  return token.get('content') if isinstance(token, dict) else token
+
+
+def _token_id(name: str):
+  """A property: the id of the `{name}_token` attribute's token."""
+  return property(
+    lambda self: self.token_to_id(getattr(self, f'{name}_token')),
+    doc=f'The id of the {name} token, or None when there is none.',
+  )
+
+
+class Tokenizer:
+  """A Hugging Face tokenizer (a `tokenizers.Tokenizer` plus the settings of its tokenizer_config.json).
+
+  The `*_token` attributes are the special tokens' strings (None when absent) and may be set, e.g.
+  `tok.pad_token = tok.eos_token` for GPT-2; the `*_id` attributes follow them.
+  """
+
+  pad_id, unk_id, cls_id, sep_id, mask_id, bos_id, eos_id = map(_token_id, SPECIAL_TOKENS)
+
+  def __init__(self, backend: tokenizers.Tokenizer, config: dict, family=None, path=None):
+    """Wraps `backend`, already set up as transformers would set it up. `config` is the tokenizer config (with
+    special_tokens_map.json and the class defaults merged in), `family` 'bert', 'gpt2' or None (tokenizer.json as
+    saved), `path` the directory it came from."""
+    self.backend = backend
+    self.config = config
+    self.family = family
+    self.path = path
+    for name in SPECIAL_TOKENS:
+      setattr(self, f'{name}_token', _content(config.get(f'{name}_token')))
+    limit = config.get('model_max_length')
+    self.model_max_length = None if limit is None or limit >= _UNLIMITED else int(limit)
+    self.padding_side = config.get('padding_side') or 'right'
+    self.truncation_side = config.get('truncation_side') or 'right'
+
+  @classmethod
+  def from_directory(cls, path) -> Tokenizer:
+    """Reads the tokenizer in `path`: tokenizer.json, else vocab.txt (BERT), else vocab.json + merges.txt (GPT-2)."""
+    root = Path(path)
+    config = _read_json(root / 'tokenizer_config.json') or {}
+    # As in transformers: without `added_tokens_decoder` the legacy map is read, and wins over the config.
+    if 'added_tokens_decoder' not in config:
+      config.update(_read_json(root / 'special_tokens_map.json') or {})
+    if not config.get('tokenizer_class'):  # as AutoTokenizer: then the model's type names the class
+      model_type = (_read_json(root / 'config.json') or {}).get('model_type')
+      if model_type in _CLASS_OF_MODEL_TYPE:
+        config['tokenizer_class'] = _CLASS_OF_MODEL_TYPE[model_type]
+    named = config.get('tokenizer_class') or ''
+    family = _FAMILY_OF_CLASS.get(named.removesuffix('Fast').removesuffix('Legacy'))
+    json_file, vocab_txt = root / 'tokenizer.json', root / 'vocab.txt'
+    vocab_json, merges_txt = root / 'vocab.json', root / 'merges.txt'
+    if json_file.is_file():
+      read, build = json_file, lambda: tokenizers.Tokenizer.from_file(str(json_file))
+      # transformers drops these when there is a tokenizer.json (its post-processor says it all).
+      config = {k: v for k, v in config.items() if k not in ('add_bos_token', 'add_eos_token')}
+    elif vocab_txt.is_file():
+      family, read = 'bert', vocab_txt
+      unk = _content({**_FAMILY_DEFAULTS[family], **config}['unk_token'])
+      build = lambda: tokenizers.Tokenizer(models.WordPiece.from_file(str(read), unk_token=unk))
+    elif vocab_json.is_file() and merges_txt.is_file():
+      family, read = 'gpt2', f'{vocab_json} + merges.txt'
+      build = lambda: tokenizers.Tokenizer(models.BPE.from_file(str(vocab_json), str(merges_txt)))
+    else:
+      raise TokenizerError(f'no tokenizer in {root}: {_NOT_FOUND}')
+    try:
+      backend = build()
+    except Exception as e:  # the tokenizers library raises plain Exception for unreadable files
+      raise TokenizerError(f'cannot read {read}: {_one_line(e)}') from e
+    # The class's defaults go before tokenizer.json's padding (transformers passes them explicitly); padding and
+    # truncation themselves are set per call.
+    config = {**_FAMILY_DEFAULTS[family], **config}
+    if backend.padding:
+      config.setdefault('pad_token', backend.padding['pad_token'])
+      config.setdefault('padding_side', backend.padding['direction'])
+    if backend.truncation:
+      config.setdefault('truncation_side', backend.truncation['direction'])
+    backend.no_padding()
+    backend.no_truncation()
+    _set_up(backend, config, family)
+    return cls(backend, config, family, root)
+
+  @property
+  def vocab_size(self) -> int:
+    """The number of ids, added tokens included (the rows an embedding needs)."""
+    return self.backend.get_vocab_size(with_added_tokens=True)
+
+  def token_to_id(self, token: str | None) -> int | None:
+    """The id of `token`, or None when it is not in the vocabulary."""
+    return None if token is None else self.backend.token_to_id(token)
+
+  def id_to_token(self, i: int) -> str | None:
+    """The token with id `i`, or None when there is none."""
+    return self.backend.id_to_token(int(i))
+
+  def _encode(self, inputs: list, add_special_tokens: bool, truncation, max_length: int | None):
+    # One backend serves every call, so each call sets its own truncation (as transformers does).
+    if truncation and max_length is not None:
+      strategy = 'longest_first' if truncation is True else truncation
+      self.backend.enable_truncation(max_length, strategy=strategy, direction=self.truncation_side)
+    else:
+      self.backend.no_truncation()
+    return self.backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    """The ids of one text, without padding or truncation."""
+    return self._encode([text], add_special_tokens, False, None)[0].ids
+
+  def __call__(
+    self,
+    texts,
+    pairs=None,
+    *,
+    padding='longest',
+    max_length: int | None = None,
+    truncation=False,
+    padding_side: str | None = None,
+    add_special_tokens: bool = True,
+    pad_id: int | None = None,
+  ) -> dict[str, np.ndarray]:
+    """Tokenizes a text or a list of texts (with `pairs`: text pairs) into int32 arrays `input_ids`,
+    `attention_mask` and `token_type_ids`, each (B, T), as `AutoTokenizer(..., return_tensors='np')` does.
+
+    `padding` is 'longest' (or True), 'max_length' or False; `truncation` is False, True ('longest_first') or a
+    transformers strategy name; both use `max_length`, else `model_max_length`. `pad_id` overrides the pad token.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    inputs = texts
+    if pairs is not None:
+      pairs = [pairs] if isinstance(pairs, str) else list(pairs)
+      if len(pairs) != len(texts):
+        raise ValueError(f'{len(texts)} texts but {len(pairs)} pairs; pass one pair per text')
+      inputs = list(zip(texts, pairs))
+    padding = {True: 'longest', False: None, 'do_not_pad': None}.get(padding, padding)
+    truncation = {False: None, 'do_not_truncate': None}.get(truncation, truncation)
+    if padding not in (None, 'longest', 'max_length'):
+      raise ValueError(f"padding={padding!r}; use 'longest', 'max_length' or False")
+    side = padding_side or self.padding_side
+    if side not in ('left', 'right'):
+      raise ValueError(f"padding_side={side!r}; use 'left' or 'right'")
+    limit = self.model_max_length if max_length is None else max_length
+    rows = self._encode(inputs, add_special_tokens, truncation, limit)
+    lengths = [len(row.ids) for row in rows]
+    length = max(lengths, default=0)
+    if padding == 'max_length':
+      if limit is None or length > limit:
+        raise ValueError(f"padding='max_length' with {limit=} and a row of {length} tokens")
+      length = limit
+    if padding is None and len(set(lengths)) > 1:
+      raise ValueError(f'rows of {min(lengths)} to {length} tokens; pass padding=True to pad them')
+    pad_id = self.pad_id if pad_id is None else pad_id
+    if pad_id is None and any(n < length for n in lengths):
+      where = f' in {self.path}' if self.path else ''
+      raise TokenizerError(
+        f'the tokenizer{where} has no padding token; set one (GPT-2 uses its eos token: '
+        'tokenizer.pad_token = tokenizer.eos_token) or pass pad_id=...'
+      )
+    shape = (len(rows), length)
+    out = {'input_ids': np.full(shape, pad_id or 0, np.int32)}
+    out.update(attention_mask=np.zeros(shape, np.int32), token_type_ids=np.zeros(shape, np.int32))
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+      at = slice(length - n, length) if side == 'left' else slice(0, n)
+      out['input_ids'][i, at] = row.ids
+      out['attention_mask'][i, at] = 1
+      out['token_type_ids'][i, at] = row.type_ids
+    return out
+
+  def _clean_up(self, text: str) -> str:
+    # transformers skips this clean-up for BPE models unless told that corrupting the text is fine.
+    bpe_ok = self.config.get(f'{_CLEAN_UP}_for_bpe_even_though_it_will_corrupt_output')
+    if self.config.get(_CLEAN_UP) and (bpe_ok or not isinstance(self.backend.model, models.BPE)):
+      for dirty, clean in _CLEANUPS:
+        text = text.replace(dirty, clean)
+    return text
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    """The text of a row of ids, as `AutoTokenizer.decode` gives it."""
+    text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+    return self._clean_up(text)
+
+  def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+    """The texts of rows of ids (pads are special tokens, so `skip_special_tokens` drops them)."""
+    return [self.decode(row, skip_special_tokens) for row in rows]
+
+  def save(self, path) -> None:
+    """Writes tokenizer.json and tokenizer_config.json into `path`, for this class and for AutoTokenizer."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    self.backend.no_truncation()
+    self.backend.save(str(root / 'tokenizer.json'))
+    # tokenizer.json carries the added tokens and the vocabulary; the config keeps every other setting.
+    config = {key: value for key, value in self.config.items() if key not in _NOT_SAVED}
+    # transformers 5's legacy classes read only vocabulary files; the class they stand for reads tokenizer.json.
+    named = (config.get('tokenizer_class') or 'PreTrainedTokenizerFast').removesuffix('Legacy')
+    config.update({f'{name}_token': getattr(self, f'{name}_token') for name in SPECIAL_TOKENS})
+    config.update(tokenizer_class=named, padding_side=self.padding_side)
+    config['truncation_side'] = self.truncation_side
+    limit = self.model_max_length
+    config['model_max_length'] = _UNLIMITED if limit is None else limit
+    text = json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + '\n'
+    (root / 'tokenizer_config.json').write_text(text, encoding='utf-8')
+
+
+def _set_up(backend: tokenizers.Tokenizer, config: dict, family: str | None) -> None:
+  """Gives `backend` the pipeline and special tokens that the transformers class of `family` gives it."""
+  if family == 'bert':
+    if isinstance(backend.model, models.WordPiece):
+      backend.model.unk_token = _content(config['unk_token'])
+      backend.model.continuing_subword_prefix = '##'
+      backend.model.max_input_chars_per_word = 100
+    backend.normalizer = normalizers.BertNormalizer(
+      clean_text=True,
+      handle_chinese_chars=config['tokenize_chinese_chars'],
+      strip_accents=config['strip_accents'],
+      lowercase=config['do_lower_case'],
+    )
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix='##')
+  elif family == 'gpt2':
+    if isinstance(backend.model, models.BPE):
+      bpe = backend.model
+      bpe.dropout = bpe.unk_token = None
+      bpe.continuing_subword_prefix = bpe.end_of_word_suffix = ''
+      bpe.fuse_unk = bpe.byte_fallback = bpe.ignore_merges = False
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=config['add_prefix_space'])
+    backend.decoder = decoders.ByteLevel()
+
+  # The config's special tokens that are not added tokens yet become ones (matched whole, never split).
+  present = {str(t) for t in backend.get_added_tokens_decoder().values()}
+  extra = config.get('extra_special_tokens') or config.get('additional_special_tokens') or []
+  specials = [_content(config.get(f'{name}_token')) for name in SPECIAL_TOKENS]
+  specials += [_content(t) for t in extra]
+  missing = list(dict.fromkeys(t for t in specials if t and t not in present))
+  backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+
+  # transformers' `update_post_processor`: bos/eos when the config asks (only without a tokenizer.json).
+  if 'add_bos_token' in config or 'add_eos_token' in config:
+    bos, eos = (_content(config.get(f'{name}_token')) for name in ('bos', 'eos'))
+    bos = [bos] if bos and config.get('add_bos_token') else []
+    eos = [eos] if eos and config.get('add_eos_token') else []
+    single = ' '.join([f'{t}:0' for t in bos] + ['$A:0'] + [f'{t}:0' for t in eos])
+    pair = ' '.join([single] + [f'{t}:1' for t in bos] + ['$B:1'] + [f'{t}:1' for t in eos])
+    special = [(t, backend.token_to_id(t)) for t in dict.fromkeys(bos + eos)]
+    backend.post_processor = processors.TemplateProcessing(single, pair, special)
+  if family == 'bert':  # BertTokenizer sets its template last, whatever the file or config said
+    cls, sep = _content(config['cls_token']), _content(config['sep_token'])
+    ids = [backend.token_to_id(t) for t in (cls, sep)]
+    special = [(cls, 2 if ids[0] is None else ids[0]), (sep, 3 if ids[1] is None else ids[1])]
+    single, pair = f'{cls}:0 $A:0 {sep}:0', f'{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1'
+    backend.post_processor = processors.TemplateProcessing(single, pair, special)
+
+
+def load_tokenizer(path) -> Tokenizer:
+  """The tokenizer in a Hugging Face model directory (`Tokenizer.from_directory`)."""
+  return Tokenizer.from_directory(path)
