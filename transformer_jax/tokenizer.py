@@ -14,22 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import tokenizers
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import models
 
-SPECIAL_TOKENS = ('pad', 'unk', 'cls', 'sep', 'mask', 'bos', 'eos')
+from transformer_jax.tokenizer_families import (
+  CLASS_OF_MODEL_TYPE,
+  FAMILY_DEFAULTS,
+  FAMILY_OF_CLASS,
+  SPECIAL_TOKENS,
+  content,
+  set_up,
+)
+
 # transformers stores this as the `model_max_length` of a tokenizer without a length limit.
 _UNLIMITED = int(1e30)
-# transformers 5 does not run tokenizer.json as saved for these classes: their constructors rebuild the normalizer,
-# pre-tokenizer, decoder (and BERT's post-processor) from tokenizer_config.json, with these defaults.
-_FAMILY_OF_CLASS = {'BertTokenizer': 'bert', 'DistilBertTokenizer': 'bert', 'GPT2Tokenizer': 'gpt2'}
-_CLASS_OF_MODEL_TYPE = dict(bert='BertTokenizer', distilbert='BertTokenizer', gpt2='GPT2Tokenizer')
-_BERT = {f'{name}_token': f'[{name.upper()}]' for name in ('pad', 'unk', 'cls', 'sep', 'mask')}
-_GPT2 = {f'{name}_token': '<|endoftext|>' for name in ('unk', 'bos', 'eos')}
-_FAMILY_DEFAULTS = {
-  'bert': dict(_BERT, do_lower_case=True, strip_accents=None, tokenize_chinese_chars=True),
-  'gpt2': dict(_GPT2, add_prefix_space=False),
-  None: {},
-}
 # transformers' `clean_up_tokenization`, applied after decoding when the config asks for it.
 _CLEANUPS = [(f' {s}', s) for s in ('.', '?', '!', ',')] + [(" ' ", "'")]
 _CLEANUPS += [(f' {s}', s) for s in ("n't", "'m", "'s", "'ve", "'re")]
@@ -64,11 +61,6 @@ def _read_json(file: Path) -> dict | None:
   return data
 
 
-def _content(token) -> str | None:
-  """A special token as written in a config: a string, or an AddedToken-like dict with its `content`."""
-  return token.get('content') if isinstance(token, dict) else token
-
-
 def _token_id(name: str):
   """A property: the id of the `{name}_token` attribute's token."""
   return property(
@@ -95,7 +87,7 @@ class Tokenizer:
     self.family = family
     self.path = path
     for name in SPECIAL_TOKENS:
-      setattr(self, f'{name}_token', _content(config.get(f'{name}_token')))
+      setattr(self, f'{name}_token', content(config.get(f'{name}_token')))
     limit = config.get('model_max_length')
     self.model_max_length = None if limit is None or limit >= _UNLIMITED else int(limit)
     self.padding_side = config.get('padding_side') or 'right'
@@ -111,10 +103,10 @@ class Tokenizer:
       config.update(_read_json(root / 'special_tokens_map.json') or {})
     if not config.get('tokenizer_class'):  # as AutoTokenizer: then the model's type names the class
       model_type = (_read_json(root / 'config.json') or {}).get('model_type')
-      if model_type in _CLASS_OF_MODEL_TYPE:
-        config['tokenizer_class'] = _CLASS_OF_MODEL_TYPE[model_type]
+      if model_type in CLASS_OF_MODEL_TYPE:
+        config['tokenizer_class'] = CLASS_OF_MODEL_TYPE[model_type]
     named = config.get('tokenizer_class') or ''
-    family = _FAMILY_OF_CLASS.get(named.removesuffix('Fast').removesuffix('Legacy'))
+    family = FAMILY_OF_CLASS.get(named.removesuffix('Fast').removesuffix('Legacy'))
     json_file, vocab_txt = root / 'tokenizer.json', root / 'vocab.txt'
     vocab_json, merges_txt = root / 'vocab.json', root / 'merges.txt'
     if json_file.is_file():
@@ -123,7 +115,7 @@ class Tokenizer:
       config = {k: v for k, v in config.items() if k not in ('add_bos_token', 'add_eos_token')}
     elif vocab_txt.is_file():
       family, read = 'bert', vocab_txt
-      unk = _content({**_FAMILY_DEFAULTS[family], **config}['unk_token'])
+      unk = content({**FAMILY_DEFAULTS[family], **config}['unk_token'])
       build = lambda: tokenizers.Tokenizer(models.WordPiece.from_file(str(read), unk_token=unk))
     elif vocab_json.is_file() and merges_txt.is_file():
       family, read = 'gpt2', f'{vocab_json} + merges.txt'
@@ -136,7 +128,7 @@ class Tokenizer:
       raise TokenizerError(f'cannot read {read}: {_one_line(e)}') from e
     # The class's defaults go before tokenizer.json's padding (transformers passes them explicitly); padding and
     # truncation themselves are set per call.
-    config = {**_FAMILY_DEFAULTS[family], **config}
+    config = {**FAMILY_DEFAULTS[family], **config}
     if backend.padding:
       config.setdefault('pad_token', backend.padding['pad_token'])
       config.setdefault('padding_side', backend.padding['direction'])
@@ -144,7 +136,7 @@ class Tokenizer:
       config.setdefault('truncation_side', backend.truncation['direction'])
     backend.no_padding()
     backend.no_truncation()
-    _set_up(backend, config, family)
+    set_up(backend, config, family)
     return cls(backend, config, family, root)
 
   @property
@@ -266,56 +258,6 @@ class Tokenizer:
     config['model_max_length'] = _UNLIMITED if limit is None else limit
     text = json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + '\n'
     (root / 'tokenizer_config.json').write_text(text, encoding='utf-8')
-
-
-def _set_up(backend: tokenizers.Tokenizer, config: dict, family: str | None) -> None:
-  """Gives `backend` the pipeline and special tokens that the transformers class of `family` gives it."""
-  if family == 'bert':
-    if isinstance(backend.model, models.WordPiece):
-      backend.model.unk_token = _content(config['unk_token'])
-      backend.model.continuing_subword_prefix = '##'
-      backend.model.max_input_chars_per_word = 100
-    backend.normalizer = normalizers.BertNormalizer(
-      clean_text=True,
-      handle_chinese_chars=config['tokenize_chinese_chars'],
-      strip_accents=config['strip_accents'],
-      lowercase=config['do_lower_case'],
-    )
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.decoder = decoders.WordPiece(prefix='##')
-  elif family == 'gpt2':
-    if isinstance(backend.model, models.BPE):
-      bpe = backend.model
-      bpe.dropout = bpe.unk_token = None
-      bpe.continuing_subword_prefix = bpe.end_of_word_suffix = ''
-      bpe.fuse_unk = bpe.byte_fallback = bpe.ignore_merges = False
-    backend.normalizer = None
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=config['add_prefix_space'])
-    backend.decoder = decoders.ByteLevel()
-
-  # The config's special tokens that are not added tokens yet become ones (matched whole, never split).
-  present = {str(t) for t in backend.get_added_tokens_decoder().values()}
-  extra = config.get('extra_special_tokens') or config.get('additional_special_tokens') or []
-  specials = [_content(config.get(f'{name}_token')) for name in SPECIAL_TOKENS]
-  specials += [_content(t) for t in extra]
-  missing = list(dict.fromkeys(t for t in specials if t and t not in present))
-  backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-
-  # transformers' `update_post_processor`: bos/eos when the config asks (only without a tokenizer.json).
-  if 'add_bos_token' in config or 'add_eos_token' in config:
-    bos, eos = (_content(config.get(f'{name}_token')) for name in ('bos', 'eos'))
-    bos = [bos] if bos and config.get('add_bos_token') else []
-    eos = [eos] if eos and config.get('add_eos_token') else []
-    single = ' '.join([f'{t}:0' for t in bos] + ['$A:0'] + [f'{t}:0' for t in eos])
-    pair = ' '.join([single] + [f'{t}:1' for t in bos] + ['$B:1'] + [f'{t}:1' for t in eos])
-    special = [(t, backend.token_to_id(t)) for t in dict.fromkeys(bos + eos)]
-    backend.post_processor = processors.TemplateProcessing(single, pair, special)
-  if family == 'bert':  # BertTokenizer sets its template last, whatever the file or config said
-    cls, sep = _content(config['cls_token']), _content(config['sep_token'])
-    ids = [backend.token_to_id(t) for t in (cls, sep)]
-    special = [(cls, 2 if ids[0] is None else ids[0]), (sep, 3 if ids[1] is None else ids[1])]
-    single, pair = f'{cls}:0 $A:0 {sep}:0', f'{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1'
-    backend.post_processor = processors.TemplateProcessing(single, pair, special)
 
 
 def load_tokenizer(path) -> Tokenizer:
