@@ -133,16 +133,15 @@ def test_generate_text_tokens_match_hf_generate(gpt2_dir):
 
 def test_generate_text_sampling_options(gpt2_dir):
   gpt2 = pretrained.load(gpt2_dir)
-  greedy = gpt2.generate_text(PROMPTS, max_new_tokens=5)
+  greedy = gpt2.generate_text(PROMPTS, max_new_tokens=7)
   # top_k=1 keeps only the most probable token, so sampling with it is greedy decoding.
-  assert gpt2.generate_text(PROMPTS, max_new_tokens=5, temperature=0.8, top_k=1) == greedy
-  key = jax.random.key(3)
-  sampled = gpt2.generate_text(PROMPTS, max_new_tokens=5, temperature=1.5, top_p=0.9, rng=key)
-  assert sampled == gpt2.generate_text(
-    PROMPTS, max_new_tokens=5, temperature=1.5, top_p=0.9, rng=key
+  assert gpt2.generate_text(PROMPTS, max_new_tokens=7, temperature=0.8, top_k=1) == greedy
+  key, nucleus = jax.random.key(3), dict(max_new_tokens=7, temperature=1.5, top_p=0.9)
+  assert gpt2.generate_text(PROMPTS, rng=key, **nucleus) == gpt2.generate_text(
+    PROMPTS, rng=key, **nucleus
   )
-  assert gpt2.generate_text('The film was', max_new_tokens=5) == greedy[0]
-  assert len(gpt2.generate_text(PROMPTS, max_new_tokens=5, num_beams=3)) == len(PROMPTS)
+  beams = gpt2.generate_text(PROMPTS, max_new_tokens=7, num_beams=3, return_full_text=False)
+  assert len(beams) == len(PROMPTS) and all(isinstance(text, str) for text in beams)
 
 
 TEXTS = ['a wonderful surprise', 'dull and tedious, I left before the end of it', 'café 🙂']
@@ -158,6 +157,7 @@ def test_classify_matches_the_pipeline(bert_dirs):
     assert [r['label'] for r in ours] == [r['label'] for r in theirs]
     np.testing.assert_allclose([r['score'] for r in ours], [r['score'] for r in theirs], atol=1e-5)
     assert best == ours[0]
+  assert bert.classify(TEXTS[0]) == bert.classify(TEXTS)[0]
   pair = pipe({'text': TEXTS[0], 'text_pair': TEXTS[1]}, top_k=None)
   ours = bert.classify([TEXTS[0]], [TEXTS[1]], top_k=None)[0]
   np.testing.assert_allclose([r['score'] for r in ours], [r['score'] for r in pair], atol=1e-5)
