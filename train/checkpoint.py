@@ -14,6 +14,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
@@ -50,15 +51,20 @@ class UnreadableCheckpointError(ValueError):
   """The workdir holds checkpoints and none of them can be read."""
 
 
-# Architecture fields with their library defaults. A checkpoint written before a field existed was built with what
-# its default now gives, so a missing field matches its default.
-_MODEL_DEFAULTS = {f'model.{f.name}': f.default for f in dataclasses.fields(BlockConfig)}
+# Fields with their defaults: architecture fields at the library's, run fields added since the first checkpoints
+# at what they add nothing with. A checkpoint written before a field existed was built with what its default now
+# gives, so a missing field matches its default.
+_DEFAULTS = {
+  **{f'model.{f.name}': f.default for f in dataclasses.fields(BlockConfig)},
+  'init_from': '',
+  'param_lr': '',
+}
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
   """``'field: checkpoint X, now Y'`` for every field that differs, except :data:`RESUMABLE_FIELDS`."""
   saved, current = (traverse_util.flatten_dict(c, sep='.') for c in (saved, current))
-  saved = {**{k: v for k, v in _MODEL_DEFAULTS.items() if k in current}, **saved}
+  saved = {**{k: v for k, v in _DEFAULTS.items() if k in current}, **saved}
   resumable = lambda key: key.split('.')[0] in RESUMABLE_FIELDS  # noqa: E731
   return [
     f'{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}'
@@ -147,55 +153,65 @@ class Checkpoints(contextlib.AbstractContextManager):
       'give another --workdir'
     )
 
-  def latest_meta(self) -> dict | None:
-    """The JSON record of the newest readable checkpoint; ``None`` when there is none. Raises
-    :class:`UnreadableCheckpointError` when there are checkpoints and none is readable."""
+  def _newest(self, read, failure: str, steps: list[int] | None = None):
+    """``read(step)`` of the newest of ``steps`` (default: all) that it succeeds on; ``None`` when there is no
+    checkpoint. Each failure is logged (``failure`` says what went wrong); when all fail, raises
+    :class:`UnreadableCheckpointError`."""
     errors = {}
-    for step in reversed(self.steps()):
+    for step in reversed(self.steps() if steps is None else steps):
       try:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-          'meta'
-        ]
+        return read(step)
       except Exception as e:  # noqa: BLE001  (any unreadable checkpoint is skipped the same way)
         errors[step] = first_line(e)
         log.warning(
-          'checkpoint %d in %s is unreadable (%s); trying an older one',
+          'checkpoint %d in %s %s (%s); trying an older one',
           step,
           self.directory,
+          failure,
           errors[step],
         )
     if errors:
       raise self._unreadable(errors)
     return None
 
-  def restore(self, state):
-    """``(state, meta)`` from the newest checkpoint that restores onto ``state``'s structure, or ``(state, None)``
-    when there is no checkpoint. Raises :class:`UnreadableCheckpointError` when none of those there restores.
+  def latest_meta(self) -> dict | None:
+    """The JSON record of the newest readable checkpoint; ``None`` when there is none. Raises
+    :class:`UnreadableCheckpointError` when there are checkpoints and none is readable."""
+    args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+    return self._newest(lambda step: self.manager.restore(step, args=args)['meta'], 'is unreadable')
+
+  def restore(self, state, step: int | None = None):
+    """``(state, meta)`` from the newest checkpoint (or the one of ``step``) that restores onto ``state``'s
+    structure, or ``(state, None)`` when there is no checkpoint. Raises :class:`UnreadableCheckpointError` when none
+    of those there restores, ``ValueError`` when there is no checkpoint of ``step``.
 
     ``state`` may hold arrays or ``jax.ShapeDtypeStruct`` leaves; either way each is restored with that leaf's
     sharding, which need not be the one it was saved with (8 devices to 1, FSDP to data parallel, ...)."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    errors = {}
-    for step in reversed(self.steps()):
-      try:
-        restored = self.manager.restore(
-          step,
-          args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-          ),
-        )
-        return restored['state'], restored['meta']
-      except Exception as e:  # noqa: BLE001
-        errors[step] = first_line(e)
-        log.warning(
-          'checkpoint %d in %s could not be restored (%s); using the previous one',
-          step,
-          self.directory,
-          errors[step],
-        )
-    if errors:
-      raise self._unreadable(errors)
-    return state, None
+    if step is not None and step not in self.steps():
+      raise ValueError(
+        f'no checkpoint of step {step} in {self.directory}; the saved steps are {self.steps()}'
+      )
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
+      meta=ocp.args.JsonRestore(),
+    )
+    restored = self._newest(
+      lambda at: self.manager.restore(at, args=args),
+      'could not be restored',
+      None if step is None else [step],
+    )
+    return (state, None) if restored is None else (restored['state'], restored['meta'])
+
+  def saved_params(self) -> dict | None:
+    """The parameters of the newest readable checkpoint as numpy arrays, read as saved (no optimizer or model
+    needed), for starting another run from them; ``None`` when there is no checkpoint."""
+    # one device of this process, whatever layout the checkpoint was saved under
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=device))
+    params = self._newest(
+      lambda step: self.manager.restore(step, args=args)['state']['params'], 'is unreadable'
+    )
+    return None if params is None else jax.tree.map(np.asarray, params)
 
   def close(self) -> None:
     # close() waits for saves but not for the clean-up of unfinished checkpoints that the manager starts when it

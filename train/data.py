@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from train.readers import CHUNK_CHARS
-from train.vocab import BOS, EOS, MASK, PAD, SPECIALS, Vocab
+from train.vocab import BOS, EOS, PAD, Vocab
 from transformer_jax.validation import check_token_ids
 
 
@@ -39,9 +39,8 @@ def save_token_file(tokens: np.ndarray, path: str) -> None:
   with open(path + '.tmp', 'wb') as f:
     for start in range(0, len(tokens), CHUNK_CHARS):
       f.write(np.asarray(tokens[start : start + CHUNK_CHARS]).tobytes())
-  os.replace(
-    path + '.tmp', path
-  )  # a killed run never leaves a half-written token file under the final name
+  # a killed run never leaves a half-written token file under the final name
+  os.replace(path + '.tmp', path)
 
 
 def token_dtype(vocab_size: int):
@@ -116,14 +115,16 @@ def lm_example(window: np.ndarray) -> dict:
 
 
 def mask_tokens(
-  ids: np.ndarray, vocab_size: int, rng: np.random.Generator, prob: float = 0.15
+  ids: np.ndarray, vocab: Vocab, rng: np.random.Generator, prob: float = 0.15
 ) -> dict:
-  """BERT's masking: ``prob`` of the tokens are predicted; of those 80% become ``[MASK]``, 10% a random token, 10%
-  stay. Only predicted positions carry loss weight. Specials are never chosen."""
-  chosen = (rng.random(ids.shape) < prob) & (ids >= len(SPECIALS))
+  """BERT's masking: ``prob`` of the tokens are predicted; of those 80% become the mask token, 10% a random token,
+  10% stay. Only predicted positions carry loss weight. Special tokens are never chosen, nor drawn as random ones."""
+  specials = np.array(sorted(vocab.special_ids), np.int64)
+  regular = np.setdiff1d(np.arange(vocab.size), specials)
+  chosen = (rng.random(ids.shape) < prob) & ~np.isin(ids, specials)
   action = rng.random(ids.shape)
-  random_ids = rng.integers(len(SPECIALS), vocab_size, ids.shape)
-  inputs = np.where(chosen & (action < 0.8), MASK, ids)
+  random_ids = regular[rng.integers(0, len(regular), ids.shape)]
+  inputs = np.where(chosen & (action < 0.8), vocab.mask_id, ids)
   inputs = np.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
   return {
     'inputs': inputs.astype(np.int32),
@@ -147,9 +148,9 @@ def epoch_indices(
   return np.array([perms[int(e)][p] for e, p in zip(epochs, positions)])
 
 
-def pad_rows(rows: list[list[int]], length: int) -> np.ndarray:
-  """``(N, length)`` int32, right-padded with ``[PAD]``; rows must already fit."""
-  out = np.full((len(rows), length), PAD, np.int32)
+def pad_rows(rows: list[list[int]], length: int, pad_id: int = PAD) -> np.ndarray:
+  """``(N, length)`` int32, right-padded with ``pad_id``; rows must already fit."""
+  out = np.full((len(rows), length), pad_id, np.int32)
   for i, row in enumerate(rows):
     out[i, : len(row)] = row
   return out
@@ -170,20 +171,25 @@ def encode_pairs(pairs, src_vocab: Vocab, tgt_vocab: Vocab, src_len: int, tgt_le
   return data
 
 
+def encode_sentences(texts: list[str], vocab: Vocab, length: int) -> np.ndarray:
+  """The ids of each text as the vocabulary frames a sentence (:meth:`~train.vocab.Vocab.sentence`), padded to
+  ``(N, length)``."""
+  ids = pad_rows([vocab.sentence(text, length) for text in texts], length, vocab.pad_id)
+  check_token_ids(ids, vocab.size, 'text ids')
+  return ids
+
+
 def encode_labelled(
   texts: list[str], labels: list[int], vocab: Vocab, max_len: int, num_labels: int
 ) -> dict:
-  """``[CLS] text`` ids ``(N, max_len)`` (truncated) and class ids ``(N,)``, which must lie in
-  ``[0, num_labels)``."""
+  """:func:`encode_sentences` of ``texts`` and class ids ``(N,)``, which must lie in ``[0, num_labels)``."""
   labels = np.array(labels, np.int32)
   bad = labels[(labels < 0) | (labels >= num_labels)]
   if bad.size:
     raise ValueError(
       f'labels {sorted(set(bad.tolist()))[:8]} lie outside [0, model.num_labels={num_labels})'
     )
-  ids = pad_rows([[BOS] + vocab.encode(text)[: max_len - 1] for text in texts], max_len)
-  check_token_ids(ids, vocab.size, 'text ids')
-  return {'inputs': ids, 'labels': labels}
+  return {'inputs': encode_sentences(texts, vocab, max_len), 'labels': labels}
 
 
 def builtin_sentiment(count: int, seed: int) -> list[tuple[str, str]]:

@@ -16,6 +16,7 @@ import re
 from typing import Iterator
 
 BUILTIN = 'builtin'
+LABELS_FILE = 'labels.json'  # a classification run's label names, in its workdir
 # texts are read and tokenized about a megabyte at a time, so memory stays flat
 CHUNK_CHARS = 1 << 20
 _INTEGER = re.compile(r'[+-]?\d+')

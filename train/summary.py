@@ -78,4 +78,9 @@ def closing_lines(summary: dict, config, workdir: str, metric: str) -> list[str]
     f'sample from it:  {sample_command(config, workdir)}',
     f'continue it:     {continue_command(config, workdir, 2 * max(summary["step"], 1))}',
   ]
+  if config.get('init_from'):
+    out = shlex.quote(workdir.rstrip('/') + '-hf')
+    lines.append(
+      f'export it:       python -m train.export --workdir={shlex.quote(workdir)} --out={out}'
+    )
   return lines

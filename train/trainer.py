@@ -156,7 +156,10 @@ class Run:
     )
     try:
       state, meta = self.checkpoints.restore(self.layout.abstract_state(jax.eval_shape(create)))
-      self.state = self.layout.to_device(self.layout.init_state(create) if meta is None else state)
+      if meta is None:  # a fresh start; from init_from, the pretrained weights (never on a resume)
+        state = self.layout.init_state(create)
+        state = state.replace(params=self.task.start_params(state.params))
+      self.state = self.layout.to_device(state)
     except BaseException:  # the manager's background threads must not outlive a failed start
       self.checkpoints.close()
       raise

@@ -1,8 +1,10 @@
 """Vocabularies: characters, bytes, words or BPE, with the same five special tokens first in each.
 
-Every vocabulary reserves ids 0-4 for ``[PAD] [BOS] [EOS] [MASK] [UNK]``, so padding is always 0 (the models'
-``pad_id``), BERT's ``[CLS]``/``[SEP]`` are ``[BOS]``/``[EOS]``, and masked-LM has its ``[MASK]``. A vocabulary is
-saved as one JSON file beside the checkpoints, so sampling and resuming never rebuild it from the data.
+Every vocabulary built here reserves ids 0-4 for ``[PAD] [BOS] [EOS] [MASK] [UNK]``, so padding is always 0 (the
+models' ``pad_id``), BERT's ``[CLS]``/``[SEP]`` are ``[BOS]``/``[EOS]``, and masked-LM has its ``[MASK]``. A
+vocabulary is saved as one JSON file beside the checkpoints, so sampling and resuming never rebuild it from the
+data. A run started from pretrained weights uses the model's own tokenizer instead (:class:`TokenizerVocab`), with
+its special tokens wherever it keeps them.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ KINDS = ('char', 'byte', 'word', 'bpe')
 
 
 class Vocab:
-  """Base class: ``encode(text) -> list[int]``, ``decode(ids) -> str`` (specials dropped), ``size``."""
+  """Base class: ``encode(text) -> list[int]``, ``decode(ids) -> str`` (specials dropped), ``size``, and the ids of
+  the special tokens (``cls_id``/``sep_id``: what BERT's inputs start and end with)."""
 
   kind = ''
   pad_id, bos_id, eos_id, mask_id, unk_id = PAD, BOS, EOS, MASK, UNK
+  cls_id, sep_id = BOS, EOS
+  special_ids = frozenset(range(len(SPECIALS)))
 
   @property
   def size(self) -> int:
@@ -32,6 +37,10 @@ class Vocab:
 
   def decode(self, ids: Iterable[int]) -> str:
     raise NotImplementedError
+
+  def sentence(self, text: str, length: int) -> list[int]:
+    """The ids a classifier reads for ``text``, at most ``length``: ``[BOS] text``, cut to fit."""
+    return [self.cls_id] + self.encode(text)[: length - 1]
 
   def state(self) -> dict:
     """What :func:`load_vocab` needs to rebuild this vocabulary."""
@@ -145,6 +154,39 @@ class BPEVocab(Vocab):
     )
     tokenizer.train_from_iterator(texts, trainer)
     return cls(tokenizer)
+
+
+class TokenizerVocab(Vocab):
+  """A pretrained model's own tokenizer (a :class:`transformer_jax.tokenizer.Tokenizer`) as a run's vocabulary: its
+  ids, its special tokens, and its files (``save`` writes a directory that ``transformers`` loads)."""
+
+  kind = 'tokenizer'
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+    tok = tokenizer
+    self.pad_id, self.mask_id, self.unk_id = tok.pad_id, tok.mask_id, tok.unk_id
+    self.cls_id, self.sep_id, self.eos_id = tok.cls_id, tok.sep_id, tok.eos_id
+    self.bos_id = tok.bos_id
+    ids = (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id, tok.bos_id, tok.eos_id)
+    self.special_ids = frozenset(i for i in ids if i is not None)
+
+  @property
+  def size(self) -> int:
+    return self.tokenizer.vocab_size
+
+  def encode(self, text):
+    return self.tokenizer.encode(text, add_special_tokens=False)
+
+  def decode(self, ids):
+    return self.tokenizer.decode([int(i) for i in ids])
+
+  def sentence(self, text, length):
+    """``[CLS] text [SEP]``, the text cut to fit ``length``, as BERT's tokenizer frames one sentence."""
+    return [self.cls_id] + self.encode(text)[: length - 2] + [self.sep_id]
+
+  def save(self, path: str) -> None:
+    self.tokenizer.save(path)
 
 
 def build_vocab(kind: str, texts: Iterable[str], bpe_size: int = 4096, min_count: int = 1) -> Vocab:

@@ -13,6 +13,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.task = 'lm'
   # Seeds parameter init, dropout and the data order.
   config.seed = 0
+  # Start from pretrained weights: a Hugging Face directory (config.json, model.safetensors and the tokenizer files,
+  # as save_pretrained writes them; GPT-2 for lm, BERT for mlm and classify) or the workdir of an earlier run. The
+  # architecture and the tokenizer then come from there (data.vocab is not used); model.* may change only runtime
+  # fields (dropout rates, dtypes, scan_layers, remat_policy). '' trains from scratch.
+  config.init_from = ''
 
   config.data = ml_collections.ConfigDict()
   # A UTF-8 text file, a folder of them, or 'builtin' (the Python reference docs, no download). A .jsonl file
@@ -56,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Peak learning rate, reached after warmup_steps.
   # 2e-3: 5e-3 and above keep this model on the plateau near 2.2 nats for hundreds of steps.
   config.learning_rate = 2e-3
+  # Other peak learning rates by parameter path, 'PATTERN=LR,...': a regular expression matched against the start of
+  # paths such as bert/encoder/layers_0/ffn/fc_in/kernel, in whole parts ('classifier' is classifier/kernel and
+  # classifier/bias); the first match wins, the rest take learning_rate. Each follows the same warmup and decay;
+  # 0 freezes. E.g. 'classifier=1e-3,bert/(token_embed|positions|token_type_embed|embed_norm)=0'.
+  config.param_lr = ''
   config.warmup_steps = 50
   # 'cosine', 'linear', 'constant' or 'rsqrt' (the original Transformer's inverse square root).
   config.lr_schedule = 'linear'

@@ -1,5 +1,5 @@
 """What every task shares: the :class:`Task` interface, the files it keeps in the workdir, fixed evaluation batches
-and the model config taken from the run config."""
+and the model, from the run config or from pretrained weights (``init_from``)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train.configs import DATA_DERIVED
 from train.losses import cross_entropy_sums
+from train.pretrained_init import open_init_from
 from train.vocab import EOS, Vocab, build_vocab, load_vocab
 
 TOKEN_FILE, TOKEN_SOURCE = os.path.join('data', 'tokens.bin'), os.path.join('data', 'source.json')
-LABELS_FILE = 'labels.json'
 
 
 def write_text(path: str, text: str) -> None:
@@ -46,13 +47,15 @@ def model_config(config_cls, config, **derived):
   return config_cls.from_dict({**config.model.to_dict(), **derived})
 
 
-def check_lengths(config, *names):
-  """Sequence lengths of ``config.data`` must fit the model's positions."""
+def check_lengths(config, *names, pretrained=None):
+  """Sequence lengths of ``config.data`` must fit the model's positions (those of the ``pretrained`` model, when
+  the run starts from one)."""
+  limit, what = config.model.max_len, 'model.max_len'
+  if pretrained is not None:
+    limit, what = pretrained.architecture['max_len'], 'the max_len of the init_from model'
   for name in names:
-    if config.data[name] > config.model.max_len:
-      raise ValueError(
-        f'data.{name}={config.data[name]} exceeds model.max_len={config.model.max_len}'
-      )
+    if config.data[name] > limit:
+      raise ValueError(f'data.{name}={config.data[name]} exceeds {what}={limit}')
 
 
 def cut_at_eos(ids) -> list[int]:
@@ -76,6 +79,8 @@ class Task:
   def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
     self.pending: dict[str, Callable[[str], None]] = {}  # path in the workdir -> writes that file
+    # the start from pretrained weights, whose architecture and vocabulary the run then uses
+    self.pretrained = open_init_from(config, workdir)
 
   def save(self) -> None:
     """Writes the pending files into the workdir (created if need be)."""
@@ -121,6 +126,24 @@ class Task:
     example = jax.tree.map(lambda x: jnp.asarray(x[:1]), self.train_batch(0))
     return jax.jit(lambda key: self.model.init(key, *self.model_inputs(example))['params'])(rng)
 
+  def start_params(self, params):
+    """What a run without a checkpoint starts from: ``params`` (fresh, on the devices), or with ``init_from``, the
+    pretrained weights in place of all the parameters they cover."""
+    return params if self.pretrained is None else self.pretrained.initial_params(params, self.model)
+
+  def _build_model(self, model_cls, config_cls, **derived):
+    """``model_cls`` of the run config's ``model`` fields and ``derived`` (what the data sets); with
+    ``init_from``, of the checkpoint's architecture (the vocabulary's fields included), its weights checked and
+    its record staged on the first start."""
+    if self.pretrained is None:
+      return model_cls(model_config(config_cls, self.config, **derived))
+    sized = {k: v for k, v in derived.items() if k not in DATA_DERIVED}
+    model = model_cls(self.pretrained.model_config(self.config, config_cls, **sized))
+    if not self.pretrained.recorded:
+      self.pretrained.check(model)
+      self.pending.update(self.pretrained.files(model.config))
+    return model
+
   def extra_eval(self, params) -> dict:
     """Metrics beyond the loss (BLEU, exact match); empty by default."""
     return {}
@@ -134,7 +157,10 @@ class Task:
     raise NotImplementedError
 
   def _vocab(self, filename: str, texts, kind: str) -> Vocab:
-    """The workdir's saved vocabulary if there is one (a resumed run must keep its ids), else a new one."""
+    """The pretrained model's own vocabulary; else the workdir's saved one if there is one (a resumed run must keep
+    its ids), else a new one."""
+    if self.pretrained is not None:
+      return self.pretrained.vocab
     if path := self._kept(filename):
       return load_vocab(path)
     vocab = build_vocab(kind, texts, self.config.data.get('bpe_vocab_size', 4096))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from train import data, number_words, readers
+from train.readers import LABELS_FILE
 from train.tasks.base import (
-  LABELS_FILE,
   Task,
   check_lengths,
   cut_at_eos,
@@ -132,7 +134,9 @@ class TranslationTask(ExampleTask):
 
 class ClassificationTask(ExampleTask):
   """``classify``: BERT's classification head on ``text,label`` rows (or a tiny built-in sentiment set). Labels are
-  integers (their own class ids) or names, numbered in sorted order (:class:`~train.readers.LabelSet`)."""
+  integers (their own class ids) or names, numbered in sorted order (:class:`~train.readers.LabelSet`). From
+  pretrained weights, the head is sized to the data's labels, or kept when the checkpoint's head already has them
+  (in its own order)."""
 
   metric = 'accuracy'
   metric_mode = 'max'
@@ -141,7 +145,7 @@ class ClassificationTask(ExampleTask):
   def __init__(self, config, workdir):
     super().__init__(config, workdir)
     cfg = config.data
-    check_lengths(config, 'seq_len')
+    check_lengths(config, 'seq_len', pretrained=self.pretrained)
     rows = (
       data.builtin_sentiment(cfg.builtin_size, config.seed)
       if cfg.path == readers.BUILTIN
@@ -149,38 +153,62 @@ class ClassificationTask(ExampleTask):
         cfg.path, cfg.get('text_field', 'text'), cfg.get('label_field', 'label')
       )
     )
-    train, val = split_examples(rows, cfg.val_fraction, config.seed)
-    self.labels = self._label_set([label for _, label in train])
-    num_labels = config.model.num_labels
-    if self.labels.names is not None and len(self.labels.names) != num_labels:
+    if len({label for _, label in rows}) < 2:
       raise ValueError(
-        f'the training data has {len(self.labels.names)} labels {self.labels.names[:8]}, but '
-        f'model.num_labels={num_labels}: set --config.model.num_labels={len(self.labels.names)}'
+        f'the data has one label only ({rows[0][1]!r}); a classifier needs two or more'
       )
+    train, val = split_examples(rows, cfg.val_fraction, config.seed)
+    train_labels = [label for _, label in train]
+    self.labels = self._label_set(train_labels)
+    self.num_labels = self._num_labels(train_labels)
     self.vocab = self._vocab('vocab.json', (text for text, _ in train), cfg.vocab)
     self.train, self.val = (
       self._encode(part, split) for part, split in ((train, 'training'), (val, 'validation'))
     )
     self.texts = [text for text, _ in val]
-    self.model = BERTForSequenceClassification(
-      model_config(BERTConfig, config, vocab_size=self.vocab.size, pad_id=0)
+    self.model = self._build_model(
+      BERTForSequenceClassification,
+      BERTConfig,
+      vocab_size=self.vocab.size,
+      pad_id=0,
+      num_labels=self.num_labels,
     )
 
   def _label_set(self, train_labels) -> readers.LabelSet:
     if path := self._kept(LABELS_FILE):
       return readers.LabelSet.load(path)
     labels = readers.LabelSet.from_labels(train_labels)
+    head = self.pretrained and self.pretrained.head_labels
+    if head and labels.names is not None and set(labels.names) <= set(head):
+      labels = readers.LabelSet(
+        head
+      )  # the checkpoint's head knows these labels: its order keeps it usable
     self.pending[LABELS_FILE] = labels.save
     return labels
+
+  def _num_labels(self, train_labels) -> int:
+    """Classes of the head: ``model.num_labels``, which named labels must match; from pretrained weights, as many
+    as the data has (or the checkpoint's head has, when it is kept)."""
+    names = self.labels.names
+    if self.pretrained is None:
+      count = self.config.model.num_labels
+      if names is not None and len(names) != count:
+        raise ValueError(
+          f'the training data has {len(names)} labels {names[:8]}, but model.num_labels={count}: set '
+          f'--config.model.num_labels={len(names)}'
+        )
+      return count
+    count = len(names) if names is not None else max(int(label) for label in train_labels) + 1
+    head = self.pretrained.head_labels
+    if head is not None and (names == head if names is not None else count <= len(head)):
+      return len(head)
+    self.pretrained.new.add('classifier')
+    return count
 
   def _encode(self, rows, split: str) -> dict:
     ids = self.labels.encode([label for _, label in rows], split)
     arrays = data.encode_labelled(
-      [text for text, _ in rows],
-      ids,
-      self.vocab,
-      self.config.data.seq_len,
-      self.config.model.num_labels,
+      [text for text, _ in rows], ids, self.vocab, self.config.data.seq_len, self.num_labels
     )
     return {
       'inputs': arrays['inputs'],
@@ -188,10 +216,22 @@ class ClassificationTask(ExampleTask):
       'weights': np.ones(len(arrays['labels']), np.float32),
     }
 
+  def encode_texts(self, texts: list[str]) -> np.ndarray:
+    """``(N, seq_len)`` input ids of ``texts``, framed and padded as the training rows are."""
+    return data.encode_sentences(texts, self.vocab, self.config.data.seq_len)
+
   def predict(self, params, inputs: np.ndarray) -> np.ndarray:
     """Class probabilities ``(N, num_labels)`` of ``(N, seq_len)`` input ids."""
-    logits = self.logits(params, {'inputs': inputs}, deterministic=True)
-    return np.asarray(jax.nn.softmax(logits, axis=-1))
+    return np.asarray(self._probabilities(params, inputs))
+
+  @functools.cached_property
+  def _probabilities(self):
+    """:meth:`predict`, compiled once per batch shape."""
+    return jax.jit(
+      lambda params, inputs: jax.nn.softmax(
+        self.logits(params, {'inputs': inputs}, deterministic=True), axis=-1
+      )
+    )
 
   def sample(self, params, rng):
     batch = self.eval_batches()[0]

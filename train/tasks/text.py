@@ -17,10 +17,8 @@ from train.tasks.base import (
   check_lengths,
   eval_rows,
   fixed_batches,
-  model_config,
   write_text,
 )
-from train.vocab import BOS
 from transformer_jax import GPT, BERTConfig, BERTForMaskedLM, GPTConfig
 
 EVAL_MASK_SEED = 2**31 - 1  # the masks of the MLM evaluation set, fixed for the whole run
@@ -32,7 +30,7 @@ class TextTask(Task):
   def __init__(self, config, workdir):
     super().__init__(config, workdir)
     cfg = config.data
-    check_lengths(config, 'seq_len')
+    check_lengths(config, 'seq_len', pretrained=self.pretrained)
     self.vocab = self._vocab('vocab.json', self._texts(), cfg.vocab)
     tokens = self._tokens()
     self.train_tokens, self.val_tokens = data.split_tokens(tokens, cfg.val_fraction, cfg.seq_len)
@@ -43,13 +41,14 @@ class TextTask(Task):
   def _tokens(self) -> np.ndarray:
     """The token stream: ``workdir/data/tokens.bin`` if it was made from the same data settings, else tokenized
     now and saved there by :meth:`save`."""
-    wanted = json.dumps(
-      {
-        'path': self.config.data.path,
-        'vocab': self.config.data.vocab,
-        'text_field': self.config.data.get('text_field', 'text'),
-      }
-    )
+    source = {
+      'path': self.config.data.path,
+      'vocab': self.config.data.vocab,
+      'text_field': self.config.data.get('text_field', 'text'),
+    }
+    if self.pretrained is not None:  # tokenized by the pretrained model's tokenizer
+      source.update(vocab=self.vocab.kind, init_from=self.pretrained.source)
+    wanted = json.dumps(source)
     path, source = self._kept(TOKEN_FILE), self._kept(TOKEN_SOURCE)
     if path and source:
       with open(source) as f:
@@ -73,7 +72,7 @@ class LanguageModelTask(TextTask):
 
   def __init__(self, config, workdir):
     super().__init__(config, workdir)
-    self.model = GPT(model_config(GPTConfig, config, vocab_size=self.vocab.size, pad_id=None))
+    self.model = self._build_model(GPT, GPTConfig, vocab_size=self.vocab.size, pad_id=None)
 
   def train_batch(self, step, rows=None):
     cfg = self.config
@@ -88,23 +87,31 @@ class LanguageModelTask(TextTask):
     windows = data.consecutive_windows(self.val_tokens, cfg.data.seq_len + 1, eval_rows(cfg))
     return fixed_batches(data.lm_example(windows), cfg.batch_size)
 
-  def sample(self, params, rng):
+  def continue_text(self, params, text: str, rng) -> str:
+    """``text`` and what the model samples after it (settings of ``config.sample``), up to its last position."""
     from transformer_jax.generation import generate
 
     cfg = self.config.sample
-    prompt = self.vocab.encode(cfg.prompt) or [BOS]
-    # positions the model has
-    new_tokens = min(cfg.max_new_tokens, self.config.model.max_len - len(prompt))
+    prompt = self.vocab.encode(text)
+    if not prompt:
+      if self.vocab.bos_id is None:
+        raise ValueError(
+          'this tokenizer has no start token to begin an empty prompt with; give a prompt'
+        )
+      prompt = [self.vocab.bos_id]
     new = generate(
       self.model,
       params,
       jnp.asarray([prompt], jnp.int32),
-      max_new_tokens=new_tokens,
+      max_new_tokens=min(cfg.max_new_tokens, self.model.config.max_len - len(prompt)),
       temperature=cfg.temperature,
       top_k=cfg.top_k or None,
       rng=rng,
     )
     return self.vocab.decode(prompt + np.asarray(new[0]).tolist())
+
+  def sample(self, params, rng):
+    return self.continue_text(params, self.config.sample.prompt, rng)
 
 
 class MaskedLanguageModelTask(TextTask):
@@ -115,13 +122,13 @@ class MaskedLanguageModelTask(TextTask):
 
   def __init__(self, config, workdir):
     super().__init__(config, workdir)
-    self.model = BERTForMaskedLM(
-      model_config(BERTConfig, config, vocab_size=self.vocab.size, pad_id=0)
+    self.model = self._build_model(
+      BERTForMaskedLM, BERTConfig, vocab_size=self.vocab.size, pad_id=0
     )
 
   def _mask(self, windows, *seed):
     return data.mask_tokens(
-      windows, self.vocab.size, np.random.default_rng(seed), self.config.data.mask_prob
+      windows, self.vocab, np.random.default_rng(seed), self.config.data.mask_prob
     )
 
   def train_batch(self, step, rows=None):

@@ -1,0 +1,68 @@
+"""A run read back from its workdir, for using it after training (``train.sample``), and written out as a Hugging
+Face model directory (``train.export``)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import ml_collections
+
+from train.checkpoint import Checkpoints
+from train.optim import make_optimizer
+from train.steps import create_state
+from train.tasks import ClassificationTask, build_task
+from train.vocab import TokenizerVocab
+from transformer_jax import pretrained
+from transformer_jax.models import GPT, BERTForMaskedLM
+
+
+def load_run(workdir: str, step: int | None = None):
+  """``(task, params)`` of the newest restorable checkpoint in ``workdir`` (or of ``step``), with the config,
+  vocabulary and labels saved beside it."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+      f'{workdir} holds no training run (no config.json); train one with '
+      f'python -m train --workdir={workdir}'
+    )
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  task = build_task(config, workdir)
+  # shapes only, on one device: nothing is initialised just to be overwritten
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.eval_shape(
+    functools.partial(create_state, task, make_optimizer(config)[0], config.seed)
+  )
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
+  )
+  with Checkpoints.reader(workdir) as checkpoints:
+    state, meta = checkpoints.restore(abstract, step)
+  if meta is None:
+    raise FileNotFoundError(f'no checkpoint to restore in {workdir}')
+  return task, state.params
+
+
+# What loads each kind of model again.
+_LOADERS = {GPT: 'AutoModelForCausalLM', BERTForMaskedLM: 'AutoModelForMaskedLM'}
+
+
+def export(workdir: str, out: str, step: int | None = None) -> str:
+  """Writes the run in ``workdir`` to ``out``; returns the name of the ``transformers`` class that loads it."""
+  task, params = load_run(workdir, step)
+  if not isinstance(task.vocab, TokenizerVocab):
+    raise ValueError(
+      f'{workdir} trains with its own {task.vocab.kind!r} vocabulary, which has no Hugging Face tokenizer; '
+      'runs started from a Hugging Face model (init_from) export'
+    )
+  labels = None
+  if isinstance(task, ClassificationTask):
+    labels = tuple(task.labels.name(i) for i in range(task.num_labels))
+  checkpoint = pretrained.Pretrained(
+    task.model, jax.device_get(params), task.vocab.tokenizer, task.pretrained.hf_config, labels
+  )
+  checkpoint.save(out)
+  return _LOADERS.get(type(task.model), 'AutoModelForSequenceClassification')
