@@ -294,6 +294,31 @@ def test_the_start_takes_every_weight_the_checkpoint_has(
     assert built.labels.names == ['upbeat', 'gloomy']
 
 
+def test_a_workdir_is_a_start_too(checkpoints, data_files, tmp_path):
+  """A classifier fine-tuned from a continued-pretraining run: it starts from the run's newest params and its
+  tokenizer, with a new head; a BERT workdir cannot start an lm run."""
+  corpus, labelled = str(data_files / 'corpus.txt'), str(data_files / 'reviews.csv')
+  mlm = config_from('mlm', checkpoints / 'mlm', num_train_steps=3, **{'data.path': corpus})
+  trained = train_and_evaluate(mlm, str(tmp_path / 'mlm'))['state'].params
+  config = config_from('classify', tmp_path / 'mlm', **{'data.path': labelled})
+  built = build_task(config, str(tmp_path / 'classify'))
+  fresh = built.init_params(jax.random.PRNGKey(0))
+  started = built.start_params(fresh)
+  pairs = [(started['bert']['encoder'], trained['bert']['encoder'])]
+  pairs += [(started['classifier'], fresh['classifier'])]  # a masked LM has no classifier to give
+  _, original = load_hf(checkpoints / 'mlm')
+  kernel = lambda params: params['bert']['encoder']['layers_0']['ffn']['fc_in']['kernel']  # noqa: E731
+  assert not np.allclose(
+    kernel(trained), kernel(original)
+  )  # the run's weights, not the checkpoint it began from
+  for ours, expected in pairs:
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
+      np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match='GPT-2 checkpoint'):
+    build_task(config_from('lm', tmp_path / 'mlm', **{'data.path': corpus}), str(tmp_path / 'lm'))
+  assert not (tmp_path / 'lm').exists()
+
+
 def losses(workdir) -> list[float]:
   return [r['loss'] for r in read_metrics(str(workdir)) if r['split'] == 'train']
 
