@@ -242,12 +242,18 @@ def test_lm_fine_tunes_gpt2_and_exports(checkpoints, data_files, tmp_path):
   assert task.continue_text(params, 'the food', jax.random.PRNGKey(0)).startswith('the food')
 
 
-def test_mlm_continues_pretraining_and_exports_a_masked_lm(checkpoints, data_files, tmp_path):
-  workdir, out = tmp_path / 'run', tmp_path / 'hf'
+@pytest.fixture(scope='module')
+def mlm_run(checkpoints, data_files, tmp_path_factory):
+  """A finished 6-step continued pretraining of the masked LM: ``(workdir, summary)``."""
+  workdir = tmp_path_factory.mktemp('mlm_run')
   config = config_from(
     'mlm', checkpoints / 'mlm', num_train_steps=6, **{'data.path': str(data_files / 'corpus.txt')}
   )
-  summary = train_and_evaluate(config, str(workdir))
+  return workdir, train_and_evaluate(config, str(workdir))
+
+
+def test_mlm_continues_pretraining_and_exports_a_masked_lm(mlm_run, tmp_path):
+  (workdir, summary), out = mlm_run, tmp_path / 'hf'
   assert summary['step'] == 6 and np.isfinite(summary['eval']['loss'])
   assert export(str(workdir), str(out)) == 'AutoModelForMaskedLM'
   hf_model = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
@@ -294,13 +300,13 @@ def test_the_start_takes_every_weight_the_checkpoint_has(
     assert built.labels.names == ['upbeat', 'gloomy']
 
 
-def test_a_workdir_is_a_start_too(checkpoints, data_files, tmp_path):
+def test_a_workdir_is_a_start_too(checkpoints, data_files, mlm_run, tmp_path):
   """A classifier fine-tuned from a continued-pretraining run: it starts from the run's newest params and its
   tokenizer, with a new head; a BERT workdir cannot start an lm run."""
   corpus, labelled = str(data_files / 'corpus.txt'), str(data_files / 'reviews.csv')
-  mlm = config_from('mlm', checkpoints / 'mlm', num_train_steps=3, **{'data.path': corpus})
-  trained = train_and_evaluate(mlm, str(tmp_path / 'mlm'))['state'].params
-  config = config_from('classify', tmp_path / 'mlm', **{'data.path': labelled})
+  workdir, summary = mlm_run
+  trained = summary['state'].params
+  config = config_from('classify', workdir, **{'data.path': labelled})
   built = build_task(config, str(tmp_path / 'classify'))
   fresh = built.init_params(jax.random.PRNGKey(0))
   started = built.start_params(fresh)
@@ -315,7 +321,7 @@ def test_a_workdir_is_a_start_too(checkpoints, data_files, tmp_path):
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
       np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match='GPT-2 checkpoint'):
-    build_task(config_from('lm', tmp_path / 'mlm', **{'data.path': corpus}), str(tmp_path / 'lm'))
+    build_task(config_from('lm', workdir, **{'data.path': corpus}), str(tmp_path / 'lm'))
   assert not (tmp_path / 'lm').exists()
 
 

@@ -157,7 +157,10 @@ def test_classify_matches_the_pipeline(bert_dirs):
     assert [r['label'] for r in ours] == [r['label'] for r in theirs]
     np.testing.assert_allclose([r['score'] for r in ours], [r['score'] for r in theirs], atol=1e-5)
     assert best == ours[0]
-  assert bert.classify(TEXTS[0]) == bert.classify(TEXTS)[0]
+  alone, in_batch = bert.classify(TEXTS[0]), bert.classify(TEXTS)[0]
+  assert alone['label'] == in_batch['label'] and alone['score'] == pytest.approx(
+    in_batch['score'], abs=1e-6
+  )
   pair = pipe({'text': TEXTS[0], 'text_pair': TEXTS[1]}, top_k=None)
   ours = bert.classify([TEXTS[0]], [TEXTS[1]], top_k=None)[0]
   np.testing.assert_allclose([r['score'] for r in ours], [r['score'] for r in pair], atol=1e-5)
