@@ -135,7 +135,7 @@ class Pretrained:
     each text gives its one dict, as the ``'text-classification'`` pipeline does."""
     self._require(BERTForSequenceClassification, 'classify')
     single = isinstance(texts, str)
-    logits = self._apply(self.model, self.params, [texts] if single else texts, pairs)
+    logits = self.logits([texts] if single else texts, pairs)
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     k = probs.shape[1] if top_k is None else min(top_k, probs.shape[1])
     out = []
@@ -147,7 +147,13 @@ class Pretrained:
 
   def logits(self, texts, pairs=None) -> np.ndarray:
     """The model's float32 logits for a batch of texts: ``(B, C)`` for a classifier, ``(B, T, V)`` otherwise."""
-    return np.asarray(self._apply(self.model, self.params, texts, pairs))
+    batch = self.tokenizer(list(texts), None if pairs is None else list(pairs), padding='longest')
+    valid = batch['attention_mask'].astype(bool)
+    # GPT has no segments; the BERT classes take them.
+    segments = {} if isinstance(self.model, GPT) else {'token_type_ids': batch['token_type_ids']}
+    return np.asarray(
+      self.model.apply({'params': self.params}, batch['input_ids'], valid=valid, **segments)
+    )
 
   def fill_mask(self, text: str, *, top_k: int = 5):
     """The ``top_k`` most probable tokens for each mask token of ``text``: ``[{'score', 'token', 'token_str',
@@ -162,7 +168,7 @@ class Pretrained:
       raise ValueError(
         f'fill_mask needs a {self.tokenizer.mask_token} token in the text, got {text!r}'
       )
-    probs = np.asarray(jax.nn.softmax(self._apply(self.model, self.params, [text])[0], axis=-1))
+    probs = np.asarray(jax.nn.softmax(self.logits([text])[0], axis=-1))
     results = []
     for position in where:
       best = np.argsort(-probs[position], kind='stable')[:top_k]
@@ -218,19 +224,6 @@ class Pretrained:
   def _special(self, key: str, default):
     value = self.hf_config.get(key)
     return default if value is None else value
-
-  def _apply(self, model, params, texts, pairs=None):
-    batch = self.tokenizer(list(texts), None if pairs is None else list(pairs), padding='longest')
-    if isinstance(model, GPT):
-      return model.apply(
-        {'params': params}, batch['input_ids'], valid=batch['attention_mask'].astype(bool)
-      )
-    return model.apply(
-      {'params': params},
-      batch['input_ids'],
-      token_type_ids=batch['token_type_ids'],
-      valid=batch['attention_mask'].astype(bool),
-    )
 
   def _hidden_states(self, batch):
     """``(B, T, D)`` last hidden states of the encoder (BERT) or decoder (GPT) for a tokenized batch."""
