@@ -1,5 +1,8 @@
 """Logical axis names and mesh construction (the sharded runs themselves are in test_parallel.py)."""
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -8,18 +11,39 @@ from transformer_jax import (
   GPT,
   BERTConfig,
   BERTForMaskedLM,
+  BERTForSequenceClassification,
   GPTConfig,
   Transformer,
   TransformerConfig,
 )
+from transformer_jax.modules.relative_position import RelativePositionBias
 from transformer_jax.sharding import (
+  Module,
   check_batch_divisible,
+  logical_axes,
   make_mesh,
-  param_logical_axes,
   param_shardings,
 )
 
 TINY = dict(num_layers=2, d_model=12, num_heads=3, d_ff=20, max_len=16)
+# rotary, RMSNorm, SwiGLU, grouped-query attention, no biases, scanned layers
+LLAMA_SHAPED = GPTConfig(
+  vocab_size=41,
+  num_layers=2,
+  d_model=32,
+  num_heads=8,
+  num_kv_heads=2,
+  d_ff=24,
+  max_len=16,
+  fused_qkv=False,
+  gated_ffn=True,
+  activation='silu',
+  use_bias=False,
+  norm_type='rms_norm',
+  position_encoding='none',
+  rope_theta=10000.0,
+  scan_layers=True,
+)
 IDS = jnp.ones((2, 5), jnp.int32)
 
 
@@ -37,12 +61,16 @@ def shapes(model, *args):
     ),
     (Transformer(TransformerConfig(src_vocab_size=31, tgt_vocab_size=37, **TINY)), (IDS, IDS)),
     (BERTForMaskedLM(BERTConfig(vocab_size=41, **TINY)), (IDS,)),
+    (BERTForSequenceClassification(BERTConfig(vocab_size=41, num_labels=3, **TINY)), (IDS,)),
+    (GPT(LLAMA_SHAPED), (IDS,)),
   ],
-  ids=['gpt', 'gpt_scan_untied', 'transformer', 'bert_mlm'],
+  ids=['gpt', 'gpt_scan_untied', 'transformer', 'bert_mlm', 'bert_classifier', 'llama_shaped'],
 )
 def test_every_parameter_gets_one_name_per_axis(model, args):
+  """The names come from the blocks' metadata; ``init`` itself returns plain arrays."""
   params = shapes(model, *args)
-  axes = param_logical_axes(params)
+  assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(params))
+  axes = logical_axes(model, *args)
   flat = jax.tree_util.tree_leaves_with_path(params)
   for (path, leaf), names in zip(
     flat, jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
@@ -56,9 +84,11 @@ def test_every_parameter_gets_one_name_per_axis(model, args):
 
 
 def test_shardings_on_a_single_device_mesh_replicate():
-  params = shapes(GPT(GPTConfig(vocab_size=41, **TINY)), IDS)
+  model = GPT(GPTConfig(vocab_size=41, **TINY))
   mesh = make_mesh(devices=jax.devices()[:1])
-  for sharding in jax.tree.leaves(param_shardings(params, mesh)):
+  for sharding in jax.tree.leaves(
+    param_shardings(shapes(model, IDS), logical_axes(model, IDS), mesh)
+  ):
     assert all(axis is None for axis in sharding.spec), sharding.spec
 
 
@@ -95,21 +125,8 @@ def test_kv_heads_and_gate_projections_get_tensor_parallel_specs():
 
   from transformer_jax.sharding import DEFAULT_RULES, _spec
 
-  cfg = GPTConfig(
-    vocab_size=41,
-    num_layers=1,
-    d_model=32,
-    num_heads=8,
-    num_kv_heads=2,
-    d_ff=24,
-    max_len=16,
-    fused_qkv=False,
-    gated_ffn=True,
-    activation='silu',
-    use_bias=False,
-  )
-  params = shapes(GPT(cfg), IDS)
-  axes = param_logical_axes(params)
+  model = GPT(dataclasses.replace(LLAMA_SHAPED, scan_layers=False))
+  params, axes = shapes(model, IDS), logical_axes(model, IDS)
   mesh = AbstractMesh((1, 1, 4), ('data', 'fsdp', 'tensor'))
   layer, layer_axes = params['decoder']['layers_0'], axes['decoder']['layers_0']
   spec = lambda *path: _spec(_get(layer_axes, path), _get(layer, path).shape, mesh, DEFAULT_RULES)  # noqa: E731
@@ -127,3 +144,40 @@ def _get(tree, path):
   for key in path:
     tree = tree[key]
   return tree
+
+
+def test_scanned_stack_and_relative_position_table_axes():
+  """A scanned stack's parameters gain a leading ``layers`` axis; T5's ``(buckets, H)`` table follows the heads."""
+  axes = logical_axes(GPT(LLAMA_SHAPED), IDS)['decoder']['layers']
+  assert axes['self_attention']['key']['kernel'] == ('layers', 'embed', 'heads', 'kv')
+  assert axes['ffn']['fc_out']['kernel'] == ('layers', 'mlp', 'embed')
+  assert axes['self_attention_norm']['scale'] == ('layers', 'embed')
+  bias = RelativePositionBias(num_heads=3, bidirectional=True, num_buckets=7)
+  assert logical_axes(bias, 5, 5) == {'embedding': (None, 'heads')}
+  assert bias.init(jax.random.key(0), 5, 5)['params']['embedding'].shape == (7, 3)
+
+
+class _Unnamed(Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name='plain')(x)
+
+
+class _Misnamed(Module):
+  @nn.compact
+  def __call__(self, x):
+    init = nn.with_logical_partitioning(nn.initializers.zeros, ('embed',))
+    return x @ self.param('wrong', init, (x.shape[-1], 3))
+
+
+@pytest.mark.parametrize(
+  'module,message',
+  [
+    (_Unnamed(), r'no logical axis names on plain/bias, plain/kernel \(create them with'),
+    (_Misnamed(), r"wrong has 2 dimensions but 1 names \('embed',\)"),
+  ],
+  ids=['unnamed', 'wrong_count'],
+)
+def test_a_parameter_without_its_axis_names_is_an_error(module, message):
+  with pytest.raises(ValueError, match=message):
+    logical_axes(module, jnp.ones((2, 5)))

@@ -95,12 +95,13 @@ def _path_keys(path) -> tuple:
   return tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path)
 
 
-def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
-  """Shardings of a whole :class:`~train.steps.TrainState`: parameters by their logical axes, and every optimizer
+def state_shardings(abstract_state, param_axes, mesh: Mesh, rules=DEFAULT_RULES):
+  """Shardings of a whole :class:`~train.steps.TrainState`: parameters by their logical axes (``param_axes``, a tree
+  like the parameters), and every optimizer
   leaf that mirrors a parameter (Adam's moments: the path ends in that parameter's path, with its shape) like that
   parameter, so FSDP splits the optimizer state too. Counters, keys and step numbers are replicated."""
   replicated = NamedSharding(mesh, P())
-  params = param_shardings(abstract_state.params, mesh, rules)
+  params = param_shardings(abstract_state.params, param_axes, mesh, rules)
   by_path = {
     _path_keys(path): (sharding, leaf.shape)
     for (path, sharding), leaf in zip(
@@ -204,13 +205,18 @@ class Layout:
 class MeshLayout(Layout):
   """``parallelism='jit'``: the state sharded over a ``('data', 'fsdp', 'tensor')`` mesh, global batch arrays."""
 
-  def __init__(self, config, abstract_state):
+  def __init__(self, config, abstract_state, param_axes):
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     batch = batch_sharding(mesh)
     # (A, B / A, ...): each micro-batch split over the data axes
     micro = NamedSharding(mesh, P(None, *batch.spec))
     super().__init__(
-      config, mesh, data_parallel_size(mesh), state_shardings(abstract_state, mesh), micro, batch
+      config,
+      mesh,
+      data_parallel_size(mesh),
+      state_shardings(abstract_state, param_axes, mesh),
+      micro,
+      batch,
     )
 
   def describe(self) -> str:
@@ -329,8 +335,11 @@ class PmapLayout(Layout):
     return {k: v.reshape((jax.local_device_count(), -1) + v.shape[1:]) for k, v in rows.items()}
 
 
-def make_layout(config, abstract_state):
-  """The layout ``config.parallelism`` names, checked against the devices and the batch."""
+def make_layout(config, abstract_state, param_axes):
+  """The layout ``config.parallelism`` names, checked against the devices and the batch; ``param_axes``: the logical
+  axes of the parameters (a mesh lays them out by these; pmap replicates)."""
   if config.parallelism not in STRATEGIES:
     raise ValueError(f'parallelism must be one of {STRATEGIES}, got {config.parallelism!r}')
-  return (MeshLayout if config.parallelism == 'jit' else PmapLayout)(config, abstract_state)
+  if config.parallelism == 'jit':
+    return MeshLayout(config, abstract_state, param_axes)
+  return PmapLayout(config, abstract_state)

@@ -174,7 +174,7 @@ class Run:
     optimizer, schedule = make_optimizer(self.config)
     task = build_task(self.config, self.workdir)
     create = functools.partial(create_state, task, optimizer, self.config.seed)
-    layout = make_layout(self.config, jax.eval_shape(create))
+    layout = make_layout(self.config, jax.eval_shape(create), task.param_axes())
     if is_primary():
       task.save()
       write_config(self.config, self.workdir)

@@ -1,20 +1,23 @@
 """Device meshes and parameter shardings by logical axis names.
 
-Every parameter gets logical axis names (``embed``, ``vocab``, ``heads``, ``kv``, ``mlp``, ``layers``...) that the
-block creating it declares next to its definition (:func:`declare_axes`), and rules map logical names to mesh axes.
+Every parameter gets logical axis names (``embed``, ``vocab``, ``heads``, ``kv``, ``mlp``, ``layers``...) from the
+block that creates it (Flax's partitioning metadata, read by :func:`logical_axes`), and rules map logical names to
+mesh axes.
 The same model code then runs data parallel, FSDP (parameters and optimizer state split over ``fsdp``), tensor
 parallel (heads, FFN hidden units and the vocabulary split over ``tensor``) or any mix, and converted checkpoints get
 shardings without annotations of their own.
 
     mesh = make_mesh(data=-1, fsdp=2, tensor=1)
-    params = jax.device_put(params, param_shardings(params, mesh))
+    axes = logical_axes(model, ids)
+    params = jax.device_put(params, param_shardings(params, axes, mesh))
     batch = jax.device_put(batch, batch_sharding(mesh))
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -57,34 +60,60 @@ def make_mesh(
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-# (module name, parameter name) -> logical names of the parameter's axes (loop layout). Each block declares its own
-# where it is defined (declare_axes below its class); names are those the parameter tree uses.
-_DECLARED: dict[tuple[str, str], tuple[str | None, ...]] = {}
+class Module(nn.Module):
+  """A Linen module whose blocks name the logical axes of each parameter where they create it
+  (``nn.with_logical_partitioning``), and whose ``init`` returns plain arrays: the names are read back with
+  :func:`logical_axes`, so parameter trees, converters and checkpoints never meet Flax's boxes."""
+
+  @nn.nowrap
+  def init_with_output(self, *args, **kwargs):
+    out, variables = super().init_with_output(*args, **kwargs)
+    return out, nn.meta.unbox(variables)
 
 
-def declare_axes(module_names: str | tuple[str, ...], **params: tuple[str | None, ...]) -> None:
-  """Declares the logical axes of the parameters ``params`` (e.g. ``kernel=('embed', 'mlp')``) of every submodule
-  named ``module_names``, or of parameters created directly under those names (``module_names='*'``: a parameter
-  of that name wherever it sits). A block calls this next to its definition, so a new block carries its layout."""
-  for module in (module_names,) if isinstance(module_names, str) else module_names:
-    for param, axes in params.items():
-      _DECLARED[module, param] = tuple(axes)
+def dense_inits(
+  kernel_init: Callable, kernel_axes: tuple[str | None, ...], inputs: int = 1
+) -> dict:
+  """``kernel_init`` and ``bias_init`` of an ``nn.Dense`` / ``nn.DenseGeneral`` whose kernel has the logical
+  ``kernel_axes``; the (zero-initialised) bias takes the output axes, those after the first ``inputs``."""
+  return dict(
+    kernel_init=nn.with_logical_partitioning(kernel_init, kernel_axes),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, kernel_axes[inputs:]),
+  )
 
 
-def _leaf_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
-  """Logical names of one parameter's axes, from its declaration (a scanned stack adds a leading ``layers``).
-  Undeclared parameters: kernels ``(D, out)`` split on ``embed``; vectors and norm scales ``(D,)`` on ``embed``."""
-  name, parent = path[-1], path[-2] if len(path) > 1 else ''
-  scanned = 'layers' in path  # a scanned stack's leaves carry a leading layer axis
-  core_ndim = ndim - scanned
-  core = _DECLARED.get((parent, name), _DECLARED.get(('*', name)))
-  if core is None and name == 'kernel':  # pooler, MLM transform, classifier: (D, out)
-    core = ('embed',) + (None,) * (core_ndim - 1)
-  elif core is None:
-    core = ('embed',) if core_ndim == 1 else (None,) * core_ndim
-  if len(core) != core_ndim:
-    raise ValueError(f'cannot name the axes of parameter {"/".join(path)} with {ndim} dimensions')
-  return ('layers',) + core if scanned else core
+def logical_axes(model: nn.Module, *args, **kwargs) -> Any:
+  """A pytree like ``model.init(key, *args, **kwargs)['params']`` whose leaves are tuples of logical axis names, one
+  per dimension, as the blocks declared them (a scanned stack adds a leading ``layers``). Nothing is computed: the
+  model is initialised abstractly. A parameter created without names is an error, so a new block must carry its
+  layout."""
+  boxed = jax.eval_shape(
+    lambda: nn.Module.init_with_output(model, jax.random.key(0), *args, **kwargs)[1]
+  )['params']
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+  unnamed, miscounted = [], []
+
+  def names(path, leaf):
+    where = jax.tree_util.keystr(path, simple=True, separator='/')
+    if not is_box(leaf):
+      unnamed.append(where)
+    elif len(leaf.names) != np.ndim(leaf.value):
+      miscounted.append(
+        f'{where} has {np.ndim(leaf.value)} dimensions but {len(leaf.names)} names {leaf.names}'
+      )
+    return tuple(leaf.names) if is_box(leaf) else None
+
+  axes = jax.tree_util.tree_map_with_path(names, boxed, is_leaf=is_box)
+  problems = miscounted + (
+    [
+      f'no logical axis names on {", ".join(unnamed)} (create them with nn.with_logical_partitioning)'
+    ]
+    if unnamed
+    else []
+  )
+  if problems:
+    raise ValueError('; '.join(problems))
+  return axes
 
 
 def shard_activation(x, *names: str | None, rules=DEFAULT_RULES):
@@ -96,13 +125,6 @@ def shard_activation(x, *names: str | None, rules=DEFAULT_RULES):
   if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
     return x
   return jax.lax.with_sharding_constraint(x, _spec(names, x.shape, mesh, rules))
-
-
-def param_logical_axes(params) -> Any:
-  """A pytree like ``params`` whose leaves are tuples of logical axis names."""
-  return jax.tree_util.tree_map_with_path(
-    lambda path, x: _leaf_axes(tuple(getattr(k, 'key', str(k)) for k in path), np.ndim(x)), params
-  )
 
 
 def _spec(axes, shape, mesh: Mesh, rules) -> P:
@@ -123,9 +145,9 @@ def _spec(axes, shape, mesh: Mesh, rules) -> P:
   return P(*out)
 
 
-def param_shardings(params, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
-  """``NamedSharding``\\ s for every leaf of ``params`` (arrays or ``ShapeDtypeStruct``\\ s)."""
-  axes = param_logical_axes(params)
+def param_shardings(params, axes, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+  """``NamedSharding``\\ s for every leaf of ``params`` (arrays or ``ShapeDtypeStruct``\\ s), from their logical
+  ``axes`` (:func:`logical_axes` of the model)."""
   # ``axes`` is flattened up to the structure of ``params``, so each leaf meets its whole tuple of names.
   return jax.tree.map(
     lambda x, a: NamedSharding(mesh, _spec(a, np.shape(x), mesh, rules)), params, axes

@@ -14,6 +14,7 @@ from train.configs import DATA_DERIVED
 from train.losses import cross_entropy_sums
 from train.pretrained_init import open_init_from
 from train.vocab import EOS, Vocab, build_vocab, load_vocab
+from transformer_jax.sharding import logical_axes
 
 TOKEN_FILE, TOKEN_SOURCE = os.path.join('data', 'tokens.bin'), os.path.join('data', 'source.json')
 
@@ -123,8 +124,16 @@ class Task:
 
   def init_params(self, rng):
     """Fresh parameters, from one row of the first batch."""
-    example = jax.tree.map(lambda x: jnp.asarray(x[:1]), self.train_batch(0))
+    example = self._example()
     return jax.jit(lambda key: self.model.init(key, *self.model_inputs(example))['params'])(rng)
+
+  def param_axes(self):
+    """The logical axis names of every parameter (:func:`~transformer_jax.sharding.logical_axes`)."""
+    return logical_axes(self.model, *self.model_inputs(self._example()))
+
+  def _example(self) -> dict:
+    """One row of the first batch: what the model is initialised from."""
+    return jax.tree.map(lambda x: jnp.asarray(x[:1]), self.train_batch(0))
 
   def start_params(self, params):
     """What a run without a checkpoint starts from: ``params`` (fresh, on the devices), or with ``init_from``, the

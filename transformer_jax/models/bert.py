@@ -13,6 +13,7 @@ from transformer_jax.config import BlockConfig
 from transformer_jax.modules import embeddings
 from transformer_jax.modules.blocks import Block, Stack
 from transformer_jax.modules.normalization import make_norm
+from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_shape, token_validity
 
 
@@ -58,7 +59,13 @@ class BERTConfig(BlockConfig):
     return cls(**{**dict(num_layers=24, d_model=1024, num_heads=16, d_ff=4096), **overrides})
 
 
-class BERT(nn.Module):
+def _head_inits(cfg) -> dict:
+  """The pooler's, MLM transform's and classifier's ``(D, out)`` kernels: split on their input features (FSDP),
+  like every kernel; their small outputs stay whole."""
+  return dense_inits(cfg.kernel_init, ('embed', None))
+
+
+class BERT(Module):
   """The encoder: ``(B, T)`` ids -> ``((B, T, D)`` sequence output, ``(B, D)`` pooled ``[CLS]`` or ``None``)."""
 
   config: BERTConfig
@@ -71,12 +78,13 @@ class BERT(nn.Module):
     valid = token_validity(ids, valid, cfg.pad_id, cfg.max_len, 'input')
     if token_type_ids is not None:
       check_shape(token_type_ids, ids.shape, 'token_type_ids')
-    table = lambda vocab, name: embeddings.TokenEmbedding(  # noqa: E731
+    table = lambda vocab, name, vocab_axis='vocab': embeddings.TokenEmbedding(  # noqa: E731
       vocab,
       cfg.d_model,
       dtype=cfg.compute_dtype,
       param_dtype=cfg.weight_dtype,
       embedding_init=cfg.kernel_init,
+      vocab_axis=vocab_axis,
       name=name,
     )
     positions = embeddings.LearnedPositionalEmbedding(
@@ -91,7 +99,7 @@ class BERT(nn.Module):
       table(cfg.vocab_size, 'token_embed'),
       positions,
       cfg.dropout_rate,
-      segments=table(cfg.type_vocab_size, 'token_type_embed'),
+      segments=table(cfg.type_vocab_size, 'token_type_embed', None),
       norm=make_norm(cfg, 'embed_norm'),
     )
     x = embed(ids, segment_ids=token_type_ids, deterministic=deterministic)  # (B, T, D)
@@ -106,14 +114,14 @@ class BERT(nn.Module):
           cfg.d_model,
           dtype=cfg.compute_dtype,
           param_dtype=cfg.weight_dtype,
-          kernel_init=cfg.kernel_init,
+          **_head_inits(cfg),
           name='pooler',
         )(x[:, 0])
       )
     return x, pooled
 
 
-class BERTForMaskedLM(nn.Module):
+class BERTForMaskedLM(Module):
   """BERT with the masked-LM head: ``(B, T)`` ids -> ``(B, T, V)`` float32 logits (decoder tied to the embedding)."""
 
   config: BERTConfig
@@ -127,7 +135,7 @@ class BERTForMaskedLM(nn.Module):
       cfg.d_model,
       dtype=cfg.compute_dtype,
       param_dtype=cfg.weight_dtype,
-      kernel_init=cfg.kernel_init,
+      **_head_inits(cfg),
       name='mlm_dense',
     )(x)
     x = make_norm(cfg, 'mlm_norm')(ACTIVATIONS[cfg.activation](x))
@@ -136,10 +144,10 @@ class BERTForMaskedLM(nn.Module):
     )
     nn.share_scope(self, head)  # the decoder bias is `mlm_bias` at the top of the tree
     # decoder tied to the (V, D) token table
-    return head(x, bert.variables['params']['token_embed']['embedding'])
+    return head(x, nn.unbox(bert.variables['params']['token_embed']['embedding']))
 
 
-class BERTForSequenceClassification(nn.Module):
+class BERTForSequenceClassification(Module):
   """BERT with a classifier on the pooled ``[CLS]`` output: ``(B, T)`` ids -> ``(B, num_labels)`` float32 logits."""
 
   config: BERTConfig
@@ -156,6 +164,6 @@ class BERTForSequenceClassification(nn.Module):
       cfg.num_labels,
       dtype=jnp.float32,
       param_dtype=cfg.weight_dtype,
-      kernel_init=cfg.kernel_init,
+      **_head_inits(cfg),
       name='classifier',
     )(pooled.astype(jnp.float32))

@@ -11,6 +11,7 @@ from transformer_jax.config import BlockConfig
 from transformer_jax.modules import embeddings
 from transformer_jax.modules.blocks import Block, Stack
 from transformer_jax.modules.normalization import make_norm
+from transformer_jax.sharding import Module
 from transformer_jax.validation import check_shape, token_validity
 
 
@@ -73,7 +74,7 @@ class GPTConfig(BlockConfig):
     return cls(**{**shape, **layers, **head, **dropout, **overrides})
 
 
-class GPT(nn.Module):
+class GPT(Module):
   """Causal language model: ``(B, T)`` ids -> ``(B, T, V)`` float32 next-token logits.
 
   Parameters: ``token_embed``, ``positions`` (learned), ``decoder`` (a :class:`Stack` of causal :class:`Block`\\ s

@@ -11,6 +11,7 @@ from transformer_jax.config import BlockConfig
 from transformer_jax.modules import embeddings
 from transformer_jax.modules.blocks import Block, CrossAttentionBlock, Stack
 from transformer_jax.modules.normalization import make_norm
+from transformer_jax.sharding import Module
 from transformer_jax.validation import check_shape, token_validity
 
 
@@ -74,7 +75,7 @@ class TransformerConfig(BlockConfig):
     return cls(**{**shape, **layers, **overrides})
 
 
-class Transformer(nn.Module):
+class Transformer(Module):
   """Encoder-decoder Transformer with :meth:`encode` and :meth:`decode`.
 
   Parameters: ``source_embed`` (also the target table with ``share_embeddings``), ``target_embed``, optional learned

@@ -6,7 +6,6 @@ Layouts: queries ``(B, T, H, K)``, keys and values ``(B, S, H, K)``, weights ``(
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Literal
 
@@ -17,7 +16,7 @@ from jax import lax
 
 from transformer_jax import masks
 from transformer_jax.modules.rotary import Rotary
-from transformer_jax.sharding import declare_axes
+from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_attention_mask
 
 Implementation = Literal['einsum', 'xla', 'cudnn'] | None
@@ -130,7 +129,12 @@ def _zero_empty_rows(out, row_ok):
   return out if row_ok is None else jnp.where(jnp.swapaxes(row_ok, 1, 2), out, 0)
 
 
-class MultiHeadAttention(nn.Module):
+# (D, H, K) projections: heads split over the tensor axis; a key/value head count the axis does not divide stays whole
+# (see sharding._spec).
+HEAD_KERNEL = ('embed', 'heads', 'kv')
+
+
+class MultiHeadAttention(Module):
   """Multi-head attention for self- (``inputs_kv=None``) and cross-attention.
 
   Parameters: ``query`` kernel ``(D, H, K)``, ``key``/``value`` kernels ``(D, G, K)`` for ``G = num_kv_heads``
@@ -194,23 +198,29 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(
         'cached decoding of attention over a separate memory needs MultiHeadAttention(cross=True)'
       )
-    dense = functools.partial(
-      nn.DenseGeneral,
-      use_bias=self.qkv_bias,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=self.kernel_init,
-    )
+
+    def dense(features, name, kernel_axes, axis=-1, use_bias=self.qkv_bias):
+      return nn.DenseGeneral(
+        features,
+        axis=axis,
+        use_bias=use_bias,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+        **dense_inits(self.kernel_init, kernel_axes, inputs=len(kernel_axes) - len(features)),
+      )
 
     if self.fused_qkv:
       if inputs_kv is not None:
         raise ValueError(
           'fused_qkv projects one input; cross-attention needs separate query and key/value inputs'
         )
-      qkv = dense((3, self.num_heads, head_dim), name='qkv')(inputs_q)  # (B, T, 3, H, K)
+      qkv = dense((3, self.num_heads, head_dim), 'qkv', ('embed', None, 'heads', 'kv'))(
+        inputs_q
+      )  # (B, T, 3, H, K)
       query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
-      query = dense((self.num_heads, head_dim), name='query')(inputs_q)  # (B, T, H, K)
+      query = dense((self.num_heads, head_dim), 'query', HEAD_KERNEL)(inputs_q)  # (B, T, H, K)
       # Later decoding steps reuse the memory projected at the first.
       if self.cross and decode and inputs_kv is None:
         if not self.has_variable('cache', MEMORY_KEY):
@@ -221,8 +231,8 @@ class MultiHeadAttention(nn.Module):
         value = self.get_variable('cache', MEMORY_VALUE)
       else:
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
-        key = dense((kv_heads, head_dim), name='key')(inputs_kv)  # (B, S, G, K)
-        value = dense((kv_heads, head_dim), name='value')(inputs_kv)  # (B, S, G, K)
+        key = dense((kv_heads, head_dim), 'key', HEAD_KERNEL)(inputs_kv)  # (B, S, G, K)
+        value = dense((kv_heads, head_dim), 'value', HEAD_KERNEL)(inputs_kv)  # (B, S, G, K)
     if self.rotary is not None or self.rope_theta is not None:
       query, key = self._rotate(query, key, positions, decode)
     if decode:
@@ -245,7 +255,8 @@ class MultiHeadAttention(nn.Module):
     if want_weights:
       result, weights = result
       self.sow('intermediates', 'attention_weights', weights)
-    return dense(features, axis=(-2, -1), use_bias=self.out_bias, name='out')(result)  # (B, T, D)
+    out = dense((features,), 'out', ('heads', 'kv', 'embed'), axis=(-2, -1), use_bias=self.out_bias)
+    return out(result)  # (B, T, D)
 
   def _rotate(self, query, key, positions, decode: bool):
     if self.cross:
@@ -280,9 +291,3 @@ class MultiHeadAttention(nn.Module):
       cached_value.value,
       masks.combine_masks(mask, masks.causal_mask(chunk, size, start)),
     )
-
-
-# Heads split over the tensor axis; a key/value head count the axis does not divide stays whole (see sharding._spec).
-declare_axes('qkv', kernel=('embed', None, 'heads', 'kv'), bias=(None, 'heads', 'kv'))
-declare_axes(('query', 'key', 'value'), kernel=('embed', 'heads', 'kv'), bias=('heads', 'kv'))
-declare_axes('out', kernel=('heads', 'kv', 'embed'))

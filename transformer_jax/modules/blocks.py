@@ -18,7 +18,7 @@ from transformer_jax.config import REMAT_POLICIES, BlockConfig
 from transformer_jax.modules.attention import MultiHeadAttention
 from transformer_jax.modules.feedforward import FeedForward
 from transformer_jax.modules.normalization import make_norm
-from transformer_jax.sharding import shard_activation
+from transformer_jax.sharding import Module, shard_activation
 
 
 def make_attention(config: BlockConfig, *, cross: bool = False) -> MultiHeadAttention:
@@ -52,7 +52,7 @@ def make_ffn(config: BlockConfig) -> FeedForward:
   )
 
 
-class _Residual(nn.Module):
+class _Residual(Module):
   """Shared by the layers: ``add(x, norm, f)`` is one residual sublayer, pre- or post-norm as the config says."""
 
   config: BlockConfig
@@ -138,7 +138,7 @@ def _residual_stream(x):
   return shard_activation(x, 'batch', None, None)
 
 
-class Stack(nn.Module):
+class Stack(Module):
   """``num_layers`` copies of ``layer_cls`` and an optional final norm.
 
   Plain loop: parameters ``layers_0 ... layers_{L-1}``. With ``config.scan_layers``: one ``layers`` subtree whose
@@ -175,6 +175,8 @@ class Stack(nn.Module):
         split_rngs={'params': True, 'dropout': True},
         in_axes=(nn.broadcast,) * len(layer_args),
         length=self.num_layers,
+        # each parameter's logical axes gain the leading layer axis
+        metadata_params={nn.PARTITION_NAME: 'layers'},
       )
       x, _ = scan(self.layer_cls(cfg, name='layers'), x, *layer_args)
     else:

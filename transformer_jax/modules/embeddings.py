@@ -9,14 +9,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from transformer_jax.sharding import declare_axes
+from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_length, check_token_ids
 
 SinusoidLayout = Literal['interleaved', 'concatenated']
 POSITION_ENCODINGS = ('sinusoidal', 'sinusoidal_concat', 'learned', 'none')
 
 
-class TokenEmbedding(nn.Module):
+class TokenEmbedding(Module):
   """A ``[V, D]`` lookup table with a tied-output ``attend`` path.
 
   Ids outside ``[0, V)`` raise when they are concrete; under ``jit`` they give NaN rows (never a clamped, plausible
@@ -29,10 +29,14 @@ class TokenEmbedding(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   embedding_init: Callable = nn.initializers.normal(stddev=1.0)
+  # Logical axes of the (V, D) table: a token vocabulary splits over the tensor axis; a small table (BERT's segment
+  # types) passes None and stays whole on axis 0.
+  vocab_axis: str | None = 'vocab'
 
   def setup(self):
+    init = nn.with_logical_partitioning(self.embedding_init, (self.vocab_axis, 'embed'))
     self.embedding = self.param(
-      'embedding', self.embedding_init, (self.vocab_size, self.features), self.param_dtype
+      'embedding', init, (self.vocab_size, self.features), self.param_dtype
     )
 
   def __call__(self, ids):
@@ -79,7 +83,7 @@ def sinusoidal_table(
   return table.astype(np.float32)
 
 
-class SinusoidalPositionalEncoding(nn.Module):
+class SinusoidalPositionalEncoding(Module):
   """Fixed sinusoidal encodings (no parameters) looked up by position."""
 
   max_len: int
@@ -96,7 +100,7 @@ class SinusoidalPositionalEncoding(nn.Module):
     return jnp.take(table, positions, axis=0).astype(self.dtype)
 
 
-class LearnedPositionalEmbedding(nn.Module):
+class LearnedPositionalEmbedding(Module):
   """Learned absolute positions (GPT, BERT): a ``[max_len + offset, D]`` table; position ``p`` reads row
   ``p + offset``. BART's ``offset=2`` keeps two rows its checkpoints carry and never read."""
 
@@ -113,7 +117,9 @@ class LearnedPositionalEmbedding(nn.Module):
     check_length(positions.shape[-1], self.max_len)
     check_token_ids(positions, self.max_len, 'positions')
     rows = (self.max_len + self.offset, self.features)
-    table = self.param('embedding', self.embedding_init, rows, self.param_dtype)
+    # position tables are small: whole on axis 0
+    init = nn.with_logical_partitioning(self.embedding_init, (None, 'embed'))
+    table = self.param('embedding', init, rows, self.param_dtype)
     return jnp.take(table, positions + self.offset, axis=0).astype(self.dtype)
 
 
@@ -145,7 +151,7 @@ def default_positions(ids):
   return jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
 
 
-class InputEmbedding(nn.Module):
+class InputEmbedding(Module):
   """``x = dropout(norm(tokens(ids) + positions(p) + segments(s)))``, each part optional but the tokens.
 
   It owns no parameters: the tables are its owner's (so a model's parameter tree names them, and two embeddings can
@@ -171,7 +177,7 @@ class InputEmbedding(nn.Module):
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
-class OutputHead(nn.Module):
+class OutputHead(Module):
   """``(..., D)`` -> ``(..., V)`` float32 logits: tied to a token table (``x @ table^T``, plus ``bias_name`` when
   ``use_bias``) or a separate ``output`` Dense.
 
@@ -196,23 +202,13 @@ class OutputHead(nn.Module):
         use_bias=self.use_bias,
         dtype=jnp.float32,
         param_dtype=self.param_dtype,
-        kernel_init=self.kernel_init,
         name='output',
+        **dense_inits(self.kernel_init, ('embed', 'vocab')),
       )(x32)
     out = jnp.einsum('...d,vd->...v', x32, table.astype(jnp.float32))
     if self.use_bias:
-      out = out + self.param(
-        self.bias_name, nn.initializers.zeros, (self.vocab_size,), self.param_dtype
-      ).astype(jnp.float32)
+      init = nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',))
+      out = out + self.param(self.bias_name, init, (self.vocab_size,), self.param_dtype).astype(
+        jnp.float32
+      )
     return out
-
-
-# Token tables (V, D) split the vocabulary over the tensor axis; position and segment tables are small and stay whole
-# on axis 0. The output head's kernel and biases follow the vocabulary.
-declare_axes(('token_embed', 'source_embed', 'target_embed'), embedding=('vocab', 'embed'))
-declare_axes(
-  ('positions', 'source_positions', 'target_positions', 'token_type_embed'),
-  embedding=(None, 'embed'),
-)
-declare_axes('output', kernel=('embed', 'vocab'), bias=('vocab',))
-declare_axes('*', output_bias=('vocab',), mlm_bias=('vocab',))

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from transformer_jax.activations import ACTIVATIONS
-from transformer_jax.sharding import declare_axes
+from transformer_jax.sharding import Module, dense_inits
 
 Activation = Literal['relu', 'gelu', 'gelu_tanh', 'silu']
 
 
-class FeedForward(nn.Module):
+class FeedForward(Module):
   """``(B, T, D) -> (B, T, D)`` through ``F`` hidden units.
 
   Plain: ``act(x W_in + b_in) W_out + b_out`` (``fc_in``, ``fc_out``). Gated (Shazeer 2020, "GLU Variants Improve
@@ -38,18 +37,18 @@ class FeedForward(nn.Module):
         f'unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}'
       )
     act = ACTIVATIONS[self.activation]
-    dense = functools.partial(
-      nn.Dense,
-      use_bias=self.use_bias,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=self.kernel_init,
-    )
-    h = dense(self.hidden_dim, name='fc_in')(x)  # (B, T, F)
-    h = act(dense(self.hidden_dim, name='fc_gate')(x)) * h if self.gated else act(h)
-    return dense(x.shape[-1], name='fc_out')(h)  # (B, T, D)
 
+    # Hidden units split over the tensor axis.
+    def dense(features, name, kernel_axes):
+      return nn.Dense(
+        features,
+        use_bias=self.use_bias,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+        **dense_inits(self.kernel_init, kernel_axes),
+      )
 
-# Hidden units split over the tensor axis.
-declare_axes(('fc_in', 'fc_gate'), kernel=('embed', 'mlp'), bias=('mlp',))
-declare_axes('fc_out', kernel=('mlp', 'embed'))
+    h = dense(self.hidden_dim, 'fc_in', ('embed', 'mlp'))(x)  # (B, T, F)
+    h = act(dense(self.hidden_dim, 'fc_gate', ('embed', 'mlp'))(x)) * h if self.gated else act(h)
+    return dense(x.shape[-1], 'fc_out', ('mlp', 'embed'))(h)  # (B, T, D)

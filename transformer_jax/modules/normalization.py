@@ -7,10 +7,12 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
+from transformer_jax.sharding import Module
+
 NormVariant = Literal['standard', 'unbiased_std']
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(Module):
   """LayerNorm over the last axis; statistics are always computed in float32.
 
   ``variant='standard'`` is ``(x - mean) / sqrt(var + eps)`` with the biased variance (``torch.nn.LayerNorm``, Flax,
@@ -42,17 +44,16 @@ class LayerNorm(nn.Module):
       raise ValueError(
         f"unknown LayerNorm variant {self.variant!r}; expected 'standard' or 'unbiased_std'"
       )
-    y = y * self.param('scale', nn.initializers.ones, (features,), self.param_dtype).astype(
-      jnp.float32
-    )
+    y = y * self.param(
+      'scale', _features(nn.initializers.ones), (features,), self.param_dtype
+    ).astype(jnp.float32)
     if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (features,), self.param_dtype).astype(
-        jnp.float32
-      )
+      bias = self.param('bias', _features(nn.initializers.zeros), (features,), self.param_dtype)
+      y = y + bias.astype(jnp.float32)
     return y.astype(self.dtype)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Module):
   """Root-mean-square normalisation (Zhang & Sennrich 2019): ``x / sqrt(mean(x^2) + eps) * scale``, no centring and
   no bias (T5, Llama, Mistral, Qwen2). Statistics and the scaling are float32.
 
@@ -71,8 +72,14 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     y = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32**2, -1, keepdims=True) + self.epsilon))
     init = nn.initializers.zeros if self.scale_plus_one else nn.initializers.ones
-    scale = self.param('scale', init, (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+    scale = self.param('scale', _features(init), (x.shape[-1],), self.param_dtype)
+    scale = scale.astype(jnp.float32)
     return (y * (1.0 + scale if self.scale_plus_one else scale)).astype(self.dtype)
+
+
+def _features(init):
+  """A ``(D,)`` norm parameter, split like the residual stream's features."""
+  return nn.with_logical_partitioning(init, ('embed',))
 
 
 def make_norm(config, name: str | None = None) -> nn.Module:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer_jax.sharding import declare_axes
+from transformer_jax.sharding import Module
 
 
 def relative_position_buckets(
@@ -38,7 +38,7 @@ def relative_position_buckets(
   return buckets + jnp.where(distance < max_exact, distance, large)
 
 
-class RelativePositionBias(nn.Module):
+class RelativePositionBias(Module):
   """``(T, S)`` query and key lengths -> ``(1, H, T, S)`` float32 logit bias. Parameter: ``embedding``
   ``(num_buckets, H)`` (Hugging Face's ``relative_attention_bias.weight``)."""
 
@@ -52,9 +52,9 @@ class RelativePositionBias(nn.Module):
   @nn.compact
   def __call__(self, q_len: int, kv_len: int, offset=0):
     """``offset``: the position of the first query (cached decoding continues at the cache index)."""
-    table = self.param(
-      'embedding', self.embedding_init, (self.num_buckets, self.num_heads), self.param_dtype
-    )
+    # (buckets, H): heads follow attention's split
+    init = nn.with_logical_partitioning(self.embedding_init, (None, 'heads'))
+    table = self.param('embedding', init, (self.num_buckets, self.num_heads), self.param_dtype)
     relative = jnp.arange(kv_len)[None, :] - (jnp.arange(q_len)[:, None] + offset)  # (T, S)
     buckets = relative_position_buckets(
       relative,
@@ -64,7 +64,3 @@ class RelativePositionBias(nn.Module):
     )
     bias = jnp.take(table.astype(jnp.float32), buckets, axis=0)  # (T, S, H)
     return jnp.transpose(bias, (2, 0, 1))[None]  # (1, H, T, S)
-
-
-# (buckets, H): heads follow attention's split
-declare_axes('relative_position_bias', embedding=(None, 'heads'))
