@@ -2,6 +2,7 @@
 
     python -m benchmarks.decode [--shapes gpt2-small small] [--batches 1 8] [--prompt 16] [--new 64]
         [--dtypes float32 bfloat16]
+    python -m benchmarks.decode --model marian ...   # beam search of an encoder-decoder: see decode_seq2seq
 
 One randomly initialised ``GPT2LMHeadModel`` per shape (built from a config, no download) is converted with
 ``transformer_jax.convert.from_gpt2``, so both sides hold the same weights. Both decode ``--new`` tokens greedily after
@@ -75,9 +76,21 @@ def run_ours(model, params, prompt: np.ndarray, new: int, repeats: int):
   return time_call(call, warmup=0, repeats=repeats), out
 
 
-def main():
+def main(argv=None):
+  # --model marian hands every other flag to the encoder-decoder benchmark, which has its own
+  choice = argparse.ArgumentParser(add_help=False)
+  choice.add_argument('--model', choices=['gpt2', 'marian'], default='gpt2')
+  known, rest = choice.parse_known_args(argv)
+  if known.model == 'marian':
+    from benchmarks import decode_seq2seq
+
+    return decode_seq2seq.main(rest)
+
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    '--model', choices=['gpt2', 'marian'], default='gpt2', help='marian: see decode_seq2seq'
   )
   parser.add_argument(
     '--shapes', nargs='+', choices=sorted(SHAPES), default=['gpt2-small', 'small']
@@ -95,7 +108,7 @@ def main():
   )
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--out', default='benchmarks/results/decode.json')
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   info = machine_info()
   print_machine(info)

@@ -327,7 +327,7 @@ def test_an_embedding_norm_normalises_the_summed_embeddings():
   params = jax.jit(model.init)(jax.random.key(0), src, tgt)['params']
   assert {'source_embed_norm', 'target_embed_norm'} <= set(params)
   assert params['source_positions']['embedding'].shape == (9 + 2, D)
-  embedded = model.apply({'params': params}, src, method=lambda m, ids: m.embed_source(ids))
+  embedded = model.apply({'params': params}, src, method=lambda m, ids: m.source.embed_source(ids))
   # LayerNorm at init: zero mean, unit var
   np.testing.assert_allclose(np.asarray(embedded).mean(-1), 0.0, atol=1e-5)
   np.testing.assert_allclose(np.asarray(embedded).std(-1), 1.0, atol=1e-3)

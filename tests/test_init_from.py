@@ -20,7 +20,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 from train_helpers import tiny_config, tiny_fields
 
 from train.metrics import read_metrics
-from train.pretrained_init import RUNTIME_FIELDS
+from train.pretrained_start import RUNTIME_FIELDS
 from train.runs import export, load_run
 from train.sample import respond
 from train.steps import eval_step_fn, evaluate

@@ -12,6 +12,7 @@ from transformer_jax import (
   BERTConfig,
   BERTForMaskedLM,
   BERTForSequenceClassification,
+  EncoderModel,
   GPTConfig,
   Transformer,
   TransformerConfig,
@@ -45,6 +46,10 @@ LLAMA_SHAPED = GPTConfig(
   scan_layers=True,
 )
 IDS = jnp.ones((2, 5), jnp.int32)
+# relative position tables in both stacks, RMSNorm, a gated FFN, no biases, an untied head, scanned layers
+T5_SHAPED = TransformerConfig.t5_v1_1(
+  src_vocab_size=41, tgt_vocab_size=41, relative_buckets=8, scan_layers=True, **TINY
+)
 
 
 def shapes(model, *args):
@@ -63,8 +68,19 @@ def shapes(model, *args):
     (BERTForMaskedLM(BERTConfig(vocab_size=41, **TINY)), (IDS,)),
     (BERTForSequenceClassification(BERTConfig(vocab_size=41, num_labels=3, **TINY)), (IDS,)),
     (GPT(LLAMA_SHAPED), (IDS,)),
+    (Transformer(T5_SHAPED), (IDS, IDS)),
+    (EncoderModel(T5_SHAPED.replace(scan_layers=False)), (IDS,)),
   ],
-  ids=['gpt', 'gpt_scan_untied', 'transformer', 'bert_mlm', 'bert_classifier', 'llama_shaped'],
+  ids=[
+    'gpt',
+    'gpt_scan_untied',
+    'transformer',
+    'bert_mlm',
+    'bert_classifier',
+    'llama_shaped',
+    't5_shaped',
+    't5_encoder',
+  ],
 )
 def test_every_parameter_gets_one_name_per_axis(model, args):
   """The names come from the blocks' metadata; ``init`` itself returns plain arrays."""

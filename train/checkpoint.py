@@ -20,7 +20,7 @@ from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
 from train.errors import first_line
-from transformer_jax.config import BlockConfig
+from transformer_jax.models import TransformerConfig
 
 log = logging.getLogger('train')
 
@@ -55,9 +55,11 @@ class UnreadableCheckpointError(ValueError):
 # at what they add nothing with. A checkpoint written before a field existed was built with what its default now
 # gives, so a missing field matches its default.
 _DEFAULTS = {
-  **{f'model.{f.name}': f.default for f in dataclasses.fields(BlockConfig)},
+  # BlockConfig's and the encoder-decoder's own (only the current config's keys are filled in)
+  **{f'model.{f.name}': f.default for f in dataclasses.fields(TransformerConfig)},
   'init_from': '',
   'param_lr': '',
+  'data.metric': 'bleu',  # translation runs picked their best checkpoints by BLEU before it was a choice
 }
 
 

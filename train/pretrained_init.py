@@ -9,51 +9,33 @@ only for its weights, by a start that never saved a checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
 import os
 from pathlib import Path
 
-import jax
-import numpy as np
-from flax import traverse_util
-
-from train.checkpoint import Checkpoints
-from train.configs import preset
 from train.errors import first_line
+from train.pretrained_start import INIT_FILE, TOKENIZER_DIR, Pretrained, flat_loop
 from train.readers import LABELS_FILE, LabelSet
 from train.vocab import TokenizerVocab, Vocab, load_vocab
 from transformer_jax import pretrained as hf_pretrained
-from transformer_jax.convert.engine import our_shapes, to_loop_layout, to_model_layout
-from transformer_jax.convert.hf_directory import load_hf, read_config
+from transformer_jax.convert.hf_directory import read_config
+from transformer_jax.generation_config import GENERATION_KEYS, read_generation_config
 from transformer_jax.models import BERT
 from transformer_jax.tokenizer import load_tokenizer
 
-log = logging.getLogger('train')
-
-INIT_FILE = 'init_from.json'
-TOKENIZER_DIR = 'tokenizer'
-# Model fields a run from pretrained weights may set: how the weights compute and train, not what they are.
-RUNTIME_FIELDS = (
-  'dropout_rate',
-  'attention_dropout_rate',
-  'classifier_dropout_rate',
-  'dtype',
-  'param_dtype',
-  'attention_implementation',
-  'scan_layers',
-  'remat_policy',
-)
-# Each task's model family, as a Hugging Face model_type; a run's workdir belongs to the family of its task.
-FAMILY = {'lm': 'gpt2', 'mlm': 'bert', 'classify': 'bert'}
+# Each task's model family; a run's workdir belongs to the family of its task.
+FAMILY = {'lm': 'gpt2', 'mlm': 'bert', 'classify': 'bert', 'translation': 'seq2seq'}
+# The Hugging Face model_types of each family.
+MODEL_TYPES = {'gpt2': ('gpt2',), 'bert': ('bert',), 'seq2seq': ('bart', 'marian', 't5')}
 _WANTED = {
   'gpt2': 'a GPT-2 checkpoint (GPT2LMHeadModel or GPT2Model) or an lm workdir',
   'bert': 'a BERT checkpoint (BertModel, BertForMaskedLM or BertForSequenceClassification) or an '
   'mlm or classify workdir',
+  'seq2seq': 'a BART, Marian or T5 checkpoint (BartForConditionalGeneration, MarianMTModel, '
+  'T5ForConditionalGeneration) or the workdir of a translation run that started from one',
 }
 # The special tokens each task feeds its model.
-_TOKENS = {'lm': (), 'mlm': ('mask',), 'classify': ('cls', 'sep', 'pad')}
+_TOKENS = {'lm': (), 'mlm': ('mask',), 'classify': ('cls', 'sep', 'pad'), 'translation': ('eos',)}
 
 
 def workdir_vocab(workdir: str) -> Vocab:
@@ -72,136 +54,9 @@ def _read_record(workdir: str) -> dict | None:
     return json.load(f)
 
 
-def _flat_loop(params) -> dict[str, np.ndarray]:
-  """Our params (either layout) -> ``{'a/b/kernel': array}`` in the loop layout; a bare BERT encoder under ``bert``,
-  where every BERT head keeps it."""
-  flat = traverse_util.flatten_dict(to_loop_layout(params), sep='/')
-  return {k: np.asarray(v) for k, v in flat.items()}
-
-
-def _source_params(source: str, kind: str) -> dict[str, np.ndarray]:
-  """The weights of ``init_from``, read now."""
-  if kind == 'workdir':
-    with Checkpoints.reader(source) as checkpoints:
-      params = checkpoints.saved_params()
-    if params is None:
-      raise ValueError(f'init_from {source} holds no checkpoint to start from')
-    return _flat_loop(params)
-  model, params = load_hf(source, dtype='float32')
-  return _flat_loop({'bert': params} if isinstance(model, BERT) else params)
-
-
-@dataclasses.dataclass
-class Pretrained:
-  """What ``init_from`` gives a run. ``architecture``: our model config as a dict; ``head_labels``: the class
-  names of the checkpoint's classification head (``None`` without one); ``hf_config``: what its ``config.json``
-  says beyond the architecture (special token ids), for the export; ``recorded``: the workdir already holds the
-  record; ``new``: top-level parameter groups to start afresh even where the checkpoint has them (a head whose
-  labels do not fit)."""
-
-  source: str
-  kind: str  # 'hugging_face' | 'workdir'
-  architecture: dict
-  vocab: Vocab
-  head_labels: list[str] | None
-  hf_config: dict
-  recorded: bool
-  new: set = dataclasses.field(default_factory=set)
-  # the checkpoint's weights (flat, loop layout), read when first needed
-  _params: dict | None = None
-
-  def params(self) -> dict[str, np.ndarray]:
-    if self._params is None:
-      self._params = _source_params(self.source, self.kind)
-    return self._params
-
-  def model_config(self, config, config_cls, **derived):
-    """The run's model config: the checkpoint's architecture, ``derived`` (what the data sizes, e.g. the labels)
-    and the run config's runtime fields. Any other ``model`` field that the run config moves away from its preset
-    must equal the checkpoint's: otherwise a ``ValueError`` names it."""
-    chosen, defaults = config.model.to_dict(), preset(config.task).model.to_dict()
-    model = {**self.architecture, **derived}
-    problems = []
-    for name, value in chosen.items():
-      if name not in model or value in (defaults.get(name), model[name]):
-        continue
-      if name in RUNTIME_FIELDS:
-        model[name] = value
-      else:
-        origin = 'the data' if name in derived else 'the checkpoint'
-        problems.append(f'model.{name}={value!r} ({origin} gives {model[name]!r})')
-    if problems:
-      raise ValueError(
-        f'init_from {self.source} sets the architecture: drop {", ".join(problems)}; only the runtime '
-        f'fields {", ".join(RUNTIME_FIELDS)} may be set'
-      )
-    return config_cls.from_dict(model)
-
-  def _taken(self, shapes: dict) -> list[str]:
-    """The parameters (of ``shapes``, loop layout) that start from the checkpoint."""
-    return [k for k in shapes if k in self.params() and k.split('/')[0] not in self.new]
-
-  def check(self, model) -> None:
-    """Reads the weights and checks them against ``model``'s parameters, so that a start fails before it writes."""
-    shapes = our_shapes(model)
-    wrong = [
-      f'{k}: checkpoint {self.params()[k].shape}, model {shapes[k]}'
-      for k in self._taken(shapes)
-      if self.params()[k].shape != tuple(shapes[k])
-    ]
-    if wrong:
-      raise ValueError(
-        f'the weights of init_from {self.source} do not fit the model: {"; ".join(wrong[:4])}'
-      )
-
-  def initial_params(self, fresh: dict, model) -> dict:
-    """``fresh`` (a new init of ``model``, placed on the devices) with the checkpoint's weights in place of every
-    parameter that starts from them, each placed like the array it replaces."""
-    shapes = our_shapes(model)
-    taken = self._taken(shapes)
-    loop = traverse_util.unflatten_dict({k: self.params()[k] for k in taken}, sep='/')
-    weights = traverse_util.flatten_dict(to_model_layout(loop, model.config), sep='/')
-    new = sorted({k.rsplit('/', 1)[0] for k in shapes if k not in taken})
-    log.info(
-      'starting from %s: %d of %d parameter arrays from it%s',
-      self.source,
-      len(taken),
-      len(shapes),
-      f'; new: {", ".join(new)}' if new else '',
-    )
-
-    def place(name, leaf):
-      if name not in weights:
-        return leaf
-      value = np.asarray(weights[name], leaf.dtype)
-      return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: value[index])
-
-    flat = traverse_util.flatten_dict(fresh, sep='/')
-    return traverse_util.unflatten_dict({k: place(k, v) for k, v in flat.items()}, sep='/')
-
-  def files(self, model_config) -> dict:
-    """The workdir files a first start writes: the record (with the run's final model config, for runs that start
-    from this one) and the tokenizer or vocabulary."""
-    record = {
-      'init_from': self.source,
-      'kind': self.kind,
-      'architecture': self.architecture,
-      'head_labels': self.head_labels,
-      'hf_config': self.hf_config,
-      'model': model_config.to_dict(),
-    }
-
-    def write(path):
-      with open(path, 'w') as f:
-        json.dump(record, f, indent=2)
-
-    vocab_file = TOKENIZER_DIR if isinstance(self.vocab, TokenizerVocab) else 'vocab.json'
-    return {INIT_FILE: write, vocab_file: self.vocab.save}
-
-
 def _from_hugging_face(source: str, found: dict, task: str) -> Pretrained:
   family = FAMILY[task]
-  if found.get('model_type') != family:
+  if found.get('model_type') not in MODEL_TYPES[family]:
     named = ', '.join(found.get('architectures') or []) or 'no architectures'
     raise ValueError(
       f'init_from {source} holds a {found.get("model_type")!r} model ({named}); the {task} task needs '
@@ -219,6 +74,10 @@ def _from_hugging_face(source: str, found: dict, task: str) -> Pretrained:
     architecture['pad_id'] = vocab.pad_id
   params = {'bert': loaded.params} if isinstance(loaded.model, BERT) else loaded.params
   labels = None if loaded.labels is None else list(loaded.labels)
+  generation = {}
+  if family == 'seq2seq':  # older checkpoints keep the ids in config.json alone
+    generation = {**found, **read_generation_config(source)}
+    generation = {k: v for k, v in generation.items() if k in GENERATION_KEYS}
   return Pretrained(
     source,
     'hugging_face',
@@ -227,7 +86,8 @@ def _from_hugging_face(source: str, found: dict, task: str) -> Pretrained:
     labels,
     loaded.hf_config,
     False,
-    _params=_flat_loop(params),
+    generation=generation,
+    _params=flat_loop(params),
   )
 
 
@@ -240,6 +100,12 @@ def _from_workdir(source: str, found: dict, task: str) -> Pretrained:
     )
   vocab = workdir_vocab(source)
   record = _read_record(source)
+  generation = {} if record is None else record.get('generation', {})
+  if family == 'seq2seq' and record is None:
+    raise ValueError(
+      f'init_from {source} is a translation run with its own vocabularies; only translation runs that started '
+      'from a Hugging Face model (init_from) can start another'
+    )
   if record is not None:  # itself started from pretrained weights: its record holds what it trained
     architecture, hf_config = record['model'], record['hf_config']
   else:  # as its task built it: the config's model fields and the vocabulary's
@@ -249,7 +115,9 @@ def _from_workdir(source: str, found: dict, task: str) -> Pretrained:
   if found['task'] == 'classify':
     names = LabelSet.load(os.path.join(source, LABELS_FILE)).names
     labels = names or [str(i) for i in range(architecture['num_labels'])]
-  return Pretrained(source, 'workdir', architecture, vocab, labels, hf_config, False)
+  return Pretrained(
+    source, 'workdir', architecture, vocab, labels, hf_config, False, generation=generation
+  )
 
 
 def _inspect(source: str, task: str) -> Pretrained:
@@ -285,6 +153,7 @@ def open_init_from(config, workdir: str) -> Pretrained | None:
       record['head_labels'],
       record['hf_config'],
       True,
+      generation=record.get('generation', {}),
     )
   else:
     pretrained = _inspect(source, config.task)
@@ -294,9 +163,10 @@ def open_init_from(config, workdir: str) -> Pretrained | None:
       raise ValueError(
         f'the tokenizer of init_from {source} has no {name} token, which the {config.task} task needs'
       )
-  if vocab.size > pretrained.architecture['vocab_size']:
+  rows = pretrained.architecture.get('vocab_size') or pretrained.architecture['src_vocab_size']
+  if vocab.size > rows:
     raise ValueError(
       f'the tokenizer of init_from {source} has {vocab.size} tokens but the model embeds only '
-      f'{pretrained.architecture["vocab_size"]}: they do not belong together'
+      f'{rows}: they do not belong together'
     )
   return pretrained

@@ -16,7 +16,7 @@ from train.steps import create_state
 from train.tasks import ClassificationTask, build_task
 from train.vocab import TokenizerVocab
 from transformer_jax import pretrained
-from transformer_jax.models import GPT, BERTForMaskedLM
+from transformer_jax.models import GPT, BERTForMaskedLM, Transformer
 
 
 def load_run(workdir: str, step: int | None = None):
@@ -47,15 +47,20 @@ def load_run(workdir: str, step: int | None = None):
 
 
 # What loads each kind of model again.
-_LOADERS = {GPT: 'AutoModelForCausalLM', BERTForMaskedLM: 'AutoModelForMaskedLM'}
+_LOADERS = {
+  GPT: 'AutoModelForCausalLM',
+  BERTForMaskedLM: 'AutoModelForMaskedLM',
+  Transformer: 'AutoModelForSeq2SeqLM',
+}
 
 
 def export(workdir: str, out: str, step: int | None = None) -> str:
   """Writes the run in ``workdir`` to ``out``; returns the name of the ``transformers`` class that loads it."""
   task, params = load_run(workdir, step)
-  if not isinstance(task.vocab, TokenizerVocab):
+  vocab = getattr(task, 'vocab', None) or task.src_vocab
+  if not isinstance(vocab, TokenizerVocab):
     raise ValueError(
-      f'{workdir} trains with its own {task.vocab.kind!r} vocabulary, which has no Hugging Face tokenizer; '
+      f'{workdir} trains with its own {vocab.kind!r} vocabulary, which has no Hugging Face tokenizer; '
       'runs started from a Hugging Face model (init_from) export'
     )
   labels = None

@@ -8,7 +8,6 @@ The newest readable checkpoint of the workdir is used, with the vocabulary and c
 from __future__ import annotations
 
 import jax
-import numpy as np
 from absl import app, flags
 
 from train.errors import parse_flags, run_main
@@ -28,15 +27,13 @@ flags.DEFINE_integer('beam_size', 1, 'translation: beam width (1 = greedy).')
 flags.DEFINE_integer('seed', 0, 'lm: sampling seed.')
 
 
-def respond(task, params, text: str, rng) -> str:
+def respond(task, params, text: str, rng, beam_size: int = 1) -> str:
   """What the model makes of one input ``text``."""
   if isinstance(task, LanguageModelTask):
     return task.continue_text(params, text, rng)
   if isinstance(task, TranslationTask):
-    source = task.src_vocab.encode(text)[: task.config.data.src_len]
-    ids = np.zeros((1, task.config.data.src_len), np.int32)
-    ids[0, : len(source)] = source
-    return task.translate(params, ids, beam_size=flags.FLAGS.beam_size)[0]
+    ids, valid = task.encode_sources([text])
+    return task.translate(params, ids, beam_size=beam_size, valid=valid)[0]
   if isinstance(task, ClassificationTask):
     probabilities = task.predict(params, task.encode_texts([text]))[0]
     listed = ', '.join(f'{task.labels.name(i)} {p:.3f}' for i, p in enumerate(probabilities))
@@ -64,7 +61,7 @@ def sample():
   if not FLAGS.text:
     print(task.sample(params, rng))
   for text in FLAGS.text:
-    print(f'{text!r} -> {respond(task, params, text, rng)!r}')
+    print(f'{text!r} -> {respond(task, params, text, rng, flags.FLAGS.beam_size)!r}')
 
 
 if __name__ == '__main__':

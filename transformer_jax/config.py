@@ -77,6 +77,13 @@ class BlockConfig:
   rope_original_max_len: int = 8192  # 'llama3': the context the unscaled frequencies were made for
   # None/'einsum' (ours, fastest on CPU); 'xla' or 'cudnn' (GPUs, bf16)
   attention_implementation: str | None = None
+  # multiplies q k^T; None: 1 / sqrt(head_dim). T5: 1.0 (its init folds the scale into the queries)
+  attention_scale: float | None = None
+  # T5's relative position bias, where a model asks for it (TransformerConfig(position_encoding='relative')): the
+  # buckets of key - query distances, exact below relative_buckets // 2 (per direction) and logarithmic up to
+  # relative_max_distance
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
   dtype: str = 'float32'  # compute dtype; norm statistics, softmax and logits stay float32
   param_dtype: str = 'float32'  # storage dtype of the parameters
   scan_layers: bool = False  # run the stack under nn.scan: compile time flat in depth
@@ -141,6 +148,11 @@ class BlockConfig:
       )
     if self.norm_eps <= 0:
       problems.append(f'norm_eps must be positive, got {self.norm_eps}')
+    if self.attention_scale is not None and not self.attention_scale > 0:
+      problems.append(
+        f'attention_scale must be positive (None: 1 / sqrt(head_dim)), got {self.attention_scale}'
+      )
+    problems += self._check_relative_buckets()
     if self.remat_policy not in REMAT_POLICIES:
       problems.append(
         f'remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}'
@@ -161,6 +173,23 @@ class BlockConfig:
 
   def _check(self) -> list[str]:
     """Model-specific checks; subclasses return their problems."""
+    return []
+
+  def _check_relative_buckets(self) -> list[str]:
+    buckets, distance = self.relative_buckets, self.relative_max_distance
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (buckets, distance)):
+      return [
+        f'relative_buckets and relative_max_distance must be integers, got {buckets!r}, {distance!r}'
+      ]
+    # A bidirectional table splits the buckets by direction, and half of each share are exact distances: the
+    # logarithmic buckets then need an exact one below them and a range above it.
+    if buckets < 4:
+      return [f'relative_buckets must be at least 4 (an exact bucket per direction), got {buckets}']
+    if distance <= buckets // 2:
+      return [
+        f'relative_max_distance must exceed the exact distances (relative_buckets // 2 = {buckets // 2}), got '
+        f'{distance}'
+      ]
     return []
 
   @property

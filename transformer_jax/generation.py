@@ -28,8 +28,8 @@ from transformer_jax.decoding import (
 )
 from transformer_jax.models.gpt import GPT
 from transformer_jax.models.transformer import Transformer
-from transformer_jax.search import (
-  Beams,
+from transformer_jax.search import Beams
+from transformer_jax.search_settings import (
   FloatSettings,
   SearchSettings,
   check_id,
@@ -59,6 +59,7 @@ def generate(
   eos_id: int | None = None,
   pad_id: int = 0,
   rng=None,
+  **constraints,
 ):
   """Samples ``max_new_tokens`` continuations of left-padded prompts from a :class:`~transformer_jax.GPT`.
 
@@ -71,6 +72,8 @@ def generate(
     eos_id: a row stops after emitting it; ``None``: rows never stop early.
     pad_id: fills the positions after a row's ``eos_id``.
     rng: a ``jax.random.key`` for sampling; ``None`` uses ``jax.random.key(0)``.
+    constraints: :data:`CONSTRAINTS`, Hugging Face's ``min_new_tokens``, ``bad_words_ids`` and
+      ``forced_eos_token_id``.
 
   Returns:
     ``(B, max_new_tokens)`` int32 new tokens (the prompt is not repeated).
@@ -78,7 +81,9 @@ def generate(
   prompt_ids, prompt_valid = _check_prompt(model, prompt_ids, prompt_valid, max_new_tokens)
   stopping = (eos_id, pad_id, no_repeat_ngram_size)
   sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-  settings, floats = make_settings(model.config.vocab_size, max_new_tokens, *stopping, **sampling)
+  settings, floats = make_settings(
+    model.config.vocab_size, max_new_tokens, *stopping, **sampling, **_gpt(constraints)
+  )
   rng = jax.random.key(0) if rng is None else rng
   return compiled_generate(model, settings, params, floats, prompt_ids, prompt_valid, rng)
 
@@ -95,14 +100,23 @@ def beam_search(
   no_repeat_ngram_size: int = 0,
   eos_id: int | None = None,
   pad_id: int = 0,
+  early_stopping: bool | str = 'never',
+  **constraints,
 ) -> Beams:
   """Beam search over continuations of left-padded prompts (arguments as in :func:`generate`).
 
   A hypothesis ends at ``eos_id`` or after ``max_new_tokens``; its score is its summed log-probability divided by
   (number of new tokens, ``eos_id`` included) ``** length_penalty``. Returns the ``beam_size`` best, best first.
+  The search is Hugging Face's step for step; ``early_stopping`` is its option (True, False, or ``'never'``: stop
+  only when no live hypothesis can win, the exhaustive default).
   """
   prompt_ids, prompt_valid = _check_prompt(model, prompt_ids, prompt_valid, max_new_tokens)
-  scoring = dict(beam_size=beam_size, length_penalty=length_penalty)
+  scoring = dict(
+    beam_size=beam_size,
+    length_penalty=length_penalty,
+    early_stopping=early_stopping,
+    **_gpt(constraints),
+  )
   stopping = (eos_id, pad_id, no_repeat_ngram_size)
   settings, floats = make_settings(model.config.vocab_size, max_new_tokens, *stopping, **scoring)
   return compiled_beam_search_gpt(model, settings, params, floats, prompt_ids, prompt_valid)
@@ -121,15 +135,21 @@ def translate(
   src_valid=None,
   no_repeat_ngram_size: int = 0,
   pad_id: int = 0,
+  early_stopping: bool | str = 'never',
+  **constraints,
 ):
   """Decodes ``(B, S)`` source ids with the encoder-decoder: greedy for ``beam_size=1``, beam search otherwise.
+
+  ``bos_id`` is the decoder's start token (Hugging Face's ``decoder_start_token_id``). ``constraints``:
+  :data:`CONSTRAINTS` (``forced_bos_id`` forces the first new token). ``early_stopping``: as in :func:`beam_search`.
+  :func:`transformer_jax.generation_config.translate_options` reads them all from a ``generation_config.json``.
 
   Returns ``(B, max_len)`` int32 target tokens after ``bos_id`` (``eos_id`` included, then ``pad_id``). See
   :func:`translate_beams` for every beam and its score.
   """
   target = (max_len, bos_id, eos_id, pad_id)
-  search = (no_repeat_ngram_size, beam_size, length_penalty)
-  request = _check_translation(model, src_ids, src_valid, *target, *search)
+  search = (no_repeat_ngram_size, beam_size, length_penalty, early_stopping)
+  request = _check_translation(model, src_ids, src_valid, *target, *search, **constraints)
   if beam_size == 1:
     return compiled_translate_greedy(model, request.settings, bos_id, params, *request[1:])
   return compiled_translate_beams(model, request.settings, bos_id, params, *request[1:]).tokens[
@@ -148,6 +168,21 @@ def translate_beams(model: Transformer, params, src_ids, *, beam_size: int, **op
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Request checks (Python, before tracing)
+
+
+# Keyword arguments every search takes besides its own (see `SearchSettings`); GPT has no forced first token.
+CONSTRAINTS = ('min_new_tokens', 'bad_words_ids', 'forced_bos_id', 'forced_eos_id')
+
+
+def _known(constraints: dict, names) -> dict:
+  unknown = sorted(set(constraints) - set(names))
+  if unknown:
+    raise TypeError(f'unexpected keyword arguments {unknown}; the constraints are {list(names)}')
+  return constraints
+
+
+def _gpt(constraints: dict) -> dict:
+  return _known(constraints, [c for c in CONSTRAINTS if c != 'forced_bos_id'])
 
 
 def _host(x):
@@ -215,6 +250,8 @@ def _check_translation(
   no_repeat_ngram_size=0,
   beam_size=1,
   length_penalty=1.0,
+  early_stopping='never',
+  **constraints,
 ) -> _Translation:
   """Checks an encoder-decoder request (the arguments of :func:`translate`)."""
   cfg = model.config
@@ -235,6 +272,8 @@ def _check_translation(
     no_repeat_ngram_size,
     beam_size=beam_size,
     length_penalty=length_penalty,
+    early_stopping=early_stopping,
+    **_known(constraints, CONSTRAINTS),
   )
   valid = token_validity(
     src_ids, None if src_valid is None else _host(src_valid), cfg.pad_id, cfg.max_len, 'source'

@@ -6,6 +6,8 @@
     bert = pretrained.load('path/to/sst2-bert')
     bert.classify(['a wonderful film'])                     # [{'label': 'POSITIVE', 'score': 0.998}]
     bert.save('out/')                                       # transformers' from_pretrained and AutoTokenizer load it
+    opus = pretrained.load('path/to/opus-mt-en-de')         # BART, Marian, T5: see transformer_jax.pretrained_seq2seq
+    opus.translate(['A small test.'], num_beams=4)
 
 Each method takes what the matching ``transformers.pipeline`` takes and returns what it returns: ``generate_text``
 (``'text-generation'``), ``classify`` (``'text-classification'``), ``fill_mask`` (``'fill-mask'``), and ``embed``
@@ -27,7 +29,16 @@ import numpy as np
 from transformer_jax.convert.hf_directory import load_hf, read_config, save_hf
 from transformer_jax.convert.rules import ConversionError
 from transformer_jax.generation import beam_search, generate
-from transformer_jax.models import BERT, GPT, BERTForMaskedLM, BERTForSequenceClassification
+from transformer_jax.generation_config import read_generation_config
+from transformer_jax.models import (
+  BERT,
+  GPT,
+  BERTForMaskedLM,
+  BERTForSequenceClassification,
+  EncoderModel,
+  Transformer,
+)
+from transformer_jax.pretrained_seq2seq import KEPT_KEYS, Seq2SeqPretrained
 from transformer_jax.tokenizer import Tokenizer, load_tokenizer
 
 # config.json keys that describe the checkpoint rather than the architecture, kept when the model is saved again.
@@ -42,8 +53,9 @@ _KEPT_KEYS = (
 
 def load(
   path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, dtype=None
-) -> Pretrained:
-  """Loads a Hugging Face model directory (GPT-2 or BERT) and its tokenizer.
+) -> Pretrained | Seq2SeqPretrained:
+  """Loads a Hugging Face model directory (GPT-2, BERT; BART, Marian, T5 as a :class:`Seq2SeqPretrained`) and its
+  tokenizer.
 
   ``tokenizer``: another directory to read the tokenizer from (default: ``path``). ``dtype``: the params' dtype
   (default: the checkpoint's). Raises :class:`~transformer_jax.convert.ConversionError` or
@@ -53,11 +65,24 @@ def load(
   config = read_config(path)
   tok = load_tokenizer(path if tokenizer is None else tokenizer)
   model, params = load_hf(path, dtype=dtype)
-  rows = model.config.vocab_size
-  if tok.vocab_size > rows:
+  if isinstance(model, EncoderModel):
     raise ConversionError(
-      f'the tokenizer has {tok.vocab_size} tokens but the model embeds only {rows}: they do not belong together'
+      f'{path} holds an encoder alone (T5EncoderModel), which pretrained has no job for; use convert.load_hf'
     )
+  seq2seq = isinstance(model, Transformer)
+  if seq2seq:  # Marian's sides may have vocabularies of their own
+    sides = [('source tokenizer', tok, model.config.src_vocab_size)]
+    sides += [('target tokenizer', tok.for_targets(), model.config.tgt_vocab_size)]
+  else:
+    sides = [('tokenizer', tok, model.config.vocab_size)]
+  for name, side, rows in sides:
+    if side.vocab_size > rows:
+      raise ConversionError(
+        f'the {name} has {side.vocab_size} tokens but the model embeds only {rows}: they do not belong together'
+      )
+  if seq2seq:
+    kept = {k: config[k] for k in KEPT_KEYS if k in config}
+    return Seq2SeqPretrained(model, params, tok, read_generation_config(path), kept)
   labels = None
   if isinstance(model, BERTForSequenceClassification):
     names = config.get('id2label') or {}

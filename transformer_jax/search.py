@@ -7,16 +7,15 @@ or the start token), ``N`` new tokens, ``L = P + N`` history slots. Tokens after
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from transformer_jax.modules.attention import MEMORY_KEY, MEMORY_VALUE
-from transformer_jax.token_choice import block_repeats, choose, is_eos, prefixed_history
+from transformer_jax.search_settings import FloatSettings, SearchSettings
+from transformer_jax.token_choice import choose, constrain, is_eos, prefixed_history
 
 
 class Beams(NamedTuple):
@@ -24,28 +23,6 @@ class Beams(NamedTuple):
 
   tokens: jax.Array  # (B, W, N) int32, pad_id after the end token
   scores: jax.Array  # (B, W) float32: sum of log-probabilities / length ** length_penalty
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchSettings:
-  """Static decoding settings: part of the compilation key."""
-
-  max_new_tokens: int
-  eos_id: int | None
-  pad_id: int
-  no_repeat_ngram_size: int
-  sample: bool  # False: greedy
-  top_k: int | None
-  nucleus: bool  # top-p filtering on
-  beam_size: int
-
-
-class FloatSettings(NamedTuple):
-  """Float settings, traced: changing them does not recompile."""
-
-  temperature: jax.Array
-  top_p: jax.Array
-  length_penalty: jax.Array
 
 
 class PrefilledModel(NamedTuple):
@@ -57,60 +34,6 @@ class PrefilledModel(NamedTuple):
   step: Callable  # (cache, rows, tokens (R,), j) -> ((R, V) logits, cache): feeds generated token j
   prefix_ids: jax.Array  # (B, P)
   prefix_valid: jax.Array  # (B, P) bool
-
-
-def make_settings(
-  vocab_size: int,
-  max_new_tokens: int,
-  eos_id,
-  pad_id,
-  no_repeat_ngram_size,
-  *,
-  temperature=None,
-  top_k=None,
-  top_p=None,
-  beam_size=1,
-  length_penalty=1.0,
-) -> tuple[SearchSettings, FloatSettings]:
-  """Checks the decoding settings and splits them into static ones and traced floats."""
-  if temperature is not None and not temperature >= 0:
-    raise ValueError(f'temperature must be >= 0 (0 or None: greedy), got {temperature}')
-  if top_k is not None:
-    check_positive('top_k', top_k)
-  if top_p is not None and not 0 < top_p <= 1:
-    raise ValueError(f'top_p must lie in (0, 1], got {top_p}')
-  if not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
-    raise ValueError(
-      f'no_repeat_ngram_size must be a non-negative integer, got {no_repeat_ngram_size!r}'
-    )
-  check_positive('beam_size', beam_size)
-  if eos_id is not None:
-    check_id('eos_id', eos_id, vocab_size)
-  check_id('pad_id', pad_id, vocab_size)
-  settings = SearchSettings(
-    max_new_tokens,
-    eos_id,
-    pad_id,
-    no_repeat_ngram_size,
-    sample=bool(temperature),
-    top_k=top_k,
-    nucleus=top_p is not None and top_p < 1,
-    beam_size=beam_size,
-  )
-  as_float = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-  return settings, FloatSettings(
-    as_float(temperature or 1.0), as_float(top_p or 1.0), as_float(length_penalty)
-  )
-
-
-def check_positive(name: str, value) -> None:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-    raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
-
-
-def check_id(name: str, value, vocab_size: int) -> None:
-  if not isinstance(value, (int, np.integer)) or not 0 <= value < vocab_size:
-    raise ValueError(f'{name}={value!r} is outside the vocabulary [0, {vocab_size})')
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -133,7 +56,7 @@ def sample_loop(prefilled: PrefilledModel, s: SearchSettings, floats: FloatSetti
   def emit(state: _SampleState, logits) -> _SampleState:
     rng, key = jax.random.split(state.rng)
     slot = prefix_len + state.j
-    logits = block_repeats(logits, state.history, valid, slot, s)
+    logits = constrain(logits, state.history, valid, slot, state.j, s)
     tokens = jnp.where(state.finished, s.pad_id, choose(logits, key, s, floats))  # (B,)
     history = lax.dynamic_update_slice_in_dim(state.history, tokens[:, None], slot, axis=1)
     return _SampleState(state.j + 1, history, state.finished | is_eos(tokens, s), state.cache, rng)
@@ -163,11 +86,18 @@ class _BeamState(NamedTuple):
   live_logp: jax.Array  # (B, W) their summed log-probabilities, best first (-inf: empty)
   done: jax.Array  # (B, W, L) finished hypotheses
   done_score: jax.Array  # (B, W) their length-penalised scores, best first (-inf: empty)
+  improvable: jax.Array  # (B,) a live hypothesis may still beat the finished ones
   cache: Any  # rows ordered like `live`
 
 
 def beam_loop(prefilled: PrefilledModel, s: SearchSettings, floats: FloatSettings) -> Beams:
-  """Beam search with a length penalty -> the ``W`` best finished hypotheses per batch row."""
+  """Beam search with a length penalty -> the ``W`` best finished hypotheses per batch row.
+
+  Step for step Hugging Face's ``_beam_search``: the ``2W`` best continuations, of which only those ranked in the
+  top ``W`` may finish (at ``eos_id``, or all of them at the last step); the ``W`` best unfinished ones live on;
+  log-probabilities are taken before the constraints (:func:`constrain`) and never renormalised; and a row stops
+  taking finished hypotheses as ``early_stopping`` says (see :class:`SearchSettings`).
+  """
   width, n_new = s.beam_size, s.max_new_tokens
   prefix_len = prefilled.prefix_ids.shape[1]
   history, valid = prefixed_history(prefilled, s)
@@ -175,12 +105,13 @@ def beam_loop(prefilled: PrefilledModel, s: SearchSettings, floats: FloatSetting
   valid = jnp.repeat(valid, width, axis=0)  # (B*W, L)
   rows = jax.tree.map(lambda x: jnp.repeat(x, width, axis=0), prefilled.rows)
   penalty = lambda length: jnp.asarray(length, jnp.float32) ** floats.length_penalty  # noqa: E731
+  top_ranks = jnp.arange(2 * width) < width  # (2W,)
 
   def emit(state: _BeamState, logits) -> _BeamState:
     slot = prefix_len + state.j
     vocab = logits.shape[-1]
     flat_live = state.live.reshape(batch * width, slots)  # (B*W, L)
-    logp = jax.nn.log_softmax(block_repeats(logits, flat_live, valid, slot, s))
+    logp = constrain(jax.nn.log_softmax(logits), flat_live, valid, slot, state.j, s)
     totals = (state.live_logp[..., None] + logp.reshape(batch, width, vocab)).reshape(
       batch, width * vocab
     )
@@ -189,18 +120,18 @@ def beam_loop(prefilled: PrefilledModel, s: SearchSettings, floats: FloatSetting
     parent, tokens = cand // vocab, (cand % vocab).astype(jnp.int32)
     cand_seqs = jnp.take_along_axis(state.live, parent[..., None], axis=1)  # (B, 2W, L)
     cand_seqs = lax.dynamic_update_slice_in_dim(cand_seqs, tokens[..., None], slot, axis=2)
-    eos = is_eos(tokens, s)
-    # As in Hugging Face, an end token finishes a hypothesis only from the top W candidates: with W = 1 this is
-    # greedy decoding.
-    ends = (eos & (jnp.arange(2 * width) < width)) | (state.j == n_new - 1)
+    ends = is_eos(tokens, s) | (state.j == n_new - 1)  # (B, 2W)
+    full = jnp.all(state.done_score > -jnp.inf, axis=1)  # (B,)
+    taking = state.improvable & ~(full & (s.early_stopping is True))  # (B,)
+    finishing = ends & top_ranks & taking[:, None]
     done_score, done = _top(
       jnp.concatenate(
-        [state.done_score, jnp.where(ends, cand_logp / penalty(state.j + 1), -jnp.inf)], axis=1
+        [state.done_score, jnp.where(finishing, cand_logp / penalty(state.j + 1), -jnp.inf)], axis=1
       ),
       jnp.concatenate([state.done, cand_seqs], axis=1),
       width,
     )
-    live_logp, chosen = lax.top_k(jnp.where(eos | ends, -jnp.inf, cand_logp), width)  # (B, W)
+    live_logp, chosen = lax.top_k(jnp.where(ends, -jnp.inf, cand_logp), width)  # (B, W)
     live = jnp.take_along_axis(cand_seqs, chosen[..., None], axis=1)
     source = (
       jnp.take_along_axis(parent, chosen, axis=1) + jnp.arange(batch)[:, None] * width
@@ -208,7 +139,16 @@ def beam_loop(prefilled: PrefilledModel, s: SearchSettings, floats: FloatSetting
     cache = _map_cache_rows(
       lambda x, axis: jnp.take(x, source, axis=axis), state.cache, memory=False
     )
-    return _BeamState(state.j + 1, live, live_logp, done, done_score, cache)
+    # Can the best live hypothesis still beat the worst finished one? Scored at its current length, or ('never',
+    # with a positive penalty) at the longest: log-probabilities only fall, so that bounds every continuation.
+    emitted = state.j + 1
+    length = emitted
+    if s.early_stopping == 'never':
+      length = jnp.where(floats.length_penalty > 0, n_new, emitted)
+    best_possible = live_logp[:, 0] / penalty(length)
+    worst_done = jnp.where(jnp.all(done_score > -jnp.inf, axis=1), done_score[:, -1], -jnp.inf)
+    improvable = state.improvable & (best_possible > worst_done)
+    return _BeamState(emitted, live, live_logp, done, done_score, improvable, cache)
 
   def body(state: _BeamState) -> _BeamState:
     fed = state.live[:, :, prefix_len + state.j - 1].reshape(-1)  # (B*W,)
@@ -216,12 +156,8 @@ def beam_loop(prefilled: PrefilledModel, s: SearchSettings, floats: FloatSetting
     return emit(state._replace(cache=cache), logits)
 
   def going(state: _BeamState):
-    # Log-probabilities only fall, so a live hypothesis can at best keep its sum and take the most favourable
-    # length penalty still reachable (a monotone penalty peaks at one end of the range).
-    best_live = state.live_logp[:, 0]
-    bound = jnp.maximum(best_live / penalty(state.j + 1), best_live / penalty(n_new))
-    settled = state.done_score[:, -1] >= bound
-    return (state.j < n_new) & ~jnp.all(settled)
+    full = jnp.all(state.done_score > -jnp.inf)
+    return (state.j < n_new) & jnp.any(state.improvable) & ~(full & (s.early_stopping is True))
 
   live = jnp.repeat(history[:, None], width, axis=1)  # (B, W, L)
   # identical copies: keep one until they differ
@@ -232,6 +168,7 @@ def beam_loop(prefilled: PrefilledModel, s: SearchSettings, floats: FloatSetting
     jnp.broadcast_to(first_only, (batch, width)),
     live,
     jnp.full((batch, width), -jnp.inf),
+    jnp.ones(batch, jnp.bool_),
     _map_cache_rows(lambda x, axis: jnp.repeat(x, width, axis=axis), prefilled.cache),
   )
   state = emit(state, jnp.repeat(prefilled.first_logits, width, axis=0))

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from jax import lax
 
 if TYPE_CHECKING:
-  from transformer_jax.search import FloatSettings, PrefilledModel, SearchSettings
+  from transformer_jax.search import PrefilledModel
+  from transformer_jax.search_settings import FloatSettings, SearchSettings
 
 
 def choose(logits, rng, s: SearchSettings, floats: FloatSettings):
@@ -63,11 +64,41 @@ def repeated_ngrams(history, valid, length, n: int, vocab_size: int):
   return banned > 0
 
 
-def block_repeats(logits, history, valid, length, s: SearchSettings):
-  if not s.no_repeat_ngram_size:
-    return logits
-  banned = repeated_ngrams(history, valid, length, s.no_repeat_ngram_size, logits.shape[-1])
-  return jnp.where(banned, -jnp.inf, logits)
+def bad_word_endings(history, valid, length, words, vocab_size: int):
+  """``(R, V)`` True for the last token of each word in ``words`` whose other tokens end ``history[:, :length]``
+  (a one-token word is always banned)."""
+  banned = jnp.zeros((history.shape[0], vocab_size), jnp.bool_)
+  for word in words:
+    *head, last = word
+    hit = jnp.ones(history.shape[0], jnp.bool_)
+    if head:
+      start = jnp.maximum(length - len(head), 0)
+      tail = lax.dynamic_slice_in_dim(history, start, len(head), axis=1)  # (R, len(head))
+      real = lax.dynamic_slice_in_dim(valid, start, len(head), axis=1).all(-1)
+      hit = (tail == jnp.asarray(head)).all(-1) & real & (length >= len(head))
+    banned = banned.at[:, last].set(banned[:, last] | hit)
+  return banned
+
+
+def constrain(scores, history, valid, length, emitted, s: SearchSettings):
+  """Hugging Face's logits processors, in its order, on ``(R, V)`` logits or log-probabilities: the n-gram and bad
+  word bans and ``min_new_tokens`` set ``-inf``; a forced token gets 0 and every other ``-inf``.
+
+  ``length``: the history slot of the token being chosen; ``emitted``: the new tokens before it.
+  """
+  vocab = jnp.arange(scores.shape[-1])
+  if s.no_repeat_ngram_size:
+    banned = repeated_ngrams(history, valid, length, s.no_repeat_ngram_size, scores.shape[-1])
+    scores = jnp.where(banned, -jnp.inf, scores)
+  if s.bad_words:
+    banned = bad_word_endings(history, valid, length, s.bad_words, scores.shape[-1])
+    scores = jnp.where(banned, -jnp.inf, scores)
+  if s.min_new_tokens and s.eos_id is not None:
+    scores = jnp.where((vocab == s.eos_id) & (emitted < s.min_new_tokens), -jnp.inf, scores)
+  for forced, step in ((s.forced_bos_id, 0), (s.forced_eos_id, s.max_new_tokens - 1)):
+    if forced is not None:
+      scores = jnp.where(emitted == step, jnp.where(vocab == forced, 0.0, -jnp.inf), scores)
+  return scores
 
 
 def prefixed_history(prefilled: PrefilledModel, s: SearchSettings):

@@ -1,10 +1,13 @@
 """The tokenizer of a Hugging Face model directory, read with `tokenizers` alone (no transformers, no torch).
 
-`Tokenizer.from_directory(dir)` gives the ids, attention masks and decoded text that
-`transformers.AutoTokenizer.from_pretrained(dir)` gives (transformers 5). It reads `tokenizer.json`, else a BERT
-`vocab.txt`, else a GPT-2 `vocab.json` + `merges.txt`, with the settings in `tokenizer_config.json`.
+`load_tokenizer(dir)` gives the ids, attention masks and decoded text that
+`transformers.AutoTokenizer.from_pretrained(dir)` gives (transformers 5). `Tokenizer.from_directory` reads
+`tokenizer.json`, else a BERT `vocab.txt`, else a GPT-2 or BART `vocab.json` + `merges.txt`, else a T5
+`spiece.model`, with the settings in `tokenizer_config.json`; Marian's two SentencePiece models are read by
+:class:`transformer_jax.tokenizer_marian.MarianTokenizer`, which `load_tokenizer` picks for them.
 
 ids = load_tokenizer('bert-base-uncased/')(['a text', 'another text'], padding_side='left')['input_ids']
+labels = load_tokenizer('opus-mt-en-de/').for_targets()(['Ein Text'])['input_ids']   # the target side's ids
 """
 
 from __future__ import annotations
@@ -21,21 +24,21 @@ from transformer_jax.tokenizer_families import (
   FAMILY_DEFAULTS,
   FAMILY_OF_CLASS,
   SPECIAL_TOKENS,
+  clean_up_tokenization,
   content,
   set_up,
+  t5_from_spiece,
 )
 
 # transformers stores this as the `model_max_length` of a tokenizer without a length limit.
 _UNLIMITED = int(1e30)
-# transformers' `clean_up_tokenization`, applied after decoding when the config asks for it.
-_CLEANUPS = [(f' {s}', s) for s in ('.', '?', '!', ',')] + [(" ' ", "'")]
-_CLEANUPS += [(f' {s}', s) for s in ("n't", "'m", "'s", "'ve", "'re")]
 # Config entries that name files or hold what tokenizer.json holds: `save` leaves them out.
 _NOT_SAVED = {'added_tokens_decoder', 'backend', 'name_or_path', 'special_tokens_map_file'}
 _NOT_SAVED |= {'merges_file', 'tokenizer_file', 'vocab_file'}
 _CLEAN_UP = 'clean_up_tokenization_spaces'
 _NOT_FOUND = (
-  'looked for tokenizer.json, vocab.txt, vocab.json + merges.txt; pass the directory that holds one'
+  'looked for tokenizer.json, vocab.txt, vocab.json + merges.txt, spiece.model (T5), '
+  'source.spm + target.spm + vocab.json (Marian); pass the directory that holds one'
 )
 
 
@@ -61,6 +64,20 @@ def _read_json(file: Path) -> dict | None:
   return data
 
 
+def read_settings(root: Path) -> dict:
+  """The tokenizer config of a directory as transformers reads it: tokenizer_config.json, special_tokens_map.json
+  and, when no class is named, the class that config.json's `model_type` implies."""
+  config = _read_json(root / 'tokenizer_config.json') or {}
+  # As in transformers: without `added_tokens_decoder` the legacy map is read, and wins over the config.
+  if 'added_tokens_decoder' not in config:
+    config.update(_read_json(root / 'special_tokens_map.json') or {})
+  if not config.get('tokenizer_class'):  # as AutoTokenizer: then the model's type names the class
+    model_type = (_read_json(root / 'config.json') or {}).get('model_type')
+    if model_type in CLASS_OF_MODEL_TYPE:
+      config['tokenizer_class'] = CLASS_OF_MODEL_TYPE[model_type]
+  return config
+
+
 def _token_id(name: str):
   """A property: the id of the `{name}_token` attribute's token."""
   return property(
@@ -78,10 +95,11 @@ class Tokenizer:
 
   pad_id, unk_id, cls_id, sep_id, mask_id, bos_id, eos_id = map(_token_id, SPECIAL_TOKENS)
 
-  def __init__(self, backend: tokenizers.Tokenizer, config: dict, family=None, path=None):
-    """Wraps `backend`, already set up as transformers would set it up. `config` is the tokenizer config (with
-    special_tokens_map.json and the class defaults merged in), `family` 'bert', 'gpt2' or None (tokenizer.json as
-    saved), `path` the directory it came from."""
+  def __init__(self, backend: tokenizers.Tokenizer | None, config: dict, family=None, path=None):
+    """Wraps `backend`, already set up as transformers would set it up (None for a subclass that tokenizes
+    otherwise). `config` is the tokenizer config (with special_tokens_map.json and the class defaults merged in),
+    `family` 'bert', 'gpt2', 'roberta', 't5' or None (tokenizer.json as saved), `path` the directory it came
+    from."""
     self.backend = backend
     self.config = config
     self.family = family
@@ -95,20 +113,14 @@ class Tokenizer:
 
   @classmethod
   def from_directory(cls, path) -> Tokenizer:
-    """Reads the tokenizer in `path`: tokenizer.json, else vocab.txt (BERT), else vocab.json + merges.txt (GPT-2)."""
+    """Reads the tokenizer in `path`: tokenizer.json, else vocab.txt (BERT), else vocab.json + merges.txt (GPT-2,
+    or BART's RoBERTa template when the config names it), else spiece.model (T5)."""
     root = Path(path)
-    config = _read_json(root / 'tokenizer_config.json') or {}
-    # As in transformers: without `added_tokens_decoder` the legacy map is read, and wins over the config.
-    if 'added_tokens_decoder' not in config:
-      config.update(_read_json(root / 'special_tokens_map.json') or {})
-    if not config.get('tokenizer_class'):  # as AutoTokenizer: then the model's type names the class
-      model_type = (_read_json(root / 'config.json') or {}).get('model_type')
-      if model_type in CLASS_OF_MODEL_TYPE:
-        config['tokenizer_class'] = CLASS_OF_MODEL_TYPE[model_type]
+    config = read_settings(root)
     named = config.get('tokenizer_class') or ''
     family = FAMILY_OF_CLASS.get(named.removesuffix('Fast').removesuffix('Legacy'))
     json_file, vocab_txt = root / 'tokenizer.json', root / 'vocab.txt'
-    vocab_json, merges_txt = root / 'vocab.json', root / 'merges.txt'
+    vocab_json, merges_txt, spiece = root / 'vocab.json', root / 'merges.txt', root / 'spiece.model'
     if json_file.is_file():
       read, build = json_file, lambda: tokenizers.Tokenizer.from_file(str(json_file))
       # transformers drops these when there is a tokenizer.json (its post-processor says it all).
@@ -118,8 +130,12 @@ class Tokenizer:
       unk = content({**FAMILY_DEFAULTS[family], **config}['unk_token'])
       build = lambda: tokenizers.Tokenizer(models.WordPiece.from_file(str(read), unk_token=unk))
     elif vocab_json.is_file() and merges_txt.is_file():
-      family, read = 'gpt2', f'{vocab_json} + merges.txt'
+      family, read = 'roberta' if family == 'roberta' else 'gpt2', f'{vocab_json} + merges.txt'
       build = lambda: tokenizers.Tokenizer(models.BPE.from_file(str(vocab_json), str(merges_txt)))
+    elif spiece.is_file() and family == 't5':
+      read = spiece
+      config = {**FAMILY_DEFAULTS['t5'], **config}
+      build = lambda: t5_from_spiece(spiece, config)
     else:
       raise TokenizerError(f'no tokenizer in {root}: {_NOT_FOUND}')
     try:
@@ -160,6 +176,10 @@ class Tokenizer:
     else:
       self.backend.no_truncation()
     return self.backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
+
+  def for_targets(self) -> Tokenizer:
+    """The tokenizer of a seq2seq model's targets (transformers' `text_target=`): this one, except for Marian."""
+    return self
 
   def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
     """The ids of one text, without padding or truncation."""
@@ -228,8 +248,7 @@ class Tokenizer:
     # transformers skips this clean-up for BPE models unless told that corrupting the text is fine.
     bpe_ok = self.config.get(f'{_CLEAN_UP}_for_bpe_even_though_it_will_corrupt_output')
     if self.config.get(_CLEAN_UP) and (bpe_ok or not isinstance(self.backend.model, models.BPE)):
-      for dirty, clean in _CLEANUPS:
-        text = text.replace(dirty, clean)
+      text = clean_up_tokenization(text)
     return text
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -248,6 +267,10 @@ class Tokenizer:
     self.backend.no_truncation()
     self.backend.save(str(root / 'tokenizer.json'))
     # tokenizer.json carries the added tokens and the vocabulary; the config keeps every other setting.
+    self._write_config(root)
+
+  def _write_config(self, root: Path, **extra) -> None:
+    """Writes tokenizer_config.json: the settings read, the special tokens and sides as they are now, and `extra`."""
     config = {key: value for key, value in self.config.items() if key not in _NOT_SAVED}
     # transformers 5's legacy classes read only vocabulary files; the class they stand for reads tokenizer.json.
     named = (config.get('tokenizer_class') or 'PreTrainedTokenizerFast').removesuffix('Legacy')
@@ -256,10 +279,19 @@ class Tokenizer:
     config['truncation_side'] = self.truncation_side
     limit = self.model_max_length
     config['model_max_length'] = _UNLIMITED if limit is None else limit
+    config.update(extra)
     text = json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + '\n'
     (root / 'tokenizer_config.json').write_text(text, encoding='utf-8')
 
 
 def load_tokenizer(path) -> Tokenizer:
-  """The tokenizer in a Hugging Face model directory (`Tokenizer.from_directory`)."""
-  return Tokenizer.from_directory(path)
+  """The tokenizer in a Hugging Face model directory: a :class:`~transformer_jax.tokenizer_marian.MarianTokenizer`
+  when the config names that class (or names none and source.spm is there), else `Tokenizer.from_directory`."""
+  root = Path(path)
+  named = (read_settings(root).get('tokenizer_class') or '').removesuffix('Fast')
+  if named == 'MarianTokenizer' or (not named and (root / 'source.spm').is_file()):
+    # imported here: tokenizer_marian builds on this module
+    from transformer_jax.tokenizer_marian import MarianTokenizer
+
+    return MarianTokenizer.from_directory(root)
+  return Tokenizer.from_directory(root)

@@ -14,9 +14,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Seeds parameter init, dropout and the data order.
   config.seed = 0
   # Start from pretrained weights: a Hugging Face directory (config.json, model.safetensors and the tokenizer files,
-  # as save_pretrained writes them; GPT-2 for lm, BERT for mlm and classify) or the workdir of an earlier run. The
-  # architecture and the tokenizer then come from there (data.vocab is not used); model.* may change only runtime
-  # fields (dropout rates, dtypes, scan_layers, remat_policy). '' trains from scratch.
+  # as save_pretrained writes them; GPT-2 for lm, BERT for mlm and classify, BART, Marian or T5 for translation) or
+  # the workdir of an earlier run. The architecture and the tokenizer then come from there (data.vocab is not used);
+  # model.* may change only runtime fields (dropout rates, dtypes, scan_layers, remat_policy). '' trains from
+  # scratch.
   config.init_from = ''
 
   config.data = ml_collections.ConfigDict()

@@ -1,5 +1,6 @@
 """``translation``: the encoder-decoder on numbers to English words ("4217" -> "four thousand two hundred
-seventeen"), generated on the fly; point ``data.path`` at a ``source<TAB>target`` TSV for real pairs."""
+seventeen"), generated on the fly; point ``data.path`` at a ``source<TAB>target`` TSV for real pairs, and
+``init_from`` at a BART, Marian or T5 directory to fine-tune it (translation, summarisation: any text to text)."""
 
 import ml_collections
 
@@ -31,8 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Padded lengths; longer pairs are truncated (the target keeps room for [EOS]).
   config.data.src_len = 12
   config.data.tgt_len = 16
-  # Validation pairs decoded greedily for BLEU and exact match at each evaluation.
+  # Validation pairs decoded greedily for BLEU, ROUGE and exact match at each evaluation.
   config.data.bleu_examples = 256
+  # Which of them picks the best checkpoints: 'bleu', 'rouge1', 'rouge2', 'rougeL' or 'exact_match'.
+  config.data.metric = 'bleu'
 
   config.model = model_fields(
     TransformerConfig,

@@ -5,8 +5,9 @@ batch, and optionally adds metrics (BLEU) and a sample. The trainer knows nothin
 """
 
 from train.tasks.base import Task, cut_at_eos, fixed_batches, model_config
-from train.tasks.examples import ClassificationTask, TranslationTask, split_examples
+from train.tasks.examples import ClassificationTask, split_examples
 from train.tasks.text import LanguageModelTask, MaskedLanguageModelTask
+from train.tasks.translation import TranslationTask
 
 TASKS = {
   'lm': LanguageModelTask,

@@ -1,29 +1,23 @@
-"""``translation`` and ``classify``: models trained on whole examples read from a file (or built in)."""
+"""Tasks trained on whole examples read from a file (or built in): the shared base, and ``classify``."""
 
 from __future__ import annotations
 
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from train import data, number_words, readers
+from train import data, readers
 from train.readers import LABELS_FILE
 from train.tasks.base import (
   Task,
   check_lengths,
-  cut_at_eos,
   eval_rows,
   fixed_batches,
-  model_config,
 )
-from train.vocab import BOS, EOS
 from transformer_jax import (
   BERTConfig,
   BERTForSequenceClassification,
-  Transformer,
-  TransformerConfig,
 )
 
 
@@ -52,84 +46,6 @@ class ExampleTask(Task):
       self.val if rows is None else {k: v[:rows] for k, v in self.val.items()},
       self.config.batch_size,
     )
-
-
-class TranslationTask(ExampleTask):
-  """``translation``: the encoder-decoder on ``source<TAB>target`` pairs (or the built-in numbers to words)."""
-
-  metric = 'bleu'
-  metric_mode = 'max'
-
-  def __init__(self, config, workdir):
-    super().__init__(config, workdir)
-    cfg = config.data
-    check_lengths(config, 'src_len', 'tgt_len')
-    train, val = self._pairs()
-    self.src_vocab = self._vocab('vocab.json', (s for s, _ in train), cfg.vocab)
-    self.tgt_vocab = self._vocab('target_vocab.json', (t for _, t in train), cfg.target_vocab)
-    self.train, self.val = (
-      data.encode_pairs(pairs, self.src_vocab, self.tgt_vocab, cfg.src_len, cfg.tgt_len)
-      for pairs in (train, val)
-    )
-    self.model = Transformer(
-      model_config(
-        TransformerConfig,
-        config,
-        src_vocab_size=self.src_vocab.size,
-        tgt_vocab_size=self.tgt_vocab.size,
-        pad_id=0,
-      )
-    )
-
-  def _pairs(self):
-    cfg = self.config.data
-    if cfg.path == readers.BUILTIN:
-      return number_words.number_dataset(
-        cfg.train_size, cfg.val_size, cfg.max_digits, self.config.seed
-      )
-    pairs = readers.read_pairs(
-      cfg.path, cfg.get('source_field', 'source'), cfg.get('target_field', 'target')
-    )
-    return split_examples(pairs, cfg.val_fraction, self.config.seed)
-
-  def model_inputs(self, batch):
-    return batch['sources'], batch['inputs']
-
-  def translate(self, params, sources: np.ndarray, beam_size: int = 1) -> list[str]:
-    """Translations of ``(N, S)`` source ids (greedy unless ``beam_size > 1``), as detokenized text."""
-    from transformer_jax.generation import translate
-
-    ids = translate(
-      self.model,
-      params,
-      jnp.asarray(sources),
-      max_len=self.config.data.tgt_len,
-      bos_id=BOS,
-      eos_id=EOS,
-      beam_size=beam_size,
-    )
-    return [self.tgt_vocab.decode(cut_at_eos(row)) for row in np.asarray(ids)]
-
-  def extra_eval(self, params):
-    import sacrebleu
-
-    count = min(len(self.val['sources']), self.config.data.bleu_examples)
-    hypotheses = self.translate(params, self.val['sources'][:count])
-    references = [self.tgt_vocab.decode(cut_at_eos(row)) for row in self.val['targets'][:count]]
-    exact = np.mean([h == r for h, r in zip(hypotheses, references)])
-    return {
-      'bleu': sacrebleu.corpus_bleu(hypotheses, [references]).score,
-      'exact_match': float(exact),
-    }
-
-  def sample(self, params, rng):
-    sources = self.val['sources'][:5]
-    hypotheses = self.translate(params, sources)
-    lines = [
-      f'{self.src_vocab.decode(s)!r} -> {h!r} (reference {self.tgt_vocab.decode(cut_at_eos(t))!r})'
-      for s, h, t in zip(sources, hypotheses, self.val['targets'])
-    ]
-    return '\n'.join(lines)
 
 
 class ClassificationTask(ExampleTask):

@@ -26,6 +26,7 @@ from transformer_jax.convert.gpt2 import from_gpt2, to_gpt2
 from transformer_jax.convert.hf_directory import load_hf, save_hf
 from transformer_jax.convert.rules import ConversionError, Mapping, Rule
 from transformer_jax.convert.spec import Spec
+from transformer_jax.convert.t5 import from_t5, to_t5
 from transformer_jax.convert.torch_transformer import from_torch_transformer, to_torch_transformer
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
   'from_gpt2',
   'from_reference_gpt',
   'from_reference_transformer',
+  'from_t5',
   'from_torch_transformer',
   'load_hf',
   'save_hf',
@@ -44,5 +46,6 @@ __all__ = [
   'to_gpt2',
   'to_reference_gpt',
   'to_reference_transformer',
+  'to_t5',
   'to_torch_transformer',
 ]

@@ -26,7 +26,7 @@ def reference_transformer_mapping(config: TransformerConfig) -> Mapping:
     config,
     TransformerConfig.course(),
     "the course's encoder-decoder",
-    ('share_embeddings', 'scale_embeddings'),
+    ('share_embeddings', 'scale_embeddings', 'scale_decoder_output'),
   )
   rules = [
     table('source_embed', 'encoder.embedding.weight'),

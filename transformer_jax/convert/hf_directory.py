@@ -14,17 +14,19 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
+from transformer_jax.convert.bart import BART, MARIAN
 from transformer_jax.convert.bert import BERT_SPEC
 from transformer_jax.convert.engine import export_state, to_numpy
 from transformer_jax.convert.gpt2 import GPT2
 from transformer_jax.convert.rules import ConversionError
 from transformer_jax.convert.spec import load
+from transformer_jax.convert.t5 import T5
 
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')  # in order of preference
 
 
 # model_type -> the spec that converts it
-SPECS = {spec.model_type: spec for spec in (GPT2, BERT_SPEC)}
+SPECS = {spec.model_type: spec for spec in (GPT2, BERT_SPEC, BART, MARIAN, T5)}
 
 
 def read_config(path: Path) -> dict:
@@ -113,9 +115,20 @@ def save_hf(model, params: dict, path: str | os.PathLike) -> None:
   A :class:`~transformer_jax.GPT` is saved as ``GPT2LMHeadModel``; the BERT classes as their Hugging Face twins.
   Tied copies (``lm_head.weight``, the MLM decoder) are left out, as ``save_pretrained`` does.
   """
-  spec = next((s for s in SPECS.values() if type(model) in s.architectures.values()), None)
+  spec = next(
+    (
+      s
+      for s in SPECS.values()
+      if type(model) in s.architectures.values() and s.describes(model.config)
+    ),
+    None,
+  )
   if spec is None:
-    raise ConversionError(f'save_hf supports GPT and the BERT classes, not {type(model).__name__}')
+    raise ConversionError(
+      f'save_hf has no Hugging Face format for this {type(model).__name__} (supported: '
+      + ', '.join(sorted(SPECS))
+      + ')'
+    )
   architecture = spec.architecture_of(model)
   config = spec.hf_config(model.config, architecture)
   mapping = spec.table(model.config, architecture)

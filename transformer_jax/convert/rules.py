@@ -78,7 +78,7 @@ class Mapping:
 
 
 # The blocks of GPT-2, BERT and the original Transformer: formats without RMSNorm, gated FFNs, grouped-query or rotary
-# attention, or bias-free layers refuse models that use them.
+# attention, bias-free layers or another attention scale refuse models that use them.
 CLASSIC_BLOCKS = dict(
   norm_type=('layer_norm',),
   gated_ffn=(False,),
@@ -87,6 +87,7 @@ CLASSIC_BLOCKS = dict(
   grouped_query=(False,),
   position_offset=(0,),
   embed_norm=(False,),
+  attention_scale=(None,),
 )
 
 

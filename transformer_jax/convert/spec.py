@@ -42,6 +42,12 @@ class Spec:
   mapping: Callable[[Any, str], Mapping]  # (our config, architecture) -> the name table
   # Which architecture a state dict's weights are (its head).
   architecture_of_state: Callable[[dict], str]
+  # Whether one of our configs is this format's (several formats share a model class: BART, Marian, T5)
+  describes: Callable[[Any], bool] = lambda config: True
+  # The architecture one of our configs is saved as; None: the first one naming the model's class
+  architecture_for: Callable[[Any], str] | None = None
+  # (config.json dict, state) -> the dict with what only the weights say (T5: whether lm_head is the shared table)
+  with_weights: Callable[[dict, dict], dict] = lambda hf, state: hf
 
   def config_from_hf(self, hf: dict, dtype: str = 'float32'):
     """A ``config.json`` dict -> our config, with parameters and compute in ``dtype``."""
@@ -53,6 +59,8 @@ class Spec:
 
   def architecture_of(self, model: nn.Module) -> str:
     """The default Hugging Face architecture of one of our models."""
+    if self.architecture_for is not None:
+      return self.architecture_for(model.config)
     for name, cls in self.architectures.items():
       if type(model) is cls:
         return name
@@ -90,7 +98,12 @@ def load(spec: Spec, model_or_state, config=None, *, dtype=None) -> tuple[nn.Mod
   ``(model, params)``. The architecture, hence our model class, is read off the weights."""
   state = state_to_numpy(model_or_state)
   architecture = spec.architecture_of_state(state)
-  hf = hf_config_dict(model_or_state if config is None else config)
+  # the architecture the weights carry, which may differ from the one config.json names
+  hf = {
+    **hf_config_dict(model_or_state if config is None else config),
+    'architectures': [architecture],
+  }
+  hf = spec.with_weights(hf, state)
   return convert_in(
     state,
     lambda dtype: spec.config_from_hf(hf, dtype),

@@ -92,6 +92,7 @@ def torch_transformer_mapping(config: TransformerConfig) -> Mapping:
     qkv_bias=(True,),
     activation=('relu', 'gelu'),
     position_encoding=TORCH_POSITION_ENCODINGS,
+    scale_decoder_output=(False,),
     **CLASSIC_BLOCKS,
   )
   rules = [

@@ -1,4 +1,4 @@
-"""The three model families."""
+"""The model families: encoder-decoder (and its encoder alone), GPT, BERT."""
 
 from transformer_jax.models.bert import (
   BERT,
@@ -6,6 +6,7 @@ from transformer_jax.models.bert import (
   BERTForMaskedLM,
   BERTForSequenceClassification,
 )
+from transformer_jax.models.encoder import EncoderModel
 from transformer_jax.models.gpt import GPT, GPTConfig
 from transformer_jax.models.transformer import Transformer, TransformerConfig
 
@@ -14,6 +15,7 @@ __all__ = [
   'BERTConfig',
   'BERTForMaskedLM',
   'BERTForSequenceClassification',
+  'EncoderModel',
   'GPT',
   'GPTConfig',
   'Transformer',

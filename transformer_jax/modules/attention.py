@@ -41,6 +41,7 @@ def dot_product_attention(
   mask=None,
   *,
   bias=None,
+  scale: float | None = None,
   dropout_rate: float = 0.0,
   dropout_rng=None,
   deterministic: bool = True,
@@ -48,7 +49,7 @@ def dot_product_attention(
   implementation: Implementation = None,
   check_mask: bool = True,
 ):
-  """``softmax(q k^T / sqrt(K)) v`` with boolean masking.
+  """``softmax(scale q k^T + bias) v`` with boolean masking; ``scale`` defaults to ``1 / sqrt(K)``.
 
   Args:
     query: ``(B, T, H, K)``.
@@ -59,6 +60,7 @@ def dot_product_attention(
     mask: boolean, broadcastable to ``(B, H, T, S)``; ``True`` = may attend.
     bias: float, broadcastable to ``(B, H, T, S)``, added to the logits before masking (T5's relative position
       bias, :mod:`~transformer_jax.modules.relative_position`). Forces the einsum path.
+    scale: multiplies ``q k^T``; ``None``: ``1 / sqrt(K)`` (T5 uses 1: its init folds the scale into the queries).
     dropout_rate, dropout_rng, deterministic: dropout on the attention weights (needs ``dropout_rng`` when active).
     return_weights: also return the ``(B, H, T, S)`` float32 weights (forces the einsum path).
     implementation: ``None``/``'einsum'``: two einsums around a float32 softmax, written out here (the fastest on
@@ -95,13 +97,16 @@ def dot_product_attention(
 
   if implementation in ('xla', 'cudnn') and not return_weights and not use_dropout and bias is None:
     full = None if mask is None else _full_mask(mask, batch, q_len, kv_len)
-    out = jax.nn.dot_product_attention(query, key, value, mask=full, implementation=implementation)
+    out = jax.nn.dot_product_attention(
+      query, key, value, mask=full, scale=scale, implementation=implementation
+    )
     return _zero_empty_rows(out, row_ok)
 
   # Scaling the (B, T, H, K) query instead of the (B, H, T, S) logits saves a pass over the larger array. Query heads
   # are split into (G, H/G) groups so that each group meets its one key/value head.
   # (B, T, G, H/G, K)
-  scaled = (query * jnp.asarray(1 / math.sqrt(head_dim), query.dtype)).reshape(
+  scale = 1 / math.sqrt(head_dim) if scale is None else scale
+  scaled = (query * jnp.asarray(scale, query.dtype)).reshape(
     batch, q_len, kv_heads, heads // kv_heads, head_dim
   )
   logits = jnp.einsum('BTGQK,BSGK->BGQTS', scaled, key, preferred_element_type=jnp.float32)
@@ -142,21 +147,19 @@ class MultiHeadAttention(Module):
   (self-attention with ``G = H`` only); ``out`` kernel ``(H, K, D)``. Applied with ``mutable=['intermediates']``
   it also sows the ``(B, H, T, S)`` attention weights under ``attention_weights``.
 
-  With ``decode=True`` (applied with ``mutable=['cache']``, see :mod:`transformer_jax.generation`) it reads and writes
-  the ``'cache'`` collection. Self-attention writes the chunk's keys and values into fixed-size ``cached_key`` /
-  ``cached_value`` buffers ``(B, S, G, K)`` (key/value heads only) at ``cache_index`` and attends to every slot
-  written so far.
-  Cross-attention (``cross=True``) stores the projected encoder output as ``memory_key`` / ``memory_value`` when
-  ``inputs_kv`` is given, and later calls pass ``inputs_kv=None`` to reuse them, so the memory is projected once per
-  sequence.
-
-  With ``rotary`` or ``rope_theta`` (self-attention only), queries and keys are rotated by their ``positions``
-  before they meet (:mod:`~transformer_jax.modules.rotary`); the cache holds rotated keys.
+  With ``decode=True`` (applied with ``mutable=['cache']``, see :mod:`transformer_jax.generation`) self-attention
+  writes the chunk's keys and values into fixed-size ``cached_key`` / ``cached_value`` buffers ``(B, S, G, K)`` (KV
+  heads only) at ``cache_index`` and attends to every slot written so far. Cross-attention (``cross=True``) stores the
+  projected encoder output as ``memory_key`` / ``memory_value`` when ``inputs_kv`` is given; later calls pass
+  ``inputs_kv=None``, so the memory is projected once per sequence. With ``rotary`` or ``rope_theta`` (self-attention
+  only), queries and keys are rotated by their ``positions`` (:mod:`~transformer_jax.modules.rotary`); the cache holds
+  rotated keys.
   """
 
   num_heads: int
   num_kv_heads: int | None = None  # default: num_heads
   head_dim: int | None = None  # default: D // num_heads
+  scale: float | None = None  # multiplies q k^T; default: 1 / sqrt(head_dim)
   qkv_bias: bool = True
   out_bias: bool = True
   fused_qkv: bool = False
@@ -180,11 +183,13 @@ class MultiHeadAttention(Module):
     mask=None,
     *,
     positions=None,
+    bias=None,
     deterministic: bool = True,
     decode: bool = False,
   ):
     """``(B, T, D)`` queries, optional ``(B, S, D)`` keys/values -> ``(B, T, D)``. ``positions``: ``(B, T)`` position
-    ids of the queries (and keys) for rotary attention; default ``0..T-1``, except in cached decoding."""
+    ids of the queries (and keys) for rotary attention; default ``0..T-1``, except in cached decoding. ``bias``:
+    float, broadcastable to ``(B, H, T, S)``, added to the logits (in cached decoding ``S`` is the cache's slots)."""
     features = inputs_q.shape[-1]
     if self.head_dim is None and features % self.num_heads:
       raise ValueError(f'd_model={features} is not divisible by num_heads={self.num_heads}')
@@ -245,6 +250,8 @@ class MultiHeadAttention(Module):
       key,
       value,
       mask,
+      bias=bias,
+      scale=self.scale,
       dropout_rate=self.dropout_rate,
       dropout_rng=self.make_rng('dropout') if use_dropout else None,
       deterministic=deterministic,

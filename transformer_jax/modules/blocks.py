@@ -8,16 +8,17 @@ Runtime modes (``deterministic``, ``decode``) are call arguments at every level.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from transformer_jax.config import REMAT_POLICIES, BlockConfig
-from transformer_jax.modules.attention import MultiHeadAttention
+from transformer_jax.modules.attention import CACHE_INDEX, MultiHeadAttention
 from transformer_jax.modules.feedforward import FeedForward
 from transformer_jax.modules.normalization import make_norm
+from transformer_jax.modules.relative_position import RelativePositionBias
 from transformer_jax.sharding import Module, shard_activation
 
 
@@ -32,6 +33,7 @@ def make_attention(config: BlockConfig, *, cross: bool = False) -> MultiHeadAtte
     cross=cross,
     dropout_rate=config.attention_dropout_rate,
     implementation=config.attention_implementation,
+    scale=config.attention_scale,
     rotary=None if cross else config.rotary,
     check_mask=False,  # the models build their masks from inputs checked where they enter
     dtype=config.compute_dtype,
@@ -80,12 +82,22 @@ class Block(_Residual):
     self.ffn = make_ffn(self.config)
 
   def __call__(
-    self, x, mask=None, positions=None, *, deterministic: bool = True, decode: bool = False
+    self,
+    x,
+    mask=None,
+    positions=None,
+    *,
+    bias=None,
+    deterministic: bool = True,
+    decode: bool = False,
   ):
     """``(B, T, D)`` -> ``(B, T, D)``. ``mask``: broadcastable to ``(B, H, T, T)``, True = may attend.
-    ``positions``: ``(B, T)`` position ids, used by rotary attention (``config.rope_theta``)."""
+    ``positions``: ``(B, T)`` position ids, used by rotary attention (``config.rope_theta``). ``bias``: a float logit
+    bias of the self-attention, broadcastable to ``(B, H, T, S)`` (T5's relative positions, from the :class:`Stack`)."""
     modes = dict(deterministic=deterministic, decode=decode)
-    attend = functools.partial(self.self_attention, mask=mask, positions=positions, **modes)
+    attend = functools.partial(
+      self.self_attention, mask=mask, positions=positions, bias=bias, **modes
+    )
     x = self.add(x, self.self_attention_norm, attend, deterministic)
     return self.add(x, self.ffn_norm, self.ffn, deterministic)
 
@@ -112,14 +124,16 @@ class CrossAttentionBlock(_Residual):
     memory,
     memory_mask=None,
     *,
+    bias=None,
     deterministic: bool = True,
     decode: bool = False,
   ):
     """``(B, T, D)`` targets, ``(B, S, D)`` memory; masks ``(B, H, T, T)`` and ``(B, H, T, S)`` -> ``(B, T, D)``.
+    ``bias``: a logit bias of the self-attention only, as in :class:`Block`; attention over the memory has none.
 
     In cached decoding, ``memory=None`` after the first step attends to the cached memory keys and values."""
     modes = dict(deterministic=deterministic, decode=decode)
-    attend = functools.partial(self.self_attention, mask=self_mask, **modes)
+    attend = functools.partial(self.self_attention, mask=self_mask, bias=bias, **modes)
     attend_memory = functools.partial(
       self.cross_attention, inputs_kv=memory, mask=memory_mask, **modes
     )
@@ -145,11 +159,16 @@ class Stack(Module):
   leaves carry a leading ``L`` axis (see :func:`stack_layers` / :func:`unstack_layers` to move between the two).
   ``config.remat_policy`` recomputes each layer's activations in the backward pass. All variants compute the same
   numbers.
+
+  ``relative_positions`` (``'bidirectional'``: an encoder; ``'causal'``: a decoder) adds T5's relative position bias
+  to every layer's self-attention. The stack holds its one table, ``relative_position_bias`` (T5 keeps it in the
+  first layer), outside any scan, and computes the bias once per call for all layers.
   """
 
   config: BlockConfig
   layer_cls: type
   num_layers: int
+  relative_positions: Literal['bidirectional', 'causal'] | None = None
 
   @nn.compact
   def __call__(self, x, *layer_args, deterministic: bool = True, decode: bool = False):
@@ -158,9 +177,12 @@ class Stack(Module):
     ``decode``: cached decoding (apply with ``mutable=['cache']``); under scan each cache leaf gains a leading ``L``.
     """
     cfg = self.config
+    bias = self._position_bias(x.shape[1], decode)  # (1, H, T, S) or None
 
-    def apply_layer(layer, x, *args):
-      return _residual_stream(layer(x, *args, deterministic=deterministic, decode=decode))
+    def apply_layer(layer, x, bias, *args):
+      # layers that take no bias need not know of it
+      extra = {} if bias is None else {'bias': bias}
+      return _residual_stream(layer(x, *args, **extra, deterministic=deterministic, decode=decode))
 
     if cfg.remat_policy != 'none':
       # prevent_cse only matters outside scan; inside scan it just blocks optimisations.
@@ -173,18 +195,44 @@ class Stack(Module):
         lambda layer, carry, *args: (apply_layer(layer, carry, *args), None),
         variable_axes={'params': 0, 'intermediates': 0, 'cache': 0},
         split_rngs={'params': True, 'dropout': True},
-        in_axes=(nn.broadcast,) * len(layer_args),
+        in_axes=(nn.broadcast,) * (1 + len(layer_args)),
         length=self.num_layers,
         # each parameter's logical axes gain the leading layer axis
         metadata_params={nn.PARTITION_NAME: 'layers'},
       )
-      x, _ = scan(self.layer_cls(cfg, name='layers'), x, *layer_args)
+      x, _ = scan(self.layer_cls(cfg, name='layers'), x, bias, *layer_args)
     else:
       for i in range(self.num_layers):
-        x = apply_layer(self.layer_cls(cfg, name=f'layers_{i}'), x, *layer_args)
+        x = apply_layer(self.layer_cls(cfg, name=f'layers_{i}'), x, bias, *layer_args)
     if cfg.final_norm:
       x = make_norm(cfg, name='final_norm')(x)
     return x
+
+  @nn.nowrap
+  def _position_bias(self, length: int, decode: bool):
+    """The ``(1, H, T, S)`` relative position bias of ``T = length`` queries; ``None`` without relative positions.
+
+    In cached decoding the queries continue at the stack's ``cache_index`` and the keys are the cache slots. The
+    layers size their caches by the first call's length, and so does ``key_slots`` here: only its length is read.
+    """
+    if self.relative_positions is None:
+      return None
+    cfg = self.config
+    table = RelativePositionBias(
+      cfg.num_heads,
+      bidirectional=self.relative_positions == 'bidirectional',
+      num_buckets=cfg.relative_buckets,
+      max_distance=cfg.relative_max_distance,
+      param_dtype=cfg.weight_dtype,
+      name='relative_position_bias',
+    )
+    if not decode:
+      return table(length, length)
+    index = self.variable('cache', CACHE_INDEX, lambda: jnp.zeros((), jnp.int32))
+    slots = self.variable('cache', 'key_slots', jnp.zeros, (length,), jnp.bool_)
+    offset = index.value
+    index.value = offset + length
+    return table(length, slots.value.shape[0], offset)
 
 
 def stack_layers(stack_params: dict, num_layers: int) -> dict:

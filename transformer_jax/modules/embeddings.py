@@ -6,6 +6,7 @@ import math
 from typing import Any, Callable, Literal
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -32,6 +33,10 @@ class TokenEmbedding(Module):
   # Logical axes of the (V, D) table: a token vocabulary splits over the tensor axis; a small table (BERT's segment
   # types) passes None and stays whole on axis 0.
   vocab_axis: str | None = 'vocab'
+  # A row the lookup passes no gradient to, as torch's nn.Embedding(padding_idx=...) does (the tied output head still
+  # trains it): transformers' BART and Marian, where the padding token can be a real decoder input (Marian starts
+  # decoding from it).
+  frozen_row: int | None = None
 
   def setup(self):
     init = nn.with_logical_partitioning(self.embedding_init, (self.vocab_axis, 'embed'))
@@ -44,6 +49,8 @@ class TokenEmbedding(Module):
     check_token_ids(ids, self.vocab_size)
     valid = (ids >= 0) & (ids < self.vocab_size)
     rows = jnp.take(self.embedding, jnp.where(valid, ids, 0), axis=0)
+    if self.frozen_row is not None:
+      rows = jnp.where((ids == self.frozen_row)[..., None], jax.lax.stop_gradient(rows), rows)
     out = jnp.where(valid[..., None], rows, jnp.nan).astype(self.dtype)
     if self.scale_by_sqrt_dim:
       out = out * jnp.asarray(math.sqrt(self.features), self.dtype)
