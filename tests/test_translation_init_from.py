@@ -1,15 +1,18 @@
-"""``translation`` with ``init_from`` a tiny random BART or Marian saved by transformers (tokenizers trained here):
-the loss falls, BLEU/ROUGE are reported, the run resumes, exports to a directory transformers decodes the same way,
-and a checkpoint of the wrong family is one clear error."""
+"""``translation`` with ``init_from`` a tiny random BART, Marian or T5 saved by transformers (tokenizers trained
+here): the loss falls, BLEU/ROUGE are reported, the batches are framed as transformers frames them, the run resumes
+and exports to a directory transformers decodes the same way, and a checkpoint of the wrong family is one clear
+error."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import sentencepiece
 import torch
 import transformers
-from tokenizers import Tokenizer as RawTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizer_helpers import train_byte_bpe, train_spm
 from train_helpers import tiny_config, tiny_fields
 
 from train.pretrained_start import RUNTIME_FIELDS
@@ -33,42 +36,92 @@ def pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
   return rows
 
 
-def _bart_tokenizer():
-  raw = RawTokenizer(models.BPE())
-  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  raw.decoder = decoders.ByteLevel()
-  specials = ['<s>', '<pad>', '</s>', '<unk>', '<mask>']
-  trainer = trainers.BpeTrainer(
-    vocab_size=120, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+def _lines() -> list[str]:
+  return [s for pair in pairs(300, seed=1) for s in pair]
+
+
+def _bart_tokenizer(root):
+  vocab, merges = train_byte_bpe(_lines(), 120)
+  return transformers.BartTokenizerFast(vocab=vocab, merges=merges)
+
+
+def _marian_tokenizer(root):
+  """One SentencePiece model for both sides, in an opus-mt style vocab.json ('</s>' 0, '<unk>' 1, '<pad>' last)."""
+  model = train_spm(_lines(), 40, bos_id=-1, eos_id=-1)
+  for name in ('source.spm', 'target.spm'):
+    (root / name).write_bytes(model)
+  processor = sentencepiece.SentencePieceProcessor(model_proto=model)
+  pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+  vocab = ['</s>', '<unk>'] + [p for p in pieces if p not in ('<unk>', '<s>', '</s>')] + ['<pad>']
+  (root / 'vocab.json').write_text(json.dumps({p: i for i, p in enumerate(vocab)}))
+  files = (str(root / f) for f in ('source.spm', 'target.spm', 'vocab.json'))
+  return transformers.MarianTokenizer(*files)
+
+
+def _t5_tokenizer(root):
+  """T5's layout: <pad> 0, </s> 1, <unk> 2 and the sentinels, converted by transformers from spiece.model."""
+  spiece = train_spm(_lines(), 40, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+  (root / 'spiece.model').write_bytes(spiece)
+  (root / 'tokenizer_config.json').write_text(json.dumps({'tokenizer_class': 'T5Tokenizer'}))
+  return transformers.AutoTokenizer.from_pretrained(root)
+
+
+SHAPE = dict(
+  d_model=24,
+  encoder_layers=2,
+  decoder_layers=2,
+  encoder_attention_heads=3,
+  decoder_attention_heads=3,
+  encoder_ffn_dim=40,
+  decoder_ffn_dim=40,
+  max_position_embeddings=32,
+)
+
+
+def _model(family: str, vocab: int):
+  if family == 'bart':
+    return transformers.BartForConditionalGeneration(
+      transformers.BartConfig(vocab_size=vocab, **SHAPE)
+    )
+  if family == 'marian':
+    ids = dict(pad_token_id=vocab - 1, decoder_start_token_id=vocab - 1, eos_token_id=0)
+    # swish: what published Marian checkpoints use
+    config = transformers.MarianConfig(
+      vocab_size=vocab, activation_function='swish', **ids, **SHAPE
+    )
+    return transformers.MarianMTModel(config)
+  config = transformers.T5Config(
+    vocab_size=vocab,
+    d_model=24,
+    d_kv=8,
+    num_heads=3,
+    d_ff=40,
+    num_layers=2,
+    num_decoder_layers=2,
+    feed_forward_proj='gated-gelu',
+    decoder_start_token_id=0,
   )
-  raw.train_from_iterator([s for pair in pairs(300, seed=1) for s in pair], trainer)
-  raw.post_processor = processors.RobertaProcessing(('</s>', 2), ('<s>', 0))
-  return transformers.BartTokenizerFast(tokenizer_object=raw)
+  return transformers.T5ForConditionalGeneration(config)
+
+
+FAMILIES = {'bart': _bart_tokenizer, 'marian': _marian_tokenizer, 't5': _t5_tokenizer}
 
 
 @pytest.fixture(scope='module')
 def checkpoints(tmp_path_factory):
+  """A tiny random model of each family with its tokenizer, and a GPT-2 (a family translation does not take)."""
   root = tmp_path_factory.mktemp('hf')
-  tok = _bart_tokenizer()
-  config = transformers.BartConfig(
-    vocab_size=len(tok) + 3,
-    d_model=24,
-    encoder_layers=2,
-    decoder_layers=2,
-    encoder_attention_heads=3,
-    decoder_attention_heads=3,
-    encoder_ffn_dim=40,
-    decoder_ffn_dim=40,
-    max_position_embeddings=32,
-  )
-  torch.manual_seed(0)
-  transformers.BartForConditionalGeneration(config).save_pretrained(root / 'bart')
-  tok.save_pretrained(root / 'bart')
-  gpt2 = transformers.GPT2Config(
-    vocab_size=len(tok), n_positions=16, n_embd=12, n_layer=1, n_head=3
-  )
+  for family, make_tokenizer in FAMILIES.items():
+    (root / family).mkdir()
+    tok = make_tokenizer(root / family)
+    torch.manual_seed(0)
+    # spare embedding rows, as published checkpoints often have; Marian's tokenizer cannot decode them
+    spare = 0 if family == 'marian' else 3
+    _model(family, len(tok) + spare).save_pretrained(root / family)
+    tok.save_pretrained(root / family)
+  gpt2 = transformers.GPT2Config(vocab_size=200, n_positions=16, n_embd=12, n_layer=1, n_head=3)
   transformers.GPT2LMHeadModel(gpt2).save_pretrained(root / 'gpt2')
-  tok.save_pretrained(root / 'gpt2')
+  _bart_tokenizer(None).save_pretrained(root / 'gpt2')
   return root
 
 
@@ -102,30 +155,32 @@ def config_from(init_from, data_file, **overrides):
   return tiny_config('translation', fields, init_from=str(init_from), **settings)
 
 
-@pytest.fixture(scope='module')
-def bart_run(checkpoints, data_file, tmp_path_factory):
-  """``(workdir, summary, held-out loss of the start)``."""
-  workdir = tmp_path_factory.mktemp('bart_run')
-  config = config_from(checkpoints / 'bart', data_file)
+@pytest.fixture(scope='module', params=list(FAMILIES))
+def run(request, checkpoints, data_file, tmp_path_factory):
+  """``(family, workdir, summary, held-out loss of the start)`` of a 60-step fine-tuning run."""
+  family = request.param
+  workdir = tmp_path_factory.mktemp(f'{family}_run')
+  config = config_from(checkpoints / family, data_file)
   task = build_task(config, str(tmp_path_factory.mktemp('probe')))
-  _, start = load_hf(checkpoints / 'bart')
+  _, start = load_hf(checkpoints / family)
   before = evaluate(eval_step_fn(task), start, task.eval_batches(), True)['loss']
-  return workdir, train_and_evaluate(config, str(workdir)), before
+  return family, workdir, train_and_evaluate(config, str(workdir)), before
 
 
-def test_fine_tuning_bart_lowers_the_loss_and_reports_bleu_and_rouge(bart_run):
-  workdir, summary, before = bart_run
+def test_fine_tuning_lowers_the_loss_and_reports_bleu_and_rouge(run):
+  _, _, summary, before = run
   assert summary['step'] == 60
   assert summary['eval']['loss'] < before - 1.0, (summary['eval']['loss'], before)
   for metric in ('bleu', 'rouge1', 'rouge2', 'rougeL', 'exact_match'):
     assert np.isfinite(summary['eval'][metric]), summary['eval']
 
 
-def test_the_batches_frame_pairs_as_transformers_does(checkpoints, data_file, tmp_path):
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_the_batches_frame_pairs_as_transformers_does(checkpoints, data_file, tmp_path, family):
   """Sources and labels are ``tokenizer(sources, text_target=targets)``; the decoder reads the labels behind its
   start token (``shift_tokens_right``)."""
-  task = build_task(config_from(checkpoints / 'bart', data_file), str(tmp_path))
-  tok = transformers.AutoTokenizer.from_pretrained(checkpoints / 'bart')
+  task = build_task(config_from(checkpoints / family, data_file), str(tmp_path))
+  tok = transformers.AutoTokenizer.from_pretrained(checkpoints / family)
   sources, targets = zip(*task.val_pairs[:4])
   framed = tok(
     list(sources),
@@ -138,15 +193,15 @@ def test_the_batches_frame_pairs_as_transformers_does(checkpoints, data_file, tm
   np.testing.assert_array_equal(task.val['sources'][:4], framed['input_ids'].numpy())
   labels = framed['labels']
   np.testing.assert_array_equal(task.val['targets'][:4], labels.numpy())
-  start = transformers.BartConfig.from_pretrained(checkpoints / 'bart').decoder_start_token_id
+  start = transformers.AutoConfig.from_pretrained(checkpoints / family).decoder_start_token_id
   shifted = transformers.models.bart.modeling_bart.shift_tokens_right(
     labels, tok.pad_token_id, start
   )
   np.testing.assert_array_equal(task.val['inputs'][:4], shifted.numpy())
 
 
-def test_export_decodes_like_transformers(bart_run, tmp_path):
-  workdir, _, _ = bart_run
+def test_export_decodes_like_transformers(run, tmp_path):
+  _, workdir, _, _ = run
   assert export(str(workdir), str(tmp_path)) == 'AutoModelForSeq2SeqLM'
   hf_model = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
   tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
@@ -163,9 +218,9 @@ def test_export_decodes_like_transformers(bart_run, tmp_path):
   assert answer == task.translate(params, ids, beam_size=2, valid=valid)[0]
 
 
-def test_resume_continues_from_the_checkpoint(checkpoints, data_file, bart_run, tmp_path):
-  workdir, summary, _ = bart_run
-  config = config_from(checkpoints / 'bart', data_file, num_train_steps=62)
+def test_resume_continues_from_the_checkpoint(checkpoints, data_file, run):
+  family, workdir, _, _ = run
+  config = config_from(checkpoints / family, data_file, num_train_steps=62)
   resumed = train_and_evaluate(config, str(workdir))
   assert resumed['step'] == 62
 

@@ -17,6 +17,7 @@ from train.tasks import ClassificationTask, build_task
 from train.vocab import TokenizerVocab
 from transformer_jax import pretrained
 from transformer_jax.models import GPT, BERTForMaskedLM, Transformer
+from transformer_jax.pretrained_seq2seq import Seq2SeqPretrained
 
 
 def load_run(workdir: str, step: int | None = None):
@@ -66,8 +67,12 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   labels = None
   if isinstance(task, ClassificationTask):
     labels = tuple(task.labels.name(i) for i in range(task.num_labels))
-  checkpoint = pretrained.Pretrained(
-    task.model, jax.device_get(params), task.vocab.tokenizer, task.pretrained.hf_config, labels
-  )
+  params, start = jax.device_get(params), task.pretrained
+  if isinstance(task.model, Transformer):  # with the settings it decodes with
+    checkpoint = Seq2SeqPretrained(
+      task.model, params, vocab.tokenizer, start.generation, start.hf_config
+    )
+  else:
+    checkpoint = pretrained.Pretrained(task.model, params, vocab.tokenizer, start.hf_config, labels)
   checkpoint.save(out)
   return _LOADERS.get(type(task.model), 'AutoModelForSequenceClassification')

@@ -11,8 +11,10 @@ ACTIVATIONS = {
   'gelu_pytorch_tanh': 'gelu_tanh',
   'gelu': 'gelu',
   'relu': 'relu',
+  'swish': 'silu',  # Marian's
+  'silu': 'silu',
 }
-HF_ACTIVATIONS = {'gelu_tanh': 'gelu_new', 'gelu': 'gelu', 'relu': 'relu'}
+HF_ACTIVATIONS = {'gelu_tanh': 'gelu_new', 'gelu': 'gelu', 'relu': 'relu', 'silu': 'silu'}
 
 
 def activation(name: str) -> str:
