@@ -140,8 +140,23 @@ def test_generate_text_sampling_options(gpt2_dir):
   assert gpt2.generate_text(PROMPTS, rng=key, **nucleus) == gpt2.generate_text(
     PROMPTS, rng=key, **nucleus
   )
-  beams = gpt2.generate_text(PROMPTS, max_new_tokens=7, num_beams=3, return_full_text=False)
-  assert len(beams) == len(PROMPTS) and all(isinstance(text, str) for text in beams)
+
+
+@pytest.mark.parametrize('early_stopping', [False, True, 'never'])
+def test_generate_text_beams_match_hf_generate(gpt2_dir, early_stopping):
+  """3 beams, each prompt alone in transformers (its beam search on a left-padded batch pads the positions)."""
+  gpt2 = pretrained.load(gpt2_dir)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(gpt2_dir)
+  options = dict(max_new_tokens=7, num_beams=3, early_stopping=early_stopping)
+  beams = gpt2.generate_text(PROMPTS, return_full_text=False, length_penalty=2.0, **options)
+  for prompt, continuation in zip(PROMPTS, beams):
+    ids = tok(prompt, return_tensors='pt').input_ids
+    with torch.no_grad():
+      out = hf.generate(
+        ids, do_sample=False, pad_token_id=tok.eos_token_id, length_penalty=2.0, **options
+      )
+    assert continuation == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 TEXTS = ['a wonderful surprise', 'dull and tedious, I left before the end of it', 'café 🙂']

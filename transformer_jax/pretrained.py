@@ -115,12 +115,14 @@ class Pretrained:
     no_repeat_ngram_size: int = 0,
     num_beams: int = 1,
     length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
     rng=None,
     return_full_text: bool = True,
   ) -> list[str]:
     """Continues each prompt; greedy by default (``temperature=None``), else sampled with ``temperature``, ``top_k``
-    and ``top_p`` as in :func:`~transformer_jax.generate`, or beam search with ``num_beams > 1``. Prompts of
-    different lengths are left-padded for you. A row stops at the tokenizer's end token.
+    and ``top_p`` as in :func:`~transformer_jax.generate`, or beam search with ``num_beams > 1`` (``early_stopping``
+    as ``generate``'s, whose default is False). Prompts of different lengths are left-padded for you. A row stops at
+    the tokenizer's end token.
 
     Returns one text per prompt: the prompt and its continuation (``return_full_text``), or the continuation alone.
     """
@@ -134,7 +136,9 @@ class Pretrained:
     stopping = dict(eos_id=eos, pad_id=pad, no_repeat_ngram_size=no_repeat_ngram_size)
     options = dict(max_new_tokens=max_new_tokens, prompt_valid=valid, **stopping)
     if num_beams > 1:
-      scoring = dict(beam_size=num_beams, length_penalty=length_penalty)
+      scoring = dict(
+        beam_size=num_beams, length_penalty=length_penalty, early_stopping=early_stopping
+      )
       new = beam_search(self.model, self.params, ids, **options, **scoring).tokens[:, 0]
     else:
       sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
