@@ -263,7 +263,7 @@ def drop_a_shard(path):
 
 
 BROKEN_DIRS = {
-  'unsupported_model_type': (edit_config(model_type='llama'), "unsupported model_type 'llama'"),
+  'unsupported_model_type': (edit_config(model_type='rwkv'), "unsupported model_type 'rwkv'"),
   'unsupported_architecture': (
     edit_config(architectures=['GPT2DoubleHeadsModel']),
     r"unsupported architectures \['GPT2DoubleHeadsModel'\]",

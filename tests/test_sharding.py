@@ -68,6 +68,8 @@ def shapes(model, *args):
     (BERTForMaskedLM(BERTConfig(vocab_size=41, **TINY)), (IDS,)),
     (BERTForSequenceClassification(BERTConfig(vocab_size=41, num_labels=3, **TINY)), (IDS,)),
     (GPT(LLAMA_SHAPED), (IDS,)),
+    # what convert.llama loads: Llama without Q/K/V biases, and an untied head
+    (GPT(LLAMA_SHAPED.replace(qkv_bias=False, tie_output=False)), (IDS,)),
     (Transformer(T5_SHAPED), (IDS, IDS)),
     (EncoderModel(T5_SHAPED.replace(scan_layers=False)), (IDS,)),
   ],
@@ -78,6 +80,7 @@ def shapes(model, *args):
     'bert_mlm',
     'bert_classifier',
     'llama_shaped',
+    'llama_untied_no_qkv_bias',
     't5_shaped',
     't5_encoder',
   ],

@@ -308,8 +308,8 @@ def test_what_t5_cannot_express_is_refused():
   )
   T5.hf_config(config, 'T5ForConditionalGeneration')
   with pytest.raises(ConversionError, match='T5 cannot express') as error:
-    T5.hf_config(config.replace(use_bias=True, num_kv_heads=1, activation='silu'), 'T5Model')
-  for field in ('use_bias=True', 'grouped_query=True', "activation='silu'"):
+    T5.hf_config(config.replace(use_bias=True, num_kv_heads=1, embed_norm=True), 'T5Model')
+  for field in ('use_bias=True', 'grouped_query=True', 'embed_norm=True'):
     assert field in str(error.value)
   with pytest.raises(ConversionError, match='the exact GELU'):
     T5.hf_config(config.replace(activation='gelu'), 'T5ForConditionalGeneration')

@@ -109,6 +109,8 @@ GPT2 = Spec(
   check=check_gpt2,
   mapping=_mapping,
   architecture_of_state=_architecture_of_state,
+  # a GPT without learned positions (rotary: Llama, Qwen2) is another format's
+  describes=lambda config: config.position_encoding == 'learned',
 )
 
 

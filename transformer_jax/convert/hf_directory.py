@@ -1,4 +1,5 @@
-"""Hugging Face model directories on disk: ``load_hf`` (GPT-2, BERT) and ``save_hf``.
+"""Hugging Face model directories on disk: ``load_hf`` (GPT-2, BERT, BART, Marian, T5, Llama, Qwen2) and
+``save_hf``.
 
 A directory holds ``config.json`` and the weights as ``model.safetensors`` or ``pytorch_model.bin``, either one file
 or shards listed in ``*.index.json``. Safetensors are read with ``safetensors.numpy`` (no torch); ``.bin`` files need
@@ -18,6 +19,7 @@ from transformer_jax.convert.bart import BART, MARIAN
 from transformer_jax.convert.bert import BERT_SPEC
 from transformer_jax.convert.engine import export_state, to_numpy
 from transformer_jax.convert.gpt2 import GPT2
+from transformer_jax.convert.llama import LLAMA, QWEN2
 from transformer_jax.convert.rules import ConversionError
 from transformer_jax.convert.spec import load
 from transformer_jax.convert.t5 import T5
@@ -26,7 +28,7 @@ WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')  # in order of prefere
 
 
 # model_type -> the spec that converts it
-SPECS = {spec.model_type: spec for spec in (GPT2, BERT_SPEC, BART, MARIAN, T5)}
+SPECS = {spec.model_type: spec for spec in (GPT2, BERT_SPEC, BART, MARIAN, T5, LLAMA, QWEN2)}
 
 
 def read_config(path: Path) -> dict:
@@ -86,9 +88,10 @@ def _check_architecture(config: dict, supported) -> None:
 
 
 def load_hf(path: str | os.PathLike, dtype=None) -> tuple:
-  """Loads a Hugging Face GPT-2 or BERT directory: ``(model, params)``.
+  """Loads a Hugging Face model directory of any format in :data:`SPECS`: ``(model, params)``.
 
-  ``model_type`` ``'gpt2'`` gives a :class:`~transformer_jax.GPT` (``GPT2LMHeadModel`` or ``GPT2Model``); ``'bert'``
+  ``model_type`` ``'gpt2'`` gives a :class:`~transformer_jax.GPT` (``GPT2LMHeadModel`` or ``GPT2Model``), and so do
+  ``'llama'`` and ``'qwen2'`` (``LlamaForCausalLM``, ``Qwen2ForCausalLM``: rotary, RMSNorm, SwiGLU); ``'bert'``
   gives :class:`~transformer_jax.BERT`, :class:`~transformer_jax.BERTForMaskedLM` or
   :class:`~transformer_jax.BERTForSequenceClassification` after the head the weights carry. ``dtype``: the params' dtype
   (default: the checkpoint's; float32, float16 and bfloat16 load). Raises :class:`ConversionError` for a missing or
@@ -112,7 +115,8 @@ def load_hf(path: str | os.PathLike, dtype=None) -> tuple:
 def save_hf(model, params: dict, path: str | os.PathLike) -> None:
   """Writes ``config.json`` and ``model.safetensors`` that ``transformers``' ``from_pretrained`` loads.
 
-  A :class:`~transformer_jax.GPT` is saved as ``GPT2LMHeadModel``; the BERT classes as their Hugging Face twins.
+  A :class:`~transformer_jax.GPT` is saved as ``GPT2LMHeadModel`` (learned positions), else as ``LlamaForCausalLM``
+  or, with Q/K/V biases, ``Qwen2ForCausalLM``; the BERT classes as their Hugging Face twins.
   Tied copies (``lm_head.weight``, the MLM decoder) are left out, as ``save_pretrained`` does.
   """
   spec = next(
