@@ -23,7 +23,8 @@ from train.checkpoint import Checkpoints, check_resumable
 from train.errors import RunStopped
 from train.metrics import MetricWriter
 from train.optim import SCHEDULES, make_optimizer
-from train.parallel import host_copy, initialize_distributed, is_primary, make_layout, primary_first
+from train.parallel import make_layout
+from train.processes import host_copy, initialize_distributed, is_primary, primary_first
 from train.steps import create_state, eval_step_fn, evaluate, train_step_fn
 from train.summary import closing_lines
 from train.tasks import TASKS, build_task
