@@ -170,7 +170,7 @@ def test_export_round_trip(saved, tmp_path, name):
   np.testing.assert_array_equal(after, before)
 
 
-def _hf_generate(hf_model, ids, eos_id):
+def _hf_generate(hf_model, ids, eos_id, **options):
   with torch.no_grad():
     out = hf_model.generate(
       torch.tensor(ids),
@@ -179,6 +179,7 @@ def _hf_generate(hf_model, ids, eos_id):
       max_new_tokens=8,
       eos_token_id=eos_id,
       pad_token_id=0,
+      **options,
     )
   return out.numpy()[:, T:]
 
@@ -207,6 +208,38 @@ def test_greedy_decoding_equals_generate(saved, name):
   ours = np.asarray(ours)
   np.testing.assert_array_equal(ours[:, : theirs.shape[1]], theirs)
   assert (ours[:, theirs.shape[1] :] == 0).all()
+
+
+@pytest.mark.parametrize('early_stopping', [False, True])
+@pytest.mark.parametrize('name', ['llama', 'qwen2'])
+def test_beam_search_equals_generate(saved, name, early_stopping):
+  """4 beams on the left-padded batch, the end token one that greedy row 0 emits, so that hypotheses finish at
+  different steps."""
+  model, params = load_hf(saved / name)
+  hf_model = _load_hf_model(saved / name)
+  ids, _ = _batch()
+  eos_id = int(_hf_generate(hf_model, ids, None)[0, 2])
+  search = dict(num_beams=4, early_stopping=early_stopping, length_penalty=1.5)
+  theirs = _hf_generate(hf_model, ids, eos_id, **search)
+  with jax.default_matmul_precision('highest'):
+    beams = generation.beam_search(
+      model,
+      params,
+      ids,
+      prompt_valid=VALID,
+      max_new_tokens=8,
+      beam_size=4,
+      length_penalty=1.5,
+      early_stopping=early_stopping,
+      eos_id=eos_id,
+      pad_id=0,
+    )
+  # transformers fills a finished beam with `pad_token_id or eos_token_id`, so with pad 0 its rows go on with the end
+  # token; ours hold pad_id. Rows are compared up to their end token, and ours must be padding after it.
+  for mine, hf_row in zip(np.asarray(beams.tokens[:, 0]).tolist(), theirs.tolist()):
+    end = mine.index(eos_id) + 1 if eos_id in mine else len(mine)
+    assert mine[:end] == hf_row[:end]
+    assert all(t == 0 for t in mine[end:])
 
 
 @pytest.mark.parametrize(
