@@ -222,7 +222,9 @@ def test_resume_continues_from_the_checkpoint(checkpoints, data_file, run):
   family, workdir, _, _ = run
   config = config_from(checkpoints / family, data_file, num_train_steps=62)
   resumed = train_and_evaluate(config, str(workdir))
+  # restored at step 60, then two steps trained (a fresh start would train 62)
   assert resumed['step'] == 62
+  assert resumed['train_tokens'] == 2 * config.batch_size * config.data.tgt_len
 
 
 def test_a_checkpoint_of_another_family_is_one_clear_error(checkpoints, data_file, tmp_path):

@@ -19,7 +19,7 @@ from train.readers import LABELS_FILE, LabelSet
 from train.vocab import TokenizerVocab, Vocab, load_vocab
 from transformer_jax import pretrained as hf_pretrained
 from transformer_jax.convert.hf_directory import read_config
-from transformer_jax.generation_config import GENERATION_KEYS, read_generation_config
+from transformer_jax.generation_config import GENERATION_KEYS
 from transformer_jax.models import BERT
 from transformer_jax.tokenizer import load_tokenizer
 
@@ -76,7 +76,7 @@ def _from_hugging_face(source: str, found: dict, task: str) -> Pretrained:
   labels = None if loaded.labels is None else list(loaded.labels)
   generation = {}
   if family == 'seq2seq':  # older checkpoints keep the ids in config.json alone
-    generation = {**found, **read_generation_config(source)}
+    generation = {**loaded.hf_config, **loaded.generation_config}
     generation = {k: v for k, v in generation.items() if k in GENERATION_KEYS}
   return Pretrained(
     source,

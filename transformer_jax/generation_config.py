@@ -6,7 +6,8 @@
 
 Lengths: Hugging Face's ``max_length`` and ``min_length`` count the decoder's start token, ours count new tokens
 only, so they become ``max_len = max_length - 1`` and ``min_new_tokens = min_length - 1``; ``max_new_tokens`` and
-``min_new_tokens`` win when given, and without any length ``generate`` makes 20 new tokens, as here.
+``min_new_tokens`` win when given, and without any length ``generate`` makes 20 new tokens (fewer when the
+``model_config``'s ``max_position_embeddings`` end sooner), as here.
 """
 
 from __future__ import annotations
@@ -89,10 +90,14 @@ def translate_options(hf: dict, model_config: dict | None = None, **overrides) -
   for needed in ('decoder_start_token_id', 'eos_token_id'):
     if get(needed) is None:
       raise ValueError(f'the generation settings lack {needed}')
-  # generate() reads a max_length left at its default as 20 new tokens, a given one as the whole length
-  max_new = get('max_new_tokens') or (
-    settings['max_length'] - 1 if 'max_length' in settings else HF_DEFAULTS['max_length']
-  )
+  # generate() reads a given max_length as the whole length, and one left at its default as 20 new tokens, fewer if
+  # the model's positions end sooner
+  max_new = get('max_new_tokens')
+  if max_new is None and settings.get('max_length') is not None:
+    max_new = settings['max_length'] - 1
+  elif max_new is None:
+    positions = settings.get('max_position_embeddings') or HF_DEFAULTS['max_length'] + 1
+    max_new = min(HF_DEFAULTS['max_length'], positions - 1)
   min_new = get('min_new_tokens')
   min_new = max(get('min_length') - 1, 0) if min_new is None else min_new
   eos = _single('eos_token_id', get('eos_token_id'))

@@ -42,8 +42,6 @@ KEPT_KEYS = (
   'task_specific_params',
   'max_position_embeddings',
 )
-# What generate() makes when nothing sets a length: 20 new tokens, fewer if the positions end sooner.
-DEFAULT_NEW_TOKENS = 20
 
 
 @dataclasses.dataclass
@@ -97,12 +95,9 @@ class Seq2SeqPretrained:
       raise ValueError(f'task {task!r} is not in this checkpoint; its tasks: {sorted(self.tasks)}')
     settings = dict(self.tasks.get(task) or {})
     prefix = settings.pop('prefix', None) or self.hf_config.get('prefix') or ''
-    settings = {**self.generation_config, **settings, **options}
-    if settings.get('max_length') is None and settings.get('max_new_tokens') is None:
-      # generate()'s default of 20 new tokens, capped, as it caps it, by the positions the model has
-      positions = self.hf_config.get('max_position_embeddings') or DEFAULT_NEW_TOKENS + 1
-      settings['max_new_tokens'] = min(DEFAULT_NEW_TOKENS, positions - 1)
-    return prefix, translate_options(settings, self.hf_config)
+    return prefix, translate_options(
+      {**self.generation_config, **settings, **options}, self.hf_config
+    )
 
   def summarize(self, texts: str | Sequence[str], **options) -> str | list[str]:
     """:meth:`translate` with the checkpoint's ``'summarization'`` task (T5's ``'summarize: '`` prefix and its

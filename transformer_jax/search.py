@@ -121,8 +121,7 @@ def beam_loop(prefilled: PrefilledModel, s: SearchSettings, floats: FloatSetting
     cand_seqs = jnp.take_along_axis(state.live, parent[..., None], axis=1)  # (B, 2W, L)
     cand_seqs = lax.dynamic_update_slice_in_dim(cand_seqs, tokens[..., None], slot, axis=2)
     ends = is_eos(tokens, s) | (state.j == n_new - 1)  # (B, 2W)
-    full = jnp.all(state.done_score > -jnp.inf, axis=1)  # (B,)
-    taking = state.improvable & ~(full & (s.early_stopping is True))  # (B,)
+    taking = state.improvable & ~(_full(state.done_score) & (s.early_stopping is True))  # (B,)
     finishing = ends & top_ranks & taking[:, None]
     done_score, done = _top(
       jnp.concatenate(
@@ -145,9 +144,8 @@ def beam_loop(prefilled: PrefilledModel, s: SearchSettings, floats: FloatSetting
     length = emitted
     if s.early_stopping == 'never':
       length = jnp.where(floats.length_penalty > 0, n_new, emitted)
-    best_possible = live_logp[:, 0] / penalty(length)
-    worst_done = jnp.where(jnp.all(done_score > -jnp.inf, axis=1), done_score[:, -1], -jnp.inf)
-    improvable = state.improvable & (best_possible > worst_done)
+    # scores are best first, so the last is the worst finished one (-inf while a slot is empty)
+    improvable = state.improvable & (live_logp[:, 0] / penalty(length) > done_score[:, -1])
     return _BeamState(emitted, live, live_logp, done, done_score, improvable, cache)
 
   def body(state: _BeamState) -> _BeamState:
@@ -156,8 +154,10 @@ def beam_loop(prefilled: PrefilledModel, s: SearchSettings, floats: FloatSetting
     return emit(state._replace(cache=cache), logits)
 
   def going(state: _BeamState):
-    full = jnp.all(state.done_score > -jnp.inf)
-    return (state.j < n_new) & jnp.any(state.improvable) & ~(full & (s.early_stopping is True))
+    every_row_full = jnp.all(_full(state.done_score))
+    return (
+      (state.j < n_new) & jnp.any(state.improvable) & ~(every_row_full & (s.early_stopping is True))
+    )
 
   live = jnp.repeat(history[:, None], width, axis=1)  # (B, W, L)
   # identical copies: keep one until they differ
@@ -174,6 +174,11 @@ def beam_loop(prefilled: PrefilledModel, s: SearchSettings, floats: FloatSetting
   state = emit(state, jnp.repeat(prefilled.first_logits, width, axis=0))
   final = lax.while_loop(going, body, state)
   return Beams(final.done[:, :, prefix_len:], final.done_score)
+
+
+def _full(done_score):
+  """``(B,)``: every one of a row's ``W`` finished slots holds a hypothesis (scores are best first)."""
+  return done_score[:, -1] > -jnp.inf
 
 
 def _top(scores, seqs, k: int):
