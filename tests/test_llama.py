@@ -1,7 +1,8 @@
-"""Llama and Qwen2 from Hugging Face: logits and every gradient on a left-padded batch, the export round trip,
-greedy decoding against ``generate``, and the configs we refuse. Tiny random models of odd shape (d_model 48, 6
-query heads of 8 over 2 key/value heads, FFN 40, 2 layers, vocabulary 101) with perturbed weights, saved to a temp
-dir."""
+"""Llama, Mistral and Qwen2 from Hugging Face: logits and every gradient on a left-padded batch, the export round
+trip, greedy and beam decoding against ``generate``, and the configs we refuse. Tiny random models of odd shape
+(d_model 48, 6 query heads of 8 over 2 key/value heads, FFN 40, 2 layers, vocabulary 101) with perturbed weights,
+saved to a temp dir. Prompts of 13 tokens and 8 new ones meet Mistral's window of 5 in the prompt and in cached
+decoding."""
 
 import json
 
@@ -53,10 +54,11 @@ MODELS = {
     'LlamaForCausalLM',
     dict(rope_parameters=dict(rope_type='linear', rope_theta=10000.0, factor=2.0)),
   ),
+  'mistral': ('MistralConfig', 'MistralForCausalLM', dict(rope_theta=10000.0, sliding_window=5)),
   'qwen2': ('Qwen2Config', 'Qwen2ForCausalLM', dict(rope_theta=10000.0, tie_word_embeddings=False)),
 }
-B, T = 2, 7
-VALID = np.array([[True] * T, [False] * 3 + [True] * (T - 3)])  # the second row left-padded
+B, T = 2, 13
+VALID = np.array([[True] * T, [False] * 4 + [True] * (T - 4)])  # the second row left-padded
 
 
 def _hf_model(name, seed=0):
@@ -211,7 +213,7 @@ def test_greedy_decoding_equals_generate(saved, name):
 
 
 @pytest.mark.parametrize('early_stopping', [False, True])
-@pytest.mark.parametrize('name', ['llama', 'qwen2'])
+@pytest.mark.parametrize('name', ['llama', 'mistral', 'qwen2'])
 def test_beam_search_equals_generate(saved, name, early_stopping):
   """4 beams on the left-padded batch, the end token one that greedy row 0 emits, so that hypotheses finish at
   different steps."""
@@ -288,3 +290,28 @@ def test_a_rotary_gpt_llama_cannot_express_is_refused_on_save(saved, tmp_path):
     ConversionError, match="Llama cannot express this model: norm_type='layer_norm'"
   ):
     save_hf(bad, params, tmp_path)
+
+
+def test_the_sliding_window_changes_the_logits(saved):
+  """The window of 5 is in force: without it, the last positions of 13 see other keys."""
+  model, params = load_hf(saved / 'mistral')
+  assert model.config.sliding_window == 5
+  ids, positions = _batch()
+  unwindowed = model.clone(config=model.config.replace(sliding_window=None))
+  windowed, full = (np.asarray(_ours(m, params, ids, positions)) for m in (model, unwindowed))
+  np.testing.assert_allclose(
+    windowed[:, :5], full[:, :5], atol=1e-6
+  )  # the first 5 slots see all they can
+  assert np.abs(windowed[0, 5:] - full[0, 5:]).min() > 1e-4
+
+
+def test_a_mistral_without_a_window_is_saved_as_the_llama_it_is(tmp_path):
+  hf = _hf_model('mistral').config.to_dict()
+  hf['sliding_window'] = None
+  config = SPECS['mistral'].config_from_hf(hf)
+  assert config.sliding_window is None
+  assert not SPECS['mistral'].describes(config) and SPECS['llama'].describes(config)
+  windowed = config.replace(sliding_window=7)
+  assert SPECS['mistral'].describes(windowed) and not SPECS['llama'].describes(windowed)
+  with pytest.raises(ConversionError, match='Llama cannot express this model: sliding_window=7'):
+    SPECS['llama'].hf_config(windowed, 'LlamaForCausalLM')

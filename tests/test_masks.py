@@ -33,6 +33,16 @@ def test_causal_mask_with_offset_covers_a_continuation():
   np.testing.assert_array_equal(masks.causal_mask(2, kv_length=6, offset=3)[0, 0], expected)
 
 
+def test_sliding_window_keeps_the_newest_keys_of_a_causal_row():
+  window = masks.causal_mask(6, window=3)[0, 0]
+  expected = np.array([[q - 3 < k <= q for k in range(6)] for q in range(6)])
+  np.testing.assert_array_equal(window, expected)
+  # continuing a longer sequence: queries 7, 8 of 9 slots see slots 5..7 and 6..8
+  cont = masks.causal_mask(2, 9, offset=7, window=3)[0, 0]
+  np.testing.assert_array_equal(np.flatnonzero(cont[0]), [5, 6, 7])
+  np.testing.assert_array_equal(np.flatnonzero(cont[1]), [6, 7, 8])
+
+
 def test_cross_attention_mask_hides_source_padding_from_every_query():
   src = jnp.array([[4, 4, 0], [4, 0, 0]])
   got = masks.cross_attention_mask(src, pad_id=0)

@@ -75,6 +75,8 @@ class BlockConfig:
   rope_low_freq_factor: float = 1.0  # 'llama3'
   rope_high_freq_factor: float = 4.0  # 'llama3'
   rope_original_max_len: int = 8192  # 'llama3': the context the unscaled frequencies were made for
+  # causal self-attention sees only the newest this many positions, itself included (Mistral); None: all
+  sliding_window: int | None = None
   # None/'einsum' (ours, fastest on CPU); 'xla' or 'cudnn' (GPUs, bf16)
   attention_implementation: str | None = None
   # multiplies q k^T; None: 1 / sqrt(head_dim). T5: 1.0 (its init folds the scale into the queries)
@@ -145,6 +147,12 @@ class BlockConfig:
     if not isinstance(self.position_offset, int) or self.position_offset < 0:
       problems.append(
         f'position_offset must be a non-negative integer, got {self.position_offset!r}'
+      )
+    if self.sliding_window is not None and (
+      not isinstance(self.sliding_window, int) or self.sliding_window < 1
+    ):
+      problems.append(
+        f'sliding_window must be a positive integer or None, got {self.sliding_window!r}'
       )
     if self.norm_eps <= 0:
       problems.append(f'norm_eps must be positive, got {self.norm_eps}')

@@ -20,15 +20,22 @@ def key_mask(valid):
   return None if valid is None else valid.astype(jnp.bool_)[:, None, None, :]
 
 
-def causal_mask(length: int, kv_length: int | None = None, offset: int = 0):
-  """Look-ahead mask ``[1, 1, T, S]``: query ``t`` sees key ``s`` iff ``s <= t + offset``.
+def causal_mask(
+  length: int, kv_length: int | None = None, offset: int = 0, window: int | None = None
+):
+  """Look-ahead mask ``[1, 1, T, S]``: query ``t`` sees key ``s`` iff ``s <= t + offset``, and with a sliding
+  ``window`` (Mistral) only the ``window`` newest of those: ``t + offset - s < window``.
 
-  With ``kv_length`` and ``offset`` it covers queries that continue a longer key sequence (cached decoding).
+  With ``kv_length`` and ``offset`` it covers queries that continue a longer key sequence (cached decoding). The
+  window counts sequence slots, left padding included, as Hugging Face's ``sliding_window_overlay`` does.
   """
   kv_length = length if kv_length is None else kv_length
   q_pos = jnp.arange(length)[:, None] + offset
   k_pos = jnp.arange(kv_length)[None, :]
-  return (k_pos <= q_pos)[None, None]
+  visible = k_pos <= q_pos
+  if window is not None:
+    visible &= q_pos - k_pos < window
+  return visible[None, None]
 
 
 def cross_attention_mask(source_ids, pad_id: int):

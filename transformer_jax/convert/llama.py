@@ -1,11 +1,12 @@
-"""The Llama and Qwen2 specs: Hugging Face's ``LlamaForCausalLM`` and ``Qwen2ForCausalLM`` <-> our
-:class:`~transformer_jax.GPT` with Llama's blocks (:data:`LLAMA_BLOCKS`).
+"""The Llama, Mistral and Qwen2 specs: Hugging Face's ``LlamaForCausalLM``, ``MistralForCausalLM`` and
+``Qwen2ForCausalLM`` <-> our :class:`~transformer_jax.GPT` with Llama's blocks (:data:`LLAMA_BLOCKS`).
 
 Both are the same decoder: pre-norm RMSNorm layers, rotary positions in the ``rotate_half`` layout, grouped-query
 attention, a SwiGLU FFN (``down(silu(gate(x)) * up(x))``: our ``fc_gate``, ``fc_in``, ``fc_out``), no biases, a final
-RMSNorm and a head that may or may not be tied. Qwen2 adds biases to Q, K and V alone (our ``qkv_bias``), and one
-name table serves both. ``pad_token_id`` is not read: with ``pad_id`` set our GPT would mask every such token when no
-``valid`` is passed, which transformers never does (Qwen2's padding token is its end-of-text token).
+RMSNorm and a head that may or may not be tied. Mistral adds a sliding window (our ``sliding_window``; a Mistral
+without one is saved back as a Llama, the same model), Qwen2 biases to Q, K and V alone (our ``qkv_bias``), and one
+name table serves all three. ``pad_token_id`` is not read: with ``pad_id`` set our GPT would mask every such token
+when no ``valid`` is passed, which transformers never does (Qwen2's padding token is its end-of-text token).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ _LLAMA_DEFAULTS = {
   'tie_word_embeddings': False,
 }
 _QWEN2_DEFAULTS = {**_LLAMA_DEFAULTS, 'max_position_embeddings': 32768}
+_MISTRAL_DEFAULTS = {
+  **_LLAMA_DEFAULTS,
+  'max_position_embeddings': 4096 * 32,
+  'sliding_window': 4096,
+}
 # Hugging Face rope_type -> ours (None: plain rotary positions)
 _ROPE_TYPES = {'default': None, 'linear': 'linear', 'llama3': 'llama3'}
 
@@ -122,8 +128,9 @@ def _more_to_hf(config: GPTConfig, architecture: str) -> dict:
   )
 
 
-def _check(config: GPTConfig, what: str, qkv_bias: bool) -> None:
-  """Raises :class:`ConversionError` for a model ``what`` (Llama or Qwen2) cannot express."""
+def _check(config: GPTConfig, what: str, qkv_bias: bool, window: bool) -> None:
+  """Raises :class:`ConversionError` for a model ``what`` (Llama, Mistral or Qwen2) cannot express; ``window``:
+  whether it has a ``sliding_window`` field."""
   if config.rope_theta is None:
     raise ConversionError(
       f'{what} cannot express this model: rope_theta=None (needs rotary positions)'
@@ -146,6 +153,10 @@ def _check(config: GPTConfig, what: str, qkv_bias: bool) -> None:
     rotary_fraction=(1.0,),
     activation=tuple(HF_ACTIVATIONS),
   )
+  if config.sliding_window is not None and not window:
+    raise ConversionError(
+      f'{what} cannot express this model: sliding_window={config.sliding_window} (Mistral can)'
+    )
 
 
 def _mapping(config: GPTConfig, architecture: str) -> Mapping:
@@ -179,24 +190,33 @@ def _mapping(config: GPTConfig, architecture: str) -> Mapping:
   )
 
 
-def _spec(model_type: str, architecture: str, defaults: dict, qkv_bias: bool, what: str) -> Spec:
+def _spec(
+  model_type: str, architecture: str, defaults: dict, qkv_bias: bool, what: str, window=False
+) -> Spec:
   return Spec(
     model_type=model_type,
     architectures={architecture: GPT},
     config_class=GPTConfig,
-    fields=_FIELDS,
+    fields={**_FIELDS, 'sliding_window': 'sliding_window'} if window else _FIELDS,
     hf_defaults=defaults,
     more_from_hf=lambda hf: _more_from_hf(hf, qkv_bias),
     more_to_hf=_more_to_hf,
-    check=lambda config: _check(config, what, qkv_bias),
+    check=lambda config: _check(config, what, qkv_bias, window),
     mapping=_mapping,
     architecture_of_state=lambda state: architecture,
-    # GPT-2 takes the GPTs with learned positions; of the rest, Q/K/V biases mean Qwen2
-    describes=lambda config: config.position_encoding != 'learned' and config.qkv_bias == qkv_bias,
+    # GPT-2 takes the GPTs with learned positions; of the rest, Q/K/V biases mean Qwen2, a window Mistral
+    describes=lambda config: (
+      config.position_encoding != 'learned'
+      and config.qkv_bias == qkv_bias
+      and (config.sliding_window is not None) == window
+    ),
   )
 
 
 LLAMA = _spec('llama', 'LlamaForCausalLM', _LLAMA_DEFAULTS, qkv_bias=False, what='Llama')
+MISTRAL = _spec(
+  'mistral', 'MistralForCausalLM', _MISTRAL_DEFAULTS, qkv_bias=False, what='Mistral', window=True
+)
 QWEN2 = _spec('qwen2', 'Qwen2ForCausalLM', _QWEN2_DEFAULTS, qkv_bias=True, what='Qwen2')
 
 
@@ -209,6 +229,16 @@ def from_llama(model_or_state, config=None, *, dtype=None) -> tuple[GPT, dict]:
 def to_llama(model: GPT, params: dict, *, as_torch: bool = False) -> dict:
   """Our GPT params -> a ``LlamaForCausalLM`` state dict (numpy, or torch tensors)."""
   return export(LLAMA, model, params, 'LlamaForCausalLM', as_torch)
+
+
+def from_mistral(model_or_state, config=None, *, dtype=None) -> tuple[GPT, dict]:
+  """``MistralForCausalLM`` (or a state dict plus its config) -> ``(GPT, params)``."""
+  return load(MISTRAL, model_or_state, config, dtype=dtype)
+
+
+def to_mistral(model: GPT, params: dict, *, as_torch: bool = False) -> dict:
+  """Our GPT params -> a ``MistralForCausalLM`` state dict (numpy, or torch tensors)."""
+  return export(MISTRAL, model, params, 'MistralForCausalLM', as_torch)
 
 
 def from_qwen2(model_or_state, config=None, *, dtype=None) -> tuple[GPT, dict]:

@@ -44,6 +44,8 @@ class BERTConfig(BlockConfig):
       problems.append('BERT is post-norm; pre_norm=True is not this architecture')
     if self.rope_theta is not None:
       problems.append('rotary positions (rope_theta) are a decoder-only (GPT) option so far')
+    if self.sliding_window is not None:
+      problems.append('sliding_window limits causal self-attention; BERT has none')
     if self.pad_id is not None and not 0 <= self.pad_id < self.vocab_size:
       problems.append(f'pad_id={self.pad_id} is outside the vocabulary [0, {self.vocab_size})')
     return problems

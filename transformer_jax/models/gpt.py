@@ -113,7 +113,9 @@ class GPT(Module):
     valid = token_validity(ids, valid, cfg.pad_id, cfg.max_len, 'input')
     positions = embeddings.default_positions(ids) if positions is None else positions
     # (B|1, 1, T, T)
-    mask = masks.combine_masks(masks.causal_mask(ids.shape[1]), masks.key_mask(valid))
+    mask = masks.combine_masks(
+      masks.causal_mask(ids.shape[1], window=cfg.sliding_window), masks.key_mask(valid)
+    )
     x = self.embed(ids, positions, deterministic=deterministic)  # (B, T, D)
     return self.decoder(x, mask, positions, deterministic=deterministic)
 

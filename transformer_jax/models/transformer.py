@@ -189,7 +189,9 @@ class Transformer(Module):
       )
     if memory_valid is not None:
       check_shape(memory_valid, memory.shape[:2], 'memory_valid')
-    self_mask = masks.combine_masks(masks.causal_mask(tgt_ids.shape[1]), masks.key_mask(tgt_valid))
+    self_mask = masks.combine_masks(
+      masks.causal_mask(tgt_ids.shape[1], window=cfg.sliding_window), masks.key_mask(tgt_valid)
+    )
     x = self.embed_target(tgt_ids, deterministic=deterministic)  # (B, T, D)
     x = self.decoder(
       x, self_mask, memory, masks.key_mask(memory_valid), deterministic=deterministic

@@ -170,6 +170,8 @@ class MultiHeadAttention(Module):
   # inputs carry their positions.
   rotary: Rotary | None = None
   rope_theta: float | None = None
+  # cached decoding sees only the newest this many slots (Mistral); without decode the caller's mask says so
+  sliding_window: int | None = None
   check_mask: bool = True  # see dot_product_attention
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -296,5 +298,5 @@ class MultiHeadAttention(Module):
     return (
       cached_key.value,
       cached_value.value,
-      masks.combine_masks(mask, masks.causal_mask(chunk, size, start)),
+      masks.combine_masks(mask, masks.causal_mask(chunk, size, start, self.sliding_window)),
     )

@@ -35,6 +35,7 @@ def make_attention(config: BlockConfig, *, cross: bool = False) -> MultiHeadAtte
     implementation=config.attention_implementation,
     scale=config.attention_scale,
     rotary=None if cross else config.rotary,
+    sliding_window=None if cross else config.sliding_window,
     check_mask=False,  # the models build their masks from inputs checked where they enter
     dtype=config.compute_dtype,
     param_dtype=config.weight_dtype,
