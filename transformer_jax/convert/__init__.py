@@ -33,6 +33,7 @@ from transformer_jax.convert.llama import (
   to_mistral,
   to_qwen2,
 )
+from transformer_jax.convert.peft import load_peft, save_peft
 from transformer_jax.convert.rules import ConversionError, Mapping, Rule
 from transformer_jax.convert.spec import Spec
 from transformer_jax.convert.t5 import from_t5, to_t5
@@ -53,7 +54,9 @@ __all__ = [
   'from_t5',
   'from_torch_transformer',
   'load_hf',
+  'load_peft',
   'save_hf',
+  'save_peft',
   'to_bert',
   'to_gpt2',
   'to_llama',

@@ -194,8 +194,8 @@ class Stack(Module):
     if cfg.scan_layers:
       scan = nn.scan(
         lambda layer, carry, *args: (apply_layer(layer, carry, *args), None),
-        variable_axes={'params': 0, 'intermediates': 0, 'cache': 0},
-        split_rngs={'params': True, 'dropout': True},
+        variable_axes={'params': 0, 'intermediates': 0, 'cache': 0, 'lora': 0},
+        split_rngs={'params': True, 'dropout': True, 'lora': True},
         in_axes=(nn.broadcast,) * (1 + len(layer_args)),
         length=self.num_layers,
         # each parameter's logical axes gain the leading layer axis
