@@ -3,6 +3,7 @@
     from transformer_jax import pretrained
     gpt2 = pretrained.load('path/to/gpt2')                  # config.json, model.safetensors, tokenizer files
     gpt2.generate_text(['Hello, my dog', 'The'], max_new_tokens=20, temperature=0.7, top_p=0.9)
+    llama = pretrained.load('path/to/llama')                # Llama, Mistral, Qwen2 too (a GPT with their blocks)
     bert = pretrained.load('path/to/sst2-bert')
     bert.classify(['a wonderful film'])                     # [{'label': 'POSITIVE', 'score': 0.998}]
     bert.save('out/')                                       # transformers' from_pretrained and AutoTokenizer load it
@@ -54,8 +55,9 @@ _KEPT_KEYS = (
 def load(
   path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, dtype=None
 ) -> Pretrained | Seq2SeqPretrained:
-  """Loads a Hugging Face model directory (GPT-2, BERT; BART, Marian, T5 as a :class:`Seq2SeqPretrained`) and its
-  tokenizer.
+  """Loads a Hugging Face model directory (GPT-2, Llama, Mistral, Qwen2, BERT; BART, Marian, T5 as a
+  :class:`Seq2SeqPretrained`) and its tokenizer, as ``AutoTokenizer`` reads it (Llama 2's ``LlamaTokenizer``, Llama
+  3's ``PreTrainedTokenizerFast``, ``Qwen2Tokenizer``: see :mod:`transformer_jax.tokenizer_families`).
 
   ``tokenizer``: another directory to read the tokenizer from (default: ``path``). ``dtype``: the params' dtype
   (default: the checkpoint's). Raises :class:`~transformer_jax.convert.ConversionError` or
@@ -92,8 +94,9 @@ def load(
 
 @dataclasses.dataclass
 class Pretrained:
-  """A model, its params and tokenizer. ``labels``: the class names of a classifier (``id2label``), else ``None``;
-  ``hf_config``: what the checkpoint's ``config.json`` says beyond the architecture (special token ids)."""
+  """A model, its params and tokenizer: a :class:`~transformer_jax.GPT` (GPT-2, Llama, Mistral, Qwen2) or one of the
+  BERT classes. ``labels``: the class names of a classifier (``id2label``), else ``None``; ``hf_config``: what the
+  checkpoint's ``config.json`` says beyond the architecture (special token ids)."""
 
   model: nn.Module
   params: Any
@@ -121,15 +124,24 @@ class Pretrained:
   ) -> list[str]:
     """Continues each prompt; greedy by default (``temperature=None``), else sampled with ``temperature``, ``top_k``
     and ``top_p`` as in :func:`~transformer_jax.generate`, or beam search with ``num_beams > 1`` (``early_stopping``
-    as ``generate``'s, whose default is False). Prompts of different lengths are left-padded for you. A row stops at
-    the tokenizer's end token.
+    as ``generate``'s, whose default is False). Prompts of different lengths are left-padded for you, with the
+    tokenizer's padding token, else the end token (Llama checkpoints have no padding token). A row stops at the end
+    token of ``config.json``, else the tokenizer's; greedy and sampled rows at any of a list of them (Llama 3.1's),
+    beams at one.
 
-    Returns one text per prompt: the prompt and its continuation (``return_full_text``), or the continuation alone.
+    Returns one text per prompt: the prompt and its continuation (``return_full_text``), or the continuation alone,
+    as decoded after the prompt (what ``generate`` and ``batch_decode`` give). transformers 5's pipeline decodes the
+    continuation alone, which for a Metaspace tokenizer (Llama 2, Mistral) drops the space it may start with.
     """
     self._require(GPT, 'generate_text')
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
-    eos = self._special('eos_token_id', self.tokenizer.eos_id)
+    ends = self._special('eos_token_id', self.tokenizer.eos_id)
+    ends = list(ends) if isinstance(ends, (list, tuple)) else [] if ends is None else [ends]
+    if num_beams > 1 and len(ends) > 1:
+      raise ValueError(f'beam search stops at one end token; config.json has eos_token_id={ends}')
+    # A row stops at the first end token; one that emits another is cut there below, its later tokens unchanged.
+    eos = ends[0] if ends else None
     pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (eos or 0)
     batch = self.tokenizer(prompts, padding='longest', padding_side='left', pad_id=pad)
     ids, valid = batch['input_ids'], batch['attention_mask'].astype(bool)
@@ -147,9 +159,9 @@ class Pretrained:
     for prompt, prompt_row, real, row in zip(
       prompts, ids.tolist(), valid, np.asarray(new).tolist()
     ):
-      row = row[: row.index(eos) + 1] if eos in row else row
-      # As the pipeline does: decode prompt and continuation together (a character may span the two), then cut
-      # the decoded prompt off.
+      row = row[: next((i + 1 for i, t in enumerate(row) if t in ends), len(row))]
+      # Decode prompt and continuation together (a character may span the two, and the continuation's first space
+      # is no leading space), then cut the decoded prompt off.
       prompt_row = [t for t, keep in zip(prompt_row, real) if keep]
       full, start = self.tokenizer.decode(prompt_row + row), self.tokenizer.decode(prompt_row)
       texts.append(prompt + full[len(start) :] if return_full_text else full[len(start) :])

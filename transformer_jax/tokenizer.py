@@ -20,10 +20,11 @@ import tokenizers
 from tokenizers import models
 
 from transformer_jax.tokenizer_families import (
-  CLASS_OF_MODEL_TYPE,
   FAMILY_DEFAULTS,
   FAMILY_OF_CLASS,
+  PADDING_SIDE,
   SPECIAL_TOKENS,
+  auto_class,
   clean_up_tokenization,
   content,
   set_up,
@@ -66,15 +67,17 @@ def _read_json(file: Path) -> dict | None:
 
 def read_settings(root: Path) -> dict:
   """The tokenizer config of a directory as transformers reads it: tokenizer_config.json, special_tokens_map.json
-  and, when no class is named, the class that config.json's `model_type` implies."""
+  and as `tokenizer_class` the class AutoTokenizer picks for it and config.json's `model_type`."""
   config = _read_json(root / 'tokenizer_config.json') or {}
   # As in transformers: without `added_tokens_decoder` the legacy map is read, and wins over the config.
   if 'added_tokens_decoder' not in config:
     config.update(_read_json(root / 'special_tokens_map.json') or {})
-  if not config.get('tokenizer_class'):  # as AutoTokenizer: then the model's type names the class
-    model_type = (_read_json(root / 'config.json') or {}).get('model_type')
-    if model_type in CLASS_OF_MODEL_TYPE:
-      config['tokenizer_class'] = CLASS_OF_MODEL_TYPE[model_type]
+  model_type = (_read_json(root / 'config.json') or {}).get('model_type')
+  file = root / 'tokenizer.json'
+  byte_level = lambda: file.is_file() and '"ByteLevel"' in file.read_text('utf-8', 'replace')
+  named = auto_class(config.get('tokenizer_class'), model_type, byte_level)
+  if named:
+    config['tokenizer_class'] = named
   return config
 
 
@@ -98,8 +101,8 @@ class Tokenizer:
   def __init__(self, backend: tokenizers.Tokenizer | None, config: dict, family=None, path=None):
     """Wraps `backend`, already set up as transformers would set it up (None for a subclass that tokenizes
     otherwise). `config` is the tokenizer config (with special_tokens_map.json and the class defaults merged in),
-    `family` 'bert', 'gpt2', 'roberta', 't5' or None (tokenizer.json as saved), `path` the directory it came
-    from."""
+    `family` 'bert', 'gpt2', 'roberta', 't5', 'llama', 'qwen2' or None (tokenizer.json as saved), `path` the
+    directory it came from."""
     self.backend = backend
     self.config = config
     self.family = family
@@ -114,7 +117,7 @@ class Tokenizer:
   @classmethod
   def from_directory(cls, path) -> Tokenizer:
     """Reads the tokenizer in `path`: tokenizer.json, else vocab.txt (BERT), else vocab.json + merges.txt (GPT-2,
-    or BART's RoBERTa template when the config names it), else spiece.model (T5)."""
+    or BART's RoBERTa template or Qwen2's pipeline when the class is that), else spiece.model (T5)."""
     root = Path(path)
     config = read_settings(root)
     named = config.get('tokenizer_class') or ''
@@ -130,7 +133,8 @@ class Tokenizer:
       unk = content({**FAMILY_DEFAULTS[family], **config}['unk_token'])
       build = lambda: tokenizers.Tokenizer(models.WordPiece.from_file(str(read), unk_token=unk))
     elif vocab_json.is_file() and merges_txt.is_file():
-      family, read = 'roberta' if family == 'roberta' else 'gpt2', f'{vocab_json} + merges.txt'
+      family = family if family in ('roberta', 'qwen2') else 'gpt2'
+      read = f'{vocab_json} + merges.txt'
       build = lambda: tokenizers.Tokenizer(models.BPE.from_file(str(vocab_json), str(merges_txt)))
     elif spiece.is_file() and family == 't5':
       read = spiece
@@ -150,6 +154,7 @@ class Tokenizer:
       config.setdefault('padding_side', backend.padding['direction'])
     if backend.truncation:
       config.setdefault('truncation_side', backend.truncation['direction'])
+    config.setdefault('padding_side', PADDING_SIDE.get(family, 'right'))
     backend.no_padding()
     backend.no_truncation()
     set_up(backend, config, family)

@@ -1,9 +1,14 @@
 """How transformers 5's tokenizer classes set up their pipeline, for :mod:`transformer_jax.tokenizer` to do the same.
 
 transformers does not run ``tokenizer.json`` as saved for ``BertTokenizer``, ``GPT2Tokenizer``, ``RobertaTokenizer``
-(which ``BartTokenizer`` is) and ``T5Tokenizer``: their constructors rebuild the normalizer, pre-tokenizer, decoder
-and post-processor from ``tokenizer_config.json``, with the class defaults below. T5's ``spiece.model`` alone is read
-as transformers converts it.
+(which ``BartTokenizer`` is), ``T5Tokenizer``, ``LlamaTokenizer`` and ``Qwen2Tokenizer``: their constructors rebuild
+the normalizer, pre-tokenizer, decoder and (but for Llama's and Qwen2's, which keep the file's) post-processor from
+``tokenizer_config.json``, with the class defaults below. T5's ``spiece.model`` alone is read as transformers converts
+it. ``PreTrainedTokenizerFast`` (``TokenizersBackend``, which Llama 3 style checkpoints name) runs the file as saved.
+
+Which class that is depends on the model type too (:func:`auto_class`): a Qwen2 model always gets ``Qwen2Tokenizer``,
+a Mistral model the file as saved, whatever the config names, and so does a byte-level file that names
+``LlamaTokenizer`` (whose Metaspace would break it).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 from pathlib import Path
 
 import tokenizers
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from transformer_jax.sentencepiece_model import SPECIAL_KINDS, read_model
 
@@ -21,9 +26,17 @@ SPECIAL_TOKENS = ('pad', 'unk', 'cls', 'sep', 'mask', 'bos', 'eos')
 # The classes whose constructors rebuild the pipeline, and their defaults.
 FAMILY_OF_CLASS = {'BertTokenizer': 'bert', 'DistilBertTokenizer': 'bert', 'GPT2Tokenizer': 'gpt2'}
 FAMILY_OF_CLASS |= {'RobertaTokenizer': 'roberta', 'BartTokenizer': 'roberta', 'T5Tokenizer': 't5'}
+FAMILY_OF_CLASS |= {'LlamaTokenizer': 'llama', 'Qwen2Tokenizer': 'qwen2'}
+# The class AutoTokenizer registers for a model type; llama has none (then the named class, else the file as saved).
 CLASS_OF_MODEL_TYPE = dict(bert='BertTokenizer', distilbert='BertTokenizer', gpt2='GPT2Tokenizer')
 CLASS_OF_MODEL_TYPE |= dict(bart='BartTokenizer', roberta='RobertaTokenizer', t5='T5Tokenizer')
-CLASS_OF_MODEL_TYPE |= dict(marian='MarianTokenizer')
+CLASS_OF_MODEL_TYPE |= dict(
+  marian='MarianTokenizer', mistral='TokenizersBackend', qwen2='Qwen2Tokenizer'
+)
+# The names of the class that runs tokenizer.json as saved.
+BACKENDS = ('TokenizersBackend', 'PreTrainedTokenizerFast')
+# Model types whose registered class wins over the named one (transformers' MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS).
+_REGISTERED_WINS = {'qwen2'}
 _BERT = {f'{name}_token': f'[{name.upper()}]' for name in ('pad', 'unk', 'cls', 'sep', 'mask')}
 _GPT2 = {f'{name}_token': '<|endoftext|>' for name in ('unk', 'bos', 'eos')}
 _ROBERTA = dict(
@@ -35,10 +48,21 @@ FAMILY_DEFAULTS = {
   'gpt2': dict(_GPT2, add_prefix_space=False),
   'roberta': dict(_ROBERTA, add_prefix_space=False, trim_offsets=True),
   't5': dict(eos_token='</s>', unk_token='<unk>', pad_token='<pad>', extra_ids=100),
+  'llama': dict(
+    unk_token='<unk>', bos_token='<s>', eos_token='</s>', add_prefix_space=True, legacy=False
+  ),
+  'qwen2': dict(_GPT2, bos_token=None, pad_token='<|endoftext|>', add_prefix_space=False),
   None: {},
 }
+# A class attribute rather than a constructor default: tokenizer.json's padding wins over it.
+PADDING_SIDE = {'llama': 'left'}
 # T5's word boundary: a split at whitespace, then '▁' before each word.
 _METASPACE = dict(replacement='▁', prepend_scheme='always', split=True)
+# Qwen2Tokenizer's split before the bytes: GPT-2's, but one digit at a time and no space before a word.
+_QWEN2_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+  r'|\s+(?!\S)|\s+'
+)
 
 
 # transformers' `clean_up_tokenization`, applied after decoding when the config asks for it.
@@ -51,6 +75,20 @@ def clean_up_tokenization(text: str) -> str:
   for dirty, clean in _CLEANUPS:
     text = text.replace(dirty, clean)
   return text
+
+
+def auto_class(named: str | None, model_type: str | None, byte_level) -> str | None:
+  """The class ``AutoTokenizer`` picks when the tokenizer config names `named` (or None) and config.json says
+  `model_type`; `byte_level()`: whether tokenizer.json mentions ``ByteLevel``."""
+  registered = CLASS_OF_MODEL_TYPE.get(model_type)
+  if model_type in _REGISTERED_WINS:
+    return registered
+  # A Llama 3 style file naming LlamaTokenizer is run as saved: that class would put Metaspace on bytes.
+  if registered in BACKENDS or (
+    (named or '').removesuffix('Fast') == 'LlamaTokenizer' and byte_level()
+  ):
+    return 'TokenizersBackend'
+  return named or registered
 
 
 def content(token) -> str | None:
@@ -95,6 +133,29 @@ def _set_up_t5(backend: tokenizers.Tokenizer) -> None:
   backend.decoder = decoders.Metaspace(**_METASPACE)
 
 
+def _plain_bpe(bpe: models.BPE, byte_fallback: bool) -> None:
+  """The BPE settings that LlamaTokenizer (`byte_fallback`) and the byte-level classes build their model with."""
+  bpe.dropout = bpe.unk_token = None
+  bpe.continuing_subword_prefix = bpe.end_of_word_suffix = None if byte_fallback else ''
+  bpe.fuse_unk = bpe.byte_fallback = byte_fallback
+  bpe.ignore_merges = False
+
+
+def _set_up_llama(backend: tokenizers.Tokenizer, config: dict) -> None:
+  if isinstance(backend.model, models.BPE):
+    _plain_bpe(backend.model, byte_fallback=True)
+  # None (as transformers 5 saves it) means the default
+  prefix = config['add_prefix_space'] is not False
+  # transformers' `_get_prepend_scheme`: a legacy tokenizer puts '▁' after each added token too.
+  scheme = ('always' if config['legacy'] else 'first') if prefix else 'never'
+  backend.normalizer = None
+  backend.pre_tokenizer = pre_tokenizers.Metaspace(
+    replacement='▁', prepend_scheme=scheme, split=False
+  )
+  steps = [decoders.Replace('▁', ' '), decoders.ByteFallback(), decoders.Fuse()]
+  backend.decoder = decoders.Sequence(steps + [decoders.Strip(' ', 1, 0)] if prefix else steps)
+
+
 def set_up(backend: tokenizers.Tokenizer, config: dict, family: str | None) -> None:
   """Gives `backend` the pipeline and special tokens that the transformers class of `family` gives it."""
   if family == 'bert':
@@ -110,17 +171,24 @@ def set_up(backend: tokenizers.Tokenizer, config: dict, family: str | None) -> N
     )
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece(prefix='##')
-  elif family in ('gpt2', 'roberta'):
+  elif family in ('gpt2', 'roberta', 'qwen2'):
     if isinstance(backend.model, models.BPE):
-      bpe = backend.model
-      bpe.dropout = bpe.unk_token = None
-      bpe.continuing_subword_prefix = bpe.end_of_word_suffix = ''
-      bpe.fuse_unk = bpe.byte_fallback = bpe.ignore_merges = False
-    backend.normalizer = None
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=config['add_prefix_space'])
+      _plain_bpe(backend.model, byte_fallback=False)
+    prefix = bool(config['add_prefix_space'])
+    if family == 'qwen2':
+      backend.normalizer = normalizers.NFC()
+      split = pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior='isolated', invert=False)
+      backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [split, pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=False)]
+      )
+    else:
+      backend.normalizer = None
+      backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
     backend.decoder = decoders.ByteLevel()
   elif family == 't5':
     _set_up_t5(backend)
+  elif family == 'llama':
+    _set_up_llama(backend, config)
 
   # The config's special tokens that are not added tokens yet become ones (matched whole, never split).
   present = {str(t) for t in backend.get_added_tokens_decoder().values()}
