@@ -60,6 +60,9 @@ _DEFAULTS = {
   'init_from': '',
   'param_lr': '',
   'data.metric': 'bleu',  # translation runs picked their best checkpoints by BLEU before it was a choice
+  # runs before LoRA trained every weight
+  **{'lora.rank': 0, 'lora.alpha': 16.0, 'lora.dropout': 0.0},
+  **{'lora.targets': 'query|value|qkv', 'lora.train_also': ''},
 }
 
 

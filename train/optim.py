@@ -44,10 +44,10 @@ def make_schedule(
 
 
 def decay_mask(params):
-  """True for the leaves weight decay applies to: matrix kernels. Biases, norm scales and embedding tables (token,
-  position, segment) are left alone, as in BERT and GPT-2 training."""
+  """True for the leaves weight decay applies to: matrix kernels and LoRA's two factors. Biases, norm scales and
+  embedding tables (token, position, segment) are left alone, as in BERT and GPT-2 training."""
   return jax.tree_util.tree_map_with_path(
-    lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params
+    lambda path, _: getattr(path[-1], 'key', None) in ('kernel', 'lora_a', 'lora_b'), params
   )
 
 

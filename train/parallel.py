@@ -21,9 +21,12 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from train.adapters import settings
+from transformer_jax import lora
 from transformer_jax.sharding import (
   DEFAULT_RULES,
   batch_sharding,
@@ -42,13 +45,31 @@ def _path_keys(path) -> tuple:
   return tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path)
 
 
-def state_shardings(abstract_state, param_axes, mesh: Mesh, rules=DEFAULT_RULES):
+def _same_paths(axes, tree):
+  """The entries of the ``axes`` tree at the paths of ``tree`` (a part of the parameters)."""
+  flat = traverse_util.flatten_dict(axes)
+  return traverse_util.unflatten_dict({k: flat[k] for k in traverse_util.flatten_dict(tree)})
+
+
+def state_shardings(abstract_state, param_axes, mesh: Mesh, rules=DEFAULT_RULES, adapted=False):
   """Shardings of a whole :class:`~train.steps.TrainState`: parameters by their logical axes (``param_axes``, a tree
   like the parameters), and every optimizer
   leaf that mirrors a parameter (Adam's moments: the path ends in that parameter's path, with its shape) like that
   parameter, so FSDP splits the optimizer state too. Counters, keys and step numbers are replicated."""
   replicated = NamedSharding(mesh, P())
-  params = param_shardings(abstract_state.params, param_axes, mesh, rules)
+
+  def laid_out(tree):  # model parameters, or a part of them (LoRA's frozen and fully trained ones)
+    return param_shardings(tree, _same_paths(param_axes, tree), mesh, rules)
+
+  frozen = laid_out(abstract_state.frozen)
+  if adapted:  # LoRA (see train.adapters): the small adapters are replicated
+    trained = abstract_state.params
+    params = {
+      lora.COLLECTION: jax.tree.map(lambda _: replicated, trained[lora.COLLECTION]),
+      'params': laid_out(trained['params']),
+    }
+  else:
+    params = laid_out(abstract_state.params)
   by_path = {
     _path_keys(path): (sharding, leaf.shape)
     for (path, sharding), leaf in zip(
@@ -67,6 +88,7 @@ def state_shardings(abstract_state, param_axes, mesh: Mesh, rules=DEFAULT_RULES)
   return abstract_state.replace(
     step=replicated,
     params=params,
+    frozen=frozen,
     rng=replicated,
     nonfinite_step=replicated,
     skipped=replicated,
@@ -161,7 +183,7 @@ class MeshLayout(Layout):
       config,
       mesh,
       data_parallel_size(mesh),
-      state_shardings(abstract_state, param_axes, mesh),
+      state_shardings(abstract_state, param_axes, mesh, adapted=settings(config) is not None),
       micro,
       batch,
     )
@@ -193,7 +215,11 @@ class MeshLayout(Layout):
     return self._in_mesh(
       jax.jit(
         eval_fn,
-        in_shardings=(self.state_shardings.params, self.eval_sharding),
+        in_shardings=(
+          self.state_shardings.params,
+          self.eval_sharding,
+          self.state_shardings.frozen or None,
+        ),
         out_shardings=self.replicated,
       )
     )
@@ -276,7 +302,7 @@ class PmapLayout(Layout):
   def compile_eval(self, eval_fn):
     """``(params, placed batch) -> sums``; batches come from :meth:`place_eval`."""
     step = jax.pmap(eval_fn, axis_name=PMAP_AXIS)
-    return lambda params, batch: self._first(step(params, batch))
+    return lambda params, batch, frozen=None: self._first(step(params, batch, frozen))
 
   def _eval_local(self, rows: dict) -> dict:
     return {k: v.reshape((jax.local_device_count(), -1) + v.shape[1:]) for k, v in rows.items()}

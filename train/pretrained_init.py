@@ -26,9 +26,14 @@ from transformer_jax.tokenizer import load_tokenizer
 # Each task's model family; a run's workdir belongs to the family of its task.
 FAMILY = {'lm': 'gpt2', 'mlm': 'bert', 'classify': 'bert', 'translation': 'seq2seq'}
 # The Hugging Face model_types of each family.
-MODEL_TYPES = {'gpt2': ('gpt2',), 'bert': ('bert',), 'seq2seq': ('bart', 'marian', 't5')}
+MODEL_TYPES = {
+  'gpt2': ('gpt2', 'llama', 'mistral', 'qwen2'),
+  'bert': ('bert',),
+  'seq2seq': ('bart', 'marian', 't5'),
+}
 _WANTED = {
-  'gpt2': 'a GPT-2 checkpoint (GPT2LMHeadModel or GPT2Model) or an lm workdir',
+  'gpt2': 'a decoder-only checkpoint (GPT2LMHeadModel, GPT2Model, LlamaForCausalLM, MistralForCausalLM or '
+  'Qwen2ForCausalLM) or an lm workdir',
   'bert': 'a BERT checkpoint (BertModel, BertForMaskedLM or BertForSequenceClassification) or an '
   'mlm or classify workdir',
   'seq2seq': 'a BART, Marian or T5 checkpoint (BartForConditionalGeneration, MarianMTModel, '

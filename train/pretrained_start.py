@@ -142,6 +142,12 @@ class Pretrained:
         f'the weights of init_from {self.source} do not fit the model: {"; ".join(wrong[:4])}'
       )
 
+  def fresh(self, model) -> list[str]:
+    """The modules of ``model`` (loop-layout paths) that do not start from the checkpoint: a new head."""
+    shapes = our_shapes(model)
+    taken = set(self._taken(shapes))
+    return sorted({k.rsplit('/', 1)[0] for k in shapes if k not in taken})
+
   def initial_params(self, fresh: dict, model) -> dict:
     """``fresh`` (a new init of ``model``, placed on the devices) with the checkpoint's weights in place of every
     parameter that starts from them, each placed like the array it replaces."""
@@ -149,7 +155,7 @@ class Pretrained:
     taken = self._taken(shapes)
     loop = traverse_util.unflatten_dict({k: self.params()[k] for k in taken}, sep='/')
     weights = traverse_util.flatten_dict(to_model_layout(loop, model.config), sep='/')
-    new = sorted({k.rsplit('/', 1)[0] for k in shapes if k not in taken})
+    new = self.fresh(model)
     log.info(
       'starting from %s: %d of %d parameter arrays from it%s',
       self.source,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -18,16 +19,20 @@ class TrainState:
   """Everything a resumed run needs on the device side (the data position is the step)."""
 
   step: jax.Array  # optimizer steps taken (int32)
-  params: Any
+  params: Any  # what trains: every parameter, or with LoRA the adapters (see train.adapters)
   opt_state: Any
   rng: jax.Array  # base dropout key (raw uint32); step s uses fold_in(rng, s), so the draws do not depend on history
   nonfinite_step: jax.Array  # first step whose loss or gradient was not finite, -1 while none was
   skipped: jax.Array  # updates skipped because they were not finite
+  # with LoRA, the parameters that do not train (no gradients, no moments; not checkpointed); else {}
+  frozen: Any = dataclasses.field(default_factory=dict)
 
 
 def create_state(task, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
   init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
-  params = task.init_params(init_key)
+  params, frozen = task.init_params(init_key), {}
+  if task.lora is not None:
+    frozen, params = task.lora_split(params, jax.random.fold_in(init_key, 1))
   return TrainState(
     step=jnp.int32(0),
     params=params,
@@ -35,6 +40,7 @@ def create_state(task, optimizer: optax.GradientTransformation, seed: int) -> Tr
     rng=dropout_key,
     nonfinite_step=jnp.int32(-1),
     skipped=jnp.int32(0),
+    frozen=frozen,
   )
 
 
@@ -63,9 +69,10 @@ def train_step_fn(
   differ per device. Under ``jit`` the batch is one global array and XLA inserts the reductions itself.
   """
 
-  def micro_step(params, micro, rng):
+  def micro_step(params, frozen, micro, rng):
     def loss_fn(p):
-      sums = task.loss_sums(p, micro, rng, deterministic=False, label_smoothing=label_smoothing)
+      options = dict(deterministic=False, label_smoothing=label_smoothing, frozen=frozen)
+      sums = task.loss_sums(p, micro, rng, **options)
       return sums['loss'], sums
 
     return jax.grad(loss_fn, has_aux=True)(params)
@@ -77,7 +84,7 @@ def train_step_fn(
 
     def accumulate(carry, xs):
       micro, index = xs
-      grads, sums = micro_step(state.params, micro, jax.random.fold_in(rng, index))
+      grads, sums = micro_step(state.params, state.frozen, micro, jax.random.fold_in(rng, index))
       return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
     zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.float32(0) for k in SUM_KEYS})
@@ -114,21 +121,22 @@ def train_step_fn(
 
 
 def eval_step_fn(task, axis_name: str | None = None):
-  """The pure ``(params, batch) -> sums`` of the unsmoothed loss, hits and weight (added across ``axis_name``)."""
+  """The pure ``(params, batch, frozen) -> sums`` of the unsmoothed loss, hits and weight (added across
+  ``axis_name``); ``frozen``: a LoRA run's frozen parameters (``None`` otherwise)."""
 
-  def eval_step(params, batch):
-    sums = task.loss_sums(params, batch, None, deterministic=True)
+  def eval_step(params, batch, frozen=None):
+    sums = task.loss_sums(params, batch, None, deterministic=True, frozen=frozen)
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
   return eval_step
 
 
-def evaluate(eval_step, params, batches: list[dict], token_level: bool) -> dict:
+def evaluate(eval_step, params, batches: list[dict], token_level: bool, frozen=None) -> dict:
   """Loss (nats per token or example), accuracy and, for token tasks, perplexity over ``batches``. Sums stay on the
   device until the end: one transfer per evaluation."""
   totals = None
   for batch in batches:
-    sums = eval_step(params, batch)
+    sums = eval_step(params, batch, frozen)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   weight = max(float(totals['weight']), 1.0)

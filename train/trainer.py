@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from train import adapters
 from train.checkpoint import Checkpoints, check_resumable
 from train.errors import RunStopped
 from train.metrics import MetricWriter
@@ -71,6 +72,10 @@ def check_config(config) -> None:
   for name in ('vocab', 'target_vocab'):
     if config.data.get(name, 'char') not in KINDS:
       problems.append(f'data.{name} must be one of {KINDS}, got {config.data[name]!r}')
+  try:
+    adapters.settings(config)
+  except ValueError as e:
+    problems.append(str(e).replace('invalid LoRA config', 'lora'))
   if problems:
     raise ValueError('invalid config: ' + '; '.join(problems))
 
@@ -156,10 +161,15 @@ class Run:
       workdir, config.keep_last, config.keep_best, self.task.metric, self.task.metric_mode
     )
     try:
-      state, meta = self.checkpoints.restore(self.layout.abstract_state(jax.eval_shape(create)))
-      if meta is None:  # a fresh start; from init_from, the pretrained weights (never on a resume)
-        state = self.layout.init_state(create)
-        state = state.replace(params=self.task.start_params(state.params))
+      abstract = self.layout.abstract_state(jax.eval_shape(create))
+      saved, meta = self.checkpoints.restore(adapters.saved_part(abstract))
+      # a fresh start; from init_from, the pretrained weights (never on a resume, except LoRA's frozen ones, which
+      # checkpoints leave out)
+      if meta is None:
+        state = self._fresh_state(create)
+      else:
+        frozen = {} if self.task.lora is None else self._fresh_state(create).frozen
+        state = adapters.restored(saved, frozen)
       self.state = self.layout.to_device(state)
     except BaseException:  # the manager's background threads must not outlive a failed start
       self.checkpoints.close()
@@ -168,6 +178,13 @@ class Run:
     self.last_eval: dict = {}
     self.last_train: dict = {}
     self.trained_tokens, self.train_seconds = 0, 0.0  # this invocation's, for the closing tokens/s
+
+  def _fresh_state(self, create):
+    """A new state on the devices, its model parameters from ``init_from`` when the run has one."""
+    state = self.layout.init_state(create)
+    if self.task.lora is None:
+      return state.replace(params=self.task.start_params(state.params))
+    return adapters.with_base(state, self.task.start_params(adapters.base_params(state)))
 
   def _prepare(self):
     """The task, optimizer, state constructor and device layout, checked; then (on process 0) the task's files and
@@ -182,16 +199,23 @@ class Run:
     return task, optimizer, schedule, create, layout
 
   def canonical_state(self):
-    """The state as checkpoints hold it (global arrays, one copy), whatever the layout."""
+    """The state in global arrays (one copy), whatever the layout."""
     return self.layout.canonical(self.state)
+
+  def full_params(self):
+    """The model's plain parameters on the host (LoRA's adapters merged into their kernels)."""
+    return host_copy(adapters.full_params(self.canonical_state(), self.task.lora))
 
   def meta(self, step: int) -> dict:
     """The JSON record saved beside the state."""
-    return {
+    meta = {
       'step': step,
       'examples_seen': step * self.config.batch_size,
       'config': self.config.to_dict(),
     }
+    if self.task.lora is not None:  # what the frozen weights are rebuilt from
+      meta['lora_base'] = self.config.init_from or f'random init of seed {self.config.seed}'
+    return meta
 
   def check_finite(self) -> None:
     """In stop mode, raises :class:`NonFiniteError` once any update was not finite (one small transfer)."""
@@ -210,7 +234,8 @@ class Run:
 
   def save(self, step: int, metrics: dict | None) -> None:
     self.check_finite()
-    self.checkpoints.save(step, self.canonical_state(), self.meta(step), metrics)
+    state = adapters.saved_part(self.canonical_state())
+    self.checkpoints.save(step, state, self.meta(step), metrics)
 
 
 def log_train(
@@ -236,8 +261,9 @@ def log_train(
 
 
 def run_eval(run: Run, writer: MetricWriter, step: int) -> dict:
-  metrics = evaluate(run.eval_step, run.state.params, run.eval_data, run.task.token_level)
-  metrics.update(run.task.extra_eval(host_copy(run.layout.canonical(run.state.params))))
+  frozen = None if run.task.lora is None else run.state.frozen
+  metrics = evaluate(run.eval_step, run.state.params, run.eval_data, run.task.token_level, frozen)
+  metrics.update(run.task.extra_eval(run.full_params()))
   writer.write(step, 'eval', metrics)
   log.info('step %d eval: %s', step, '  '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
   run.last_eval = metrics
@@ -323,9 +349,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     'state': run.canonical_state(),
   }
   if stop.received is None and config.sample.enabled:
-    summary['sample'] = run.task.sample(
-      host_copy(summary['state'].params), jax.random.PRNGKey(config.seed)
-    )
+    summary['sample'] = run.task.sample(run.full_params(), jax.random.PRNGKey(config.seed))
     log.info('sample:\n%s', summary['sample'])
   summary['wall_seconds'] = time.perf_counter() - started
   for line in closing_lines(summary, config, workdir, run.task.metric):

@@ -14,10 +14,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Seeds parameter init, dropout and the data order.
   config.seed = 0
   # Start from pretrained weights: a Hugging Face directory (config.json, model.safetensors and the tokenizer files,
-  # as save_pretrained writes them; GPT-2 for lm, BERT for mlm and classify, BART, Marian or T5 for translation) or
-  # the workdir of an earlier run. The architecture and the tokenizer then come from there (data.vocab is not used);
-  # model.* may change only runtime fields (dropout rates, dtypes, scan_layers, remat_policy). '' trains from
-  # scratch.
+  # as save_pretrained writes them; GPT-2, Llama, Mistral or Qwen2 for lm, BERT for mlm and classify, BART, Marian or
+  # T5 for translation) or the workdir of an earlier run. The architecture and the tokenizer then come from there
+  # (data.vocab is not used); model.* may change only runtime fields (dropout rates, dtypes, scan_layers,
+  # remat_policy). '' trains from scratch.
   config.init_from = ''
 
   config.data = ml_collections.ConfigDict()
@@ -49,6 +49,19 @@ def get_config() -> ml_collections.ConfigDict:
     attention_dropout_rate=0.0,
     dtype='float32',  # compute dtype: 'bfloat16' on accelerators; parameters stay float32 (param_dtype)
   )
+
+  config.lora = ml_collections.ConfigDict()
+  # LoRA: rank > 0 freezes the model's weights and trains low-rank adapters on the projections that `targets` names
+  # (a regular expression over module paths in whole parts: query, key, value, out, qkv (GPT-2's fused one),
+  # fc_in, fc_gate, fc_out, output). Only the adapters get gradients and optimizer state; checkpoints hold them
+  # alone, and train.export merges them or writes a PEFT adapter directory.
+  config.lora.rank = 0
+  config.lora.alpha = 16.0  # the update is (alpha / rank) * x A B
+  config.lora.dropout = 0.0  # on the adapters' input
+  config.lora.targets = 'query|value|qkv'
+  # Modules trained in full beside the adapters (PEFT's modules_to_save), e.g. 'classifier'; what init_from leaves
+  # new (a classification head) always is.
+  config.lora.train_also = ''
 
   # Sequences per optimizer step (split over grad_accum_steps micro-batches).
   config.batch_size = 16

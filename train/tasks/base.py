@@ -4,16 +4,19 @@ and the model, from the run config or from pretrained weights (``init_from``).""
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train import adapters
 from train.configs import DATA_DERIVED
 from train.losses import cross_entropy_sums
 from train.pretrained_init import open_init_from
 from train.vocab import EOS, Vocab, build_vocab, load_vocab
+from transformer_jax import lora
 from transformer_jax.sharding import logical_axes
 
 TOKEN_FILE, TOKEN_SOURCE = os.path.join('data', 'tokens.bin'), os.path.join('data', 'source.json')
@@ -82,6 +85,7 @@ class Task:
     self.pending: dict[str, Callable[[str], None]] = {}  # path in the workdir -> writes that file
     # the start from pretrained weights, whose architecture and vocabulary the run then uses
     self.pretrained = open_init_from(config, workdir)
+    self.lora = adapters.settings(config)  # None: every weight trains
 
   def save(self) -> None:
     """Writes the pending files into the workdir (created if need be)."""
@@ -108,19 +112,42 @@ class Task:
     """The model's positional arguments taken from a batch."""
     return (batch['inputs'],)
 
-  def logits(self, params, batch, *, deterministic: bool, rng=None):
-    return self.model.apply(
-      {'params': params},
-      *self.model_inputs(batch),
-      deterministic=deterministic,
-      rngs=None if deterministic else {'dropout': rng},
-    )
+  def apply(self, params, *inputs, frozen=None, deterministic: bool, rng=None, **kwargs):
+    """The model on ``inputs``. With LoRA (``frozen`` given), ``params`` are what trains (see
+    :mod:`train.adapters`) and ``frozen`` the rest; else ``params`` are all the model's."""
+    rngs = None if deterministic else {'dropout': rng}
+    if self.lora is None:
+      return self.model.apply(
+        {'params': params}, *inputs, deterministic=deterministic, rngs=rngs, **kwargs
+      )
+    base = adapters.join(frozen, params['params'])
+    made = params[lora.COLLECTION]
+    options = dict(deterministic=deterministic, rngs=rngs, **kwargs)
+    return lora.apply(self.model, base, made, self.lora, *inputs, **options)
+
+  def logits(self, params, batch, *, deterministic: bool, rng=None, frozen=None):
+    inputs = self.model_inputs(batch)
+    return self.apply(params, *inputs, frozen=frozen, deterministic=deterministic, rng=rng)
 
   def loss_sums(
-    self, params, batch, rng, deterministic: bool, label_smoothing: float = 0.0
+    self, params, batch, rng, deterministic: bool, label_smoothing: float = 0.0, frozen=None
   ) -> dict:
-    logits = self.logits(params, batch, deterministic=deterministic, rng=rng)
+    logits = self.logits(params, batch, deterministic=deterministic, rng=rng, frozen=frozen)
     return cross_entropy_sums(logits, batch['targets'], batch['weights'], label_smoothing)
+
+  def lora_split(self, params, key) -> tuple[dict, dict]:
+    """``(frozen, trained)`` of a LoRA run from the model's ``params``: fresh adapters on the targets, and the
+    modules of ``lora.train_also`` and those a pretrained start leaves new trained in full."""
+    train_also = [self.config.lora.get('train_also', '')]
+    if self.pretrained is not None:
+      # this runs inside the jitted state constructor; the checkpoint's names and shapes are read eagerly
+      with jax.ensure_compile_time_eval():
+        fresh = self.pretrained.fresh(self.model)
+      train_also += [re.escape(module) for module in fresh]
+    frozen, trained = adapters.split(params, '|'.join(filter(None, train_also)))
+    example = self.model_inputs(self._example())
+    made = lora.init(self.model, params, self.lora, key, *example)
+    return frozen, {lora.COLLECTION: made, 'params': trained}
 
   def init_params(self, rng):
     """Fresh parameters, from one row of the first batch."""

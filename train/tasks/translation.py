@@ -96,17 +96,12 @@ class TranslationTask(ExampleTask):
   def model_inputs(self, batch):
     return batch['sources'], batch['inputs']
 
-  def logits(self, params, batch, *, deterministic: bool, rng=None):
-    if 'source_valid' not in batch:
-      return super().logits(params, batch, deterministic=deterministic, rng=rng)
-    return self.model.apply(
-      {'params': params},
-      *self.model_inputs(batch),
-      src_valid=batch['source_valid'],
-      tgt_valid=batch['input_valid'],
-      deterministic=deterministic,
-      rngs=None if deterministic else {'dropout': rng},
-    )
+  def logits(self, params, batch, *, deterministic: bool, rng=None, frozen=None):
+    valid = {}
+    if 'source_valid' in batch:
+      valid = dict(src_valid=batch['source_valid'], tgt_valid=batch['input_valid'])
+    inputs = self.model_inputs(batch)
+    return self.apply(params, *inputs, frozen=frozen, deterministic=deterministic, rng=rng, **valid)
 
   def translate(self, params, sources: np.ndarray, beam_size: int = 1, valid=None) -> list[str]:
     """Translations of ``(N, S)`` source ids (greedy unless ``beam_size > 1``), as detokenized text. A pretrained
