@@ -185,6 +185,9 @@ def test_a_new_classification_head_trains_in_full(checkpoints, data_files, tmp_p
     if name != 'bert/token_embed/embedding':
       np.testing.assert_array_equal(frozen[name], value, err_msg=name)
   assert summary['eval']['accuracy'] >= 0.9, summary['eval']
+  task, params = load_run(str(tmp_path / 'run'))  # merged: what sample and export use
+  texts = ['the film was lovely today', 'our trip was awful']
+  assert task.predict(params, task.encode_texts(texts)).argmax(-1).tolist() == [1, 0]
   with pytest.raises(ValueError, match='also trains whole modules'):
     export_adapter(str(tmp_path / 'run'), str(tmp_path / 'adapter'))
 

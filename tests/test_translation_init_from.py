@@ -16,7 +16,7 @@ from tokenizer_helpers import train_byte_bpe, train_spm
 from train_helpers import tiny_config, tiny_fields
 
 from train.pretrained_start import RUNTIME_FIELDS
-from train.runs import export, load_run
+from train.runs import export, export_adapter, load_run
 from train.sample import respond
 from train.steps import eval_step_fn, evaluate
 from train.tasks import build_task
@@ -237,3 +237,25 @@ def test_a_checkpoint_of_another_family_is_one_clear_error(checkpoints, data_fil
   ):
     build_task(lm, str(tmp_path / 'w2'))
   assert not (tmp_path / 'w').exists() and not (tmp_path / 'w2').exists()
+
+
+@pytest.mark.parametrize('family', ['bart', 't5'])
+def test_lora_fine_tuning_exports_an_adapter_peft_loads(checkpoints, data_file, tmp_path, family):
+  """Adapters on the encoder's, the decoder's and the cross-attention's projections and on the FFN output; peft's
+  model on the transformers base gives our logits on a validation batch."""
+  peft = pytest.importorskip('peft')
+  lora = {'lora.rank': 3, 'lora.targets': 'query|value|fc_out'}
+  steps = dict(num_train_steps=6, eval_every_steps=6, checkpoint_every_steps=6)
+  train_and_evaluate(config_from(checkpoints / family, data_file, **steps, **lora), str(tmp_path))
+  export_adapter(str(tmp_path), str(tmp_path / 'adapter'))
+  base = transformers.AutoModelForSeq2SeqLM.from_pretrained(checkpoints / family)
+  hf_model = peft.PeftModel.from_pretrained(base, tmp_path / 'adapter').eval()
+  task, params = load_run(str(tmp_path))
+  batch = {k: v[:4] for k, v in task.val.items()}
+  ours = np.asarray(task.logits(params, batch, deterministic=True))
+  names = dict(sources='input_ids', inputs='decoder_input_ids')
+  names.update(source_valid='attention_mask', input_valid='decoder_attention_mask')
+  with torch.no_grad():
+    theirs = hf_model(**{names[k]: torch.tensor(np.asarray(batch[k])) for k in names if k in batch})
+  real = np.asarray(batch['weights']) > 0
+  np.testing.assert_allclose(ours[real], theirs.logits.numpy()[real], atol=1e-5)

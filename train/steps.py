@@ -84,7 +84,8 @@ def train_step_fn(
 
     def accumulate(carry, xs):
       micro, index = xs
-      grads, sums = micro_step(state.params, state.frozen, micro, jax.random.fold_in(rng, index))
+      frozen = None if task.lora is None else state.frozen
+      grads, sums = micro_step(state.params, frozen, micro, jax.random.fold_in(rng, index))
       return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
     zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.float32(0) for k in SUM_KEYS})

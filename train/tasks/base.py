@@ -113,10 +113,10 @@ class Task:
     return (batch['inputs'],)
 
   def apply(self, params, *inputs, frozen=None, deterministic: bool, rng=None, **kwargs):
-    """The model on ``inputs``. With LoRA (``frozen`` given), ``params`` are what trains (see
-    :mod:`train.adapters`) and ``frozen`` the rest; else ``params`` are all the model's."""
+    """The model on ``inputs``. With LoRA's ``frozen`` parameters given (in training and evaluation), ``params`` are
+    what trains (see :mod:`train.adapters`); else ``params`` are all the model's (merged ones, for a LoRA run)."""
     rngs = None if deterministic else {'dropout': rng}
-    if self.lora is None:
+    if frozen is None:
       return self.model.apply(
         {'params': params}, *inputs, deterministic=deterministic, rngs=rngs, **kwargs
       )
