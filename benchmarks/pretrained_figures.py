@@ -1,13 +1,14 @@
 """The figures of fine-tuning from Hugging Face checkpoints and of the encoder-decoder conversions, printed.
 
-    python -m benchmarks.pretrained_figures [--part fine_tuning|seq2seq_logits|all]
+    python -m benchmarks.pretrained_figures [--part fine_tuning|seq2seq_logits|decoder_logits|all]
 
 ``fine_tuning``: tiny random BERT and GPT-2 checkpoints saved by transformers (the models, tokenizers and data of
 ``tests/test_init_from.py``) fine-tuned by ``train_and_evaluate`` as ``classify``, ``lm`` and ``mlm``: the held-out
 metrics of the start and of the end, then the export reloaded by transformers (its logits against ours, and the
 pipeline's labels on 64 new texts). ``seq2seq_logits``: the largest logit difference from transformers of each
-BART and Marian model of ``tests/test_bart_marian.py``, on its padded batch. No download; transformers and torch
-are needed.
+BART and Marian model of ``tests/test_bart_marian.py``, on its padded batch. ``decoder_logits``: the same for the
+Llama, Mistral and Qwen2 models of ``tests/test_llama.py``, and for LoRA adapters against peft. No download;
+transformers, torch and peft are needed.
 """
 
 from __future__ import annotations
@@ -128,7 +129,59 @@ def seq2seq_logits(root: Path) -> None:
     print(f'{name}: largest logit difference from transformers {difference:.2e}')
 
 
-PARTS = {'fine_tuning': fine_tuning, 'seq2seq_logits': seq2seq_logits}
+def decoder_logits(root: Path) -> None:
+  """Llama, Mistral and Qwen2 (``tests/test_llama.py``): logits and gradients against transformers; LoRA adapters
+  against peft (``tests/test_lora.py``)."""
+  import jax
+  import numpy as np
+  import peft
+  import test_llama as t
+  import test_lora as tl
+  import torch
+
+  from transformer_jax import lora
+  from transformer_jax.convert import load_hf, save_peft
+
+  for name in t.MODELS:
+    t._hf_model(name).save_pretrained(root / name)
+    model, params = load_hf(root / name)
+    ids, positions = t._batch()
+    with jax.default_matmul_precision('highest'):
+      ours = np.asarray(t._ours(model, params, ids, positions))
+    with torch.no_grad():
+      theirs = t._theirs(t._load_hf_model(root / name), ids, positions).numpy()
+    difference = np.abs(ours[t.VALID] - theirs[t.VALID]).max()
+    print(
+      f'{name}: largest logit difference from transformers {difference:.2e} (left-padded batch of 13)'
+    )
+  for family, (make, settings) in tl.FAMILIES.items():
+    make().save_pretrained(root / f'{family}_base')
+    model, params = load_hf(root / f'{family}_base')
+    ids = tl._ids()
+    made = tl._perturbed(lora.init(model, params, settings, jax.random.key(1), ids))
+    save_peft(model, made, settings, root / f'{family}_adapter')
+    hf = tl.transformers.AutoModelForCausalLM.from_pretrained(root / f'{family}_base')
+    hf = peft.PeftModel.from_pretrained(hf, root / f'{family}_adapter').eval()
+    options = dict(valid=tl.VALID, positions=tl._positions())
+    with jax.default_matmul_precision('highest'):
+      ours = np.asarray(lora.apply(model, params, made, settings, ids, **options))
+    with torch.no_grad():
+      theirs = hf(
+        input_ids=torch.tensor(ids),
+        attention_mask=torch.tensor(tl.VALID.astype(np.int64)),
+        position_ids=torch.tensor(tl._positions()),
+      ).logits.numpy()
+    difference = np.abs(ours[tl.VALID] - theirs[tl.VALID]).max()
+    print(
+      f'{family} + LoRA rank {settings.rank}: largest logit difference from peft {difference:.2e}'
+    )
+
+
+PARTS = {
+  'fine_tuning': fine_tuning,
+  'seq2seq_logits': seq2seq_logits,
+  'decoder_logits': decoder_logits,
+}
 
 
 def main(argv=None) -> None:
