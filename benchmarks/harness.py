@@ -13,11 +13,33 @@ import jax.numpy as jnp
 import optax
 
 
+# /proc/cpuinfo flags that decide which XLA:CPU and oneDNN kernels run
+_CPU_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile')
+
+
+def cpu_info() -> dict:
+  """The CPU by name and family (AMD Zen 4 is ``cpu family 25``, Zen 5 ``26``), and its matmul-relevant flags."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      lines = f.read().split('\n\n')[0].splitlines()
+  except OSError:
+    return {}
+  fields = dict(line.split(':', 1) for line in lines if ':' in line)
+  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  flags = set(fields.get('flags', '').split())
+  return {
+    'cpu_model': fields.get('model name'),
+    'cpu_family': fields.get('cpu family'),
+    'cpu_flags': ' '.join(f for f in _CPU_FLAGS if f in flags),
+  }
+
+
 def machine_info() -> dict:
   """What the figures were measured on."""
   info = {
     'platform': platform.platform(),
     'processor': platform.processor() or platform.machine(),
+    **cpu_info(),
     'cpu_count': os.cpu_count(),
     'python': platform.python_version(),
     'jax': jax.__version__,
@@ -49,6 +71,9 @@ def machine_info() -> dict:
 
 def print_machine(info: dict) -> None:
   keys = (
+    'cpu_model',
+    'cpu_family',
+    'cpu_flags',
     'processor',
     'cpu_count',
     'jax',
