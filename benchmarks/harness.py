@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
 # /proc/cpuinfo flags that decide which XLA:CPU and oneDNN kernels run
 _CPU_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile')
 
