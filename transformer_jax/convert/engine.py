@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from transformer_jax.convert.lazy_state import LazyState, dtypes_of
 from transformer_jax.convert.rules import Mapping, flat_params_to_state, state_to_flat_params
 from transformer_jax.models import Transformer
 from transformer_jax.modules.blocks import stack_layers, unstack_layers
@@ -32,18 +33,22 @@ def to_numpy(value) -> np.ndarray:
   return value.numpy()
 
 
-def state_to_numpy(state) -> dict[str, np.ndarray]:
-  """A ``state_dict`` (of a module, or a mapping of tensors/arrays) -> ``{name: numpy array}``."""
+def state_to_numpy(state) -> dict[str, np.ndarray] | LazyState:
+  """A ``state_dict`` (of a module, or a mapping of tensors/arrays) -> ``{name: numpy array}``. A
+  :class:`~transformer_jax.convert.rules.LazyState` (a checkpoint on disk) is returned as it is: reading all of it
+  here would hold a second copy of the weights."""
+  if isinstance(state, LazyState):
+    return state
   if hasattr(state, 'state_dict'):
     state = state.state_dict()
   return {k: to_numpy(v) for k, v in state.items()}
 
 
-def weight_dtype(state: dict[str, np.ndarray], requested=None) -> str:
+def weight_dtype(state: dict[str, np.ndarray] | LazyState, requested=None) -> str:
   """The dtype name to store params in: ``requested``, else the checkpoint's own floating dtype (float32 if mixed)."""
   if requested is not None:
     return jnp.dtype(requested).name
-  found = {v.dtype for v in state.values() if jnp.issubdtype(v.dtype, jnp.floating)}
+  found = {d for d in dtypes_of(state).values() if jnp.issubdtype(d, jnp.floating)}
   return found.pop().name if len(found) == 1 else 'float32'
 
 
@@ -96,14 +101,15 @@ def to_loop_layout(params: dict) -> dict:
 
 
 def import_state(
-  state: dict[str, np.ndarray], model: nn.Module, mapping: Mapping, dtype: str
+  state: dict[str, np.ndarray] | LazyState, model: nn.Module, mapping: Mapping, dtype: str
 ) -> dict:
   """A PyTorch-named state of numpy arrays (:func:`state_to_numpy`) -> ``model``'s params (in its layout, as jax
-  arrays of ``dtype``), checked by ``mapping``."""
-  flat = state_to_flat_params(state, mapping, our_shapes(model), jnp.dtype(dtype))
-  return to_model_layout(
-    jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat, sep='/')), model.config
-  )
+  arrays of ``dtype``), checked by ``mapping``. Each param becomes a jax array as soon as it is converted, so the host
+  never holds a second full copy; with ``scan_layers`` the stacking makes one more at the end."""
+  # the arrays handed over are held by no one else: on CPU device_put may take the numpy buffer as the jax array's
+  # own (no copy); elsewhere the host copy is freed once transferred
+  flat = state_to_flat_params(state, mapping, our_shapes(model), jnp.dtype(dtype), jax.device_put)
+  return to_model_layout(traverse_util.unflatten_dict(flat, sep='/'), model.config)
 
 
 def export_state(model: nn.Module, params: dict, mapping: Mapping, as_torch: bool = False) -> dict:

@@ -2,8 +2,10 @@
 ``save_hf``.
 
 A directory holds ``config.json`` and the weights as ``model.safetensors`` or ``pytorch_model.bin``, either one file
-or shards listed in ``*.index.json``. Safetensors are read with ``safetensors.numpy`` (no torch); ``.bin`` files need
-torch and are read with ``torch.load(..., weights_only=True)``, which unpickles nothing but tensors.
+or shards listed in ``*.index.json``. Safetensors are read with ``safetensors.safe_open`` (no torch) one tensor at a
+time, as the conversion asks for it (:class:`SafetensorsState`), so loading holds the params and one tensor in flight,
+never a second copy of the checkpoint. ``.bin`` files need torch and are read whole with
+``torch.load(..., weights_only=True)``, which unpickles nothing but tensors.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ import json
 import os
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+import safetensors
 import safetensors.numpy
 
 from transformer_jax.convert.bart import BART, MARIAN
 from transformer_jax.convert.bert import BERT_SPEC
 from transformer_jax.convert.engine import export_state, to_numpy
 from transformer_jax.convert.gpt2 import GPT2
-from transformer_jax.convert.llama import LLAMA, QWEN2
+from transformer_jax.convert.lazy_state import LazyState
+from transformer_jax.convert.llama import LLAMA, MISTRAL, QWEN2
 from transformer_jax.convert.rules import ConversionError
 from transformer_jax.convert.spec import load
 from transformer_jax.convert.t5 import T5
@@ -28,7 +33,9 @@ WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')  # in order of prefere
 
 
 # model_type -> the spec that converts it
-SPECS = {spec.model_type: spec for spec in (GPT2, BERT_SPEC, BART, MARIAN, T5, LLAMA, QWEN2)}
+SPECS = {
+  spec.model_type: spec for spec in (GPT2, BERT_SPEC, BART, MARIAN, T5, LLAMA, MISTRAL, QWEN2)
+}
 
 
 def read_config(path: Path) -> dict:
@@ -41,36 +48,113 @@ def read_config(path: Path) -> dict:
     raise ConversionError(f'{file} is not valid JSON: {e}') from e
 
 
-def _read_file(file: Path) -> dict[str, np.ndarray]:
-  """One weights file -> ``{name: array}``; unreadable content is a :class:`ConversionError` naming the file."""
+def _unreadable(file: Path, e: Exception) -> ConversionError:
+  # safetensors and torch raise many types for a damaged file; report them all alike
+  return ConversionError(f'cannot read weights file {file}: {type(e).__name__}: {e}')
+
+
+# safetensors header dtype -> numpy's (bfloat16 and float8 are ml_dtypes', as jax names them)
+_SAFETENSORS_DTYPES = {
+  'BOOL': 'bool',
+  'U8': 'uint8',
+  'I8': 'int8',
+  'U16': 'uint16',
+  'I16': 'int16',
+  'U32': 'uint32',
+  'I32': 'int32',
+  'U64': 'uint64',
+  'I64': 'int64',
+  'F16': 'float16',
+  'BF16': 'bfloat16',
+  'F32': 'float32',
+  'F64': 'float64',
+  'F8_E4M3': 'float8_e4m3fn',
+  'F8_E5M2': 'float8_e5m2',
+}
+
+
+class SafetensorsState(LazyState):
+  """The tensors of one or more ``.safetensors`` files (the shards of one checkpoint), read when looked up.
+
+  Every header is read and checked here, one file open at a time, so a damaged or truncated file fails before any
+  conversion starts; each lookup then opens the tensor's file, copies that one tensor out and closes the file again
+  (``safe_open`` maps the file, and the pages it touches count as this process's memory while it stays open). A name
+  in several files is the last file's, as when the shards are merged into one dict.
+  """
+
+  def __init__(self, files: list[Path]):
+    self._file: dict[str, Path] = {}
+    self._shapes: dict[str, tuple[int, ...]] = {}
+    self._dtypes: dict[str, np.dtype] = {}
+    for file in files:
+      try:
+        with safetensors.safe_open(file, 'numpy') as f:
+          for key in f.keys():
+            self._shapes[key], self._dtypes[key] = _describe(f.get_slice(key))
+            self._file[key] = file
+      except Exception as e:
+        raise _unreadable(file, e) from e
+
+  @property
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    return self._shapes
+
+  @property
+  def dtypes(self) -> dict[str, np.dtype]:
+    return self._dtypes
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    file = self._file[key]  # KeyError for a name no file holds, as a dict
+    try:
+      with safetensors.safe_open(file, 'numpy') as f:
+        return f.get_tensor(key)
+    except Exception as e:
+      raise _unreadable(file, e) from e
+
+
+def _describe(header) -> tuple[tuple[int, ...], np.dtype]:
+  """A tensor's shape and dtype from its ``get_slice`` view, which reads no data (and is dropped at once, since it
+  keeps the file mapped)."""
+  name = header.get_dtype()
+  return tuple(header.get_shape()), jnp.dtype(_SAFETENSORS_DTYPES.get(name, name.lower()))
+
+
+def _read_bin(file: Path) -> dict[str, np.ndarray]:
+  """One torch ``.bin`` file -> ``{name: array}``, whole; unreadable content is a :class:`ConversionError`."""
   try:
-    if file.suffix == '.safetensors':
-      return safetensors.numpy.load_file(file)
     import torch  # .bin checkpoints are torch pickles
 
     return {
       k: to_numpy(v) for k, v in torch.load(file, map_location='cpu', weights_only=True).items()
     }
-  # safetensors and torch raise many types for a damaged file; report them all alike
   except Exception as e:
-    raise ConversionError(f'cannot read weights file {file}: {type(e).__name__}: {e}') from e
+    raise _unreadable(file, e) from e
 
 
-def read_weights(path: Path) -> dict[str, np.ndarray]:
-  """All tensors of the directory: a single weights file, or every shard its ``*.index.json`` names."""
+def _read_files(files: list[Path]) -> dict[str, np.ndarray] | SafetensorsState:
+  if files[0].suffix == '.safetensors':
+    return SafetensorsState(files)
+  return {k: v for file in files for k, v in _read_bin(file).items()}
+
+
+def read_weights(path: Path) -> dict[str, np.ndarray] | SafetensorsState:
+  """The tensors of the directory: a single weights file, or every shard its ``*.index.json`` names. Safetensors
+  come as a :class:`SafetensorsState` (headers read, data read per lookup), ``.bin`` files as a dict."""
   for name in WEIGHT_FILES:
     if (path / name).is_file():
-      return _read_file(path / name)
+      return _read_files([path / name])
     index = path / f'{name}.index.json'
     if index.is_file():
       try:
         shards = sorted(set(json.loads(index.read_text())['weight_map'].values()))
-      except (json.JSONDecodeError, KeyError, AttributeError) as e:
+      except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
         raise ConversionError(f'{index} is not a valid shard index: {e}') from e
+      if not shards:
+        raise ConversionError(f'{index} is not a valid shard index: its weight_map is empty')
       missing = [s for s in shards if not (path / s).is_file()]
       if missing:
         raise ConversionError(f'{index} lists shards that are missing: {missing}')
-      return {k: v for s in shards for k, v in _read_file(path / s).items()}
+      return _read_files([path / s for s in shards])
   raise ConversionError(
     f'no weights in {path}: expected one of {list(WEIGHT_FILES)} or a sharded *.index.json'
   )

@@ -8,12 +8,15 @@ never mapped are those a table declares as tied copies (``aliases``, checked equ
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
+
+from transformer_jax.convert.lazy_state import LazyState, shapes_of
 
 
 class ConversionError(ValueError):
@@ -50,13 +53,28 @@ class Rule:
     shape = (*rows, out)
     return shape[::-1] if self.transpose and self.n_in else shape
 
-  def to_ours(self, tensors: list[np.ndarray], our_shape: tuple[int, ...]) -> np.ndarray:
-    """The PyTorch tensors (one per ``torch`` key) -> our array of ``our_shape``."""
+  def to_ours(
+    self,
+    tensors: list[np.ndarray],
+    our_shape: tuple[int, ...],
+    dtype: Any = None,
+    copy: bool = True,
+  ) -> np.ndarray:
+    """The PyTorch tensors (one per ``torch`` key) -> our C-contiguous array of ``our_shape`` (in ``dtype``, default
+    theirs). ``copy=False`` lets the result be a tensor itself, or a view of it, when no copy is needed."""
+    if (
+      self.transpose and self.n_in and len(tensors) == 1 and not self.part and tensors[0].ndim == 2
+    ):
+      return _transposed_copy(tensors[0], dtype).reshape(our_shape)  # an nn.Linear weight
     mats = [t.T if self.transpose and self.n_in else t for t in tensors]
-    mat = np.concatenate(mats, axis=-1)
+    # transposes, slices and reshapes stay views: the one copy below makes the layout and the dtype together
+    mat = mats[0] if len(mats) == 1 else np.concatenate(mats, axis=-1)
     if self.part:
       mat = np.split(mat, self.part[1], axis=-1)[self.part[0]]
-    return mat.reshape(our_shape)
+    mat = mat.reshape(our_shape)
+    if copy and len(mats) == 1:  # concatenate copied already
+      return np.array(mat, dtype=dtype, order='C')
+    return np.asarray(mat, dtype=dtype, order='C')
 
   def to_canonical_pieces(self, ours: np.ndarray) -> list[np.ndarray]:
     """Our array -> its canonical share of each ``torch`` key (slice ``part`` of it, if packed)."""
@@ -64,6 +82,15 @@ class Rule:
 
   def from_canonical(self, mat: np.ndarray) -> np.ndarray:
     return mat.T if self.transpose and self.n_in else mat
+
+
+def _transposed_copy(t: np.ndarray, dtype: Any = None) -> np.ndarray:
+  """``t.T`` as a new C-contiguous array of ``dtype``, copied a strip of ``t``'s rows at a time: numpy's single pass
+  over a transposed view strides through memory, about 2.5x slower for a large matrix."""
+  out = np.empty(t.shape[::-1], t.dtype if dtype is None else dtype)
+  for j in range(0, t.shape[0], 32):
+    out[:, j : j + 32] = t[j : j + 32].T
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,14 +216,25 @@ def _check_table(mapping: Mapping, our_shapes: dict[str, tuple]) -> None:
 
 
 def state_to_flat_params(
-  state: dict[str, np.ndarray], mapping: Mapping, our_shapes: dict[str, tuple], dtype: Any
-) -> dict[str, np.ndarray]:
-  """PyTorch-named arrays -> our ``{'a/b/kernel': array}``, after checking every name and shape."""
+  state: collections.abc.Mapping,
+  mapping: Mapping,
+  our_shapes: dict[str, tuple],
+  dtype: Any,
+  place: Callable[[np.ndarray], Any] = lambda x: x,
+) -> dict[str, Any]:
+  """PyTorch-named arrays (a dict or a :class:`LazyState`) -> our ``{'a/b/kernel': place(array)}``, after checking
+  every name and shape.
+
+  One rule at a time: its tensors are looked up, converted to ``dtype`` and handed to ``place`` (e.g. a transfer to
+  the device), then dropped before the next rule's are read, so with a :class:`LazyState` only the params and the
+  tensors of one rule are ever in memory. The arrays handed to ``place`` share no memory with a plain dict's
+  arrays; they may be a :class:`LazyState`'s own (fresh) arrays.
+  """
   _check_table(mapping, our_shapes)
   buffers = [re.compile(p) for p in mapping.buffers]
-  weights = {k: v for k, v in state.items() if not any(b.fullmatch(k) for b in buffers)}
+  shapes = {k: v for k, v in shapes_of(state).items() if not any(b.fullmatch(k) for b in buffers)}
   check_names_and_shapes(
-    {k: v.shape for k, v in weights.items()},
+    shapes,
     expected_torch_shapes(mapping, our_shapes),
     'the PyTorch state dict',
     optional=mapping.aliases,
@@ -204,16 +242,21 @@ def state_to_flat_params(
   untied = [
     f'{alias} differs from {source}'
     for alias, source in mapping.aliases.items()
-    if alias in weights and not np.array_equal(weights[alias], weights[source])
+    if alias in shapes and not np.array_equal(state[alias], state[source])
   ]
   if untied:
     raise ConversionError(
       'tied weights differ (untied heads are not supported): ' + '; '.join(untied)
     )
-  return {
-    r.ours: r.to_ours([weights[k] for k in r.torch], our_shapes[r.ours]).astype(dtype)
-    for r in mapping.rules
-  }
+  fresh = isinstance(state, LazyState)
+  flat = {}
+  keys, tensors = None, None
+  for r in mapping.rules:
+    if r.torch != keys:  # consecutive rules slicing one packed tensor read it once
+      tensors = None  # drops the previous rule's tensors before the next ones are read
+      keys, tensors = r.torch, [state[k] for k in r.torch]
+    flat[r.ours] = place(r.to_ours(tensors, our_shapes[r.ours], dtype, copy=not fresh))
+  return flat
 
 
 def flat_params_to_state(
