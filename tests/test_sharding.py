@@ -23,6 +23,7 @@ from transformer_jax.sharding import (
   check_batch_divisible,
   logical_axes,
   make_mesh,
+  mesh_shape,
   param_shardings,
 )
 
@@ -112,14 +113,43 @@ def test_shardings_on_a_single_device_mesh_replicate():
 
 
 @pytest.mark.parametrize(
+  'sizes,expected',
+  [
+    ({}, (8, 1, 1)),
+    ({'fsdp': -1}, (1, 8, 1)),
+    ({'tensor': -1}, (1, 1, 8)),
+    ({'fsdp': -1, 'tensor': 2}, (1, 4, 2)),
+    ({'fsdp': 2}, (4, 2, 1)),
+    ({'fsdp': 4, 'tensor': 2}, (1, 4, 2)),
+    ({'data': 2, 'fsdp': -1}, (2, 4, 1)),
+    ({'data': -1, 'tensor': 4}, (2, 1, 4)),
+    ({'data': 2, 'fsdp': 4}, (2, 4, 1)),
+  ],
+  ids=str,
+)
+def test_mesh_shape_gives_the_rest_to_the_axis_set_to_minus_one(sizes, expected):
+  # data left unset takes what the others leave: all of it, or nothing when another axis is -1
+  assert mesh_shape(8, **sizes) == expected
+
+
+@pytest.mark.parametrize(
   'sizes,message',
   [
     ((2, 1, 1), r'mesh data=2 x fsdp=1 x tensor=1 = 2 devices, but 1 are available'),
-    ((-1, -1, 1), 'at most one -1'),
+    ((None, 2, 1), r'1 devices are not divisible by the fixed axes \(2\)'),
+    ((-1, -1, 1), r'-1 \(the rest\) on one axis at most; got data=-1, fsdp=-1, tensor=1'),
+    ((None, -1, -1), r'on one axis at most; got data=None, fsdp=-1, tensor=-1'),
     ((0, 1, 1), 'positive'),
     ((-1, 3, 1), 'not divisible by the fixed axes'),
   ],
-  ids=['too_big', 'two_wildcards', 'zero', 'indivisible'],
+  ids=[
+    'too_big',
+    'too_big_rest',
+    'two_wildcards',
+    'two_wildcards_data_unset',
+    'zero',
+    'indivisible',
+  ],
 )
 def test_impossible_meshes_are_rejected(sizes, message):
   with pytest.raises(ValueError, match=message):

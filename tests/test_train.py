@@ -21,6 +21,7 @@ from train.losses import cross_entropy_sums
 from train.number_words import number_dataset, number_to_words
 from train.optim import decay_mask, make_optimizer, make_schedule
 from train.parallel import micro_batch_rows
+from train.sample import as_text
 from train.steps import create_state, train_step_fn
 from train.tasks import build_task
 from train.trainer import check_config, train_and_evaluate
@@ -301,12 +302,46 @@ def test_process_rows_cover_each_micro_batch_once():
     ({'parallelism': 'pmap', 'mesh.data': 4}, 'pmap runs on all 1 devices; mesh.data=4'),
     ({'parallelism': 'shard'}, "parallelism must be one of \\('jit', 'pmap'\\)"),
     ({'mesh.data': 2}, 'mesh data=2 x fsdp=1 x tensor=1 = 2 devices, but 1 are available'),
+    ({'mesh.data': -1, 'mesh.tensor': -1}, 'on one axis at most; got data=-1, fsdp=1, tensor=-1'),
   ],
-  ids=['pmap_fsdp', 'pmap_size', 'unknown', 'too_many_devices'],
+  ids=['pmap_fsdp', 'pmap_size', 'unknown', 'too_many_devices', 'two_rests'],
 )
 def test_impossible_layout_is_a_clear_error(overrides, message, tmp_path):
   with pytest.raises(ValueError, match=message):
     train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+
+
+@pytest.mark.parametrize(
+  'record, expected',
+  [
+    (
+      {'task': 'lm', 'prompt': 'The ', 'output': 'The end.\nNext line'},
+      '--- prompt: "The "\nThe end.\nNext line',
+    ),
+    (
+      {
+        'task': 'translation',
+        'prompt': 'ninety one',
+        'output': 'nine one',
+        'translation': 'nine one',
+      },
+      '--- source: "ninety one"\nnine one',
+    ),
+    (
+      {
+        'task': 'classify',
+        'prompt': 'très bien',
+        'output': 'upbeat',
+        'label': 'upbeat',
+        'probabilities': {'gloomy': 0.25, 'upbeat': 0.75},
+      },
+      '--- text: "très bien"\nupbeat (probabilities: gloomy 0.250, upbeat 0.750)',
+    ),
+  ],
+  ids=['lm', 'translation', 'classify'],
+)
+def test_sample_shows_the_input_in_a_header_and_the_output_as_text(record, expected):
+  assert as_text(record) == expected
 
 
 # ---------------------------------------------------------------------------------------------- closing summary

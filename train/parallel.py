@@ -250,10 +250,10 @@ class PmapLayout(Layout):
         f'parallelism=pmap is data parallel only; it cannot use mesh.fsdp={config.mesh.fsdp} or '
         f'mesh.tensor={config.mesh.tensor} (use parallelism=jit)'
       )
-    if config.mesh.data not in (-1, jax.device_count()):
+    if config.mesh.data not in (None, -1, jax.device_count()):
       raise ValueError(
         f'parallelism=pmap runs on all {jax.device_count()} devices; mesh.data={config.mesh.data} '
-        'must be -1 or that number'
+        'must be unset, -1 or that number'
       )
     mesh = Mesh(np.array(jax.devices()), (PMAP_AXIS,))  # pmap's own device order
     replicated = NamedSharding(mesh, P())

@@ -7,7 +7,7 @@ The same model code then runs data parallel, FSDP (parameters and optimizer stat
 parallel (heads, FFN hidden units and the vocabulary split over ``tensor``) or any mix, and converted checkpoints get
 shardings without annotations of their own.
 
-    mesh = make_mesh(data=-1, fsdp=2, tensor=1)
+    mesh = make_mesh(fsdp=2)  # FSDP in pairs, data parallel across them
     axes = logical_axes(model, ids)
     params = jax.device_put(params, param_shardings(params, axes, mesh))
     batch = jax.device_put(batch, batch_sharding(mesh))
@@ -35,29 +35,49 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(
-  data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None
-) -> Mesh:
-  """A ``('data', 'fsdp', 'tensor')`` mesh over ``devices`` (default: all); one size may be -1 (the rest)."""
-  devices = list(jax.devices() if devices is None else devices)
-  sizes = [data, fsdp, tensor]
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+def mesh_shape(
+  device_count: int, data: int | None = None, fsdp: int = 1, tensor: int = 1
+) -> tuple[int, int, int]:
+  """The ``(data, fsdp, tensor)`` sizes of :func:`make_mesh`'s mesh over ``device_count`` devices.
+
+  Each size is a device count, or -1 on one axis at most: the devices the other axes leave. ``data=None`` (the
+  default) is data parallelism over whatever the other axes leave: the rest of the devices, or 1 when ``fsdp`` or
+  ``tensor`` is -1. So the defaults are data parallel over every device, ``fsdp=-1`` is FSDP over every device and
+  ``tensor=2`` tensor parallel in pairs, data parallel across them.
+  """
+  given = [s for s in (data, fsdp, tensor) if s is not None]
+  if given.count(-1) > 1 or any(s == 0 or s < -1 for s in given):
     raise ValueError(
-      f'mesh sizes must be positive, with at most one -1; got data={data}, fsdp={fsdp}, tensor={tensor}'
+      f'mesh sizes must be positive, or -1 (the rest) on one axis at most; got data={data}, fsdp={fsdp}, '
+      f'tensor={tensor}'
     )
+  if data is None:
+    data = 1 if -1 in (fsdp, tensor) else -1
+  sizes = [data, fsdp, tensor]
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
-    if len(devices) % known:
+    if device_count % known:
       raise ValueError(
-        f'cannot fill the mesh: {len(devices)} devices are not divisible by the fixed axes ({known})'
+        f'cannot fill the mesh: {device_count} devices are not divisible by the fixed axes ({known})'
       )
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
+    sizes[sizes.index(-1)] = device_count // known
+  if int(np.prod(sizes)) != device_count:
     raise ValueError(
       f'mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} '
-      f'devices, but {len(devices)} are available'
+      f'devices, but {device_count} are available'
     )
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  return tuple(sizes)
+
+
+def make_mesh(
+  data: int | None = None, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None
+) -> Mesh:
+  """A ``('data', 'fsdp', 'tensor')`` mesh over ``devices`` (default: all), sized as :func:`mesh_shape` says:
+  ``make_mesh()`` data parallel, ``make_mesh(fsdp=-1)`` FSDP over every device, ``make_mesh(fsdp=4, tensor=2)``
+  FSDP x tensor parallel, data parallel over what is left."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(len(devices), data, fsdp, tensor)
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 class Module(nn.Module):

@@ -2,6 +2,7 @@
 minutes on two CPU cores. Every other preset starts from this one."""
 
 import ml_collections
+from ml_collections import config_dict
 
 from train.configs import model_fields
 from transformer_jax import GPTConfig
@@ -116,9 +117,11 @@ def get_config() -> ml_collections.ConfigDict:
   # parallelism, JAX's older API, kept in maintenance; mesh.fsdp and mesh.tensor must then be 1).
   config.parallelism = 'jit'
   config.mesh = ml_collections.ConfigDict()
-  # Devices per mesh axis; one may be -1 (all the rest). The batch splits over data x fsdp; fsdp also splits the
-  # parameters and optimizer state; tensor splits heads, FFN units and the vocabulary.
-  config.mesh.data = -1
+  # Devices per mesh axis; one may be -1 (all the devices the others leave). The batch splits over data x fsdp;
+  # fsdp also splits the parameters and optimizer state; tensor splits heads, FFN units and the vocabulary. data
+  # unset (null) takes what fsdp and tensor leave: every device by default (data parallel, as the -1 in older
+  # runs' config.json), 1 when one of them is -1 (so --config.mesh.fsdp=-1 alone is FSDP over every device).
+  config.mesh.data = config_dict.placeholder(int)
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
 

@@ -40,7 +40,7 @@ class TranslationTask(ExampleTask):
     self.metric = cfg.get('metric', 'bleu')
     if self.metric not in METRICS:
       raise ValueError(f'data.metric must be one of {METRICS}, got {self.metric!r}')
-    check_lengths(config, 'src_len', 'tgt_len')
+    check_lengths(config, 'src_len', 'tgt_len', pretrained=self.pretrained)
     train, val = self._pairs()
     self.val_pairs = val
     if self.pretrained is None:
