@@ -117,7 +117,9 @@ def test_init_and_logits_equal_linen(name):
   assert not np.array_equal(jax.tree.leaves(dropped)[0], jax.tree.leaves(expected)[0])
 
 
-@pytest.mark.parametrize('name', CASES)
+# One case per model class that trains differently: the decoder with every Llama knob, the encoder-decoder (remat),
+# the T5 encoder, a BERT with a head; the init and logits test above covers every case.
+@pytest.mark.parametrize('name', ['llama', 'transformer', 't5_encoder', 'bert_classify'])
 def test_gradients_and_twenty_adamw_steps_equal_linen_optax(name):
   """Dropout on, from the model's own stream: the bridge forks the streams it is given and draws one key per call,
   fold_in(forked key, call), which the Linen step derives the same way inside its program."""
