@@ -315,3 +315,13 @@ def test_a_mistral_without_a_window_is_saved_as_the_llama_it_is(tmp_path):
   assert SPECS['mistral'].describes(windowed) and not SPECS['llama'].describes(windowed)
   with pytest.raises(ConversionError, match='Llama cannot express this model: sliding_window=7'):
     SPECS['llama'].hf_config(windowed, 'LlamaForCausalLM')
+
+
+def test_the_llama_preset_is_llama_3_2_1b():
+  """``GPTConfig.llama()`` has the 1,235,814,400 parameters transformers gives Llama 3.2 1B's shape (tied head)."""
+  from transformer_jax import GPT, GPTConfig
+
+  model = GPT(GPTConfig.llama())
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']
+  assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) == 1_235_814_400
+  assert SPECS['llama'].describes(model.config) and model.config.kv_heads == 8

@@ -35,27 +35,11 @@ SETTINGS = LoraConfig(rank=3, alpha=5.0, targets='query|value|fc_out|out')
 
 
 def _gpt(scan_layers=False):
-  return GPT(
-    GPTConfig(
-      vocab_size=53,
-      max_len=16,
-      num_layers=3,
-      d_model=24,
-      num_heads=6,
-      num_kv_heads=2,
-      d_ff=20,
-      fused_qkv=False,
-      position_encoding='none',
-      rope_theta=1e4,
-      norm_type='rms_norm',
-      gated_ffn=True,
-      activation='silu',
-      use_bias=False,
-      qkv_bias=False,
-      tie_output=False,
-      scan_layers=scan_layers,
-    )
+  shape = dict(
+    vocab_size=53, max_len=16, num_layers=3, d_model=24, num_heads=6, num_kv_heads=2, d_ff=20
   )
+  rope = dict(rope_theta=1e4, rope_scaling=None)
+  return GPT(GPTConfig.llama(**shape, **rope, tie_output=False, scan_layers=scan_layers))
 
 
 def _perturbed(adapters, seed=2):

@@ -19,17 +19,15 @@ V = 29
 TINY = dict(num_layers=2, d_model=24, num_heads=3, d_ff=40, max_len=16)
 GPT2 = GPTConfig.gpt2(vocab_size=V, **TINY)
 # rotary, RMSNorm, SwiGLU, 6 query heads over 2 key/value heads, a sliding window of 3, scanned layers
-LLAMA = GPTConfig(
+LLAMA = GPTConfig.llama(
   **{**TINY, 'num_heads': 6},
   vocab_size=V,
   num_kv_heads=2,
-  fused_qkv=False,
-  gated_ffn=True,
-  activation='silu',
-  use_bias=False,
-  norm_type='rms_norm',
-  position_encoding='none',
+  qkv_bias=True,
   rope_theta=10000.0,
+  rope_scaling=None,
+  dropout_rate=0.1,
+  attention_dropout_rate=0.1,
   sliding_window=3,
   scan_layers=True,
 )

@@ -29,7 +29,7 @@ from transformer_jax.sharding import (
 
 TINY = dict(num_layers=2, d_model=12, num_heads=3, d_ff=20, max_len=16)
 # rotary, RMSNorm, SwiGLU, grouped-query attention, no biases, scanned layers
-LLAMA_SHAPED = GPTConfig(
+LLAMA_SHAPED = GPTConfig.llama(
   vocab_size=41,
   num_layers=2,
   d_model=32,
@@ -37,13 +37,8 @@ LLAMA_SHAPED = GPTConfig(
   num_kv_heads=2,
   d_ff=24,
   max_len=16,
-  fused_qkv=False,
-  gated_ffn=True,
-  activation='silu',
-  use_bias=False,
-  norm_type='rms_norm',
-  position_encoding='none',
   rope_theta=10000.0,
+  rope_scaling=None,
   scan_layers=True,
 )
 IDS = jnp.ones((2, 5), jnp.int32)

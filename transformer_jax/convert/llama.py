@@ -15,18 +15,8 @@ from transformer_jax.convert.hf_options import HF_ACTIVATIONS, activation, refus
 from transformer_jax.convert.rules import ConversionError, Mapping, Rule, dense, qkv, require, table
 from transformer_jax.convert.spec import Spec, export, load
 from transformer_jax.models import GPT, GPTConfig
+from transformer_jax.models.gpt import LLAMA_BLOCKS
 
-# The block fields every Llama-family GPT has; `qkv_bias` tells Llama (False) from Qwen2 (True).
-LLAMA_BLOCKS = dict(
-  norm_type='rms_norm',
-  gated_ffn=True,
-  use_bias=False,
-  fused_qkv=False,
-  pre_norm=True,
-  final_norm=True,
-  position_encoding='none',
-  dropout_rate=0.0,  # Llama has no dropout on embeddings or residual branches
-)
 # Our field -> the LlamaConfig/Qwen2Config key, and their defaults for the keys a config.json may omit.
 _FIELDS = {
   'vocab_size': 'vocab_size',

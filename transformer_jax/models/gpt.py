@@ -14,6 +14,19 @@ from transformer_jax.modules.normalization import make_norm
 from transformer_jax.sharding import Module
 from transformer_jax.validation import check_shape, token_validity
 
+# The block fields every Llama-family GPT has (Llama, Mistral, Qwen2): pre-norm RMSNorm layers, a gated FFN, separate
+# Q/K/V projections (grouped-query attention), no biases, rotary positions only, no dropout.
+LLAMA_BLOCKS = dict(
+  norm_type='rms_norm',
+  gated_ffn=True,
+  use_bias=False,
+  fused_qkv=False,
+  pre_norm=True,
+  final_norm=True,
+  position_encoding='none',
+  dropout_rate=0.0,  # on embeddings and residual branches; attention dropout is a config.json key
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig(BlockConfig):
@@ -62,6 +75,16 @@ class GPTConfig(BlockConfig):
     return cls(
       **{**dict(num_layers=layers, d_model=width, num_heads=heads, d_ff=4 * width), **overrides}
     )
+
+  @classmethod
+  def llama(cls, **overrides):
+    """A Llama-family decoder (:data:`LLAMA_BLOCKS`, SwiGLU, rotary positions), Llama 3.2 1B's shape by default;
+    ``qkv_bias=True`` is Qwen2's attention, ``sliding_window`` Mistral's."""
+    shape = dict(vocab_size=128256, max_len=131072, num_layers=16, d_model=2048, num_heads=32)
+    shape.update(num_kv_heads=8, d_ff=8192, tie_output=True)
+    rope = dict(rope_theta=500000.0, rope_scaling='llama3', rope_scaling_factor=32.0)
+    layers = dict(activation='silu', qkv_bias=False, attention_dropout_rate=0.0)
+    return cls(**{**LLAMA_BLOCKS, **shape, **rope, **layers, **overrides})
 
   @classmethod
   def course(cls, **overrides):
