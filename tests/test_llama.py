@@ -306,9 +306,14 @@ def test_the_sliding_window_changes_the_logits(saved):
 
 
 def test_a_mistral_without_a_window_is_saved_as_the_llama_it_is(tmp_path):
-  hf = _hf_model('mistral').config.to_dict()
-  hf['sliding_window'] = None
-  config = SPECS['mistral'].config_from_hf(hf)
+  mistral = _hf_model('mistral')
+  mistral.config.sliding_window = None
+  mistral.save_pretrained(tmp_path / 'mistral')
+  model, params = load_hf(tmp_path / 'mistral')
+  save_hf(model, params, tmp_path / 'saved')
+  written = json.loads((tmp_path / 'saved' / 'config.json').read_text())
+  assert (written['model_type'], written['architectures']) == ('llama', ['LlamaForCausalLM'])
+  config = model.config
   assert config.sliding_window is None
   assert not SPECS['mistral'].describes(config) and SPECS['llama'].describes(config)
   windowed = config.replace(sliding_window=7)
