@@ -8,12 +8,14 @@
 Each model is built twice with the same shapes: ours in Flax and its PyTorch counterpart (``torch_reference.NanoGPT``
 for the course GPT, Hugging Face's ``GPT2LMHeadModel`` for GPT-2 small, ``torch_reference.Seq2SeqTransformer`` for the
 course encoder-decoder, Hugging Face's ``BertForMaskedLM`` from a config, random init). One step is forward,
-cross-entropy, backward and AdamW. Warm-up (compilation) is excluded and timed separately; each JAX step ends in
-``block_until_ready``, each PyTorch step in ``loss.item()``. The median step time gives tokens/s (every input token,
-source and target for the encoder-decoder), achieved FLOP/s from the matmul count (6 x dense weights + 12 x L x D x
-context per token, the usual estimate, with no discount for causal masking) and the model FLOPs utilisation against
-the machine's peak (measured with a large float32 ``jnp.dot`` on CPU, the datasheet bf16 peak on a GPU/TPU). On a
-GPU/TPU both sides compute in bf16 (our ``dtype='bfloat16'`` with float32 master weights; ``torch.autocast``) and ours
+cross-entropy, backward and AdamW, in three forms: ours in Linen (``jax``), the same model and update the NNX way
+(``jax nnx``: ``transformer_jax.nnx``, an ``nnx.Optimizer``, one ``nnx.jit``), and PyTorch. Warm-up (compilation) is
+excluded and timed separately; each JAX step ends in ``block_until_ready``, each PyTorch step in ``loss.item()``. The
+median step time gives tokens/s (every input token, source and target for the encoder-decoder), achieved FLOP/s from
+the matmul count (6 x dense weights + 12 x L x D x context per token, the usual estimate, with no discount for causal
+masking) and the model FLOPs utilisation against the machine's peak (measured with a large float32 ``jnp.dot`` on
+CPU, the datasheet bf16 peak on a GPU/TPU). On a GPU/TPU both sides compute in bf16 (our ``dtype='bfloat16'`` with
+float32 master weights; ``torch.autocast``) and ours
 asks for cuDNN attention on GPUs.
 """
 
@@ -22,13 +24,17 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
+import transformer_jax.nnx as tnnx
 from benchmarks.harness import (
   adamw_step,
   machine_info,
@@ -65,7 +71,9 @@ class Case:
 
   name: str
   model: Any  # our Flax module
-  loss: Callable  # (params, batch, dropout_rng) -> scalar
+  # (call, batch) -> scalar; call(*inputs, deterministic=...) runs our model on its weights and dropout key (Linen's
+  # apply or the NNX model itself)
+  loss: Callable
   batch: dict  # numpy int arrays
   torch_model: Any  # builds the PyTorch module
   torch_loss: Callable  # (module, batch as torch tensors) -> scalar
@@ -110,11 +118,9 @@ def gpt_case(args, overrides: dict) -> Case:
   cfg = cfg.replace(num_layers=args.gpt_layers or cfg.num_layers)
   model = GPT(cfg)
 
-  def loss(params, batch, rng):
+  def loss(call, batch):
     ids = batch['ids']
-    logits = model.apply(
-      {'params': params}, ids[:, :-1], deterministic=args.dropout == 0, rngs={'dropout': rng}
-    )
+    logits = call(ids[:, :-1], deterministic=args.dropout == 0)
     return next_token_loss(logits, ids[:, 1:])
 
   def torch_model():
@@ -166,15 +172,9 @@ def seq2seq_case(args, overrides: dict) -> Case:
   )
   model = Transformer(cfg)
 
-  def loss(params, batch, rng):
+  def loss(call, batch):
     tgt = batch['tgt']
-    logits = model.apply(
-      {'params': params},
-      batch['src'],
-      tgt[:, :-1],
-      deterministic=args.dropout == 0,
-      rngs={'dropout': rng},
-    )
+    logits = call(batch['src'], tgt[:, :-1], deterministic=args.dropout == 0)
     return next_token_loss(logits, tgt[:, 1:])
 
   # ids from 1: no padding, but both sides still build and apply their masks
@@ -222,11 +222,9 @@ def bert_case(args, overrides: dict) -> Case:
   )
   model = BERTForMaskedLM(cfg)
 
-  def loss(params, batch, rng):
+  def loss(call, batch):
     ids = batch['ids']
-    logits = model.apply(
-      {'params': params}, ids, deterministic=args.dropout == 0, rngs={'dropout': rng}
-    )
+    logits = call(ids, deterministic=args.dropout == 0)
     return next_token_loss(logits, ids)  # every position is a target: the MLM head's full cost
 
   ids = np.random.default_rng(0).integers(1, cfg.vocab_size, (args.batch, args.seq), dtype=np.int32)
@@ -249,10 +247,19 @@ def bert_case(args, overrides: dict) -> Case:
 CASES = {'gpt': gpt_case, 'seq2seq': seq2seq_case, 'bert': bert_case}
 
 
-def run_jax(case: Case, repeats: int) -> dict:
-  optimizer, step = adamw_step(case.loss, LR, WEIGHT_DECAY)
+def init_params(case: Case):
   init_args = [jnp.asarray(v[:1, :8]) for v in case.batch.values()]
-  params = jax.jit(case.model.init)(jax.random.key(0), *init_args)['params']
+  return jax.jit(case.model.init)(jax.random.key(0), *init_args)['params']
+
+
+def run_jax(case: Case, repeats: int) -> dict:
+  def loss(params, batch, rng):
+    return case.loss(
+      functools.partial(case.model.apply, {'params': params}, rngs={'dropout': rng}), batch
+    )
+
+  optimizer, step = adamw_step(loss, LR, WEIGHT_DECAY)
+  params = init_params(case)
   opt_state = optimizer.init(params)
   # counted now: the step donates these buffers
   params_m = sum(x.size for x in jax.tree.leaves(params)) / 1e6
@@ -272,6 +279,36 @@ def run_jax(case: Case, repeats: int) -> dict:
   return {
     'impl': 'jax',
     'step_s': time_call(call, warmup=2, repeats=repeats),
+    'compile_s': compile_s,
+    'params_M': params_m,
+  }
+
+
+def run_nnx(case: Case, repeats: int) -> dict:
+  """The same step the NNX way: our model as an ``nnx.Module`` (``transformer_jax.nnx``), an ``nnx.Optimizer`` with
+  the same AdamW, ``nnx.value_and_grad`` and ``optimizer.update`` in one ``nnx.jit`` that donates both."""
+  model = tnnx.from_linen(case.model, init_params(case))
+  optimizer = nnx.Optimizer(model, optax.adamw(LR, weight_decay=WEIGHT_DECAY), wrt=nnx.Param)
+  params_m = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) / 1e6
+
+  @functools.partial(nnx.jit, donate_argnums=(0, 1))
+  def step(model, optimizer, batch, rng):
+    def loss(model):
+      # the stream is made inside the traced function, where its draw may update it
+      return case.loss(lambda *a, **k: model(*a, rngs=nnx.Rngs(dropout=rng), **k), batch)
+
+    value, grads = nnx.value_and_grad(loss)(model)
+    optimizer.update(model, grads)
+    return value
+
+  batch = jax.device_put(case.batch)
+  rng = jax.random.key(1)
+  start = time.perf_counter()
+  jax.block_until_ready(step(model, optimizer, batch, rng))  # compiles
+  compile_s = time.perf_counter() - start
+  return {
+    'impl': 'jax nnx',
+    'step_s': time_call(lambda: step(model, optimizer, batch, rng), warmup=1, repeats=repeats),
     'compile_s': compile_s,
     'params_M': params_m,
   }
@@ -344,6 +381,7 @@ def main():
     '--repeats', type=int, default=5, help='timed steps per implementation (median reported)'
   )
   parser.add_argument('--no-torch', action='store_true', help='ours only')
+  parser.add_argument('--no-nnx', action='store_true', help='no row for our models in NNX')
   parser.add_argument('--no-torch-compile', action='store_true')
   parser.add_argument(
     '--override',
@@ -378,6 +416,8 @@ def main():
   for name in args.models:
     case = CASES[name](args, overrides)
     results = [run_jax(case, args.repeats)]
+    if not args.no_nnx:
+      results.append(run_nnx(case, args.repeats))
     if not args.no_torch:
       results.append(run_torch(case, args.repeats, compile_model=False))
       if not args.no_torch_compile:

@@ -8,6 +8,7 @@ starts); the tests below read what they left behind.
 import json
 import os
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,7 @@ LAYOUTS = {
   'pmap': 'pmap',
 }
 TASKS = {'gpt': 'lm', 'encoder_decoder': 'translation'}
+NNX_LAYOUT = 'fsdp_tensor'  # the layout the NNX trainer runs too: parameters and optimizer state split both ways
 pytestmark = pytest.mark.slow
 
 
@@ -75,8 +77,14 @@ def _run_layouts(out):
     for model, task in TASKS.items()
     for name, layout in LAYOUTS.items()
   ]
-  # Saved under FSDP on 8 devices after 2 steps, then continued under tensor parallelism (8 devices) and on 1 device.
+  # Saved under FSDP on 8 devices after 2 steps, then continued under tensor parallelism (8 devices) and on 1 device;
+  # also continued by the NNX trainer, whose own FSDP checkpoint the Linen trainer continues.
   eight += ['saved_fsdp:lm:1x8x1:2', 'resumed_tensor:lm:2x1x4:3:saved_fsdp']
+  eight += [
+    f'{model}_nnx:{task}:nnx-{LAYOUTS[NNX_LAYOUT]}:{STEPS}' for model, task in TASKS.items()
+  ]
+  eight += ['resumed_nnx:lm:nnx-2x1x4:3:saved_fsdp', 'saved_nnx:lm:nnx-1x8x1:2']
+  eight += ['resumed_from_nnx:lm:2x1x4:3:saved_nnx']
   _run([sys.executable, str(WORKER), '8', str(out), *eight], env)
 
   # Two processes with 4 devices each, through the real command line: a 2 x 2 x 2 mesh spanning both.
@@ -184,6 +192,36 @@ def test_two_processes_train_like_one_process(runs):
 @pytest.mark.parametrize('name', ['resumed_tensor', 'resumed_single'])
 def test_checkpoint_restores_under_another_layout(runs, name):
   """Saved under FSDP on 8 devices at step 2, continued to step 3 under another layout: the uninterrupted numbers."""
+  assert_resumed(runs, name, 2)
+  assert max_param_diff(runs, name, 'gpt_single') < 1e-5
+  np.testing.assert_allclose(
+    train_losses(runs / name), train_losses(runs / 'gpt_single'), rtol=1e-5, atol=1e-6
+  )
+
+
+@pytest.mark.parametrize('model', TASKS)
+def test_nnx_trainer_equals_linen_trainer_on_8_devices(runs, model):
+  """``api='nnx'`` on the FSDP x tensor mesh: the Linen run's losses and parameters, laid out alike."""
+  name, linen = f'{model}_nnx', f'{model}_{NNX_LAYOUT}'
+  assert train_losses(runs / name) == train_losses(runs / linen)
+  assert max_param_diff(runs, name, linen) == 0.0
+  # the same layouts: the NNX step's outputs keep the sharding XLA propagates, whose specs drop trailing Nones
+
+  def trimmed(specs: dict) -> dict:
+    names = {k: re.findall(r"None|'[^']*'", v) for k, v in specs.items()}
+    for entries in names.values():
+      while entries and entries[-1] == 'None':
+        entries.pop()
+    return names
+
+  assert trimmed(specs(runs, name)) == trimmed(specs(runs, linen))
+  assert any(m.startswith('layout: nnx jit over mesh') for m in record(runs, name)['log'])
+
+
+@pytest.mark.parametrize('name', ['resumed_nnx', 'resumed_from_nnx'])
+def test_checkpoint_resumes_under_the_other_api(runs, name):
+  """A Linen FSDP checkpoint continued by the NNX trainer, and an NNX one by the Linen trainer, under tensor
+  parallelism: the uninterrupted numbers."""
   assert_resumed(runs, name, 2)
   assert max_param_diff(runs, name, 'gpt_single') < 1e-5
   np.testing.assert_allclose(

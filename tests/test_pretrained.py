@@ -1,5 +1,5 @@
 """``transformer_jax.pretrained`` against the matching ``transformers.pipeline`` on tiny random checkpoints saved with
-``save_pretrained``, with tokenizers trained here."""
+``save_pretrained``, with tokenizers trained here; the same jobs on NNX models."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import models, normalizers, pre_tokenizers, trainers
 
+import transformer_jax.nnx as tnnx
 from transformer_jax import pretrained
 from transformer_jax.convert import ConversionError
+from transformer_jax.nnx import train_step as nnx_train_step
 from transformer_jax.tokenizer import TokenizerError
 
 CORPUS = [
@@ -259,3 +262,59 @@ def test_bad_checkpoints_are_refused_in_one_line(bert_dirs, gpt2_dir, tmp_path):
     gpt2.classify(['a text'])
   with pytest.raises(ValueError, match=r'needs a \[MASK\] token'):
     pretrained.load(bert_dirs['mlm']).fill_mask('no mask here')
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The jobs on NNX models (transformer_jax.nnx.hf)
+
+
+def test_nnx_model_of_a_job_fine_tunes_and_its_job_generates_and_saves(gpt2_dir, tmp_path):
+  """A pretrained GPT-2 as an NNX model: the job's arrays (no copy), three NNX AdamW steps, then the job with the
+  tuned arrays generates what the NNX model generates and saves what transformers reloads as the tuned model."""
+  job = pretrained.load(gpt2_dir)
+  model = tnnx.model_of(job, rngs=nnx.Rngs(dropout=0))  # dropout streams for training
+  wte = model.token_embed['embedding']
+  assert wte.get_value() is job.params['token_embed']['embedding']
+  ids = np.asarray([job.tokenizer.encode(text)[:8] for text in CORPUS[:4]])  # (4, 8)
+  optimizer = nnx_train_step.make_optimizer(model, peak_lr=1e-2, warmup_steps=1, total_steps=3)
+  losses = [float(nnx_train_step.train_step(model, optimizer, {'ids': ids})) for _ in range(3)]
+  assert losses[-1] < losses[0]
+  tuned = tnnx.with_model(job, model)
+  assert tuned.params['token_embed']['embedding'] is wte.get_value()
+  tokens = tnnx.generate(
+    model, np.asarray([job.tokenizer.encode('The film was')]), max_new_tokens=5, temperature=0
+  )
+  text = tuned.generate_text(['The film was'], max_new_tokens=5, return_full_text=False)[0]
+  assert text == job.tokenizer.decode(np.asarray(tokens[0]).tolist())
+  assert tuned.generate_text(['The film was'], max_new_tokens=5) != job.generate_text(
+    ['The film was'], max_new_tokens=5
+  )
+  tuned.save(tmp_path)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  with torch.no_grad():
+    expected = hf(torch.tensor(ids)).logits.numpy()
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_allclose(model(ids), expected, atol=1e-5)
+
+
+def test_nnx_jobs_of_bert_classify_as_before_and_refuse_another_architecture(bert_dirs, gpt2_dir):
+  bert = pretrained.load(bert_dirs['classifier'])
+  model = tnnx.model_of(bert)
+  assert isinstance(model, tnnx.BERTForSequenceClassification)
+  assert tnnx.with_model(bert, model).classify(TEXTS) == bert.classify(TEXTS)
+  with pytest.raises(ValueError, match='the model is a GPT of another config than the BERTFor'):
+    tnnx.with_model(bert, tnnx.model_of(pretrained.load(gpt2_dir)))
+
+
+def test_nnx_save_hf_reloads_in_transformers(bert_dirs, tmp_path):
+  model = tnnx.load_hf(bert_dirs['classifier'])
+  tnnx.save_hf(model, tmp_path)
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+  ids = np.asarray([[2, 7, 9, 11, 3], [2, 8, 3, 0, 0]])
+  valid = ids != 0
+  with torch.no_grad():
+    expected = hf(
+      torch.tensor(ids), attention_mask=torch.tensor(valid.astype(np.int64))
+    ).logits.numpy()
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_allclose(model(ids, valid=valid), expected, atol=1e-5)

@@ -90,16 +90,18 @@ def poisoned_step_3(monkeypatch):
   monkeypatch.setattr(LanguageModelTask, 'train_batch', train_batch)
 
 
-def test_nonfinite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, poisoned_step_3):
+@pytest.mark.parametrize('api', ['linen', 'nnx'])
+def test_nonfinite_step_stops_and_keeps_the_last_good_checkpoint(api, tmp_path, poisoned_step_3):
   with pytest.raises(
     NonFiniteError, match='non-finite loss or gradient at step 3.*checkpoint is step 3'
   ):
-    train_and_evaluate(tiny_config(checkpoint_every_steps=3), str(tmp_path))
+    train_and_evaluate(tiny_config(checkpoint_every_steps=3, api=api), str(tmp_path))
   assert sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()) == [3]
 
 
-def test_nonfinite_step_is_skipped_when_asked(tmp_path, poisoned_step_3):
-  summary = train_and_evaluate(tiny_config(skip_nonfinite_updates=True), str(tmp_path))
+@pytest.mark.parametrize('api', ['linen', 'nnx'])
+def test_nonfinite_step_is_skipped_when_asked(api, tmp_path, poisoned_step_3):
+  summary = train_and_evaluate(tiny_config(skip_nonfinite_updates=True, api=api), str(tmp_path))
   assert summary['step'] == 6 and summary['train']['skipped_updates'] == 1
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(summary['state'].params))
 

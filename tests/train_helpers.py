@@ -37,7 +37,7 @@ def tiny_fields(task: str) -> dict:
 def layout_fields(task: str, layout: str) -> dict:
   """Tiny-run fields for the device-layout tests: 4 heads and FFN width 32 (so a 4-way tensor axis splits them), a
   batch of 16 (an LM step in two micro-batches), one evaluation and one checkpoint at the end. ``layout`` is
-  ``'single'``, ``'pmap'`` or a mesh ``'DATAxFSDPxTENSOR'``."""
+  ``'single'``, ``'pmap'`` or a mesh ``'DATAxFSDPxTENSOR'``; ``'nnx-'`` before a mesh trains with ``api='nnx'``."""
   # adam_eps: a key projection's bias has an exactly zero gradient (softmax ignores a shift shared by all keys), so
   # what reaches Adam there is float noise that differs with the reduction order; the default eps of 1e-8 would
   # scale that noise up to steps of the learning rate's size.
@@ -51,6 +51,8 @@ def layout_fields(task: str, layout: str) -> dict:
   }
   if task == 'lm':
     fields['grad_accum_steps'] = 2
+  if layout.startswith('nnx-'):
+    fields['api'], layout = 'nnx', layout.removeprefix('nnx-')
   if layout == 'pmap':
     fields['parallelism'] = 'pmap'
   elif layout != 'single':

@@ -38,6 +38,7 @@ RESUMABLE_FIELDS = (
   'skip_nonfinite_updates',
   'sample',
   'parallelism',
+  'api',  # either API reads and writes the same checkpoints
   'mesh',
   'distributed',
 )

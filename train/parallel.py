@@ -156,6 +156,14 @@ class Layout:
     """A fresh canonical state, each array created where its sharding puts it."""
     return jax.jit(create, out_shardings=self.state_shardings)()
 
+  def counter(self, state, name: str) -> int:
+    """A scalar of the state (``skipped``, ``nonfinite_step``) on the host: one small transfer."""
+    return int(self.canonical(getattr(state, name)))
+
+  def eval_inputs(self, state) -> tuple:
+    """What the eval step takes beside a batch: the params and LoRA's frozen ones (``None`` without LoRA)."""
+    return state.params, state.frozen or None
+
   def place_eval(self, batch: dict) -> dict:
     """A fixed ``(B, ...)`` evaluation batch on the devices, once for the whole run: this process's rows only."""
     return self._global(

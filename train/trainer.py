@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from train import adapters
+from train import adapters, nnx_training
 from train.checkpoint import Checkpoints, check_resumable
 from train.errors import RunStopped
 from train.metrics import MetricWriter
@@ -65,6 +65,15 @@ def check_config(config) -> None:
     problems.append(f'learning_rate must be positive, got {config.learning_rate}')
   if not 0 <= config.label_smoothing < 1:
     problems.append(f'label_smoothing must lie in [0, 1), got {config.label_smoothing}')
+  if config.get('api', 'linen') not in nnx_training.API:
+    problems.append(f'api must be one of {nnx_training.API}, got {config.api!r}')
+  elif config.get('api') == 'nnx':
+    if config.parallelism != 'jit':
+      problems.append(
+        f'api=nnx trains under parallelism=jit, got parallelism={config.parallelism!r}'
+      )
+    if config.lora.get('rank', 0):
+      problems.append('api=nnx does not train LoRA adapters yet: use api=linen with lora.rank > 0')
   if config.lr_schedule not in SCHEDULES:
     problems.append(f'lr_schedule must be one of {SCHEDULES}, got {config.lr_schedule!r}')
   if not 0 < config.data.get('val_fraction', 0.5) < 1:
@@ -146,8 +155,13 @@ class Run:
     self.task, optimizer, schedule, create, self.layout = primary_first(self._prepare, 'data')
     # fixed: placed once
     self.eval_data = [self.layout.place_eval(batch) for batch in self.task.eval_batches()]
-    self.train_step = self.layout.compile_train(
-      train_step_fn(
+    if config.get('api') == 'nnx':
+      train_step = nnx_training.train_step_fn(
+        self.task, schedule, config.label_smoothing, config.skip_nonfinite_updates
+      )
+      eval_step = nnx_training.eval_step_fn(self.task)
+    else:
+      train_step = train_step_fn(
         self.task,
         optimizer,
         schedule,
@@ -155,8 +169,9 @@ class Run:
         config.skip_nonfinite_updates,
         self.layout.axis_name,
       )
-    )
-    self.eval_step = self.layout.compile_eval(eval_step_fn(self.task, self.layout.axis_name))
+      eval_step = eval_step_fn(self.task, self.layout.axis_name)
+    self.train_step = self.layout.compile_train(train_step)
+    self.eval_step = self.layout.compile_eval(eval_step)
     self.checkpoints = Checkpoints(
       workdir, config.keep_last, config.keep_best, self.task.metric, self.task.metric_mode
     )
@@ -192,7 +207,11 @@ class Run:
     optimizer, schedule = make_optimizer(self.config)
     task = build_task(self.config, self.workdir)
     create = functools.partial(create_state, task, optimizer, self.config.seed)
-    layout = make_layout(self.config, jax.eval_shape(create), task.param_axes())
+    abstract = jax.eval_shape(create)
+    if self.config.get('api') == 'nnx':
+      layout = nnx_training.NNXLayout(self.config, abstract, task, optimizer)
+    else:
+      layout = make_layout(self.config, abstract, task.param_axes())
     if is_primary():
       task.save()
       write_config(self.config, self.workdir)
@@ -219,7 +238,7 @@ class Run:
 
   def check_finite(self) -> None:
     """In stop mode, raises :class:`NonFiniteError` once any update was not finite (one small transfer)."""
-    bad = int(self.layout.canonical(self.state.nonfinite_step))
+    bad = self.layout.counter(self.state, 'nonfinite_step')
     if bad >= 0 and not self.config.skip_nonfinite_updates:
       steps = self.checkpoints.steps()
       kept = (
@@ -249,7 +268,7 @@ def log_train(
   metrics['tokens_per_sec'] = tokens / max(seconds, 1e-9)
   run.trained_tokens += tokens
   run.train_seconds += seconds
-  metrics['skipped_updates'] = int(run.layout.canonical(run.state.skipped))
+  metrics['skipped_updates'] = run.layout.counter(run.state, 'skipped')
   run.check_finite()
   writer.write(step, 'train', metrics)
   run.last_train = metrics
@@ -261,8 +280,8 @@ def log_train(
 
 
 def run_eval(run: Run, writer: MetricWriter, step: int) -> dict:
-  frozen = None if run.task.lora is None else run.state.frozen
-  metrics = evaluate(run.eval_step, run.state.params, run.eval_data, run.task.token_level, frozen)
+  params, frozen = run.layout.eval_inputs(run.state)
+  metrics = evaluate(run.eval_step, params, run.eval_data, run.task.token_level, frozen)
   metrics.update(run.task.extra_eval(run.full_params()))
   writer.write(step, 'eval', metrics)
   log.info('step %d eval: %s', step, '  '.join(f'{k} {v:.4f}' for k, v in metrics.items()))

@@ -116,6 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
   # How the run spreads over devices: 'jit' (one program over the mesh below) or 'pmap' (per-device data
   # parallelism, JAX's older API, kept in maintenance; mesh.fsdp and mesh.tensor must then be 1).
   config.parallelism = 'jit'
+  # The model API the run trains: 'linen' (init/apply, an optax state) or 'nnx' (the same model as a Flax NNX
+  # module, an nnx.Optimizer and an nnx.jit step; parallelism='jit', no LoRA yet). Same losses, same checkpoints:
+  # a run may resume under the other API.
+  config.api = 'linen'
   config.mesh = ml_collections.ConfigDict()
   # Devices per mesh axis; one may be -1 (all the devices the others leave). The batch splits over data x fsdp;
   # fsdp also splits the parameters and optimizer state; tensor splits heads, FFN units and the vocabulary. data

@@ -10,6 +10,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from train import adapters
 from train.configs import DATA_DERIVED
@@ -114,7 +115,11 @@ class Task:
 
   def apply(self, params, *inputs, frozen=None, deterministic: bool, rng=None, **kwargs):
     """The model on ``inputs``. With LoRA's ``frozen`` parameters given (in training and evaluation), ``params`` are
-    what trains (see :mod:`train.adapters`); else ``params`` are all the model's (merged ones, for a LoRA run)."""
+    what trains (see :mod:`train.adapters`); else ``params`` are all the model's (merged ones, for a LoRA run).
+    Under ``api='nnx'`` (:mod:`train.nnx_training`), ``params`` is the NNX model itself and ``rng`` an
+    ``nnx.Rngs``."""
+    if isinstance(params, nnx.Module):
+      return params(*inputs, deterministic=deterministic, rngs=rng, **kwargs)
     rngs = None if deterministic else {'dropout': rng}
     if frozen is None:
       return self.model.apply(

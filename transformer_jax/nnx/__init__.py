@@ -10,12 +10,14 @@
     tokens = tnnx.generate(model, prompt_ids, max_new_tokens=32)
 
 Each model is the Linen module inside ``flax.nnx.bridge.ToNNX`` (:mod:`transformer_jax.nnx.models`); decoding
-reuses :mod:`transformer_jax.generation` (:mod:`transformer_jax.nnx.generation`); :func:`load_hf` reads Hugging Face
-directories; :mod:`transformer_jax.nnx.train_step` is a small NNX training loop.
+reuses :mod:`transformer_jax.generation` (:mod:`transformer_jax.nnx.generation`); :mod:`transformer_jax.nnx.hf` reads
+and writes Hugging Face directories and runs :func:`transformer_jax.pretrained.load`'s jobs on NNX models;
+:mod:`transformer_jax.nnx.train_step` is a small NNX training loop (``python -m train --config.api=nnx`` is the
+full one).
 """
 
 from transformer_jax.nnx.generation import beam_search, generate, translate, translate_beams
-from transformer_jax.nnx.hf import load_hf
+from transformer_jax.nnx.hf import load_hf, model_of, save_hf, with_model
 from transformer_jax.nnx.models import (
   BERT,
   GPT,
@@ -45,8 +47,11 @@ __all__ = [
   'load_hf',
   'load_params',
   'logical_axes',
+  'model_of',
+  'save_hf',
   'shard',
   'to_linen',
   'translate',
   'translate_beams',
+  'with_model',
 ]
