@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
+import transformer_jax.nnx as tnnx  # noqa: E402
 from transformer_jax import generation  # noqa: E402
 from transformer_jax.convert import ConversionError, load_hf, save_hf  # noqa: E402
 from transformer_jax.convert.bart import (  # noqa: E402
@@ -146,7 +147,14 @@ def test_logits_match_transformers_on_padded_batches(saved, name):
   with torch.no_grad():
     theirs = _theirs(_hf(saved, name), *batch).logits.numpy()
   real = batch[3]  # padded target positions predict nothing
-  np.testing.assert_allclose(_ours(model, params, *batch)[real], theirs[real], atol=1e-5)
+  ours = _ours(model, params, *batch)
+  np.testing.assert_allclose(ours[real], theirs[real], atol=1e-5)
+  src, src_valid, tgt, tgt_valid = batch
+  nnx_model = tnnx.load_hf(saved / name)  # the converter's NNX model: the same numbers
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_array_equal(
+      nnx_model(src, tgt, src_valid=src_valid, tgt_valid=tgt_valid), ours
+    )
 
 
 def test_what_each_format_becomes(saved):

@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
+import transformer_jax.nnx as tnnx  # noqa: E402
 from transformer_jax import generation  # noqa: E402
 from transformer_jax.convert import ConversionError, from_llama, load_hf, save_hf  # noqa: E402
 from transformer_jax.convert.engine import export_state  # noqa: E402
@@ -114,6 +115,9 @@ def test_logits_match_transformers(saved, name):
   with torch.no_grad():
     theirs = _theirs(_load_hf_model(saved / name), ids, positions).numpy()
   np.testing.assert_allclose(ours[VALID], theirs[VALID], atol=1e-5, rtol=1e-5)
+  nnx_model = tnnx.load_hf(saved / name)  # the converter's NNX model: the same numbers
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_array_equal(nnx_model(ids, valid=VALID, positions=positions), ours)
 
 
 def _nll(logp, labels):

@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
+import transformer_jax.nnx as tnnx  # noqa: E402
 from transformer_jax import EncoderModel, Transformer, TransformerConfig, convert  # noqa: E402
 from transformer_jax.convert import ConversionError  # noqa: E402
 from transformer_jax.convert.engine import to_model_layout  # noqa: E402
@@ -105,6 +107,12 @@ def test_logits_match_transformers_on_padded_batches(saved, variant):
   got = our_logits(model, params, src, src_valid, tgt)
   # only real target positions: the padded ones attend to different keys in the two masks
   assert max_difference(got, hf_logits(hf_model, *batch()), tgt_valid) < 1e-5
+  nnx_model = tnnx.from_linen(
+    model, params
+  )  # what the converter's NNX load holds: the same numbers
+  forward = nnx.jit(lambda m, s, t: m(s, t))
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_array_equal(forward(nnx_model, jnp.asarray(src), jnp.asarray(tgt)), got)
 
 
 def test_the_encoder_alone_matches_t5_encoder_model(saved, tmp_path):
@@ -128,6 +136,12 @@ def test_the_encoder_alone_matches_t5_encoder_model(saved, tmp_path):
   taken = {k: full_params[k] for k in params}
   jax.tree.map(np.testing.assert_array_equal, taken, params)
   np.testing.assert_array_equal(memory, got)
+  encoder = tnnx.load_hf(
+    tmp_path / 'hf'
+  )  # FlaxT5EncoderModel's successor in NNX: the same hidden states
+  assert isinstance(encoder, tnnx.EncoderModel)
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_array_equal(encoder(jnp.asarray(src)), got)
   convert.save_hf(model, params, tmp_path / 'ours')
   config = json.loads((tmp_path / 'ours' / 'config.json').read_text())
   assert config['architectures'] == ['T5EncoderModel']

@@ -188,11 +188,10 @@ def load_params(model: Model, params) -> None:
 
 
 def logical_axes(model: Model) -> dict:
-  """:func:`transformer_jax.sharding.logical_axes` of the Linen model, read from the ``nnx.Param`` metadata: the
-  params tree with a tuple of logical axis names per leaf (``nnx.get_partition_spec`` gives them as specs)."""
-  return nnx.to_pure_dict(
-    nnx.state(model, nnx.Param), lambda v: tuple(v.get_metadata()['out_sharding'])
-  )
+  """:func:`transformer_jax.sharding.logical_axes` of the Linen model, read from the parameters by
+  ``nnx.get_partition_spec``: the params tree with a tuple of logical axis names per leaf."""
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
+  return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
 def shard(model: Model, mesh: jax.sharding.Mesh, rules=sharding.DEFAULT_RULES) -> None:
