@@ -12,6 +12,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from transformer_jax.host_memory import keep_freed_memory
+
+# as python -m train does: each step's scratch buffer is reused, not faulted in again (before any computation)
+HOST_MEMORY_KEPT = keep_freed_memory()
+
 # /proc/cpuinfo flags that decide which XLA:CPU and oneDNN kernels run
 _CPU_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile')
 
@@ -44,6 +49,7 @@ def machine_info() -> dict:
     'jax': jax.__version__,
     'jax_backend': jax.default_backend(),
     'devices': [d.device_kind for d in jax.devices()],
+    'host_memory_kept': HOST_MEMORY_KEPT,
   }
   try:
     import flax

@@ -9,6 +9,7 @@ from ml_collections import config_flags
 from train.configs.default import get_config
 from train.errors import parse_flags, run_main, unknown_field
 from train.trainer import train_and_evaluate
+from transformer_jax.host_memory import keep_freed_memory
 
 _DEFAULTS = get_config()
 try:  # ml_collections applies the command line's --config.<field> overrides here already
@@ -31,6 +32,7 @@ flags.DEFINE_string(
 def main(argv):
   del argv  # parse_flags refuses stray arguments
   config = flags.FLAGS.config
+  keep_freed_memory()  # each step's scratch buffer is reused, not faulted in again
   run_main(lambda: train_and_evaluate(config, flags.FLAGS.workdir or f'runs/{config.task}'))
 
 
