@@ -2,21 +2,22 @@
 
     python -m benchmarks.train_throughput [--models gpt seq2seq bert] [--batch 8] [--seq 256]
         [--gpt-shape course|gpt2-small] [--gpt-layers N] [--seq2seq-layers 2] [--bert-layers 2] [--dropout 0.0]
-        [--override fused_qkv=True]
+        [--override fused_qkv=True] [--precision float32 bfloat16]
     python -m benchmarks.train_throughput --models gpt --gpt-shape gpt2-small --seq 1024   # GPT-2 small, on a GPU
 
 Each model is built twice with the same shapes: ours in Flax and its PyTorch counterpart (``torch_reference.NanoGPT``
 for the course GPT, Hugging Face's ``GPT2LMHeadModel`` for GPT-2 small, ``torch_reference.Seq2SeqTransformer`` for the
 course encoder-decoder, Hugging Face's ``BertForMaskedLM`` from a config, random init). One step is forward,
 cross-entropy, backward and AdamW, in three forms: ours in Linen (``jax``), the same model and update the NNX way
-(``jax nnx``: ``transformer_jax.nnx``, an ``nnx.Optimizer``, one ``nnx.jit``), and PyTorch. Warm-up (compilation) is
-excluded and timed separately; each JAX step ends in ``block_until_ready``, each PyTorch step in ``loss.item()``. The
-median step time gives tokens/s (every input token, source and target for the encoder-decoder), achieved FLOP/s from
-the matmul count (6 x dense weights + 12 x L x D x context per token, the usual estimate, with no discount for causal
-masking) and the model FLOPs utilisation against the machine's peak (measured with a large float32 ``jnp.dot`` on
-CPU, the datasheet bf16 peak on a GPU/TPU). On a GPU/TPU both sides compute in bf16 (our ``dtype='bfloat16'`` with
-float32 master weights; ``torch.autocast``) and ours
-asks for cuDNN attention on GPUs.
+(``jax nnx``: ``transformer_jax.nnx``, an ``nnx.Optimizer``, one ``nnx.jit``), and PyTorch (for the course GPT also
+``torch sdpa``: ``benchmarks/sdpa_gpt.py``, nanoGPT's layout with ``F.scaled_dot_product_attention``). Warm-up
+(compilation) is excluded and timed separately; each JAX step ends in ``block_until_ready``, each PyTorch step in
+``loss.item()``. The median step time gives tokens/s (every input token, source and target for the encoder-decoder),
+achieved FLOP/s from the matmul count (6 x dense weights + 12 x L x D x context per token, the usual estimate, with
+no discount for causal masking) and the model FLOPs utilisation against the machine's peak (measured with a large
+float32 ``jnp.dot`` on CPU, the datasheet bf16 peak on a GPU/TPU). ``--precision bfloat16`` rows compute in bf16 on
+both sides (our ``dtype='bfloat16'`` with float32 master weights; ``torch.autocast`` around PyTorch's forward), the
+default on a GPU/TPU; on GPUs ours asks for cuDNN attention.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class Case:
   torch_loss: Callable  # (module, batch as torch tensors) -> scalar
   tokens: int  # input tokens per step
   flops: float  # model FLOPs per step (forward + backward)
+  # other PyTorch models of the same shapes, by row name: builders of modules torch_loss takes too
+  torch_peers: dict = dataclasses.field(default_factory=dict)
 
 
 def torch_xent(logits, labels):
@@ -139,7 +142,15 @@ def gpt_case(args, overrides: dict) -> Case:
 
   def torch_loss(m, b):
     out = m(b['ids'][:, :-1])
-    return torch_xent(out if args.gpt_shape == 'course' else out.logits, b['ids'][:, 1:])
+    return torch_xent(out.logits if hasattr(out, 'logits') else out, b['ids'][:, 1:])
+
+  peers = {}
+  if args.gpt_shape == 'course':
+    from benchmarks.sdpa_gpt import SdpaGPT
+
+    peers['torch sdpa'] = lambda: SdpaGPT(
+      cfg.vocab_size, args.seq, cfg.d_model, cfg.num_heads, cfg.num_layers, cfg.d_ff, args.dropout
+    )
 
   ids = np.random.default_rng(0).integers(
     0, cfg.vocab_size, (args.batch, args.seq + 1), dtype=np.int32
@@ -157,6 +168,7 @@ def gpt_case(args, overrides: dict) -> Case:
     * args.batch
     * args.seq
     * (per_token + attention_flops(cfg.num_layers, cfg.d_model, args.seq)),
+    peers,
   )
 
 
@@ -314,17 +326,21 @@ def run_nnx(case: Case, repeats: int) -> dict:
   }
 
 
-def run_torch(case: Case, repeats: int, compile_model: bool) -> dict:
+def run_torch(
+  case: Case, repeats: int, compile_model: bool, bf16: bool, build=None, impl=None
+) -> dict:
+  """A PyTorch training step of ``case.torch_model`` (or ``build``), under ``torch.autocast`` in bfloat16 when
+  ``bf16`` (master weights and AdamW in float32, as ours)."""
   import torch
 
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   torch.manual_seed(0)
-  module = case.torch_model().to(device).train()
+  module = (build or case.torch_model)().to(device).train()
   params_m = sum(p.numel() for p in module.parameters()) / 1e6
   model = torch.compile(module) if compile_model else module
   optimizer = torch.optim.AdamW(module.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
   batch = {k: torch.from_numpy(v.astype(np.int64)).to(device) for k, v in case.batch.items()}
-  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda')
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
   def call():
     with autocast:
@@ -339,11 +355,44 @@ def run_torch(case: Case, repeats: int, compile_model: bool) -> dict:
   first_s = time.perf_counter() - start
   step_s = time_call(call, warmup=1, repeats=repeats, sync=lambda loss: loss.item())
   return {
-    'impl': 'torch.compile' if compile_model else 'torch eager',
+    'impl': impl or ('torch.compile' if compile_model else 'torch eager'),
     'step_s': step_s,
     'compile_s': first_s if compile_model else None,
     'params_M': params_m,
   }
+
+
+def time_case(case: Case, args, bf16: bool, peak: float) -> list[dict]:
+  """The rows of one case at one precision: ours (Linen, NNX), PyTorch eager, its peers, ``torch.compile``."""
+  results = [run_jax(case, args.repeats)]
+  if not args.no_nnx:
+    results.append(run_nnx(case, args.repeats))
+  if not args.no_torch:
+    results.append(run_torch(case, args.repeats, compile_model=False, bf16=bf16))
+    for impl, build in case.torch_peers.items():
+      results.append(run_torch(case, args.repeats, False, bf16, build=build, impl=impl))
+    if not args.no_torch_compile:
+      try:
+        results.append(run_torch(case, args.repeats, compile_model=True, bf16=bf16))
+      except Exception as e:  # noqa: BLE001 (a compiler failure is a result to report, not a crash)
+        results.append(
+          {'impl': 'torch.compile', 'error': f'{type(e).__name__}: {str(e).splitlines()[0][:120]}'}
+        )
+  rows, jax_s = [], results[0]['step_s']
+  for r in results:
+    row = {'model': case.name, 'precision': 'bf16' if bf16 else 'f32', **r}
+    if 'step_s' in r:
+      s = r['step_s']
+      row.update(
+        step_ms=s * 1e3,
+        tokens_s=case.tokens / s,
+        gflop_s=case.flops / s / 1e9,
+        mfu_pct=100 * case.flops / s / peak,
+        jax_speedup=s / jax_s,
+      )
+    rows.append(row)
+    print({k: v for k, v in row.items() if k != 'step_s'}, flush=True)
+  return rows
 
 
 def parse_value(text: str):
@@ -380,6 +429,13 @@ def main():
   parser.add_argument(
     '--repeats', type=int, default=5, help='timed steps per implementation (median reported)'
   )
+  parser.add_argument(
+    '--precision',
+    nargs='+',
+    choices=['float32', 'bfloat16'],
+    default=None,
+    help='float32 and/or bfloat16 rows (default: float32 on a CPU, bfloat16 on a GPU/TPU)',
+  )
   parser.add_argument('--no-torch', action='store_true', help='ours only')
   parser.add_argument('--no-nnx', action='store_true', help='no row for our models in NNX')
   parser.add_argument('--no-torch-compile', action='store_true')
@@ -394,13 +450,12 @@ def main():
   args = parser.parse_args()
 
   overrides = {}
-  if on_accelerator():
-    overrides['dtype'] = 'bfloat16'  # float32 master weights (param_dtype) stay
-    if jax.default_backend() == 'gpu':
-      overrides['attention_implementation'] = 'cudnn'
+  if jax.default_backend() == 'gpu':
+    overrides['attention_implementation'] = 'cudnn'
   for item in args.override:
     field, value = item.split('=', 1)
     overrides[field] = parse_value(value)
+  precisions = args.precision or (['bfloat16'] if on_accelerator() else ['float32'])
   info = machine_info()
   print_machine(info)
   peak, peak_source = peak_flops()
@@ -414,41 +469,16 @@ def main():
 
   rows = []
   for name in args.models:
-    case = CASES[name](args, overrides)
-    results = [run_jax(case, args.repeats)]
-    if not args.no_nnx:
-      results.append(run_nnx(case, args.repeats))
-    if not args.no_torch:
-      results.append(run_torch(case, args.repeats, compile_model=False))
-      if not args.no_torch_compile:
-        try:
-          results.append(run_torch(case, args.repeats, compile_model=True))
-        except Exception as e:  # noqa: BLE001 (a compiler failure is a result to report, not a crash)
-          results.append(
-            {
-              'impl': 'torch.compile',
-              'error': f'{type(e).__name__}: {str(e).splitlines()[0][:120]}',
-            }
-          )
-    jax_s = results[0]['step_s']
-    for r in results:
-      row = {'model': name, **r}
-      if 'step_s' in r:
-        s = r['step_s']
-        row.update(
-          step_ms=s * 1e3,
-          tokens_s=case.tokens / s,
-          gflop_s=case.flops / s / 1e9,
-          mfu_pct=100 * case.flops / s / peak,
-          jax_speedup=s / jax_s,
-        )
-      rows.append(row)
-      print({k: v for k, v in row.items() if k != 'step_s'}, flush=True)
+    for precision in precisions:
+      # bfloat16: our compute dtype with float32 master weights (param_dtype); PyTorch under torch.autocast
+      case = CASES[name](args, {'dtype': precision, **overrides})
+      rows += time_case(case, args, precision == 'bfloat16', peak)
   print()
   print_table(
     rows,
     [
       'model',
+      'precision',
       'impl',
       'params_M',
       'step_ms',
@@ -467,6 +497,7 @@ def main():
     {
       **vars(args),
       'overrides': overrides,
+      'precisions': precisions,
       'peak_flops': peak,
       'peak_source': peak_source,
       'torch_matmul_peak_flops': torch_peak,
