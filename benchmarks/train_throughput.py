@@ -38,6 +38,7 @@ from flax import nnx
 import transformer_jax.nnx as tnnx
 from benchmarks.harness import (
   adamw_step,
+  keep_host_memory,
   machine_info,
   next_token_loss,
   on_accelerator,
@@ -404,6 +405,7 @@ def parse_value(text: str):
 
 
 def main():
+  keep_host_memory()
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
