@@ -7,10 +7,10 @@ page again: about 160,000 minor page faults and 0.2 s of system time per step th
 
 :func:`keep_freed_memory` makes glibc keep such memory instead: one arena for every thread (worker threads otherwise
 get arenas that cannot hold a buffer this size and fall back to ``mmap``), no ``mmap`` for large blocks, and no
-trimming of a free heap top smaller than 2 GiB (the most ``mallopt`` takes). Freed buffers then stay mapped and the
-next step reuses them. The process keeps its peak heap mapped for its life, which is what a training or benchmark
-process wants, and not what a library should impose on import: ``python -m train`` and the benchmarks call it, and so
-can a notebook.
+trimming of a free heap top smaller than 2 GiB (the most ``mallopt`` takes). Freed buffers then stay mapped and a
+later step can reuse them (not always: a freed buffer that smaller allocations have split cannot be). The process
+keeps its peak heap mapped for its life, which is what a training or benchmark process wants, and not what a library
+should impose on import: ``python -m train`` and the speed benchmarks call it, and so can a notebook.
 """
 
 from __future__ import annotations
