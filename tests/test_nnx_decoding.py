@@ -8,32 +8,19 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_nnx import LLAMA as NNX_LLAMA
+from test_nnx import T5, TINY, V
 
 import transformer_jax.nnx as tnnx
-from transformer_jax import GPTConfig, TransformerConfig, decoding, generation
+from transformer_jax import GPTConfig, decoding, generation
 from transformer_jax import search as search_module
 from transformer_jax.nnx import train_step
 
 B, T, N = 2, 5, 3  # batch, prompt (or source) length, new tokens
-V = 29
-TINY = dict(num_layers=2, d_model=24, num_heads=3, d_ff=40, max_len=16)
 GPT2 = GPTConfig.gpt2(vocab_size=V, **TINY)
-# rotary, RMSNorm, SwiGLU, 6 query heads over 2 key/value heads, a sliding window of 3, scanned layers
-LLAMA = GPTConfig.llama(
-  **{**TINY, 'num_heads': 6},
-  vocab_size=V,
-  num_kv_heads=2,
-  qkv_bias=True,
-  rope_theta=10000.0,
-  rope_scaling=None,
-  dropout_rate=0.1,
-  attention_dropout_rate=0.1,
-  sliding_window=3,
-  scan_layers=True,
-)
-T5 = TransformerConfig.t5_v1_1(
-  src_vocab_size=V, tgt_vocab_size=V, relative_buckets=8, scan_layers=True, **TINY
-)
+# test_nnx's Llama shape (rotary, RMSNorm, SwiGLU, 6 query heads over 2 key/value heads, a sliding window of 3,
+# scanned layers) without remat, which decoding does not use
+LLAMA = NNX_LLAMA.replace(remat_policy='none')
 PROMPT = np.array(jax.random.randint(jax.random.key(3), (B, T), 1, V), np.int32)
 VALID = np.arange(T)[None] >= np.array([[0], [2]])  # (B, T): row 1 left-padded by 2
 POSITIONS = np.maximum(np.cumsum(VALID, axis=1) - 1, 0)

@@ -21,7 +21,13 @@ from flax import nnx
 
 import transformer_jax.nnx as tnnx
 from train.parallel import MeshLayout
-from train.steps import SUM_KEYS, TrainState
+from train.steps import (
+  TrainState,
+  accumulated_gradient,
+  step_metrics,
+  update_outcome,
+  where_tree,
+)
 
 API = ('linen', 'nnx')
 
@@ -85,16 +91,14 @@ class NNXTrainState(nnx.Module):
 
 def train_step_fn(task, schedule, label_smoothing: float, skip_nonfinite: bool):
   """``(state, batch) -> metrics``, updating the :class:`NNXTrainState` in place: the NNX form of
-  :func:`train.steps.train_step_fn` (same batch layout, accumulation, clipping and non-finite handling)."""
+  :func:`train.steps.train_step_fn`, sharing its accumulation, non-finite handling and metrics."""
 
   def train_step(state: NNXTrainState, batch: dict):
     step = state.optimizer.step[...]
     step_key = jax.random.fold_in(state.rng[...], step)
     graphdef, params, rest = nnx.split(state.model, nnx.Param, ...)
 
-    def accumulate(carry, xs):
-      micro, index = xs
-
+    def micro_grads(params, micro, index):
       def loss_fn(params):  # a functional view of the model, as a scan body needs
         model = nnx.merge(graphdef, params, rest)
         rngs = nnx.Rngs(dropout=step_key)
@@ -104,33 +108,22 @@ def train_step_fn(task, schedule, label_smoothing: float, skip_nonfinite: bool):
         )
         return sums['loss'], sums
 
-      grads, sums = jax.grad(loss_fn, has_aux=True)(params)
-      return jax.tree.map(jnp.add, carry, (grads, sums)), None
+      return jax.grad(loss_fn, has_aux=True)(params)
 
-    zeros = (jax.tree.map(jnp.zeros_like, params), {k: jnp.float32(0) for k in SUM_KEYS})
-    count = jax.tree.leaves(batch)[0].shape[0]
-    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(count)))
-    weight = jnp.maximum(sums['weight'], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
-    grad_norm = optax.tree.norm(grads)
-
+    grads, sums, weight, grad_norm = accumulated_gradient(micro_grads, params, batch)
     before = nnx.as_pure((nnx.state(state.model, nnx.Param), state.optimizer.opt_state))
     state.optimizer.update(state.model, grads)
-    finite = jnp.isfinite(sums['loss']) & jnp.isfinite(grad_norm)
-    apply = finite if skip_nonfinite else finite & (state.nonfinite_step[...] < 0)
-    after = nnx.as_pure((nnx.state(state.model, nnx.Param), state.optimizer.opt_state))
-    kept = jax.tree.map(lambda new, old: jnp.where(apply, new, old), after, before)
-    _assign((nnx.state(state.model, nnx.Param), state.optimizer.opt_state), kept)
-    state.nonfinite_step[...] = jnp.where(
-      ~finite & (state.nonfinite_step[...] < 0), step.astype(jnp.int32), state.nonfinite_step[...]
+    apply, nonfinite_step, not_finite = update_outcome(
+      sums, grad_norm, step.astype(jnp.int32), state.nonfinite_step[...], skip_nonfinite
     )
-    state.skipped[...] += (~finite).astype(jnp.int32)
-    return {
-      'loss': sums['loss'] / weight,
-      'accuracy': sums['correct'] / weight,
-      'grad_norm': grad_norm,
-      'learning_rate': schedule(step),
-    }
+    after = nnx.as_pure((nnx.state(state.model, nnx.Param), state.optimizer.opt_state))
+    _assign(
+      (nnx.state(state.model, nnx.Param), state.optimizer.opt_state),
+      where_tree(apply, after, before),
+    )
+    state.nonfinite_step[...] = nonfinite_step
+    state.skipped[...] += not_finite.astype(jnp.int32)
+    return step_metrics(sums, weight, grad_norm, schedule(step))
 
   return train_step
 

@@ -44,8 +44,47 @@ def create_state(task, optimizer: optax.GradientTransformation, seed: int) -> Tr
   )
 
 
-def _where_tree(keep_new, new, old):
+def where_tree(keep_new, new, old):
   return jax.tree.map(lambda a, b: jnp.where(keep_new, a, b), new, old)
+
+
+def accumulated_gradient(micro_grads, params, batch: dict, axis_name: str | None = None):
+  """``(grads, sums, weight, grad_norm)`` of the ``(A, B / A, ...)`` micro-batches: ``micro_grads(params, micro,
+  index) -> (grads, sums)`` (gradients of the *summed* loss) added over them in order (and across ``axis_name``),
+  then divided once by the total weight (non-padding tokens), which is exactly the gradient of the whole batch's mean
+  loss, however the padding falls."""
+
+  def accumulate(carry, xs):
+    micro, index = xs
+    return jax.tree.map(jnp.add, carry, micro_grads(params, micro, index)), None
+
+  zeros = (jax.tree.map(jnp.zeros_like, params), {k: jnp.float32(0) for k in SUM_KEYS})
+  count = jax.tree.leaves(batch)[0].shape[0]
+  (grads, sums), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(count)))
+  if axis_name is not None:
+    grads, sums = jax.lax.psum((grads, sums), axis_name)
+  weight = jnp.maximum(sums['weight'], 1.0)
+  grads = jax.tree.map(lambda g: g / weight, grads)
+  return grads, sums, weight, optax.tree.norm(grads)
+
+
+def update_outcome(sums, grad_norm, step, nonfinite_step, skip_nonfinite: bool):
+  """``(apply, nonfinite_step, not_finite)``: whether this step's update may reach the parameters (a non-finite one
+  never does; in stop mode, none after the first non-finite one), the first non-finite step so far, and whether this
+  one was not finite (for the ``skipped`` count)."""
+  finite = jnp.isfinite(sums['loss']) & jnp.isfinite(grad_norm)
+  apply = finite if skip_nonfinite else finite & (nonfinite_step < 0)
+  first = jnp.where(~finite & (nonfinite_step < 0), step, nonfinite_step)
+  return apply, first, ~finite
+
+
+def step_metrics(sums, weight, grad_norm, learning_rate) -> dict:
+  return {
+    'loss': sums['loss'] / weight,
+    'accuracy': sums['correct'] / weight,
+    'grad_norm': grad_norm,
+    'learning_rate': learning_rate,
+  }
 
 
 def train_step_fn(
@@ -58,65 +97,46 @@ def train_step_fn(
 ):
   """The pure ``(state, batch) -> (state, metrics)``, for :mod:`train.parallel` to compile under a mesh or ``pmap``.
 
-  The batch holds ``(A, B / A, ...)`` micro-batches. Gradients of the *summed* loss are accumulated over them and
-  divided once by the total weight (non-padding tokens), which is exactly the gradient of the whole batch's mean
-  loss, however the padding falls. A non-finite loss or gradient never reaches the parameters: with
-  ``skip_nonfinite`` that update is skipped; otherwise the state freezes at its last good values and records the
-  step in ``nonfinite_step`` for the host to report (no host round trip inside the step).
+  The batch holds ``(A, B / A, ...)`` micro-batches (:func:`accumulated_gradient`). A non-finite loss or gradient
+  never reaches the parameters: with ``skip_nonfinite`` that update is skipped; otherwise the state freezes at its
+  last good values and records the step in ``nonfinite_step`` for the host to report (no host round trip inside the
+  step).
 
   Under ``pmap`` (``axis_name`` given) each device holds a slice of every micro-batch: the gradient and loss sums
   are added across devices before the division, so the update equals the one-device update, and dropout draws
   differ per device. Under ``jit`` the batch is one global array and XLA inserts the reductions itself.
   """
 
-  def micro_step(params, frozen, micro, rng):
-    def loss_fn(p):
-      options = dict(deterministic=False, label_smoothing=label_smoothing, frozen=frozen)
-      sums = task.loss_sums(p, micro, rng, **options)
-      return sums['loss'], sums
-
-    return jax.grad(loss_fn, has_aux=True)(params)
-
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    frozen = None if task.lora is None else state.frozen
 
-    def accumulate(carry, xs):
-      micro, index = xs
-      frozen = None if task.lora is None else state.frozen
-      grads, sums = micro_step(state.params, frozen, micro, jax.random.fold_in(rng, index))
-      return jax.tree.map(jnp.add, carry, (grads, sums)), None
+    def micro_grads(params, micro, index):
+      def loss_fn(p):
+        options = dict(deterministic=False, label_smoothing=label_smoothing, frozen=frozen)
+        sums = task.loss_sums(p, micro, jax.random.fold_in(rng, index), **options)
+        return sums['loss'], sums
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), {k: jnp.float32(0) for k in SUM_KEYS})
-    count = jax.tree.leaves(batch)[0].shape[0]
-    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(count)))
-    if axis_name is not None:
-      grads, sums = jax.lax.psum((grads, sums), axis_name)
-    weight = jnp.maximum(sums['weight'], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
-    grad_norm = optax.tree.norm(grads)
+      return jax.grad(loss_fn, has_aux=True)(params)
+
+    grads, sums, weight, grad_norm = accumulated_gradient(
+      micro_grads, state.params, batch, axis_name
+    )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-
-    finite = jnp.isfinite(sums['loss']) & jnp.isfinite(grad_norm)
-    apply = finite if skip_nonfinite else finite & (state.nonfinite_step < 0)
+    apply, nonfinite_step, not_finite = update_outcome(
+      sums, grad_norm, state.step, state.nonfinite_step, skip_nonfinite
+    )
     new_state = state.replace(
       step=state.step + 1,
-      params=_where_tree(apply, params, state.params),
-      opt_state=_where_tree(apply, opt_state, state.opt_state),
-      nonfinite_step=jnp.where(
-        ~finite & (state.nonfinite_step < 0), state.step, state.nonfinite_step
-      ),
-      skipped=state.skipped + (~finite).astype(jnp.int32),
+      params=where_tree(apply, params, state.params),
+      opt_state=where_tree(apply, opt_state, state.opt_state),
+      nonfinite_step=nonfinite_step,
+      skipped=state.skipped + not_finite.astype(jnp.int32),
     )
-    metrics = {
-      'loss': sums['loss'] / weight,
-      'accuracy': sums['correct'] / weight,
-      'grad_norm': grad_norm,
-      'learning_rate': schedule(state.step),
-    }
-    return new_state, metrics
+    return new_state, step_metrics(sums, weight, grad_norm, schedule(state.step))
 
   return train_step
 
