@@ -25,8 +25,6 @@ def measure(impl: str, steps: int, batch: int, seq: int) -> dict:
     from transformer_jax.host_memory import keep_freed_memory
 
     keep_freed_memory()
-  import functools
-
   import jax
   import numpy as np
 
@@ -35,13 +33,7 @@ def measure(impl: str, steps: int, batch: int, seq: int) -> dict:
   args = argparse.Namespace(gpt_shape='course', seq=seq, batch=batch, dropout=0.0, gpt_layers=None)
   case = tt.gpt_case(args, {})
   if impl.startswith('jax'):
-    from benchmarks.harness import adamw_step
-
-    def loss(params, batch, rng):
-      call = functools.partial(case.model.apply, {'params': params}, rngs={'dropout': rng})
-      return case.loss(call, batch)
-
-    optimizer, step = adamw_step(loss, tt.LR, tt.WEIGHT_DECAY)
+    optimizer, step = tt.linen_step(case)
     params = tt.init_params(case)
     state = [params, optimizer.init(params)]
     data, rng = jax.device_put(case.batch), jax.random.key(1)

@@ -265,13 +265,20 @@ def init_params(case: Case):
   return jax.jit(case.model.init)(jax.random.key(0), *init_args)['params']
 
 
-def run_jax(case: Case, repeats: int) -> dict:
+def linen_step(case: Case):
+  """``(optimizer, step)`` of our Linen model's AdamW step (:func:`benchmarks.harness.adamw_step`),
+  ``step(params, opt_state, batch, dropout_key) -> (params, opt_state, loss)``."""
+
   def loss(params, batch, rng):
     return case.loss(
       functools.partial(case.model.apply, {'params': params}, rngs={'dropout': rng}), batch
     )
 
-  optimizer, step = adamw_step(loss, LR, WEIGHT_DECAY)
+  return adamw_step(loss, LR, WEIGHT_DECAY)
+
+
+def run_jax(case: Case, repeats: int) -> dict:
+  optimizer, step = linen_step(case)
   params = init_params(case)
   opt_state = optimizer.init(params)
   # counted now: the step donates these buffers
