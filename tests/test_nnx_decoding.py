@@ -48,8 +48,8 @@ def test_gpt_cache_equals_linen_cached_decoding():
 
   step = nnx.jit(lambda m, ids, p: m.decode_step(ids, positions=p, cache_valid=cache_valid))
 
-  @jax.jit
-  def linen_step(cache, ids, positions):
+  @jax.jit  # params are an argument, as the NNX step's are: XLA may fold captured constants differently
+  def linen_step(params, cache, ids, positions):
     variables = {'params': params, 'cache': cache}
     kwargs = dict(positions=positions, cache_valid=cache_valid, method='decode_step')
     logits, updates = linen.apply(variables, ids, **kwargs, mutable=['cache'])
@@ -58,7 +58,7 @@ def test_gpt_cache_equals_linen_cached_decoding():
   ids, positions, fed = PROMPT, POSITIONS, [PROMPT]
   for _ in range(N):
     logits = step(model, ids, positions)
-    expected, cache = linen_step(cache, ids, positions)
+    expected, cache = linen_step(params, cache, ids, positions)
     assert_trees_equal(logits, expected)
     assert_trees_equal(nnx.to_pure_dict(nnx.state(model, nnx.Cache)), cache)
     ids, positions = np.argmax(logits[:, -1:], -1), positions[:, -1:] + 1
@@ -166,8 +166,8 @@ def test_train_step_gives_the_linen_optax_loop_losses():
   # the model's dropout keys: fold_in(the forked stream's key, step)
   dropout_key = nnx.Rngs(dropout=1).fork().dropout.key[...]
 
-  @jax.jit
-  def linen_step(params, opt_state, step):
+  @jax.jit  # the batch is an argument, as the NNX step's is: XLA may fold captured constants differently
+  def linen_step(params, opt_state, step, batch):
     rngs = {'dropout': jax.random.fold_in(dropout_key, step)}
 
     def loss_fn(params):
@@ -183,7 +183,7 @@ def test_train_step_gives_the_linen_optax_loop_losses():
   opt_state, losses, linen_losses = tx.init(params), [], []
   for step in range(20):
     losses.append(float(train_step.train_step(model, optimizer, batch)))
-    params, opt_state, loss = linen_step(params, opt_state, jnp.uint32(step))
+    params, opt_state, loss = linen_step(params, opt_state, jnp.uint32(step), batch)
     linen_losses.append(float(loss))
   assert losses == linen_losses
   assert losses[-1] < 0.5 * losses[0]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from transformer_jax import masks
 from transformer_jax.activations import ACTIVATIONS
 from transformer_jax.config import BlockConfig
+from transformer_jax.kernels.skinny_matmul import dot_general
 from transformer_jax.modules import embeddings
 from transformer_jax.modules.blocks import Block, Stack
 from transformer_jax.modules.normalization import make_norm
@@ -116,6 +117,7 @@ class BERT(Module):
           cfg.d_model,
           dtype=cfg.compute_dtype,
           param_dtype=cfg.weight_dtype,
+          dot_general=dot_general,
           **_head_inits(cfg),
           name='pooler',
         )(x[:, 0])
@@ -137,6 +139,7 @@ class BERTForMaskedLM(Module):
       cfg.d_model,
       dtype=cfg.compute_dtype,
       param_dtype=cfg.weight_dtype,
+      dot_general=dot_general,
       **_head_inits(cfg),
       name='mlm_dense',
     )(x)
@@ -166,6 +169,7 @@ class BERTForSequenceClassification(Module):
       cfg.num_labels,
       dtype=jnp.float32,
       param_dtype=cfg.weight_dtype,
+      dot_general=dot_general,
       **_head_inits(cfg),
       name='classifier',
     )(pooled.astype(jnp.float32))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer_jax import masks
+from transformer_jax.kernels.skinny_matmul import dot_general
 from transformer_jax.modules.rotary import Rotary
 from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_attention_mask
@@ -213,6 +214,7 @@ class MultiHeadAttention(Module):
         use_bias=use_bias,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
+        dot_general=dot_general,
         name=name,
         **dense_inits(self.kernel_init, kernel_axes, inputs=len(kernel_axes) - len(features)),
       )

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax.kernels.skinny_matmul import dot_general, keep_kernel_dtype, skinny_or
 from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_length, check_token_ids
 
@@ -58,9 +59,15 @@ class TokenEmbedding(Module):
 
   def attend(self, query):
     """Tied output projection: ``(..., D) -> (..., V)`` logits, computed in float32."""
-    return jnp.einsum(
-      '...d,vd->...v', query.astype(jnp.float32), self.embedding.astype(jnp.float32)
-    )
+    return tied_logits(query, self.embedding)
+
+
+def tied_logits(query, table):
+  """``(..., D)`` by a ``(V, D)`` table -> ``(..., V)`` float32 logits. A decoding step's few rows read the table in
+  its stored dtype (:mod:`transformer_jax.kernels.skinny_matmul`); otherwise it is widened to float32."""
+  query = query.astype(jnp.float32)
+  plain = lambda q, t: jnp.einsum('...d,vd->...v', q, t.astype(jnp.float32))  # noqa: E731
+  return skinny_or(plain, query, table, (((query.ndim - 1,), (1,)), ((), ())))
 
 
 def sinusoidal_table(
@@ -209,10 +216,12 @@ class OutputHead(Module):
         use_bias=self.use_bias,
         dtype=jnp.float32,
         param_dtype=self.param_dtype,
+        dot_general=dot_general,
+        promote_dtype=keep_kernel_dtype,
         name='output',
         **dense_inits(self.kernel_init, ('embed', 'vocab')),
       )(x32)
-    out = jnp.einsum('...d,vd->...v', x32, table.astype(jnp.float32))
+    out = tied_logits(x32, table)
     if self.use_bias:
       init = nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',))
       out = out + self.param(self.bias_name, init, (self.vocab_size,), self.param_dtype).astype(

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from transformer_jax.activations import ACTIVATIONS
+from transformer_jax.kernels.skinny_matmul import dot_general
 from transformer_jax.sharding import Module, dense_inits
 
 Activation = Literal['relu', 'gelu', 'gelu_tanh', 'silu']
@@ -45,6 +46,7 @@ class FeedForward(Module):
         use_bias=self.use_bias,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
+        dot_general=dot_general,
         name=name,
         **dense_inits(self.kernel_init, kernel_axes),
       )

@@ -1,0 +1,146 @@
+"""The CPU kernel for few-row products (``transformer_jax.kernels``): equal to a float64 product of the same numbers,
+used exactly where it applies, differentiable, and a clean fallback when it cannot be built."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer_jax.kernels import cpu_build, skinny_matmul
+from transformer_jax.kernels.skinny_matmul import dot_general, skinny_layout
+
+pytestmark = pytest.mark.skipif(
+  not skinny_matmul.available(), reason='no C++ compiler for the CPU kernel'
+)
+
+# K = 37 leaves a remainder after the kernel's four-row passes; N = 1,031 spans three 512-column blocks and nine
+# 128-row table blocks, the last ones partial.
+K, N = 37, 1031
+
+
+def float64_product(x, w, transposed):
+  w64 = np.asarray(w.astype(jnp.float32), np.float64)
+  return np.asarray(x, np.float64) @ (w64.T if transposed else w64)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('transposed', [False, True], ids=['kernel_KN', 'table_NK'])
+@pytest.mark.parametrize('rows', [1, 3, 8])  # the kernel takes 8; dot_general sends it MAX_ROWS
+def test_kernel_equals_float64_product(rows, transposed, dtype):
+  kx, kw = jax.random.split(jax.random.key(rows))
+  x = jax.random.normal(kx, (rows, K), jnp.float32)
+  w = jax.random.normal(kw, (N, K) if transposed else (K, N), dtype)
+  out = jax.jit(skinny_matmul.matmul, static_argnums=2)(x, w, transposed)
+  assert out.shape == (rows, N) and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, float64_product(x, w, transposed), rtol=1e-5, atol=1e-5)
+
+
+def custom_calls(fn, *args) -> int:
+  """Kernel calls in the compiled program of ``fn`` (a fresh trace: ``jit`` caches by function)."""
+  compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile().as_text()
+  return compiled.count(f'custom_call_target="{skinny_matmul.TARGET}"')
+
+
+def test_dense_general_shapes_use_the_kernel_and_keep_dtype():
+  """A fused-QKV kernel ``(D, 3, H, K)`` and an output projection contracting ``(H, K)``, in bf16."""
+  x = jax.random.normal(jax.random.key(0), (2, 1, 12), jnp.bfloat16)  # (B, T, D), 2 rows
+  qkv = jax.random.normal(jax.random.key(1), (12, 3, 2, 5), jnp.bfloat16)
+  heads = jax.random.normal(jax.random.key(2), (2, 1, 2, 5), jnp.bfloat16)  # (B, T, H, K)
+  out_proj = jax.random.normal(jax.random.key(3), (2, 5, 12), jnp.bfloat16)
+  cases = [
+    (x, qkv, (((2,), (0,)), ((), ())), 'btd,dchk->btchk'),
+    (heads, out_proj, (((2, 3), (0, 1)), ((), ())), 'bthk,hkd->btd'),
+  ]
+  for lhs, rhs, dims, spec in cases:
+    fn = lambda a, b, dims=dims: dot_general(a, b, dims)  # noqa: E731
+    assert custom_calls(fn, lhs, rhs) == 1
+    out = jax.jit(fn)(lhs, rhs)
+    want = jnp.einsum(spec, lhs, rhs, preferred_element_type=jnp.float32)
+    assert out.dtype == jnp.bfloat16 and out.shape == want.shape
+    np.testing.assert_allclose(np.asarray(out, np.float32), want.astype(jnp.bfloat16), rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+  'lhs_shape, rhs_shape, dims, why',
+  [
+    ((3, 3, 7), (7, 5), (((2,), (0,)), ((), ())), 'more rows than MAX_ROWS'),
+    ((2, 1, 7), (2, 7, 5), (((2,), (1,)), ((0,), (0,))), 'a batch dimension'),
+    ((2, 7), (5, 7, 3), (((1,), (1,)), ((), ())), 'a middle contracting dimension'),
+    (
+      (7, 2),
+      (7, 5),
+      (((0,), (0,)), ((), ())),
+      'the left operand contracting its leading dimension',
+    ),
+  ],
+)
+def test_other_products_stay_with_xla(lhs_shape, rhs_shape, dims, why):
+  lhs, rhs = jnp.ones(lhs_shape), jnp.ones(rhs_shape)
+  assert custom_calls(lambda a, b: dot_general(a, b, dims), lhs, rhs) == 0, why
+  want = jax.lax.dot_general(lhs, rhs, dims)
+  np.testing.assert_array_equal(dot_general(lhs, rhs, dims), want)
+
+
+def test_layouts_found():
+  assert skinny_layout((1, 1, 8), (8, 3, 4), (((2,), (0,)), ((), ()))) == (1, 8, False)
+  assert skinny_layout((2, 8), (50, 8), (((1,), (1,)), ((), ()))) == (2, 8, True)
+  assert skinny_layout((0, 8), (8, 3), (((1,), (0,)), ((), ()))) is None
+
+
+def test_gradients_and_vmap_equal_xla():
+  dims = (((2,), (0,)), ((), ()))
+  x = jax.random.normal(jax.random.key(0), (2, 2, 7))  # 4 rows
+  w = jax.random.normal(jax.random.key(1), (7, 5))
+  assert custom_calls(lambda x, w: dot_general(x, w, dims), x, w) == 1
+
+  def loss(dot):
+    return lambda x, w: jnp.sum(jnp.sin(dot(x, w, dims, precision='highest')))
+
+  with jax.default_matmul_precision('highest'):
+    ours = jax.grad(loss(dot_general), (0, 1))(x, w)
+    want = jax.grad(loss(jax.lax.dot_general), (0, 1))(x, w)
+    for a, b in zip(ours, want):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    per_row = jax.vmap(lambda r: dot_general(r, w, (((1,), (0,)), ((), ()))))(x)
+    np.testing.assert_allclose(per_row, jnp.einsum('btk,kn->btn', x, w), rtol=1e-5, atol=1e-6)
+
+
+def test_switched_off_or_unbuildable_falls_back(monkeypatch, tmp_path, caplog):
+  build = cpu_build.ffi_target.__wrapped__  # uncached
+  monkeypatch.setenv('TRANSFORMER_JAX_CPU_KERNELS', '0')
+  assert not build('skinny_matmul.cc', 'TransformerJaxSkinnyMatmul', 'unused_target')
+  monkeypatch.setenv('TRANSFORMER_JAX_CPU_KERNELS', '1')
+  monkeypatch.setenv('TRANSFORMER_JAX_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', 'false')
+  with caplog.at_level(logging.WARNING):
+    assert not build('skinny_matmul.cc', 'TransformerJaxSkinnyMatmul', 'unused_target')
+  assert 'using XLA' in caplog.text and len(caplog.records) == 1
+  assert not list((tmp_path / 'kernels').glob('*')), 'a failed build leaves no file behind'
+
+
+@pytest.mark.parametrize('tie', [True, False], ids=['tied_head', 'own_head'])
+def test_bf16_gpt_equals_xla(tie, monkeypatch):
+  """A bfloat16 GPT over 4 tokens (4 rows: every projection and the head go through the kernel) against the same
+  model with the kernel switched off: the same logits up to bf16 rounding of the activations."""
+  from transformer_jax import GPT, GPTConfig
+
+  cfg = GPTConfig(
+    num_layers=2, d_model=12, num_heads=3, d_ff=20, vocab_size=37, max_len=8, dropout_rate=0.0,
+    attention_dropout_rate=0.0, tie_output=tie, dtype='bfloat16', param_dtype='bfloat16',
+  )  # fmt: skip
+  model = GPT(cfg)
+  ids = jnp.array([[3, 1, 4, 1]])
+  params = model.init(jax.random.key(0), ids)['params']
+  forward = lambda params: model.apply({'params': params}, ids)  # noqa: E731
+
+  # per layer the fused query/key/value kernel, the output projection, fc_in and fc_out; then the head
+  assert custom_calls(forward, params) == 4 * cfg.num_layers + 1
+  ours = jax.jit(lambda p: forward(p))(params)
+  monkeypatch.setattr(skinny_matmul, 'available', lambda: False)
+  assert custom_calls(forward, params) == 0
+  want = jax.jit(lambda p: forward(p))(params)
+  assert ours.dtype == want.dtype == jnp.float32
+  np.testing.assert_allclose(ours, want, rtol=0.05, atol=0.02)
+  assert (ours.argmax(-1) == want.argmax(-1)).all()

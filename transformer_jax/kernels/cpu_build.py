@@ -1,0 +1,108 @@
+"""Build a C++ XLA FFI kernel for this CPU on first use, cache it, and register it with JAX.
+
+The source next to this file is compiled with the host's C++ compiler (``$CXX``, else ``c++``) at ``-O3
+-march=native`` against the FFI headers that ship with jaxlib, into ``$TRANSFORMER_JAX_CACHE/kernels`` (default
+``~/.cache/transformer_jax/kernels``). The file name holds a hash of the source, the flags, jaxlib's version and the
+CPU's model and flags, so a cache shared between machines never hands one CPU another's code. Several processes may
+build at once: each writes a private file and renames it into place.
+
+Where there is no compiler, the build fails, or ``TRANSFORMER_JAX_CPU_KERNELS=0``, :func:`ffi_target` returns False
+once per process with one logged line, and callers keep XLA's own code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jaxlib
+
+log = logging.getLogger(__name__)
+
+FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fopenmp-simd', '-w')
+
+
+def enabled() -> bool:
+  """False when ``TRANSFORMER_JAX_CPU_KERNELS`` is ``0``, ``false`` or ``off``."""
+  return os.environ.get('TRANSFORMER_JAX_CPU_KERNELS', '1').lower() not in ('0', 'false', 'off')
+
+
+def cache_dir() -> Path:
+  root = os.environ.get('TRANSFORMER_JAX_CACHE') or Path.home() / '.cache' / 'transformer_jax'
+  return Path(root) / 'kernels'
+
+
+def cpu_signature() -> str:
+  """The CPU model and feature flags (``/proc/cpuinfo``), else what ``platform`` knows."""
+  try:
+    lines = Path('/proc/cpuinfo').read_text().splitlines()
+  except OSError:
+    return f'{platform.machine()} {platform.processor()}'
+  wanted = ('model name', 'flags', 'Features', 'CPU part')
+  seen = {}
+  for line in lines:
+    key, _, value = line.partition(':')
+    if key.strip() in wanted:
+      seen.setdefault(key.strip(), value.strip())
+  return f'{platform.machine()} ' + ' | '.join(f'{k}={v}' for k, v in sorted(seen.items()))
+
+
+def library_path(source: Path) -> Path:
+  digest = hashlib.sha256()
+  for part in (source.read_bytes(), ' '.join(FLAGS).encode(), jaxlib.__version__.encode()):
+    digest.update(part)
+  digest.update(cpu_signature().encode())
+  return cache_dir() / f'{source.stem}-{digest.hexdigest()[:16]}.so'
+
+
+def compile_library(source: Path, target: Path) -> None:
+  """Compile ``source`` into ``target`` (atomically: a private file renamed into place)."""
+  compiler = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
+  if compiler is None:
+    raise RuntimeError('no C++ compiler found (set CXX)')
+  target.parent.mkdir(parents=True, exist_ok=True)
+  handle, private = tempfile.mkstemp(suffix='.so', dir=target.parent)
+  os.close(handle)
+  try:
+    command = [compiler, *FLAGS, f'-I{jax.ffi.include_dir()}', str(source), '-o', private]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+      raise RuntimeError(f'{compiler} failed: {done.stderr.strip()[-400:]}')
+    os.replace(private, target)
+  finally:
+    if os.path.exists(private):
+      os.remove(private)
+
+
+@functools.cache
+def ffi_target(source_name: str, symbol: str, target_name: str) -> bool:
+  """Register ``symbol`` of ``source_name`` (a ``.cc`` beside this file) as the CPU FFI target ``target_name``.
+
+  Compiles on first use (about a second), then loads the cached library. True when the target is registered."""
+  if not enabled():
+    return False
+  if platform.system() != 'Linux':
+    log.info('CPU kernel %s: built on Linux only; using XLA', target_name)
+    return False
+  source = Path(__file__).with_name(source_name)
+  try:
+    path = library_path(source)
+    if not path.exists():
+      compile_library(source, path)
+    library = ctypes.cdll.LoadLibrary(str(path))
+    jax.ffi.register_ffi_target(
+      target_name, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu'
+    )
+  except (OSError, RuntimeError, AttributeError) as error:
+    log.warning('CPU kernel %s unavailable, using XLA: %s', target_name, error)
+    return False
+  return True
