@@ -2,14 +2,15 @@
 used exactly where it applies, differentiable, and a clean fallback when it cannot be built."""
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer_jax.kernels import cpu_build, skinny_matmul
-from transformer_jax.kernels.skinny_matmul import dot_general, skinny_layout
+from transformer_jax.kernels import cpu_build, skinny_matmul, transpose
+from transformer_jax.modules.dot import dot_general, product_layout
 
 pytestmark = pytest.mark.skipif(
   not skinny_matmul.available(), reason='no C++ compiler for the CPU kernel'
@@ -84,9 +85,9 @@ def test_other_products_stay_with_xla(lhs_shape, rhs_shape, dims, why):
 
 
 def test_layouts_found():
-  assert skinny_layout((1, 1, 8), (8, 3, 4), (((2,), (0,)), ((), ()))) == (1, 8, False)
-  assert skinny_layout((2, 8), (50, 8), (((1,), (1,)), ((), ()))) == (2, 8, True)
-  assert skinny_layout((0, 8), (8, 3), (((1,), (0,)), ((), ()))) is None
+  assert product_layout((1, 1, 8), (8, 3, 4), (((2,), (0,)), ((), ()))) == (1, 8, False)
+  assert product_layout((2, 8), (50, 8), (((1,), (1,)), ((), ()))) == (2, 8, True)
+  assert product_layout((0, 8), (8, 3), (((1,), (0,)), ((), ()))) is None
 
 
 def test_gradients_and_vmap_equal_xla():
@@ -144,3 +145,52 @@ def test_bf16_gpt_equals_xla(tie, monkeypatch):
   assert ours.dtype == want.dtype == jnp.float32
   np.testing.assert_allclose(ours, want, rtol=0.05, atol=0.02)
   assert (ours.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_bf16_products_ask_for_float32_results():
+  """Many-row bf16 products, forward and both gradients, are bf16 x bf16 with a float32 result rounded to bf16 (the
+  form XLA:CPU's YNNPACK runs), and equal XLA's bf16 product up to bf16 rounding."""
+  dims = (((2,), (0,)), ((), ()))
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16), jnp.bfloat16)  # 10 rows
+  w = jax.random.normal(jax.random.key(1), (16, 24), jnp.bfloat16)
+
+  def loss(dot):
+    return lambda x, w: jnp.sum(jnp.sin(dot(x, w, dims).astype(jnp.float32)))
+
+  grad = jax.grad(loss(dot_general), (0, 1))
+  lowered = (
+    jax.jit(grad).lower(x, w).as_text()
+  )  # the CPU program: platform_dependent keeps its CPU branch
+  products = [line for line in lowered.splitlines() if 'stablehlo.dot_general' in line]
+  assert len(products) == 3  # forward, d/dx, d/dw
+  for line in products:
+    operands, result = line.rsplit(':', 1)[1].split('->')
+    assert operands.count('bf16>') == 2 and result.strip().endswith('xf32>'), line
+  ours = grad(x, w)
+  want = jax.grad(loss(jax.lax.dot_general), (0, 1))(x, w)
+  for a, b in zip(ours, want):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2
+    )
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('shape', [(37, 1031), (1, 5), (64, 33)])
+def test_transpose_kernel(shape, dtype):
+  assert transpose.available()
+  x = jax.random.normal(jax.random.key(0), shape, dtype)
+  np.testing.assert_array_equal(jax.jit(transpose.transpose)(x), x.T)
+  tangent = jax.jvp(transpose.transpose, (x,), (x * 2,))[1]
+  np.testing.assert_array_equal(tangent, (x * 2).T)
+
+
+def test_bf16_weight_gradient_is_a_plain_product():
+  """With ``x`` transposed by the kernel, the compiled weight gradient of a bf16 product is a bf16 dot (not a
+  float32 one over widened operands)."""
+  x = jax.random.normal(jax.random.key(0), (64, 48), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (48, 40), jnp.bfloat16)
+  dw = jax.jit(jax.grad(lambda w: jnp.sum(dot_general(x, w, (((1,), (0,)), ((), ()))))))
+  compiled = dw.lower(w).compile().as_text()
+  assert compiled.count(f'custom_call_target="{transpose.TARGET}"') == 1
+  assert not re.search(r'f32\[48,64\]', compiled), 'x^T widened to float32'

@@ -1,10 +1,10 @@
 """Build a C++ XLA FFI kernel for this CPU on first use, cache it, and register it with JAX.
 
-The source next to this file is compiled with the host's C++ compiler (``$CXX``, else ``c++``) at ``-O3
--march=native`` against the FFI headers that ship with jaxlib, into ``$TRANSFORMER_JAX_CACHE/kernels`` (default
-``~/.cache/transformer_jax/kernels``). The file name holds a hash of the source, the flags, jaxlib's version and the
-CPU's model and flags, so a cache shared between machines never hands one CPU another's code. Several processes may
-build at once: each writes a private file and renames it into place.
+A source next to this file (with the headers beside it) is compiled with the host's C++ compiler (``$CXX``, else
+``c++``) at ``-O3 -march=native`` against the FFI headers that ship with jaxlib, into ``$TRANSFORMER_JAX_CACHE/kernels``
+(default ``~/.cache/transformer_jax/kernels``). The file name holds a hash of the sources, the flags, jaxlib's version
+and the CPU's model and flags, so a cache shared between machines never hands one CPU another's code. Several
+processes may build at once: each writes a private file and renames it into place.
 
 Where there is no compiler, the build fails, or ``TRANSFORMER_JAX_CPU_KERNELS=0``, :func:`ffi_target` returns False
 once per process with one logged line, and callers keep XLA's own code.
@@ -58,8 +58,10 @@ def cpu_signature() -> str:
 
 def library_path(source: Path) -> Path:
   digest = hashlib.sha256()
-  for part in (source.read_bytes(), ' '.join(FLAGS).encode(), jaxlib.__version__.encode()):
+  headers = sorted(source.parent.glob('*.h'))
+  for part in (source.read_bytes(), *(h.read_bytes() for h in headers), ' '.join(FLAGS).encode()):
     digest.update(part)
+  digest.update(jaxlib.__version__.encode())
   digest.update(cpu_signature().encode())
   return cache_dir() / f'{source.stem}-{digest.hexdigest()[:16]}.so'
 
@@ -73,7 +75,8 @@ def compile_library(source: Path, target: Path) -> None:
   handle, private = tempfile.mkstemp(suffix='.so', dir=target.parent)
   os.close(handle)
   try:
-    command = [compiler, *FLAGS, f'-I{jax.ffi.include_dir()}', str(source), '-o', private]
+    includes = [f'-I{jax.ffi.include_dir()}', f'-I{source.parent}']
+    command = [compiler, *FLAGS, *includes, str(source), '-o', private]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
       raise RuntimeError(f'{compiler} failed: {done.stderr.strip()[-400:]}')

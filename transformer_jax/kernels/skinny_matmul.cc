@@ -8,14 +8,11 @@
 // `transposed` true). Work is split into column (or row) blocks shared out over XLA's intra-op thread pool.
 // Compiled with -march=native by transformer_jax/kernels/cpu_build.py, so the loops vectorise for the host's ISA.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
 
 #include "xla/ffi/api/ffi.h"
+#include "pool_blocks.h"
 
 namespace ffi = xla::ffi;
 
@@ -86,40 +83,12 @@ void nk_block(const float* x, const Weight* w, float* out, int64_t rows, int64_t
   }
 }
 
-struct Blocks {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-  int64_t count = 0;
-  std::function<void(int64_t)> run;
-};
-
-// Runs run(0..count-1) on the calling thread and the pool's. Each participant claims blocks until none are left, so
-// the caller waits only for blocks already running, never for a helper still queued behind other work (a helper
-// that starts late finds nothing to claim; the shared state outlives the call for it).
-void run_blocks(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> run) {
-  auto blocks = std::make_shared<Blocks>();
-  blocks->count = count;
-  blocks->run = std::move(run);
-  auto work = [blocks] {
-    for (;;) {
-      const int64_t block = blocks->next.fetch_add(1, std::memory_order_relaxed);
-      if (block >= blocks->count) return;
-      blocks->run(block);
-      blocks->finished.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work(); });
-  work();
-  while (blocks->finished.load(std::memory_order_acquire) < count) std::this_thread::yield();
-}
-
 template <typename Weight>
 void product(ffi::ThreadPool& pool, const float* x, const Weight* w, float* out, int64_t rows, int64_t k_dim,
              int64_t n_dim, bool transposed) {
   const int64_t per_block = transposed ? kTableRows : kColumns;
   const int64_t count = (n_dim + per_block - 1) / per_block;
-  run_blocks(pool, count, [=](int64_t block) {
+  transformer_jax::run_blocks(pool, count, [=](int64_t block) {
     const int64_t n0 = block * per_block, n1 = std::min(n_dim, n0 + per_block);
     if (transposed) {
       nk_block<Weight>(x, w, out, rows, k_dim, n_dim, n0, n1);

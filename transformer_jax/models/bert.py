@@ -10,9 +10,9 @@ import jax.numpy as jnp
 from transformer_jax import masks
 from transformer_jax.activations import ACTIVATIONS
 from transformer_jax.config import BlockConfig
-from transformer_jax.kernels.skinny_matmul import dot_general
 from transformer_jax.modules import embeddings
 from transformer_jax.modules.blocks import Block, Stack
+from transformer_jax.modules.dot import dot_general
 from transformer_jax.modules.normalization import make_norm
 from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_shape, token_validity

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer_jax import masks
-from transformer_jax.kernels.skinny_matmul import dot_general
+from transformer_jax.modules.dot import dot_general
 from transformer_jax.modules.rotary import Rotary
 from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_attention_mask

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer_jax.kernels.skinny_matmul import dot_general, keep_kernel_dtype, skinny_or
+from transformer_jax.modules.dot import dot_general, keep_kernel_dtype, skinny_or
 from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_length, check_token_ids
 

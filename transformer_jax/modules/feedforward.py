@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from transformer_jax.activations import ACTIVATIONS
-from transformer_jax.kernels.skinny_matmul import dot_general
+from transformer_jax.modules.dot import dot_general
 from transformer_jax.sharding import Module, dense_inits
 
 Activation = Literal['relu', 'gelu', 'gelu_tanh', 'silu']

@@ -1,0 +1,152 @@
+"""The matrix product behind every ``Dense``, ``DenseGeneral`` and tied head: ``lax.dot_general``, with two CPU paths.
+
+XLA:CPU runs its fast library kernels (YNNPACK) only for some products, and it computes the others in float32
+whatever their dtype. :func:`dot_general` (Flax's ``Dense(dot_general=...)``) hands those two cases to code that
+does run fast on the CPU, and on every other platform is ``lax.dot_general`` exactly:
+
+- **Few rows** (at most :data:`~transformer_jax.kernels.skinny_matmul.MAX_ROWS`, a decoding step) with float32 or
+  bfloat16 weights: the :mod:`~transformer_jax.kernels.skinny_matmul` kernel, which reads bfloat16 weights as stored.
+- **bfloat16 by bfloat16** (``dtype='bfloat16'`` training and prefill): XLA's YNNPACK takes a bf16 product only with a
+  float32 result, so a bf16-result product, and its gradient, ran in float32. :func:`bf16_matmul` asks for the float32
+  result and rounds it to bf16 (the same numbers: XLA's bf16 product also accumulates in float32 and rounds once),
+  and its gradient is written the same way.
+
+Both apply to products shaped like a dense layer's (:func:`product_layout`); everything else is ``lax.dot_general``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from jax import lax
+
+from transformer_jax.kernels import skinny_matmul, transpose
+
+BF16 = jnp.dtype(jnp.bfloat16)
+KERNEL_DTYPES = (jnp.dtype(jnp.float32), BF16)
+
+
+def product_layout(lhs_shape, rhs_shape, dimension_numbers) -> tuple[int, int, bool] | None:
+  """``(M, K, transposed)`` when a ``dot_general`` is an ``(M, K)`` by ``(K, N)`` (or ``(N, K)``) product.
+
+  That is: no batch dimensions, the left operand contracting its trailing dimensions in order, the right one its
+  leading (a Dense kernel) or its trailing (an embedding table, ``transposed``) dimensions in order, nothing empty."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  lhs_contract, rhs_contract = tuple(lhs_contract), tuple(rhs_contract)
+  depth = len(lhs_contract)
+  if lhs_batch or rhs_batch or not depth or len(rhs_contract) != depth:
+    return None
+  if lhs_contract != tuple(range(len(lhs_shape) - depth, len(lhs_shape))):
+    return None
+  if rhs_contract == tuple(range(depth)):
+    transposed = False
+  elif rhs_contract == tuple(range(len(rhs_shape) - depth, len(rhs_shape))):
+    transposed = True
+  else:
+    return None
+  rows = math.prod(lhs_shape[: len(lhs_shape) - depth])
+  k = math.prod(lhs_shape[len(lhs_shape) - depth :])
+  if not rows or not k or not math.prod(rhs_shape):
+    return None
+  return rows, k, transposed
+
+
+def _f32_result(a, b, contract):
+  return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def bf16_matmul(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+  """``(M, K)`` bf16 by ``W`` bf16 (``(K, N)``, or ``(N, K)`` when ``transposed``) -> ``(M, N)`` bf16, accumulated
+  in float32. Its gradients are bf16 products with float32 results too, rounded to bf16."""
+  return _f32_result(x, w, ((1,), (1 if transposed else 0,))).astype(BF16)
+
+
+def _bf16_matmul_fwd(x, w, transposed):
+  return bf16_matmul(x, w, transposed), (x, w)
+
+
+def _bf16_matmul_bwd(transposed, saved, g):
+  x, w = saved
+  g = g.astype(BF16)
+  # The weight gradient contracts the rows, the leading dimension of both operands; with one of them transposed
+  # by the kernel, XLA sees a plain bf16 product instead of widening a transposed one to float32.
+  if transposed:  # out = x w^T with w (N, K): dw = g^T x
+    dx = _f32_result(g, w, ((1,), (0,)))
+    dw = _rows_contracted(g, x)
+  else:  # out = x w with w (K, N): dw = x^T g
+    dx = _f32_result(g, w, ((1,), (1,)))
+    dw = _rows_contracted(x, g)
+  return dx.astype(BF16), dw.astype(BF16)
+
+
+def _rows_contracted(a, b):
+  """``a^T b`` for ``a`` ``(M, P)`` and ``b`` ``(M, Q)``, float32 result."""
+  if transpose.available():
+    return _f32_result(transpose.transpose(a), b, ((1,), (0,)))
+  return _f32_result(a, b, ((0,), (0,)))
+
+
+bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def on_cpu_as_matrices(product, plain, lhs, rhs, layout):
+  """``product(x (M, K), w)`` on the CPU, reshaped to ``plain``'s result; ``plain(lhs, rhs)`` elsewhere."""
+  rows, k, transposed = layout
+  result = jax.eval_shape(plain, lhs, rhs)
+
+  def on_cpu(a, b):
+    w = b.reshape((-1, k) if transposed else (k, -1))
+    return product(a.reshape(rows, k), w, transposed).reshape(result.shape).astype(result.dtype)
+
+  return lax.platform_dependent(lhs, rhs, cpu=on_cpu, default=plain)
+
+
+def skinny_or(plain, lhs, rhs, dimension_numbers, bf16_result_ok: bool = False):
+  """The CPU path that applies to ``lhs`` by ``rhs`` (module docstring), else ``plain(lhs, rhs)``, whose result
+  shape and dtype every path keeps. ``bf16_result_ok``: ``plain`` gives a bf16 product of bf16 operands."""
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  layout = product_layout(lhs.shape, rhs.shape, dimension_numbers)
+  if layout is None:
+    return plain(lhs, rhs)
+  if (
+    layout[0] <= skinny_matmul.MAX_ROWS
+    and lhs.dtype in KERNEL_DTYPES
+    and rhs.dtype in KERNEL_DTYPES
+    and skinny_matmul.available()
+  ):
+    return on_cpu_as_matrices(skinny_matmul.matmul, plain, lhs, rhs, layout)
+  # Only where the CPU is the default backend: a custom_vjp has no forward-mode derivative (jax.jvp), which GPU
+  # and TPU programs keep this way.
+  if bf16_result_ok and lhs.dtype == rhs.dtype == BF16 and jax.default_backend() == 'cpu':
+    return on_cpu_as_matrices(bf16_matmul, plain, lhs, rhs, layout)
+  return plain(lhs, rhs)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+  """``lax.dot_general``, with the CPU paths of the module docstring.
+
+  Operands of different dtypes are promoted as ``jnp`` would (so a float32 input may meet a bfloat16 kernel: the
+  few-row kernel then reads the weights as they are). The result has ``lax.dot_general``'s shape and dtype."""
+
+  def plain(a, b):
+    a, b = promote_dtype(a, b)
+    return lax.dot_general(
+      a, b, dimension_numbers, precision, preferred_element_type=preferred_element_type, **kwargs
+    )
+
+  if kwargs:
+    return plain(lhs, rhs)
+  bf16_result = preferred_element_type is None or jnp.dtype(preferred_element_type) == BF16
+  return skinny_or(plain, lhs, rhs, dimension_numbers, bf16_result_ok=bf16_result)
+
+
+def keep_kernel_dtype(inputs, kernel, bias=None, *, dtype=None, inexact=True):
+  """A Flax ``promote_dtype`` that casts the inputs and bias but hands :func:`dot_general` the kernel as stored, so
+  a float32 head over bfloat16 weights reads them as bfloat16 (the product is the same: see :func:`dot_general`)."""
+  inputs, bias = promote_dtype(inputs, bias, dtype=dtype, inexact=inexact)
+  return inputs, kernel, bias
