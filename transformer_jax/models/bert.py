@@ -12,7 +12,7 @@ from transformer_jax.activations import ACTIVATIONS
 from transformer_jax.config import BlockConfig
 from transformer_jax.modules import embeddings
 from transformer_jax.modules.blocks import Block, Stack
-from transformer_jax.modules.dot import dot_general
+from transformer_jax.modules.dense import Dense
 from transformer_jax.modules.normalization import make_norm
 from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_shape, token_validity
@@ -113,11 +113,10 @@ class BERT(Module):
     if self.add_pooler:
       # (B, D)
       pooled = jnp.tanh(
-        nn.Dense(
+        Dense(
           cfg.d_model,
           dtype=cfg.compute_dtype,
           param_dtype=cfg.weight_dtype,
-          dot_general=dot_general,
           **_head_inits(cfg),
           name='pooler',
         )(x[:, 0])
@@ -135,11 +134,10 @@ class BERTForMaskedLM(Module):
     cfg = self.config
     bert = BERT(cfg, add_pooler=False, name='bert')
     x, _ = bert(ids, token_type_ids=token_type_ids, valid=valid, deterministic=deterministic)
-    x = nn.Dense(
+    x = Dense(
       cfg.d_model,
       dtype=cfg.compute_dtype,
       param_dtype=cfg.weight_dtype,
-      dot_general=dot_general,
       **_head_inits(cfg),
       name='mlm_dense',
     )(x)
@@ -165,11 +163,10 @@ class BERTForSequenceClassification(Module):
     )
     rate = cfg.dropout_rate if cfg.classifier_dropout_rate is None else cfg.classifier_dropout_rate
     pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
-    return nn.Dense(
+    return Dense(
       cfg.num_labels,
       dtype=jnp.float32,
       param_dtype=cfg.weight_dtype,
-      dot_general=dot_general,
       **_head_inits(cfg),
       name='classifier',
     )(pooled.astype(jnp.float32))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer_jax import masks
-from transformer_jax.modules.dot import dot_general
+from transformer_jax.modules.dense import DenseGeneral
 from transformer_jax.modules.rotary import Rotary
 from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_attention_mask
@@ -208,13 +208,12 @@ class MultiHeadAttention(Module):
       )
 
     def dense(features, name, kernel_axes, axis=-1, use_bias=self.qkv_bias):
-      return nn.DenseGeneral(
+      return DenseGeneral(
         features,
         axis=axis,
         use_bias=use_bias,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
-        dot_general=dot_general,
         name=name,
         **dense_inits(self.kernel_init, kernel_axes, inputs=len(kernel_axes) - len(features)),
       )

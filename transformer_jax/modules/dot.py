@@ -59,19 +59,21 @@ def _f32_result(a, b, contract):
   return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def bf16_matmul(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
-  """``(M, K)`` bf16 by ``W`` bf16 (``(K, N)``, or ``(N, K)`` when ``transposed``) -> ``(M, N)`` bf16, accumulated
-  in float32. Its gradients are bf16 products with float32 results too, rounded to bf16."""
-  return _f32_result(x, w, ((1,), (1 if transposed else 0,))).astype(BF16)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None, transposed: bool) -> jax.Array:
+  """``(M, K)`` bf16 by ``W`` bf16 (``(K, N)``, or ``(N, K)`` when ``transposed``), plus an optional ``(N,)``
+  ``bias``, -> ``(M, N)`` bf16: accumulated in float32, the bias added in float32, rounded once. The gradients are
+  bf16 products with float32 results too, rounded to bf16; the bias gradient sums the rows in float32."""
+  out = _f32_result(x, w, ((1,), (1 if transposed else 0,)))
+  return (out if bias is None else out + bias.astype(jnp.float32)).astype(BF16)
 
 
-def _bf16_matmul_fwd(x, w, transposed):
-  return bf16_matmul(x, w, transposed), (x, w)
+def _bf16_matmul_fwd(x, w, bias, transposed):
+  return bf16_matmul(x, w, bias, transposed), (x, w, bias)
 
 
 def _bf16_matmul_bwd(transposed, saved, g):
-  x, w = saved
+  x, w, bias = saved
   g = g.astype(BF16)
   # The weight gradient contracts the rows, the leading dimension of both operands; with one of them transposed
   # by the kernel, XLA sees a plain bf16 product instead of widening a transposed one to float32.
@@ -81,7 +83,8 @@ def _bf16_matmul_bwd(transposed, saved, g):
   else:  # out = x w with w (K, N): dw = x^T g
     dx = _f32_result(g, w, ((1,), (1,)))
     dw = _rows_contracted(x, g)
-  return dx.astype(BF16), dw.astype(BF16)
+  dbias = None if bias is None else column_sums(g).astype(bias.dtype)
+  return dx.astype(BF16), dw.astype(BF16), dbias
 
 
 def _rows_contracted(a, b):
@@ -89,6 +92,14 @@ def _rows_contracted(a, b):
   if transpose.available():
     return _f32_result(transpose.transpose(a), b, ((1,), (0,)))
   return _f32_result(a, b, ((0,), (0,)))
+
+
+def column_sums(g: jax.Array) -> jax.Array:
+  """``(M, N)`` -> ``(N,)`` float32 sums. Through the few-row kernel (a row of ones by ``g``, read once as stored):
+  XLA:CPU widens a bf16 ``g`` into a float32 copy and reduces it in a tree of ``reduce-window``\\ s."""
+  if skinny_matmul.available():
+    return skinny_matmul.matmul(jnp.ones((1, g.shape[0]), jnp.float32), g, False)[0]
+  return jnp.sum(g.astype(jnp.float32), axis=0)
 
 
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
@@ -106,25 +117,33 @@ def on_cpu_as_matrices(product, plain, lhs, rhs, layout):
   return lax.platform_dependent(lhs, rhs, cpu=on_cpu, default=plain)
 
 
-def skinny_or(plain, lhs, rhs, dimension_numbers, bf16_result_ok: bool = False):
+def with_bias(out, bias):
+  """``out`` plus ``bias`` over its trailing dimensions (as a dense layer adds it); ``out`` when ``bias`` is None."""
+  return out if bias is None else out + bias.reshape((1,) * (out.ndim - bias.ndim) + bias.shape)
+
+
+def skinny_or(plain, lhs, rhs, dimension_numbers, bf16_result_ok: bool = False, bias=None):
   """The CPU path that applies to ``lhs`` by ``rhs`` (module docstring), else ``plain(lhs, rhs)``, whose result
-  shape and dtype every path keeps. ``bf16_result_ok``: ``plain`` gives a bf16 product of bf16 operands."""
+  shape and dtype every path keeps; then :func:`with_bias`. ``bf16_result_ok``: ``plain`` gives a bf16 product of
+  bf16 operands. The bf16 path adds ``bias`` inside its product."""
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   layout = product_layout(lhs.shape, rhs.shape, dimension_numbers)
   if layout is None:
-    return plain(lhs, rhs)
+    return with_bias(plain(lhs, rhs), bias)
   if (
     layout[0] <= skinny_matmul.MAX_ROWS
     and lhs.dtype in KERNEL_DTYPES
     and rhs.dtype in KERNEL_DTYPES
     and skinny_matmul.available()
   ):
-    return on_cpu_as_matrices(skinny_matmul.matmul, plain, lhs, rhs, layout)
+    return with_bias(on_cpu_as_matrices(skinny_matmul.matmul, plain, lhs, rhs, layout), bias)
   # Only where the CPU is the default backend: a custom_vjp has no forward-mode derivative (jax.jvp), which GPU
   # and TPU programs keep this way.
   if bf16_result_ok and lhs.dtype == rhs.dtype == BF16 and jax.default_backend() == 'cpu':
-    return on_cpu_as_matrices(bf16_matmul, plain, lhs, rhs, layout)
-  return plain(lhs, rhs)
+    flat_bias = None if bias is None else bias.reshape(-1)
+    product = lambda x, w, transposed: bf16_matmul(x, w, flat_bias, transposed)  # noqa: E731
+    return on_cpu_as_matrices(product, lambda a, b: with_bias(plain(a, b), bias), lhs, rhs, layout)
+  return with_bias(plain(lhs, rhs), bias)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
@@ -132,6 +151,16 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 
   Operands of different dtypes are promoted as ``jnp`` would (so a float32 input may meet a bfloat16 kernel: the
   few-row kernel then reads the weights as they are). The result has ``lax.dot_general``'s shape and dtype."""
+  return dense_product(
+    lhs, rhs, None, dimension_numbers, precision, preferred_element_type, **kwargs
+  )
+
+
+def dense_product(
+  inputs, kernel, bias, dimension_numbers, precision=None, preferred_element_type=None, **kwargs
+):
+  """:func:`dot_general` plus ``bias`` (``None``, or the output's trailing feature dimensions), as a dense layer
+  adds it; the bf16 path adds it in float32 and sums its gradient with the few-row kernel."""
 
   def plain(a, b):
     a, b = promote_dtype(a, b)
@@ -140,9 +169,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     )
 
   if kwargs:
-    return plain(lhs, rhs)
+    return with_bias(plain(inputs, kernel), bias)
   bf16_result = preferred_element_type is None or jnp.dtype(preferred_element_type) == BF16
-  return skinny_or(plain, lhs, rhs, dimension_numbers, bf16_result_ok=bf16_result)
+  return skinny_or(plain, inputs, kernel, dimension_numbers, bf16_result_ok=bf16_result, bias=bias)
 
 
 def keep_kernel_dtype(inputs, kernel, bias=None, *, dtype=None, inexact=True):

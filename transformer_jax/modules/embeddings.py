@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer_jax.modules.dot import dot_general, keep_kernel_dtype, skinny_or
+from transformer_jax.modules.dense import Dense
+from transformer_jax.modules.dot import keep_kernel_dtype, skinny_or
 from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_length, check_token_ids
 
@@ -211,12 +212,11 @@ class OutputHead(Module):
     """``table``: the ``(V, D)`` token embedding the head is tied to."""
     x32 = x.astype(jnp.float32)
     if not self.tied:
-      return nn.Dense(
+      return Dense(
         self.vocab_size,
         use_bias=self.use_bias,
         dtype=jnp.float32,
         param_dtype=self.param_dtype,
-        dot_general=dot_general,
         promote_dtype=keep_kernel_dtype,
         name='output',
         **dense_inits(self.kernel_init, ('embed', 'vocab')),

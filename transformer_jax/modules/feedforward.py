@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from transformer_jax.activations import ACTIVATIONS
-from transformer_jax.modules.dot import dot_general
+from transformer_jax.modules.dense import Dense
 from transformer_jax.sharding import Module, dense_inits
 
 Activation = Literal['relu', 'gelu', 'gelu_tanh', 'silu']
@@ -41,12 +41,11 @@ class FeedForward(Module):
 
     # Hidden units split over the tensor axis.
     def dense(features, name, kernel_axes):
-      return nn.Dense(
+      return Dense(
         features,
         use_bias=self.use_bias,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
-        dot_general=dot_general,
         name=name,
         **dense_inits(self.kernel_init, kernel_axes),
       )
