@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer_jax import masks
+from transformer_jax.modules import dot
 from transformer_jax.modules.dense import DenseGeneral
 from transformer_jax.modules.rotary import Rotary
 from transformer_jax.sharding import Module, dense_inits
@@ -110,7 +111,7 @@ def dot_product_attention(
   scaled = (query * jnp.asarray(scale, query.dtype)).reshape(
     batch, q_len, kv_heads, heads // kv_heads, head_dim
   )
-  logits = jnp.einsum('BTGQK,BSGK->BGQTS', scaled, key, preferred_element_type=jnp.float32)
+  logits = dot.einsum('BTGQK,BSGK->BGQTS', scaled, key, jnp.float32)
   logits = logits.astype(jnp.float32).reshape(batch, heads, q_len, kv_len)  # (B, H, T, S)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
@@ -122,7 +123,7 @@ def dot_product_attention(
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
     applied = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
   grouped = applied.astype(value.dtype).reshape(batch, kv_heads, heads // kv_heads, q_len, kv_len)
-  out = jnp.einsum('BGQTS,BSGK->BTGQK', grouped, value).reshape(batch, q_len, heads, head_dim)
+  out = dot.einsum('BGQTS,BSGK->BTGQK', grouped, value).reshape(batch, q_len, heads, head_dim)
   out = _zero_empty_rows(out, row_ok)
   if not return_weights:
     return out

@@ -12,6 +12,8 @@ does run fast on the CPU, and on every other platform is ``lax.dot_general`` exa
   and its gradient is written the same way.
 
 Both apply to products shaped like a dense layer's (:func:`product_layout`); everything else is ``lax.dot_general``.
+:func:`einsum` does the same for attention's batched bf16 products, :func:`dense_product` adds a dense layer's bias
+inside the bf16 product (:mod:`transformer_jax.modules.dense`).
 """
 
 from __future__ import annotations
@@ -137,9 +139,7 @@ def skinny_or(plain, lhs, rhs, dimension_numbers, bf16_result_ok: bool = False, 
     and skinny_matmul.available()
   ):
     return with_bias(on_cpu_as_matrices(skinny_matmul.matmul, plain, lhs, rhs, layout), bias)
-  # Only where the CPU is the default backend: a custom_vjp has no forward-mode derivative (jax.jvp), which GPU
-  # and TPU programs keep this way.
-  if bf16_result_ok and lhs.dtype == rhs.dtype == BF16 and jax.default_backend() == 'cpu':
+  if bf16_result_ok and on_cpu_in_bf16(lhs, rhs):
     flat_bias = None if bias is None else bias.reshape(-1)
     product = lambda x, w, transposed: bf16_matmul(x, w, flat_bias, transposed)  # noqa: E731
     return on_cpu_as_matrices(product, lambda a, b: with_bias(plain(a, b), bias), lhs, rhs, layout)
@@ -172,6 +172,50 @@ def dense_product(
     return with_bias(plain(inputs, kernel), bias)
   bf16_result = preferred_element_type is None or jnp.dtype(preferred_element_type) == BF16
   return skinny_or(plain, inputs, kernel, dimension_numbers, bf16_result_ok=bf16_result, bias=bias)
+
+
+def on_cpu_in_bf16(a, b) -> bool:
+  """The bf16 paths apply: bf16 operands, the CPU the default backend (where a ``custom_vjp``'s lack of a
+  forward-mode derivative is confined to CPU programs)."""
+  return a.dtype == b.dtype == BF16 and jax.default_backend() == 'cpu'
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def bf16_einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype) -> jax.Array:
+  """``jnp.einsum(spec, a, b)`` of bf16 operands with a float32 result cast to ``out_dtype``; the gradients are bf16
+  products with float32 results too. ``spec`` is ``'A,B->C'`` with every index of ``A`` and of ``B`` in another of
+  the three (a batched product, as attention's)."""
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _bf16_einsum_fwd(spec, a, b, out_dtype):
+  return bf16_einsum(spec, a, b, out_dtype), (a, b)
+
+
+def _bf16_einsum_bwd(spec, out_dtype, saved, g):
+  a, b = saved
+  inputs, out = spec.split('->')
+  sa, sb = inputs.split(',')
+  g = g.astype(BF16)
+  da = jnp.einsum(f'{out},{sb}->{sa}', g, b, preferred_element_type=jnp.float32)
+  db = jnp.einsum(f'{out},{sa}->{sb}', g, a, preferred_element_type=jnp.float32)
+  return da.astype(a.dtype), db.astype(b.dtype)
+
+
+bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
+
+
+def einsum(spec: str, a, b, out_dtype=None):
+  """``jnp.einsum(spec, a, b)`` with the result in ``out_dtype`` (default: the operands' promoted dtype); on the
+  CPU, bf16 operands go through :func:`bf16_einsum`, which XLA's YNNPACK kernels run in bf16."""
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  out_dtype = jnp.dtype(out_dtype or jnp.promote_types(a.dtype, b.dtype))
+  if on_cpu_in_bf16(a, b):
+    plain = lambda x, y: jnp.einsum(spec, x, y, preferred_element_type=out_dtype)  # noqa: E731
+    return lax.platform_dependent(
+      a, b, cpu=lambda x, y: bf16_einsum(spec, x, y, out_dtype), default=plain
+    )
+  return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
 
 
 def keep_kernel_dtype(inputs, kernel, bias=None, *, dtype=None, inexact=True):

@@ -1,5 +1,5 @@
-"""The CPU kernel for few-row products (``transformer_jax.kernels``): equal to a float64 product of the same numbers,
-used exactly where it applies, differentiable, and a clean fallback when it cannot be built."""
+"""``modules.dot`` and ``modules.dense`` with the CPU kernels (``transformer_jax.kernels``): each path equal to a
+float64 or XLA product, used exactly where it applies, differentiable, and a clean fallback when it cannot be built."""
 
 import logging
 import re
@@ -194,3 +194,64 @@ def test_bf16_weight_gradient_is_a_plain_product():
   compiled = dw.lower(w).compile().as_text()
   assert compiled.count(f'custom_call_target="{transpose.TARGET}"') == 1
   assert not re.search(r'f32\[48,64\]', compiled), 'x^T widened to float32'
+
+
+def test_bf16_einsum_is_bf16_in_both_passes():
+  """Attention's two products in bf16: float32 results from bf16 operands forward and backward, values and
+  gradients equal to ``jnp.einsum``'s up to bf16 rounding."""
+  from transformer_jax.modules import dot
+
+  spec = 'BTGQK,BSGK->BGQTS'
+  q = jax.random.normal(jax.random.key(0), (2, 5, 3, 1, 8), jnp.bfloat16)
+  k = jax.random.normal(jax.random.key(1), (2, 7, 3, 8), jnp.bfloat16)
+  loss = lambda fn: lambda q, k: jnp.sum(jnp.sin(fn(q, k)))  # noqa: E731
+  ours = lambda q, k: dot.einsum(spec, q, k, jnp.float32)  # noqa: E731
+  plain = lambda q, k: jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)  # noqa: E731
+  lowered = jax.jit(jax.grad(loss(ours), (0, 1))).lower(q, k).as_text()
+  products = [line for line in lowered.splitlines() if 'stablehlo.dot_general' in line]
+  assert len(products) == 3
+  for line in products:
+    operands, result = line.rsplit(':', 1)[1].split('->')
+    assert operands.count('bf16>') == 2 and result.strip().endswith('xf32>'), line
+  np.testing.assert_allclose(ours(q, k), plain(q, k), rtol=1e-6)
+  for a, b in zip(jax.grad(loss(ours), (0, 1))(q, k), jax.grad(loss(plain), (0, 1))(q, k)):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2
+    )
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_dense_layers_equal_flax(dtype):
+  """Our ``Dense`` / ``DenseGeneral``: Flax's parameters (names, shapes, the same initial values), and outputs and
+  gradients (the bias's in bf16 summed by the kernel) equal to Flax's layer in float32 on the same numbers."""
+  import flax.linen as nn
+
+  from transformer_jax.modules.dense import Dense, DenseGeneral
+
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4), dtype)  # (B, T, H, K): 10 rows
+  bias_init = nn.initializers.normal(1.0)
+  pairs = [
+    (Dense(7, dtype=dtype, bias_init=bias_init), nn.Dense(7, bias_init=bias_init)),
+    (
+      DenseGeneral((2, 3), axis=(-2, -1), dtype=dtype, bias_init=bias_init),
+      nn.DenseGeneral((2, 3), axis=(-2, -1), bias_init=bias_init),
+    ),
+  ]
+  f32 = lambda t: np.asarray(t, np.float32)  # noqa: E731
+  tol = dict(rtol=2e-2, atol=5e-2) if dtype == 'bfloat16' else dict(rtol=1e-5, atol=1e-5)
+
+  def close(a, b):
+    np.testing.assert_allclose(f32(a), f32(b), **tol)
+
+  x32 = x.astype(jnp.float32)
+  for ours, flax_f32 in pairs:
+    params = ours.init(jax.random.key(1), x)
+    jax.tree.map(np.testing.assert_array_equal, params, flax_f32.init(jax.random.key(1), x32))
+    close(ours.apply(params, x), flax_f32.apply(params, x32))
+    # a linear loss: bf16 rounding of the outputs does not move the gradients (a nonlinear one would amplify it)
+    weights = jax.random.normal(jax.random.key(2), flax_f32.apply(params, x32).shape)
+    loss = lambda p, m, x, w=weights: jnp.sum(m.apply(p, x).astype(jnp.float32) * w)  # noqa: E731
+    jax.tree.map(close, jax.grad(loss)(params, ours, x), jax.grad(loss)(params, flax_f32, x32))
+  with pytest.raises(ValueError, match='batch_dims'):
+    DenseGeneral(3, batch_dims=(0,)).init(jax.random.key(0), x)
