@@ -143,7 +143,12 @@ class BERTForMaskedLM(Module):
     )(x)
     x = make_norm(cfg, 'mlm_norm')(ACTIVATIONS[cfg.activation](x))
     head = embeddings.OutputHead(
-      cfg.vocab_size, tied=True, use_bias=True, param_dtype=cfg.weight_dtype, bias_name='mlm_bias'
+      cfg.vocab_size,
+      tied=True,
+      use_bias=True,
+      param_dtype=cfg.weight_dtype,
+      bias_name='mlm_bias',
+      dtype=cfg.compute_dtype,
     )
     nn.share_scope(self, head)  # the decoder bias is `mlm_bias` at the top of the tree
     # decoder tied to the (V, D) token table

@@ -122,7 +122,12 @@ class GPT(Module):
     )
     self.decoder = Stack(cfg, Block, cfg.num_layers)
     self.head = embeddings.OutputHead(
-      cfg.vocab_size, cfg.tie_output, cfg.output_bias, cfg.weight_dtype, cfg.kernel_init
+      cfg.vocab_size,
+      cfg.tie_output,
+      cfg.output_bias,
+      cfg.weight_dtype,
+      cfg.kernel_init,
+      dtype=cfg.compute_dtype,
     )
     nn.share_scope(self, self.head)  # `output` / `output_bias` live at the top of the tree
 

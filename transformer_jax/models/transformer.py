@@ -163,7 +163,12 @@ class Transformer(Module):
     relative = 'causal' if cfg.position_encoding == 'relative' else None
     self.decoder = Stack(cfg, CrossAttentionBlock, cfg.decoder_layers, relative_positions=relative)
     self.head = embeddings.OutputHead(
-      cfg.tgt_vocab_size, cfg.tie_output, cfg.output_bias, cfg.weight_dtype, cfg.kernel_init
+      cfg.tgt_vocab_size,
+      cfg.tie_output,
+      cfg.output_bias,
+      cfg.weight_dtype,
+      cfg.kernel_init,
+      dtype=cfg.compute_dtype,
     )
     nn.share_scope(self, self.head)  # `output` / `output_bias` live at the top of the tree
 

@@ -9,6 +9,7 @@ step). Here the bf16 path adds the bias in float32 inside the product and sums i
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -30,7 +31,10 @@ def _reshaped_init(init, flat_shape, shape):
 
 
 class Dense(nn.Dense):
-  """``flax.linen.Dense`` over the last dimension (see the module docstring)."""
+  """``flax.linen.Dense`` over the last dimension (see the module docstring). ``result_dtype``: the product's
+  dtype when not the compute dtype's (float32 logits from bf16 operands)."""
+
+  result_dtype: Any = None
 
   @nn.compact
   def __call__(self, inputs):
@@ -43,7 +47,7 @@ class Dense(nn.Dense):
     )
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     dims = (((inputs.ndim - 1,), (0,)), ((), ()))
-    return dense_product(inputs, kernel, bias, dims, self.precision)
+    return dense_product(inputs, kernel, bias, dims, self.precision, self.result_dtype)
 
 
 class DenseGeneral(nn.DenseGeneral):

@@ -61,20 +61,21 @@ def _f32_result(a, b, contract):
   return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def bf16_matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None, transposed: bool) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def bf16_matmul(x: jax.Array, w: jax.Array, bias, transposed: bool, out_dtype=BF16) -> jax.Array:
   """``(M, K)`` bf16 by ``W`` bf16 (``(K, N)``, or ``(N, K)`` when ``transposed``), plus an optional ``(N,)``
-  ``bias``, -> ``(M, N)`` bf16: accumulated in float32, the bias added in float32, rounded once. The gradients are
-  bf16 products with float32 results too, rounded to bf16; the bias gradient sums the rows in float32."""
+  ``bias``, -> ``(M, N)`` in ``out_dtype`` (bf16, or float32 for logits): accumulated in float32, the bias added in
+  float32, rounded once. The gradients are bf16 products with float32 results too (the output gradient rounded to
+  bf16 first), rounded to bf16; the bias gradient sums the rows in float32."""
   out = _f32_result(x, w, ((1,), (1 if transposed else 0,)))
-  return (out if bias is None else out + bias.astype(jnp.float32)).astype(BF16)
+  return (out if bias is None else out + bias.astype(jnp.float32)).astype(out_dtype)
 
 
-def _bf16_matmul_fwd(x, w, bias, transposed):
-  return bf16_matmul(x, w, bias, transposed), (x, w, bias)
+def _bf16_matmul_fwd(x, w, bias, transposed, out_dtype):
+  return bf16_matmul(x, w, bias, transposed, out_dtype), (x, w, bias)
 
 
-def _bf16_matmul_bwd(transposed, saved, g):
+def _bf16_matmul_bwd(transposed, out_dtype, saved, g):
   x, w, bias = saved
   g = g.astype(BF16)
   # The weight gradient contracts the rows, the leading dimension of both operands; with one of them transposed
@@ -124,10 +125,9 @@ def with_bias(out, bias):
   return out if bias is None else out + bias.reshape((1,) * (out.ndim - bias.ndim) + bias.shape)
 
 
-def skinny_or(plain, lhs, rhs, dimension_numbers, bf16_result_ok: bool = False, bias=None):
+def skinny_or(plain, lhs, rhs, dimension_numbers, bias=None):
   """The CPU path that applies to ``lhs`` by ``rhs`` (module docstring), else ``plain(lhs, rhs)``, whose result
-  shape and dtype every path keeps; then :func:`with_bias`. ``bf16_result_ok``: ``plain`` gives a bf16 product of
-  bf16 operands. The bf16 path adds ``bias`` inside its product."""
+  shape and dtype every path keeps; then :func:`with_bias`. The bf16 path adds ``bias`` inside its product."""
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   layout = product_layout(lhs.shape, rhs.shape, dimension_numbers)
   if layout is None:
@@ -139,9 +139,10 @@ def skinny_or(plain, lhs, rhs, dimension_numbers, bf16_result_ok: bool = False, 
     and skinny_matmul.available()
   ):
     return with_bias(on_cpu_as_matrices(skinny_matmul.matmul, plain, lhs, rhs, layout), bias)
-  if bf16_result_ok and on_cpu_in_bf16(lhs, rhs):
+  result_dtype = jax.eval_shape(plain, lhs, rhs).dtype
+  if on_cpu_in_bf16(lhs, rhs) and result_dtype in KERNEL_DTYPES:
     flat_bias = None if bias is None else bias.reshape(-1)
-    product = lambda x, w, transposed: bf16_matmul(x, w, flat_bias, transposed)  # noqa: E731
+    product = lambda x, w, t: bf16_matmul(x, w, flat_bias, t, result_dtype)  # noqa: E731
     return on_cpu_as_matrices(product, lambda a, b: with_bias(plain(a, b), bias), lhs, rhs, layout)
   return with_bias(plain(lhs, rhs), bias)
 
@@ -170,8 +171,7 @@ def dense_product(
 
   if kwargs:
     return with_bias(plain(inputs, kernel), bias)
-  bf16_result = preferred_element_type is None or jnp.dtype(preferred_element_type) == BF16
-  return skinny_or(plain, inputs, kernel, dimension_numbers, bf16_result_ok=bf16_result, bias=bias)
+  return skinny_or(plain, inputs, kernel, dimension_numbers, bias=bias)
 
 
 def on_cpu_in_bf16(a, b) -> bool:

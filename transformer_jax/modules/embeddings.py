@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.dtypes import promote_dtype
 
 from transformer_jax.modules.dense import Dense
 from transformer_jax.modules.dot import keep_kernel_dtype, skinny_or
@@ -63,11 +64,18 @@ class TokenEmbedding(Module):
     return tied_logits(query, self.embedding)
 
 
-def tied_logits(query, table):
-  """``(..., D)`` by a ``(V, D)`` table -> ``(..., V)`` float32 logits. A decoding step's few rows read the table in
-  its stored dtype (:mod:`transformer_jax.kernels.skinny_matmul`); otherwise it is widened to float32."""
-  query = query.astype(jnp.float32)
-  plain = lambda q, t: jnp.einsum('...d,vd->...v', q, t.astype(jnp.float32))  # noqa: E731
+def tied_logits(query, table, dtype=jnp.float32):
+  """``(..., D)`` by a ``(V, D)`` table -> ``(..., V)`` float32 logits from operands in ``dtype`` (a bf16 model's
+  head multiplies in bf16, accumulating in float32). In float32 the table is read as stored, so a decoding step's
+  few rows read bf16 weights as bf16 (:mod:`transformer_jax.kernels.skinny_matmul`)."""
+  query = query.astype(dtype)
+  if jnp.dtype(dtype) != jnp.float32:
+    table = table.astype(dtype)
+
+  def plain(q, t):
+    q, t = promote_dtype(q, t)
+    return jnp.einsum('...d,vd->...v', q, t, preferred_element_type=jnp.float32)
+
   return skinny_or(plain, query, table, (((query.ndim - 1,), (1,)), ((), ())))
 
 
@@ -206,22 +214,25 @@ class OutputHead(Module):
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.xavier_uniform()
   bias_name: str = 'output_bias'
+  dtype: Any = jnp.float32  # the product's operands; the logits are float32 whatever it is
 
   @nn.compact
   def __call__(self, x, table=None):
     """``table``: the ``(V, D)`` token embedding the head is tied to."""
-    x32 = x.astype(jnp.float32)
+    in_float32 = jnp.dtype(self.dtype) == jnp.float32
     if not self.tied:
       return Dense(
         self.vocab_size,
         use_bias=self.use_bias,
-        dtype=jnp.float32,
+        dtype=self.dtype,
+        result_dtype=jnp.float32,
         param_dtype=self.param_dtype,
-        promote_dtype=keep_kernel_dtype,
+        # in float32, bf16 weights reach the product as stored (see tied_logits)
+        promote_dtype=keep_kernel_dtype if in_float32 else promote_dtype,
         name='output',
         **dense_inits(self.kernel_init, ('embed', 'vocab')),
-      )(x32)
-    out = tied_logits(x32, table)
+      )(x)
+    out = tied_logits(x, table, self.dtype)
     if self.use_bias:
       init = nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',))
       out = out + self.param(self.bias_name, init, (self.vocab_size,), self.param_dtype).astype(
