@@ -3,8 +3,8 @@
 A decoding step multiplies one row per sequence by every weight, so it is bound by the bytes it reads. XLA:CPU
 computes a one-row product with bfloat16 weights one element at a time (about 2 GB/s against 50-70 for float32), so
 bfloat16 weights, half the bytes, decode slower than float32 ones. :func:`matmul` runs ``skinny_matmul.cc``: each
-weight read once, widened to float32 in registers, accumulated in float32. :func:`transformer_jax.modules.dot.
-dot_general` sends it the products of at most :data:`MAX_ROWS` rows on the CPU.
+weight read once, widened to float32 in registers, accumulated in float32. :mod:`transformer_jax.modules.dot` sends
+it the products of at most :data:`MAX_ROWS` rows on the CPU.
 
 The kernel is differentiable (its tangent is two XLA products) and vmappable (one call per example). It is built
 on first use for this CPU (:mod:`transformer_jax.kernels.cpu_build`); without a compiler, or with

@@ -1,19 +1,22 @@
-"""The matrix product behind every ``Dense``, ``DenseGeneral`` and tied head: ``lax.dot_general``, with two CPU paths.
+"""The matrix product behind every ``Dense``, ``DenseGeneral``, attention product and output head: ``lax.dot_general``
+with two CPU paths.
 
-XLA:CPU runs its fast library kernels (YNNPACK) only for some products, and it computes the others in float32
-whatever their dtype. :func:`dot_general` (Flax's ``Dense(dot_general=...)``) hands those two cases to code that
-does run fast on the CPU, and on every other platform is ``lax.dot_general`` exactly:
+XLA:CPU runs its fast library kernels (YNNPACK) only for some products and computes the others slowly or in float32
+whatever their dtype. :func:`dense_product` (used by :mod:`transformer_jax.modules.dense`) and :func:`dot_general` (a
+drop-in for ``lax.dot_general``) hand two cases to code that runs fast on the CPU, and on every other platform are
+``lax.dot_general`` exactly:
 
 - **Few rows** (at most :data:`~transformer_jax.kernels.skinny_matmul.MAX_ROWS`, a decoding step) with float32 or
   bfloat16 weights: the :mod:`~transformer_jax.kernels.skinny_matmul` kernel, which reads bfloat16 weights as stored.
-- **bfloat16 by bfloat16** (``dtype='bfloat16'`` training and prefill): XLA's YNNPACK takes a bf16 product only with a
-  float32 result, so a bf16-result product, and its gradient, ran in float32. :func:`bf16_matmul` asks for the float32
-  result and rounds it to bf16 (the same numbers: XLA's bf16 product also accumulates in float32 and rounds once),
-  and its gradient is written the same way.
+- **bfloat16 by bfloat16** (``dtype='bfloat16'`` training and prefill): YNNPACK takes a bf16 product only with a
+  float32 result, so a bf16-result product, and every gradient product, ran in float32. :func:`bf16_matmul` asks for
+  the float32 result and rounds it once to the result dtype (bf16, or float32 logits), the same numbers as XLA's bf16
+  product, which also accumulates in float32; its gradients are written the same way, the weight gradient's operand
+  transposed by :mod:`~transformer_jax.kernels.transpose` so that XLA cannot fold it into a refused product, a dense
+  layer's bias added inside in float32 and its gradient summed by the few-row kernel.
 
 Both apply to products shaped like a dense layer's (:func:`product_layout`); everything else is ``lax.dot_general``.
-:func:`einsum` does the same for attention's batched bf16 products, :func:`dense_product` adds a dense layer's bias
-inside the bf16 product (:mod:`transformer_jax.modules.dense`).
+:func:`einsum` gives attention's batched bf16 products the same treatment.
 """
 
 from __future__ import annotations
