@@ -255,3 +255,22 @@ def test_dense_layers_equal_flax(dtype):
     jax.tree.map(close, jax.grad(loss)(params, ours, x), jax.grad(loss)(params, flax_f32, x32))
   with pytest.raises(ValueError, match='batch_dims'):
     DenseGeneral(3, batch_dims=(0,)).init(jax.random.key(0), x)
+
+
+def test_float32_layer_reads_bf16_weights_as_stored():
+  """bf16 weights in a float32 layer: a decoding row's product reads them as bf16 (no float32 copy), with Flax's
+  numbers (the kernel widens each weight exactly)."""
+  import flax.linen as nn
+
+  from transformer_jax.modules.dense import Dense
+
+  x = jax.random.normal(jax.random.key(0), (1, 12))
+  ours = Dense(7, dtype='float32', param_dtype='bfloat16')
+  params = ours.init(jax.random.key(1), x)
+  compiled = jax.jit(ours.apply).lower(params, x).compile().as_text()
+  calls = [line for line in compiled.splitlines() if skinny_matmul.TARGET in line]
+  assert len(calls) == 1 and 'bf16[12,7]' in calls[0]
+  flax_layer = nn.Dense(7, dtype='float32', param_dtype='bfloat16')
+  np.testing.assert_allclose(
+    ours.apply(params, x), flax_layer.apply(params, x), rtol=1e-6, atol=1e-6
+  )

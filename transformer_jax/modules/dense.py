@@ -1,5 +1,6 @@
 """``Dense`` and ``DenseGeneral``: Flax's layers (same parameters, initialisation, attributes and interceptors), with
-the product and the bias add done together by :func:`transformer_jax.modules.dot.dense_product`.
+the product and the bias add done together by :func:`transformer_jax.modules.dot.dense_product`, and a kernel
+narrower than the compute dtype passed as stored (:func:`~transformer_jax.modules.dot.keep_narrow_kernel`).
 
 Flax adds the bias after ``dot_general`` returns, so a ``dot_general`` of our own could not reach it; on the CPU in
 bf16 the bias gradient then cost a float32 copy of every output gradient and a tree of reductions (12% of a GPT
@@ -15,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.core import meta
 
-from transformer_jax.modules.dot import dense_product
+from transformer_jax.modules.dot import dense_product, keep_narrow_kernel
 
 
 def _reshaped_init(init, flat_shape, shape):
@@ -35,6 +36,7 @@ class Dense(nn.Dense):
   dtype when not the compute dtype's (float32 logits from bf16 operands)."""
 
   result_dtype: Any = None
+  promote_dtype: Any = keep_narrow_kernel
 
   @nn.compact
   def __call__(self, inputs):
@@ -52,6 +54,8 @@ class Dense(nn.Dense):
 
 class DenseGeneral(nn.DenseGeneral):
   """``flax.linen.DenseGeneral`` over the ``axis`` dimensions, without ``batch_dims`` (see the module docstring)."""
+
+  promote_dtype: Any = keep_narrow_kernel
 
   @nn.compact
   def __call__(self, inputs):

@@ -221,8 +221,11 @@ def einsum(spec: str, a, b, out_dtype=None):
   return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
 
 
-def keep_kernel_dtype(inputs, kernel, bias=None, *, dtype=None, inexact=True):
-  """A Flax ``promote_dtype`` that casts the inputs and bias but hands :func:`dot_general` the kernel as stored, so
-  a float32 head over bfloat16 weights reads them as bfloat16 (the product is the same: see :func:`dot_general`)."""
+def keep_narrow_kernel(inputs, kernel, bias=None, *, dtype=None, inexact=True):
+  """Flax's ``promote_dtype`` for a dense layer, except that a kernel narrower than ``dtype`` (bf16 weights of a
+  float32 model) stays as stored: the product widens it where it must (the same numbers), while a decoding step's
+  few rows read it as bf16 (:mod:`~transformer_jax.kernels.skinny_matmul`) instead of a float32 copy."""
+  if dtype is None or jnp.dtype(kernel.dtype).itemsize >= jnp.dtype(dtype).itemsize:
+    return promote_dtype(inputs, kernel, bias, dtype=dtype, inexact=inexact)
   inputs, bias = promote_dtype(inputs, bias, dtype=dtype, inexact=inexact)
   return inputs, kernel, bias

@@ -12,7 +12,7 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from transformer_jax.modules.dense import Dense
-from transformer_jax.modules.dot import keep_kernel_dtype, skinny_or
+from transformer_jax.modules.dot import skinny_or
 from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_length, check_token_ids
 
@@ -219,7 +219,6 @@ class OutputHead(Module):
   @nn.compact
   def __call__(self, x, table=None):
     """``table``: the ``(V, D)`` token embedding the head is tied to."""
-    in_float32 = jnp.dtype(self.dtype) == jnp.float32
     if not self.tied:
       return Dense(
         self.vocab_size,
@@ -227,8 +226,6 @@ class OutputHead(Module):
         dtype=self.dtype,
         result_dtype=jnp.float32,
         param_dtype=self.param_dtype,
-        # in float32, bf16 weights reach the product as stored (see tied_logits)
-        promote_dtype=keep_kernel_dtype if in_float32 else promote_dtype,
         name='output',
         **dense_inits(self.kernel_init, ('embed', 'vocab')),
       )(x)
