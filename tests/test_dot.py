@@ -16,9 +16,10 @@ pytestmark = pytest.mark.skipif(
   not skinny_matmul.available(), reason='no C++ compiler for the CPU kernel'
 )
 
-# K = 37 leaves a remainder after the kernel's four-row passes; N = 1,031 spans three 512-column blocks and nine
-# 128-row table blocks, the last ones partial.
-K, N = 37, 1031
+# K = 37 leaves a remainder after the kernel's four-row passes; N = 1,031 spans nine 128-row table blocks, the last
+# partial. K = 301, N = 77: the (K, N) weight is cut into slices of K (partial sums added in order), each with a
+# remainder.
+SHAPES = [(37, 1031), (301, 77)]
 
 
 def float64_product(x, w, transposed):
@@ -29,12 +30,13 @@ def float64_product(x, w, transposed):
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 @pytest.mark.parametrize('transposed', [False, True], ids=['kernel_KN', 'table_NK'])
 @pytest.mark.parametrize('rows', [1, 3, 8])  # the kernel takes 8; dot_general sends it MAX_ROWS
-def test_kernel_equals_float64_product(rows, transposed, dtype):
+@pytest.mark.parametrize('k, n', SHAPES)
+def test_kernel_equals_float64_product(k, n, rows, transposed, dtype):
   kx, kw = jax.random.split(jax.random.key(rows))
-  x = jax.random.normal(kx, (rows, K), jnp.float32)
-  w = jax.random.normal(kw, (N, K) if transposed else (K, N), dtype)
+  x = jax.random.normal(kx, (rows, k), jnp.float32)
+  w = jax.random.normal(kw, (n, k) if transposed else (k, n), dtype)
   out = jax.jit(skinny_matmul.matmul, static_argnums=2)(x, w, transposed)
-  assert out.shape == (rows, N) and out.dtype == jnp.float32
+  assert out.shape == (rows, n) and out.dtype == jnp.float32
   np.testing.assert_allclose(out, float64_product(x, w, transposed), rtol=1e-5, atol=1e-5)
 
 

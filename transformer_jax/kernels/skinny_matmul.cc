@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 #include "pool_blocks.h"
@@ -19,8 +20,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kMaxRows = 8;
-// Columns of a (K, N) weight per block: the float32 accumulators of kMaxRows rows stay in L1 (16 KiB).
-constexpr int64_t kColumns = 512;
+// Float32 accumulators per block of a (K, N) weight (all rows): 16 KiB, so they stay in L1 while the weight rows
+// stream past; one row reads segments of up to 4,096 columns.
+constexpr int64_t kAccumulators = 4096;
 // Rows of an (N, K) weight per block.
 constexpr int64_t kTableRows = 128;
 
@@ -32,15 +34,16 @@ inline float widen(uint16_t bits) {
 }
 inline float widen(float value) { return value; }
 
-// out[m, n0:n1] = sum_k x[m, k] * W[k, n0:n1], four weight rows per pass over the accumulators.
+// part[m, n0:n1] = sum over k0 <= k < k1 of x[m, k] * W[k, n0:n1], four weight rows per pass over the
+// accumulators (`part` has out's (rows, N) layout).
 template <typename Weight>
-void kn_block(const float* x, const Weight* w, float* out, int64_t rows, int64_t k_dim, int64_t n_dim,
-              int64_t n0, int64_t n1) {
-  float acc[kMaxRows][kColumns];
+void kn_block(const float* x, const Weight* w, float* part, int64_t rows, int64_t k_dim, int64_t n_dim,
+              int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
+  float acc[kAccumulators];
   const int64_t width = n1 - n0;
-  for (int64_t m = 0; m < rows; ++m) std::fill(acc[m], acc[m] + width, 0.f);
-  int64_t k = 0;
-  for (; k + 4 <= k_dim; k += 4) {
+  std::fill(acc, acc + rows * width, 0.f);
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
     const Weight* w0 = w + k * n_dim + n0;
     const Weight* w1 = w0 + n_dim;
     const Weight* w2 = w1 + n_dim;
@@ -48,23 +51,23 @@ void kn_block(const float* x, const Weight* w, float* out, int64_t rows, int64_t
     for (int64_t m = 0; m < rows; ++m) {
       const float* xm = x + m * k_dim + k;
       const float a0 = xm[0], a1 = xm[1], a2 = xm[2], a3 = xm[3];
-      float* o = acc[m];
+      float* o = acc + m * width;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
         o[j] += a0 * widen(w0[j]) + a1 * widen(w1[j]) + a2 * widen(w2[j]) + a3 * widen(w3[j]);
       }
     }
   }
-  for (; k < k_dim; ++k) {
+  for (; k < k1; ++k) {
     const Weight* w0 = w + k * n_dim + n0;
     for (int64_t m = 0; m < rows; ++m) {
       const float a0 = x[m * k_dim + k];
-      float* o = acc[m];
+      float* o = acc + m * width;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) o[j] += a0 * widen(w0[j]);
     }
   }
-  for (int64_t m = 0; m < rows; ++m) std::memcpy(out + m * n_dim + n0, acc[m], width * sizeof(float));
+  for (int64_t m = 0; m < rows; ++m) std::memcpy(part + m * n_dim + n0, acc + m * width, width * sizeof(float));
 }
 
 // out[m, n] = sum_k x[m, k] * W[n, k] for the table rows n0..n1.
@@ -83,18 +86,44 @@ void nk_block(const float* x, const Weight* w, float* out, int64_t rows, int64_t
   }
 }
 
+// A (K, N) weight is cut into column strips whose accumulators fit kAccumulators and, when that leaves fewer
+// blocks than twice the pool's threads, into slices of K too: each slice sums into its own partial output, and the
+// partials are added in a fixed order, so results never depend on the thread count's timing.
+template <typename Weight>
+void kn_product(ffi::ThreadPool& pool, const float* x, const Weight* w, float* out, int64_t rows, int64_t k_dim,
+                int64_t n_dim) {
+  const int64_t columns = std::max<int64_t>(16, (kAccumulators / rows) / 16 * 16);
+  const int64_t strips = (n_dim + columns - 1) / columns;
+  const int64_t wanted = 2 * std::max<int64_t>(1, pool.num_threads());
+  const int64_t slices = std::clamp<int64_t>((wanted + strips - 1) / strips, 1, std::max<int64_t>(1, k_dim / 64));
+  const int64_t depth = (k_dim + slices - 1) / slices;
+  std::vector<float> partials(slices > 1 ? (slices - 1) * rows * n_dim : 0);
+  transformer_jax::run_blocks(pool, strips * slices, [=, &partials](int64_t block) {
+    const int64_t slice = block / strips, strip = block % strips;
+    const int64_t n0 = strip * columns, n1 = std::min(n_dim, n0 + columns);
+    const int64_t k0 = slice * depth, k1 = std::min(k_dim, k0 + depth);
+    float* part = slice == 0 ? out : partials.data() + (slice - 1) * rows * n_dim;
+    if (k0 < k1) {
+      kn_block<Weight>(x, w, part, rows, k_dim, n_dim, k0, k1, n0, n1);
+    } else {
+      for (int64_t m = 0; m < rows; ++m) std::fill(part + m * n_dim + n0, part + m * n_dim + n1, 0.f);
+    }
+  });
+  for (int64_t slice = 1; slice < slices; ++slice) {
+    const float* part = partials.data() + (slice - 1) * rows * n_dim;
+#pragma omp simd
+    for (int64_t i = 0; i < rows * n_dim; ++i) out[i] += part[i];
+  }
+}
+
 template <typename Weight>
 void product(ffi::ThreadPool& pool, const float* x, const Weight* w, float* out, int64_t rows, int64_t k_dim,
              int64_t n_dim, bool transposed) {
-  const int64_t per_block = transposed ? kTableRows : kColumns;
-  const int64_t count = (n_dim + per_block - 1) / per_block;
+  if (!transposed) return kn_product<Weight>(pool, x, w, out, rows, k_dim, n_dim);
+  const int64_t count = (n_dim + kTableRows - 1) / kTableRows;
   transformer_jax::run_blocks(pool, count, [=](int64_t block) {
-    const int64_t n0 = block * per_block, n1 = std::min(n_dim, n0 + per_block);
-    if (transposed) {
-      nk_block<Weight>(x, w, out, rows, k_dim, n_dim, n0, n1);
-    } else {
-      kn_block<Weight>(x, w, out, rows, k_dim, n_dim, n0, n1);
-    }
+    const int64_t n0 = block * kTableRows, n1 = std::min(n_dim, n0 + kTableRows);
+    nk_block<Weight>(x, w, out, rows, k_dim, n_dim, n0, n1);
   });
 }
 
