@@ -23,7 +23,6 @@ from transformer_jax.kernels import cpu_build
 
 MAX_ROWS = 4  # measured: at 8 rows XLA's library kernels (YNNPACK) are as fast or faster
 TARGET = 'transformer_jax_skinny_matmul'
-WEIGHT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def available() -> bool:

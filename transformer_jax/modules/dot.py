@@ -65,7 +65,7 @@ def _f32_result(a, b, contract):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def bf16_matmul(x: jax.Array, w: jax.Array, bias, transposed: bool, out_dtype=BF16) -> jax.Array:
+def bf16_matmul(x: jax.Array, w: jax.Array, bias, transposed: bool, out_dtype) -> jax.Array:
   """``(M, K)`` bf16 by ``W`` bf16 (``(K, N)``, or ``(N, K)`` when ``transposed``), plus an optional ``(N,)``
   ``bias``, -> ``(M, N)`` in ``out_dtype`` (bf16, or float32 for logits): accumulated in float32, the bias added in
   float32, rounded once. The gradients are bf16 products with float32 results too (the output gradient rounded to
@@ -111,10 +111,10 @@ def column_sums(g: jax.Array) -> jax.Array:
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
-def on_cpu_as_matrices(product, plain, lhs, rhs, layout):
-  """``product(x (M, K), w)`` on the CPU, reshaped to ``plain``'s result; ``plain(lhs, rhs)`` elsewhere."""
+def on_cpu_as_matrices(product, plain, lhs, rhs, layout, result):
+  """``product(x (M, K), w)`` on the CPU, reshaped to ``result`` (``plain``'s shape and dtype); ``plain(lhs, rhs)``
+  elsewhere."""
   rows, k, transposed = layout
-  result = jax.eval_shape(plain, lhs, rhs)
 
   def on_cpu(a, b):
     w = b.reshape((-1, k) if transposed else (k, -1))
@@ -128,9 +128,9 @@ def with_bias(out, bias):
   return out if bias is None else out + bias.reshape((1,) * (out.ndim - bias.ndim) + bias.shape)
 
 
-def skinny_or(plain, lhs, rhs, dimension_numbers, bias=None):
-  """The CPU path that applies to ``lhs`` by ``rhs`` (module docstring), else ``plain(lhs, rhs)``, whose result
-  shape and dtype every path keeps; then :func:`with_bias`. The bf16 path adds ``bias`` inside its product."""
+def cpu_product(plain, lhs, rhs, dimension_numbers, bias=None):
+  """``plain(lhs, rhs)`` plus ``bias`` (:func:`with_bias`), by the CPU path that applies (module docstring) where one
+  does; every path keeps ``plain``'s result shape and dtype. The bf16 path adds ``bias`` inside its product."""
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   layout = product_layout(lhs.shape, rhs.shape, dimension_numbers)
   if layout is None:
@@ -141,13 +141,16 @@ def skinny_or(plain, lhs, rhs, dimension_numbers, bias=None):
     and rhs.dtype in KERNEL_DTYPES
     and skinny_matmul.available()
   ):
-    return with_bias(on_cpu_as_matrices(skinny_matmul.matmul, plain, lhs, rhs, layout), bias)
-  result_dtype = jax.eval_shape(plain, lhs, rhs).dtype
-  if on_cpu_in_bf16(lhs, rhs) and result_dtype in KERNEL_DTYPES:
+    result = jax.eval_shape(plain, lhs, rhs)
+    kernel = on_cpu_as_matrices(skinny_matmul.matmul, plain, lhs, rhs, layout, result)
+    return with_bias(kernel, bias)
+  biased = lambda a, b: with_bias(plain(a, b), bias)  # noqa: E731
+  result = jax.eval_shape(biased, lhs, rhs)
+  if on_cpu_in_bf16(lhs, rhs) and result.dtype in KERNEL_DTYPES:
     flat_bias = None if bias is None else bias.reshape(-1)
-    product = lambda x, w, t: bf16_matmul(x, w, flat_bias, t, result_dtype)  # noqa: E731
-    return on_cpu_as_matrices(product, lambda a, b: with_bias(plain(a, b), bias), lhs, rhs, layout)
-  return with_bias(plain(lhs, rhs), bias)
+    product = lambda x, w, t: bf16_matmul(x, w, flat_bias, t, result.dtype)  # noqa: E731
+    return on_cpu_as_matrices(product, biased, lhs, rhs, layout, result)
+  return biased(lhs, rhs)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
@@ -174,7 +177,7 @@ def dense_product(
 
   if kwargs:
     return with_bias(plain(inputs, kernel), bias)
-  return skinny_or(plain, inputs, kernel, dimension_numbers, bias=bias)
+  return cpu_product(plain, inputs, kernel, dimension_numbers, bias=bias)
 
 
 def on_cpu_in_bf16(a, b) -> bool:

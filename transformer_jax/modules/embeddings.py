@@ -12,7 +12,7 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from transformer_jax.modules.dense import Dense
-from transformer_jax.modules.dot import skinny_or
+from transformer_jax.modules.dot import cpu_product
 from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_length, check_token_ids
 
@@ -76,7 +76,7 @@ def tied_logits(query, table, dtype=jnp.float32):
     q, t = promote_dtype(q, t)
     return jnp.einsum('...d,vd->...v', q, t, preferred_element_type=jnp.float32)
 
-  return skinny_or(plain, query, table, (((query.ndim - 1,), (1,)), ((), ())))
+  return cpu_product(plain, query, table, (((query.ndim - 1,), (1,)), ((), ())))
 
 
 def sinusoidal_table(
