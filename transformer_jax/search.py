@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer_jax.modules.attention import MEMORY_KEY, MEMORY_VALUE
+from transformer_jax.modules.take import take
 from transformer_jax.search_settings import FloatSettings, SearchSettings
 from transformer_jax.token_choice import choose, constrain, is_eos, prefixed_history
 
@@ -135,9 +136,7 @@ def beam_loop(prefilled: PrefilledModel, s: SearchSettings, floats: FloatSetting
     source = (
       jnp.take_along_axis(parent, chosen, axis=1) + jnp.arange(batch)[:, None] * width
     ).reshape(-1)
-    cache = _map_cache_rows(
-      lambda x, axis: jnp.take(x, source, axis=axis), state.cache, memory=False
-    )
+    cache = _map_cache_rows(lambda x, axis: take(x, source, axis), state.cache, memory=False)
     # Can the best live hypothesis still beat the worst finished one? Scored at its current length, or ('never',
     # with a positive penalty) at the longest: log-probabilities only fall, so that bounds every continuation.
     emitted = state.j + 1

@@ -6,14 +6,19 @@
 //
 // W is either (K, N) row-major (a Dense kernel, `transposed` false) or (N, K) row-major (a tied embedding table,
 // `transposed` true). Work is split into column (or row) blocks shared out over XLA's intra-op thread pool.
-// Compiled with -march=native by transformer_jax/kernels/cpu_build.py, so the loops vectorise for the host's ISA.
+// Compiled with -march=native by transformer_jax/kernels/cpu_build.py, so the loops vectorise for the host's ISA; with
+// AVX-512, bfloat16 weights take the blocks of bf16_avx512.h instead (two instructions widen 32 weights).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
 #include "pool_blocks.h"
+#if defined(__AVX512F__)
+#include "bf16_avx512.h"
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -70,6 +75,18 @@ void kn_block(const float* x, const Weight* w, float* part, int64_t rows, int64_
   for (int64_t m = 0; m < rows; ++m) std::memcpy(part + m * n_dim + n0, acc + m * width, width * sizeof(float));
 }
 
+#if defined(__AVX512F__)
+template <>
+void kn_block<uint16_t>(const float* x, const uint16_t* w, float* part, int64_t rows, int64_t k_dim, int64_t n_dim,
+                        int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
+  float acc[kAccumulators];
+  const int64_t width = n1 - n0;
+  std::fill(acc, acc + rows * width, 0.f);
+  transformer_jax::kn_accumulate_bf16(x, w, acc, rows, k_dim, n_dim, k0, k1, n0, width);
+  for (int64_t m = 0; m < rows; ++m) transformer_jax::store_in_order(acc + m * width, part + m * n_dim + n0, width);
+}
+#endif
+
 // out[m, n] = sum_k x[m, k] * W[n, k] for the table rows n0..n1.
 template <typename Weight>
 void nk_block(const float* x, const Weight* w, float* out, int64_t rows, int64_t k_dim, int64_t n_dim,
@@ -121,6 +138,17 @@ void product(ffi::ThreadPool& pool, const float* x, const Weight* w, float* out,
              int64_t n_dim, bool transposed) {
   if (!transposed) return kn_product<Weight>(pool, x, w, out, rows, k_dim, n_dim);
   const int64_t count = (n_dim + kTableRows - 1) / kTableRows;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<Weight, uint16_t>) {
+    std::vector<float> paired(rows * k_dim);
+    for (int64_t m = 0; m < rows; ++m) transformer_jax::load_in_pairs(x + m * k_dim, paired.data() + m * k_dim, k_dim);
+    const float* xp = paired.data();
+    return transformer_jax::run_blocks(pool, count, [=](int64_t block) {
+      const int64_t n0 = block * kTableRows, n1 = std::min(n_dim, n0 + kTableRows);
+      transformer_jax::nk_block_bf16(xp, w, out, rows, k_dim, n_dim, n0, n1);
+    });
+  }
+#endif
   transformer_jax::run_blocks(pool, count, [=](int64_t block) {
     const int64_t n0 = block * kTableRows, n1 = std::min(n_dim, n0 + kTableRows);
     nk_block<Weight>(x, w, out, rows, k_dim, n_dim, n0, n1);

@@ -13,6 +13,7 @@ from flax.linen.dtypes import promote_dtype
 
 from transformer_jax.modules.dense import Dense
 from transformer_jax.modules.dot import cpu_product
+from transformer_jax.modules.take import take
 from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_length, check_token_ids
 
@@ -51,7 +52,7 @@ class TokenEmbedding(Module):
     """``(B, T)`` int -> ``(B, T, D)`` in ``dtype``."""
     check_token_ids(ids, self.vocab_size)
     valid = (ids >= 0) & (ids < self.vocab_size)
-    rows = jnp.take(self.embedding, jnp.where(valid, ids, 0), axis=0)
+    rows = take(self.embedding, jnp.where(valid, ids, 0))
     if self.frozen_row is not None:
       rows = jnp.where((ids == self.frozen_row)[..., None], jax.lax.stop_gradient(rows), rows)
     out = jnp.where(valid[..., None], rows, jnp.nan).astype(self.dtype)
@@ -143,7 +144,7 @@ class LearnedPositionalEmbedding(Module):
     # position tables are small: whole on axis 0
     init = nn.with_logical_partitioning(self.embedding_init, (None, 'embed'))
     table = self.param('embedding', init, rows, self.param_dtype)
-    return jnp.take(table, positions + self.offset, axis=0).astype(self.dtype)
+    return take(table, positions + self.offset).astype(self.dtype)
 
 
 def make_position_encoding(config, kind: str, name: str | None = None) -> nn.Module | None:

@@ -1,0 +1,148 @@
+// The blocks of skinny_matmul.cc for bfloat16 weights on AVX-512. A bfloat16 is the high half of a float32, so one
+// 512-bit load of 32 weights gives the 16 even ones widened by a shift and the 16 odd ones by a mask: two
+// instructions per 32 weights where converting in order takes six (extract, zero-extend and shift per half). Fewer
+// instructions per cache line keep more lines in flight, which is what a product bound by memory reads needs.
+// The accumulators (or, for a table, x) are held in the same even/odd order and put back in order at the end.
+#ifndef TRANSFORMER_JAX_KERNELS_BF16_AVX512_H_
+#define TRANSFORMER_JAX_KERNELS_BF16_AVX512_H_
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace transformer_jax {
+
+constexpr int64_t kMaxSkinnyRows = 8;  // skinny_matmul.cc's kMaxRows
+constexpr int64_t kPairWidth = 32;  // bfloat16 weights per 512-bit load
+// While a pass reads weight rows k..k+3 it asks for the same columns of rows k+4..k+7: four interleaved row streams
+// of a few KiB each are more than the hardware prefetcher runs ahead on (see benchmarks/RESULTS.md).
+constexpr int64_t kPrefetchRows = 4;
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof(value));
+  return value;
+}
+
+inline __m512 even_half(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+inline __m512 odd_half(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
+}
+inline __m512i load32(const uint16_t* p) { return _mm512_loadu_si512(static_cast<const void*>(p)); }
+
+// acc (rows, width) += x[:, k0:k1] . W[k0:k1, n0:n0+width]; acc's first width / 32 * 32 columns are in even/odd
+// order per group of 32 (16 even columns, then 16 odd), the rest in order. Four weight rows per pass.
+inline void kn_accumulate_bf16(const float* x, const uint16_t* w, float* acc, int64_t rows, int64_t k_dim,
+                               int64_t n_dim, int64_t k0, int64_t k1, int64_t n0, int64_t width) {
+  const int64_t paired = width / kPairWidth * kPairWidth;
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const uint16_t *w0 = w + k * n_dim + n0, *w1 = w0 + n_dim, *w2 = w1 + n_dim, *w3 = w2 + n_dim;
+    // each group of 32 weights of the four rows is widened once, then used by every output row
+    for (int64_t j = 0; j < paired; j += kPairWidth) {
+      if (k + 4 + kPrefetchRows <= k1) {
+        for (const uint16_t* row : {w0, w1, w2, w3}) {
+          _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * n_dim + j), _MM_HINT_T0);
+        }
+      }
+      const __m512i v0 = load32(w0 + j), v1 = load32(w1 + j), v2 = load32(w2 + j), v3 = load32(w3 + j);
+      const __m512 e0 = even_half(v0), e1 = even_half(v1), e2 = even_half(v2), e3 = even_half(v3);
+      const __m512 o0 = odd_half(v0), o1 = odd_half(v1), o2 = odd_half(v2), o3 = odd_half(v3);
+      for (int64_t m = 0; m < rows; ++m) {
+        const float* xm = x + m * k_dim + k;
+        const __m512 a0 = _mm512_set1_ps(xm[0]), a1 = _mm512_set1_ps(xm[1]);
+        const __m512 a2 = _mm512_set1_ps(xm[2]), a3 = _mm512_set1_ps(xm[3]);
+        float* o = acc + m * width + j;
+        __m512 even = _mm512_loadu_ps(o), odd = _mm512_loadu_ps(o + 16);
+        even = _mm512_fmadd_ps(a0, e0, even);
+        odd = _mm512_fmadd_ps(a0, o0, odd);
+        even = _mm512_fmadd_ps(a1, e1, even);
+        odd = _mm512_fmadd_ps(a1, o1, odd);
+        even = _mm512_fmadd_ps(a2, e2, even);
+        odd = _mm512_fmadd_ps(a2, o2, odd);
+        even = _mm512_fmadd_ps(a3, e3, even);
+        odd = _mm512_fmadd_ps(a3, o3, odd);
+        _mm512_storeu_ps(o, even);
+        _mm512_storeu_ps(o + 16, odd);
+      }
+    }
+    for (int64_t m = 0; m < rows; ++m) {
+      const float* xm = x + m * k_dim + k;
+      float* o = acc + m * width;
+      for (int64_t j = paired; j < width; ++j) {
+        o[j] += xm[0] * bf16_to_float(w0[j]) + xm[1] * bf16_to_float(w1[j]) + xm[2] * bf16_to_float(w2[j]) +
+                xm[3] * bf16_to_float(w3[j]);
+      }
+    }
+  }
+  for (; k < k1; ++k) {
+    const uint16_t* w0 = w + k * n_dim + n0;
+    for (int64_t m = 0; m < rows; ++m) {
+      const float a = x[m * k_dim + k];
+      const __m512 a0 = _mm512_set1_ps(a);
+      float* o = acc + m * width;
+      for (int64_t j = 0; j < paired; j += kPairWidth) {
+        const __m512i v0 = load32(w0 + j);
+        _mm512_storeu_ps(o + j, _mm512_fmadd_ps(a0, even_half(v0), _mm512_loadu_ps(o + j)));
+        _mm512_storeu_ps(o + j + 16, _mm512_fmadd_ps(a0, odd_half(v0), _mm512_loadu_ps(o + j + 16)));
+      }
+      for (int64_t j = paired; j < width; ++j) o[j] += a * bf16_to_float(w0[j]);
+    }
+  }
+}
+
+// dst[0:n] = src[0:n] with each whole group of 32 permuted (its first 16 outputs picked by `first`, its next 16 by
+// `second`, as _mm512_permutex2var_ps indexes the group's two halves); a last partial group is copied.
+inline void permute_groups(const float* src, float* dst, int64_t n, __m512i first, __m512i second) {
+  const int64_t paired = n / kPairWidth * kPairWidth;
+  for (int64_t j = 0; j < paired; j += kPairWidth) {
+    const __m512 low = _mm512_loadu_ps(src + j), high = _mm512_loadu_ps(src + j + 16);
+    _mm512_storeu_ps(dst + j, _mm512_permutex2var_ps(low, first, high));
+    _mm512_storeu_ps(dst + j + 16, _mm512_permutex2var_ps(low, second, high));
+  }
+  std::memcpy(dst + paired, src + paired, (n - paired) * sizeof(float));
+}
+
+// out[0:width] = acc[0:width] put back in order from even/odd order.
+inline void store_in_order(const float* acc, float* out, int64_t width) {
+  permute_groups(acc, out, width, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23),
+                 _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
+}
+
+// xp[0:k_dim] = x[0:k_dim] in even/odd order (the inverse of store_in_order).
+inline void load_in_pairs(const float* x, float* xp, int64_t k_dim) {
+  permute_groups(x, xp, k_dim, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                 _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+}
+
+// out[m, n] = sum_k x[m, k] * W[n, k] for the table rows n0..n1; xp is x (rows, k_dim) in even/odd order.
+inline void nk_block_bf16(const float* xp, const uint16_t* w, float* out, int64_t rows, int64_t k_dim,
+                          int64_t n_dim, int64_t n0, int64_t n1) {
+  const int64_t paired = k_dim / kPairWidth * kPairWidth;
+  __m512 even[kMaxSkinnyRows], odd[kMaxSkinnyRows];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* row = w + n * k_dim;
+    for (int64_t m = 0; m < rows; ++m) even[m] = odd[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < paired; k += kPairWidth) {
+      const __m512i v = load32(row + k);
+      const __m512 e = even_half(v), o = odd_half(v);
+      for (int64_t m = 0; m < rows; ++m) {
+        even[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + m * k_dim + k), e, even[m]);
+        odd[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + m * k_dim + k + 16), o, odd[m]);
+      }
+    }
+    for (int64_t m = 0; m < rows; ++m) {
+      const float* xm = xp + m * k_dim;
+      float sum = _mm512_reduce_add_ps(_mm512_add_ps(even[m], odd[m]));
+      for (int64_t k = paired; k < k_dim; ++k) sum += xm[k] * bf16_to_float(row[k]);
+      out[m * n_dim + n] = sum;
+    }
+  }
+}
+
+}  // namespace transformer_jax
+
+#endif  // TRANSFORMER_JAX_KERNELS_BF16_AVX512_H_

@@ -1,0 +1,37 @@
+"""``jnp.take`` of 16-bit floats without XLA:CPU's float32 copy of the whole operand.
+
+XLA:CPU runs a gather of bfloat16 or float16 through float32: it converts the entire operand, gathers, and converts
+back. Looking up one row of a bf16 embedding table then writes a float32 copy of the table (154 MB for GPT-2's, on
+every call that decodes), and reordering a bf16 KV cache for beam search converts the whole cache twice a step.
+:func:`take` gathers the same bits as ``uint16``, which moves them unchanged, on every platform (the bitcasts are
+free). Its tangent is ``jnp.take`` of the tangent, so gradients are the usual scatter-add.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _narrow_float(dtype) -> bool:
+  return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def take(x: jax.Array, indices: jax.Array, axis: int = 0) -> jax.Array:
+  """``jnp.take(x, indices, axis=axis)``, the same numbers (out-of-range indices give NaN, as there)."""
+  if not _narrow_float(x.dtype):
+    return jnp.take(x, indices, axis=axis)
+  # the unsigned fill for an out-of-range index is 0xFFFF, a NaN's bits
+  bits = jnp.take(lax.bitcast_convert_type(x, jnp.uint16), indices, axis=axis)
+  return lax.bitcast_convert_type(bits, x.dtype)
+
+
+@take.defjvp
+def _take_jvp(axis, primals, tangents):
+  x, indices = primals
+  dx, _ = tangents
+  return take(x, indices, axis), jnp.take(dx, indices, axis=axis)
