@@ -178,7 +178,8 @@ def test_bf16_products_ask_for_float32_results():
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-@pytest.mark.parametrize('shape', [(37, 1031), (1, 5), (64, 33)])
+# (517, 1030) spans two 512 x 512 blocks each way, with partial register tiles (16 x 8 and 8 x 8) on both edges.
+@pytest.mark.parametrize('shape', [(37, 1031), (1, 5), (64, 33), (517, 1030)])
 def test_transpose_kernel(shape, dtype):
   assert transpose.available()
   x = jax.random.normal(jax.random.key(0), shape, dtype)
@@ -187,15 +188,44 @@ def test_transpose_kernel(shape, dtype):
   np.testing.assert_array_equal(tangent, (x * 2).T)
 
 
-def test_bf16_weight_gradient_is_a_plain_product():
-  """With ``x`` transposed by the kernel, the compiled weight gradient of a bf16 product is a bf16 dot (not a
-  float32 one over widened operands)."""
-  x = jax.random.normal(jax.random.key(0), (64, 48), jnp.bfloat16)
-  w = jax.random.normal(jax.random.key(1), (48, 40), jnp.bfloat16)
-  dw = jax.jit(jax.grad(lambda w: jnp.sum(dot_general(x, w, (((1,), (0,)), ((), ()))))))
-  compiled = dw.lower(w).compile().as_text()
-  assert compiled.count(f'custom_call_target="{transpose.TARGET}"') == 1
-  assert not re.search(r'f32\[48,64\]', compiled), 'x^T widened to float32'
+@pytest.mark.parametrize(
+  'x_shape, w_shape, dims, transposes',
+  [
+    ((64, 48), (48, 40), (((1,), (0,)), ((), ())), 1),  # x^T g with x transposed
+    (
+      (64, 200),
+      (200, 8),
+      (((1,), (0,)), ((), ())),
+      2,
+    ),  # x is the wide one: (g^T x)^T, g and the result
+    (
+      (64, 16),
+      (300, 16),
+      (((1,), (1,)), ((), ())),
+      2,
+    ),  # a tied head's g^T x: x and the result, not g
+  ],
+  ids=['transpose_x', 'transpose_g_and_result', 'tied_head'],
+)
+def test_bf16_weight_gradient_is_a_plain_product(x_shape, w_shape, dims, transposes):
+  """With one operand transposed by the kernel (the cheaper way round), the compiled weight gradient of a bf16
+  product is a bf16 dot (not a float32 one over widened operands), equal to the float64 product rounded to bf16."""
+  x = jax.random.normal(jax.random.key(0), x_shape, jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), w_shape, jnp.bfloat16)
+  g = jax.random.normal(
+    jax.random.key(2), (x_shape[0], w_shape[0] if dims[0][1] == (1,) else w_shape[1])
+  )
+  g = g.astype(jnp.bfloat16)
+  dw = jax.jit(jax.grad(lambda w, x, g: jnp.sum(dot_general(x, w, dims).astype(jnp.float32) * g)))
+  compiled = dw.lower(w, x, g).compile().as_text()
+  assert compiled.count(f'custom_call_target="{transpose.TARGET}"') == transposes
+  assert not re.search(r'f32\[\d+,\d+\]\{[^}]*\} convert', compiled), (
+    'an operand widened to float32'
+  )
+  x64, g64 = (np.asarray(a, np.float64) for a in (x, g))
+  expected = x64.T @ g64 if dims[0][1] == (0,) else g64.T @ x64
+  assert dw(w, x, g).dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(dw(w, x, g), np.float32), expected, rtol=8e-3, atol=1e-5)
 
 
 def test_bf16_einsum_is_bf16_in_both_passes():

@@ -81,8 +81,6 @@ def _bf16_matmul_fwd(x, w, bias, transposed, out_dtype):
 def _bf16_matmul_bwd(transposed, out_dtype, saved, g):
   x, w, bias = saved
   g = g.astype(BF16)
-  # The weight gradient contracts the rows, the leading dimension of both operands; with one of them transposed
-  # by the kernel, XLA sees a plain bf16 product instead of widening a transposed one to float32.
   if transposed:  # out = x w^T with w (N, K): dw = g^T x
     dx = _f32_result(g, w, ((1,), (0,)))
     dw = _rows_contracted(g, x)
@@ -90,14 +88,22 @@ def _bf16_matmul_bwd(transposed, out_dtype, saved, g):
     dx = _f32_result(g, w, ((1,), (1,)))
     dw = _rows_contracted(x, g)
   dbias = None if bias is None else column_sums(g).astype(bias.dtype)
-  return dx.astype(BF16), dw.astype(BF16), dbias
+  return dx.astype(BF16), dw, dbias
 
 
 def _rows_contracted(a, b):
-  """``a^T b`` for ``a`` ``(M, P)`` and ``b`` ``(M, Q)``, float32 result."""
-  if transpose.available():
-    return _f32_result(transpose.transpose(a), b, ((1,), (0,)))
-  return _f32_result(a, b, ((0,), (0,)))
+  """``a^T b`` in bf16 (float32 accumulation) for bf16 ``a`` ``(M, P)`` and ``b`` ``(M, Q)``.
+
+  The product contracts the rows, the leading dimension of both operands; with one of them transposed by the
+  kernel, XLA sees a plain bf16 product instead of widening a transposed one to float32. The kernel transposes
+  ``a``, or ``b`` and the ``(Q, P)`` result, whichever is fewer elements (a tied head's ``g^T x``: ``x`` and the
+  gradient of the table, not the logits' gradient)."""
+  if not transpose.available():
+    return _f32_result(a, b, ((0,), (0,))).astype(BF16)
+  (m, p), q = a.shape, b.shape[1]
+  if m * p <= (m + p) * q:
+    return _f32_result(transpose.transpose(a), b, ((1,), (0,))).astype(BF16)
+  return transpose.transpose(_f32_result(transpose.transpose(b), a, ((1,), (0,))).astype(BF16))
 
 
 def column_sums(g: jax.Array) -> jax.Array:

@@ -65,10 +65,11 @@ class TokenEmbedding(Module):
     return tied_logits(query, self.embedding)
 
 
-def tied_logits(query, table, dtype=jnp.float32):
-  """``(..., D)`` by a ``(V, D)`` table -> ``(..., V)`` float32 logits from operands in ``dtype`` (a bf16 model's
-  head multiplies in bf16, accumulating in float32). In float32 the table is read as stored, so a decoding step's
-  few rows read bf16 weights as bf16 (:mod:`transformer_jax.kernels.skinny_matmul`)."""
+def tied_logits(query, table, dtype=jnp.float32, bias=None):
+  """``(..., D)`` by a ``(V, D)`` table (plus a ``(V,)`` ``bias``) -> ``(..., V)`` float32 logits from operands in
+  ``dtype`` (a bf16 model's head multiplies in bf16, accumulating in float32, and adds the bias to that float32
+  result). In float32 the table is read as stored, so a decoding step's few rows read bf16 weights as bf16
+  (:mod:`transformer_jax.kernels.skinny_matmul`)."""
   query = query.astype(dtype)
   if jnp.dtype(dtype) != jnp.float32:
     table = table.astype(dtype)
@@ -77,7 +78,9 @@ def tied_logits(query, table, dtype=jnp.float32):
     q, t = promote_dtype(q, t)
     return jnp.einsum('...d,vd->...v', q, t, preferred_element_type=jnp.float32)
 
-  return cpu_product(plain, query, table, (((query.ndim - 1,), (1,)), ((), ())))
+  if bias is not None:
+    bias = bias.astype(jnp.float32)
+  return cpu_product(plain, query, table, (((query.ndim - 1,), (1,)), ((), ())), bias)
 
 
 def sinusoidal_table(
@@ -230,10 +233,8 @@ class OutputHead(Module):
         name='output',
         **dense_inits(self.kernel_init, ('embed', 'vocab')),
       )(x)
-    out = tied_logits(x, table, self.dtype)
+    bias = None
     if self.use_bias:
       init = nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',))
-      out = out + self.param(self.bias_name, init, (self.vocab_size,), self.param_dtype).astype(
-        jnp.float32
-      )
-    return out
+      bias = self.param(self.bias_name, init, (self.vocab_size,), self.param_dtype)
+    return tied_logits(x, table, self.dtype, bias)
