@@ -5,13 +5,14 @@
 // float32. A transpose done here is opaque to XLA: the product that follows is a plain bf16 one. Tiles of 8 x 8
 // 32-bit units (16 x 8 for 2-byte elements) are transposed in AVX2 registers; square blocks of tiles are shared over
 // XLA's pool.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
 
 #include "xla/ffi/api/ffi.h"
 #include "pool_blocks.h"
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
