@@ -183,6 +183,24 @@ def time_call(
   return samples[0] if best else samples[len(samples) // 2]
 
 
+def time_interleaved(
+  calls: Sequence[Callable[[], object]], *, warmup: int = 1, repeats: int = 5
+) -> list[float]:
+  """Median seconds per call of each of ``calls`` (each runs one step and waits for it), timed in ``repeats``
+  interleaved rounds after ``warmup`` untimed ones: on a shared machine whose speed drifts, every call sees the
+  same drift, so their ratios hold where back-to-back blocks of one call each would not."""
+  for _ in range(warmup):
+    for call in calls:
+      call()
+  samples = [[] for _ in calls]
+  for _ in range(repeats):
+    for call, times in zip(calls, samples):
+      start = time.perf_counter()
+      call()
+      times.append(time.perf_counter() - start)
+  return [sorted(times)[len(times) // 2] for times in samples]
+
+
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
   """A plain-text table of ``rows`` restricted to ``columns``."""
   cells = [[_fmt(r.get(c, '')) for c in columns] for r in rows]

@@ -12,7 +12,8 @@ cross-entropy, backward and AdamW, in three forms: ours in Linen (``jax``), the 
 (``jax nnx``: ``transformer_jax.nnx``, an ``nnx.Optimizer``, one ``nnx.jit``), and PyTorch (for the course GPT also
 ``torch sdpa``: ``benchmarks/sdpa_gpt.py``, nanoGPT's layout with ``F.scaled_dot_product_attention``). Warm-up
 (compilation) is excluded and timed separately; each JAX step ends in ``block_until_ready``, each PyTorch step in
-``loss.item()``. The median step time gives tokens/s (every input token, source and target for the encoder-decoder),
+``loss.item()``. Every implementation is built and warmed up first, then timed in ``--repeats`` interleaved rounds
+(one step of each per round), so the drift of a shared machine falls on all of them alike. The median step time gives tokens/s (every input token, source and target for the encoder-decoder),
 achieved FLOP/s from the matmul count (6 x dense weights + 12 x L x D x context per token, the usual estimate, with
 no discount for causal masking) and the model FLOPs utilisation against the machine's peak (measured with a large
 float32 ``jnp.dot`` on CPU, the datasheet bf16 peak on a GPU/TPU). ``--precision bfloat16`` rows compute in bf16 on
@@ -45,7 +46,7 @@ from benchmarks.harness import (
   peak_flops,
   print_machine,
   print_table,
-  time_call,
+  time_interleaved,
   torch_matmul_peak,
   write_json,
 )
@@ -277,7 +278,17 @@ def linen_step(case: Case):
   return adamw_step(loss, LR, WEIGHT_DECAY)
 
 
-def run_jax(case: Case, repeats: int) -> dict:
+@dataclasses.dataclass
+class Prepared:
+  """One implementation's compiled, warmed-up training step: ``call()`` runs one step and waits for it."""
+
+  impl: str
+  call: Callable[[], object]
+  compile_s: float | None
+  params_M: float
+
+
+def prepare_jax(case: Case) -> Prepared:
   optimizer, step = linen_step(case)
   params = init_params(case)
   opt_state = optimizer.init(params)
@@ -294,17 +305,12 @@ def run_jax(case: Case, repeats: int) -> dict:
 
   def call():
     state[0], state[1], loss = compiled(state[0], state[1], batch, rng)
-    return loss
+    return jax.block_until_ready(loss)
 
-  return {
-    'impl': 'jax',
-    'step_s': time_call(call, warmup=2, repeats=repeats),
-    'compile_s': compile_s,
-    'params_M': params_m,
-  }
+  return Prepared('jax', call, compile_s, params_m)
 
 
-def run_nnx(case: Case, repeats: int) -> dict:
+def prepare_nnx(case: Case) -> Prepared:
   """The same step the NNX way: our model as an ``nnx.Module`` (``transformer_jax.nnx``), an ``nnx.Optimizer`` with
   the same AdamW, ``nnx.value_and_grad`` and ``optimizer.update`` in one ``nnx.jit`` that donates both."""
   model = tnnx.from_linen(case.model, init_params(case))
@@ -323,20 +329,13 @@ def run_nnx(case: Case, repeats: int) -> dict:
 
   batch = jax.device_put(case.batch)
   rng = jax.random.key(1)
+  call = lambda: jax.block_until_ready(step(model, optimizer, batch, rng))  # noqa: E731
   start = time.perf_counter()
-  jax.block_until_ready(step(model, optimizer, batch, rng))  # compiles
-  compile_s = time.perf_counter() - start
-  return {
-    'impl': 'jax nnx',
-    'step_s': time_call(lambda: step(model, optimizer, batch, rng), warmup=1, repeats=repeats),
-    'compile_s': compile_s,
-    'params_M': params_m,
-  }
+  call()  # compiles
+  return Prepared('jax nnx', call, time.perf_counter() - start, params_m)
 
 
-def run_torch(
-  case: Case, repeats: int, compile_model: bool, bf16: bool, build=None, impl=None
-) -> dict:
+def prepare_torch(case: Case, compile_model: bool, bf16: bool, build=None, impl=None) -> Prepared:
   """A PyTorch training step of ``case.torch_model`` (or ``build``), under ``torch.autocast`` in bfloat16 when
   ``bf16`` (master weights and AdamW in float32, as ours)."""
   import torch
@@ -356,38 +355,41 @@ def run_torch(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss
+    return loss.item()
 
   start = time.perf_counter()
-  call().item()  # torch.compile compiles here; eager warms its caches
+  call()  # torch.compile compiles here; eager warms its caches
   first_s = time.perf_counter() - start
-  step_s = time_call(call, warmup=1, repeats=repeats, sync=lambda loss: loss.item())
-  return {
-    'impl': impl or ('torch.compile' if compile_model else 'torch eager'),
-    'step_s': step_s,
-    'compile_s': first_s if compile_model else None,
-    'params_M': params_m,
-  }
+  name = impl or ('torch.compile' if compile_model else 'torch eager')
+  return Prepared(name, call, first_s if compile_model else None, params_m)
 
 
 def time_case(case: Case, args, bf16: bool, peak: float) -> list[dict]:
-  """The rows of one case at one precision: ours (Linen, NNX), PyTorch eager, its peers, ``torch.compile``."""
-  results = [run_jax(case, args.repeats)]
+  """The rows of one case at one precision: ours (Linen, NNX), PyTorch eager, its peers, ``torch.compile``.
+
+  Every implementation is built and warmed up first, then timed in interleaved rounds (one step of each per round),
+  so a change in what else the machine is doing falls on all of them alike."""
+  prepared, failed = [prepare_jax(case)], []
   if not args.no_nnx:
-    results.append(run_nnx(case, args.repeats))
+    prepared.append(prepare_nnx(case))
   if not args.no_torch:
-    results.append(run_torch(case, args.repeats, compile_model=False, bf16=bf16))
+    prepared.append(prepare_torch(case, compile_model=False, bf16=bf16))
     for impl, build in case.torch_peers.items():
-      results.append(run_torch(case, args.repeats, False, bf16, build=build, impl=impl))
+      prepared.append(prepare_torch(case, False, bf16, build=build, impl=impl))
     if not args.no_torch_compile:
       try:
-        results.append(run_torch(case, args.repeats, compile_model=True, bf16=bf16))
+        prepared.append(prepare_torch(case, compile_model=True, bf16=bf16))
       except Exception as e:  # noqa: BLE001 (a compiler failure is a result to report, not a crash)
-        results.append(
+        failed.append(
           {'impl': 'torch.compile', 'error': f'{type(e).__name__}: {str(e).splitlines()[0][:120]}'}
         )
+  seconds = time_interleaved([p.call for p in prepared], warmup=1, repeats=args.repeats)
+  results = [
+    {'impl': p.impl, 'step_s': s, 'compile_s': p.compile_s, 'params_M': p.params_M}
+    for p, s in zip(prepared, seconds)
+  ]
   rows, jax_s = [], results[0]['step_s']
-  for r in results:
+  for r in results + failed:
     row = {'model': case.name, 'precision': 'bf16' if bf16 else 'f32', **r}
     if 'step_s' in r:
       s = r['step_s']
@@ -436,7 +438,10 @@ def main():
   parser.add_argument('--bert-layers', type=int, default=2)
   parser.add_argument('--dropout', type=float, default=0.0)
   parser.add_argument(
-    '--repeats', type=int, default=5, help='timed steps per implementation (median reported)'
+    '--repeats',
+    type=int,
+    default=5,
+    help='timed rounds, one step of each implementation per round (median reported)',
   )
   parser.add_argument(
     '--precision',
