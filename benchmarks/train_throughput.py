@@ -13,7 +13,8 @@ cross-entropy, backward and AdamW, in three forms: ours in Linen (``jax``), the 
 ``torch sdpa``: ``benchmarks/sdpa_gpt.py``, nanoGPT's layout with ``F.scaled_dot_product_attention``). Warm-up
 (compilation) is excluded and timed separately; each JAX step ends in ``block_until_ready``, each PyTorch step in
 ``loss.item()``. Every implementation is built and warmed up first, then timed in ``--repeats`` interleaved rounds
-(one step of each per round), so the drift of a shared machine falls on all of them alike. The median step time gives tokens/s (every input token, source and target for the encoder-decoder),
+(one step of each per round), so the drift of a shared machine falls on all of them alike. The median step time
+gives tokens/s (every input token, source and target for the encoder-decoder),
 achieved FLOP/s from the matmul count (6 x dense weights + 12 x L x D x context per token, the usual estimate, with
 no discount for causal masking) and the model FLOPs utilisation against the machine's peak (measured with a large
 float32 ``jnp.dot`` on CPU, the datasheet bf16 peak on a GPU/TPU). ``--precision bfloat16`` rows compute in bf16 on
