@@ -12,20 +12,14 @@
 #include <cstdint>
 #include <cstring>
 
+#include "skinny_limits.h"
+
 namespace transformer_jax {
 
-constexpr int64_t kMaxSkinnyRows = 8;  // skinny_matmul.cc's kMaxRows
 constexpr int64_t kPairWidth = 32;  // bfloat16 weights per 512-bit load
 // While a pass reads weight rows k..k+3 it asks for the same columns of rows k+4..k+7: four interleaved row streams
 // of a few KiB each are more than the hardware prefetcher runs ahead on (see benchmarks/RESULTS.md).
 constexpr int64_t kPrefetchRows = 4;
-
-inline float bf16_to_float(uint16_t bits) {
-  const uint32_t wide = uint32_t(bits) << 16;
-  float value;
-  std::memcpy(&value, &wide, sizeof(value));
-  return value;
-}
 
 inline __m512 even_half(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
 inline __m512 odd_half(__m512i v) {
@@ -73,8 +67,8 @@ inline void kn_accumulate_bf16(const float* x, const uint16_t* w, float* acc, in
       const float* xm = x + m * k_dim + k;
       float* o = acc + m * width;
       for (int64_t j = paired; j < width; ++j) {
-        o[j] += xm[0] * bf16_to_float(w0[j]) + xm[1] * bf16_to_float(w1[j]) + xm[2] * bf16_to_float(w2[j]) +
-                xm[3] * bf16_to_float(w3[j]);
+        o[j] += xm[0] * widen(w0[j]) + xm[1] * widen(w1[j]) + xm[2] * widen(w2[j]) +
+                xm[3] * widen(w3[j]);
       }
     }
   }
@@ -89,7 +83,7 @@ inline void kn_accumulate_bf16(const float* x, const uint16_t* w, float* acc, in
         _mm512_storeu_ps(o + j, _mm512_fmadd_ps(a0, even_half(v0), _mm512_loadu_ps(o + j)));
         _mm512_storeu_ps(o + j + 16, _mm512_fmadd_ps(a0, odd_half(v0), _mm512_loadu_ps(o + j + 16)));
       }
-      for (int64_t j = paired; j < width; ++j) o[j] += a * bf16_to_float(w0[j]);
+      for (int64_t j = paired; j < width; ++j) o[j] += a * widen(w0[j]);
     }
   }
 }
@@ -122,7 +116,7 @@ inline void load_in_pairs(const float* x, float* xp, int64_t k_dim) {
 inline void nk_block_bf16(const float* xp, const uint16_t* w, float* out, int64_t rows, int64_t k_dim,
                           int64_t n_dim, int64_t n0, int64_t n1) {
   const int64_t paired = k_dim / kPairWidth * kPairWidth;
-  __m512 even[kMaxSkinnyRows], odd[kMaxSkinnyRows];
+  __m512 even[kMaxRows], odd[kMaxRows];
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* row = w + n * k_dim;
     for (int64_t m = 0; m < rows; ++m) even[m] = odd[m] = _mm512_setzero_ps();
@@ -137,7 +131,7 @@ inline void nk_block_bf16(const float* xp, const uint16_t* w, float* out, int64_
     for (int64_t m = 0; m < rows; ++m) {
       const float* xm = xp + m * k_dim;
       float sum = _mm512_reduce_add_ps(_mm512_add_ps(even[m], odd[m]));
-      for (int64_t k = paired; k < k_dim; ++k) sum += xm[k] * bf16_to_float(row[k]);
+      for (int64_t k = paired; k < k_dim; ++k) sum += xm[k] * widen(row[k]);
       out[m * n_dim + n] = sum;
     }
   }

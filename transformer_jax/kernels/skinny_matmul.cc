@@ -16,6 +16,7 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "pool_blocks.h"
+#include "skinny_limits.h"
 #if defined(__AVX512F__)
 #include "bf16_avx512.h"
 #endif
@@ -24,29 +25,19 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;
 // Float32 accumulators per block of a (K, N) weight (all rows): 16 KiB, so they stay in L1 while the weight rows
 // stream past; one row reads segments of up to 4,096 columns.
 constexpr int64_t kAccumulators = 4096;
 // Rows of an (N, K) weight per block.
 constexpr int64_t kTableRows = 128;
 
-inline float widen(uint16_t bits) {
-  const uint32_t wide = uint32_t(bits) << 16;  // bfloat16 is the high half of a float32
-  float value;
-  std::memcpy(&value, &wide, sizeof(value));
-  return value;
-}
-inline float widen(float value) { return value; }
+using transformer_jax::kMaxRows;
+using transformer_jax::widen;
 
-// part[m, n0:n1] = sum over k0 <= k < k1 of x[m, k] * W[k, n0:n1], four weight rows per pass over the
-// accumulators (`part` has out's (rows, N) layout).
+// acc (rows, width) += x[:, k0:k1] . W[k0:k1, n0:n0+width], four weight rows per pass over the accumulators.
 template <typename Weight>
-void kn_block(const float* x, const Weight* w, float* part, int64_t rows, int64_t k_dim, int64_t n_dim,
-              int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
-  float acc[kAccumulators];
-  const int64_t width = n1 - n0;
-  std::fill(acc, acc + rows * width, 0.f);
+void kn_accumulate(const float* x, const Weight* w, float* acc, int64_t rows, int64_t k_dim, int64_t n_dim,
+                   int64_t k0, int64_t k1, int64_t n0, int64_t width) {
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {
     const Weight* w0 = w + k * n_dim + n0;
@@ -72,20 +63,25 @@ void kn_block(const float* x, const Weight* w, float* part, int64_t rows, int64_
       for (int64_t j = 0; j < width; ++j) o[j] += a0 * widen(w0[j]);
     }
   }
-  for (int64_t m = 0; m < rows; ++m) std::memcpy(part + m * n_dim + n0, acc + m * width, width * sizeof(float));
 }
 
-#if defined(__AVX512F__)
-template <>
-void kn_block<uint16_t>(const float* x, const uint16_t* w, float* part, int64_t rows, int64_t k_dim, int64_t n_dim,
-                        int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
+// part[m, n0:n1] = sum over k0 <= k < k1 of x[m, k] * W[k, n0:n1] (`part` has out's (rows, N) layout).
+template <typename Weight>
+void kn_block(const float* x, const Weight* w, float* part, int64_t rows, int64_t k_dim, int64_t n_dim,
+              int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
   float acc[kAccumulators];
   const int64_t width = n1 - n0;
   std::fill(acc, acc + rows * width, 0.f);
-  transformer_jax::kn_accumulate_bf16(x, w, acc, rows, k_dim, n_dim, k0, k1, n0, width);
-  for (int64_t m = 0; m < rows; ++m) transformer_jax::store_in_order(acc + m * width, part + m * n_dim + n0, width);
-}
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<Weight, uint16_t>) {
+    transformer_jax::kn_accumulate_bf16(x, w, acc, rows, k_dim, n_dim, k0, k1, n0, width);
+    for (int64_t m = 0; m < rows; ++m) transformer_jax::store_in_order(acc + m * width, part + m * n_dim + n0, width);
+    return;
+  }
 #endif
+  kn_accumulate(x, w, acc, rows, k_dim, n_dim, k0, k1, n0, width);
+  for (int64_t m = 0; m < rows; ++m) std::memcpy(part + m * n_dim + n0, acc + m * width, width * sizeof(float));
+}
 
 // out[m, n] = sum_k x[m, k] * W[n, k] for the table rows n0..n1.
 template <typename Weight>
@@ -133,26 +129,29 @@ void kn_product(ffi::ThreadPool& pool, const float* x, const Weight* w, float* o
   }
 }
 
+// Runs block(n0, n1) over the table rows of an (N, K) weight, kTableRows at a time, on the pool.
+template <typename Block>
+void table_blocks(ffi::ThreadPool& pool, int64_t n_dim, Block block) {
+  transformer_jax::run_blocks(pool, (n_dim + kTableRows - 1) / kTableRows, [=](int64_t i) {
+    block(i * kTableRows, std::min(n_dim, (i + 1) * kTableRows));
+  });
+}
+
 template <typename Weight>
 void product(ffi::ThreadPool& pool, const float* x, const Weight* w, float* out, int64_t rows, int64_t k_dim,
              int64_t n_dim, bool transposed) {
   if (!transposed) return kn_product<Weight>(pool, x, w, out, rows, k_dim, n_dim);
-  const int64_t count = (n_dim + kTableRows - 1) / kTableRows;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<Weight, uint16_t>) {
     std::vector<float> paired(rows * k_dim);
     for (int64_t m = 0; m < rows; ++m) transformer_jax::load_in_pairs(x + m * k_dim, paired.data() + m * k_dim, k_dim);
     const float* xp = paired.data();
-    return transformer_jax::run_blocks(pool, count, [=](int64_t block) {
-      const int64_t n0 = block * kTableRows, n1 = std::min(n_dim, n0 + kTableRows);
+    return table_blocks(pool, n_dim, [=](int64_t n0, int64_t n1) {
       transformer_jax::nk_block_bf16(xp, w, out, rows, k_dim, n_dim, n0, n1);
     });
   }
 #endif
-  transformer_jax::run_blocks(pool, count, [=](int64_t block) {
-    const int64_t n0 = block * kTableRows, n1 = std::min(n_dim, n0 + kTableRows);
-    nk_block<Weight>(x, w, out, rows, k_dim, n_dim, n0, n1);
-  });
+  table_blocks(pool, n_dim, [=](int64_t n0, int64_t n1) { nk_block<Weight>(x, w, out, rows, k_dim, n_dim, n0, n1); });
 }
 
 ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,

@@ -16,22 +16,23 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def _narrow_float(dtype) -> bool:
-  return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
+def take(x: jax.Array, indices: jax.Array, axis: int = 0) -> jax.Array:
+  """``jnp.take(x, indices, axis=axis)``, the same numbers (out-of-range indices give NaN, as there); only 16-bit
+  floats take the ``uint16`` path, every other dtype is ``jnp.take`` itself."""
+  if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 2:
+    return _take_bits(x, indices, axis)
+  return jnp.take(x, indices, axis=axis)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def take(x: jax.Array, indices: jax.Array, axis: int = 0) -> jax.Array:
-  """``jnp.take(x, indices, axis=axis)``, the same numbers (out-of-range indices give NaN, as there)."""
-  if not _narrow_float(x.dtype):
-    return jnp.take(x, indices, axis=axis)
+def _take_bits(x, indices, axis):
   # the unsigned fill for an out-of-range index is 0xFFFF, a NaN's bits
   bits = jnp.take(lax.bitcast_convert_type(x, jnp.uint16), indices, axis=axis)
   return lax.bitcast_convert_type(bits, x.dtype)
 
 
-@take.defjvp
-def _take_jvp(axis, primals, tangents):
+@_take_bits.defjvp
+def _take_bits_jvp(axis, primals, tangents):
   x, indices = primals
   dx, _ = tangents
-  return take(x, indices, axis), jnp.take(dx, indices, axis=axis)
+  return _take_bits(x, indices, axis), jnp.take(dx, indices, axis=axis)
