@@ -184,17 +184,23 @@ def time_call(
 
 
 def time_interleaved(
-  calls: Sequence[Callable[[], object]], *, warmup: int = 1, repeats: int = 5
+  calls: Sequence[Callable[[], object]], *, warmup: int = 1, repeats: int = 5, pause_s: float = 0.0
 ) -> list[float]:
   """Median seconds per call of each of ``calls`` (each runs one step and waits for it), timed in ``repeats``
   interleaved rounds after ``warmup`` untimed ones: on a shared machine whose speed drifts, every call sees the
-  same drift, so their ratios hold where back-to-back blocks of one call each would not."""
+  same drift, so their ratios hold where back-to-back blocks of one call each would not.
+
+  ``pause_s``: an untimed sleep before each call. A thread pool that spins after its work (PyTorch's OpenMP
+  workers do, for tens of milliseconds) takes cores from whatever runs next; the pause lets each call start on
+  an idle machine, as it would in a training loop of its own."""
   for _ in range(warmup):
     for call in calls:
+      time.sleep(pause_s)
       call()
   samples = [[] for _ in calls]
   for _ in range(repeats):
     for call, times in zip(calls, samples):
+      time.sleep(pause_s)
       start = time.perf_counter()
       call()
       times.append(time.perf_counter() - start)

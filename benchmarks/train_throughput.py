@@ -384,7 +384,9 @@ def time_case(case: Case, args, bf16: bool, peak: float) -> list[dict]:
         failed.append(
           {'impl': 'torch.compile', 'error': f'{type(e).__name__}: {str(e).splitlines()[0][:120]}'}
         )
-  seconds = time_interleaved([p.call for p in prepared], warmup=1, repeats=args.repeats)
+  seconds = time_interleaved(
+    [p.call for p in prepared], warmup=1, repeats=args.repeats, pause_s=args.pause
+  )
   results = [
     {'impl': p.impl, 'step_s': s, 'compile_s': p.compile_s, 'params_M': p.params_M}
     for p, s in zip(prepared, seconds)
@@ -443,6 +445,13 @@ def main():
     type=int,
     default=5,
     help='timed rounds, one step of each implementation per round (median reported)',
+  )
+  parser.add_argument(
+    '--pause',
+    type=float,
+    default=0.3,
+    help='untimed seconds of sleep before each timed step, so no step starts while the previous '
+    "one's thread pool still spins (0: back to back)",
   )
   parser.add_argument(
     '--precision',

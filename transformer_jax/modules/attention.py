@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from transformer_jax import masks
+from transformer_jax.kernels import attention as fused_attention
 from transformer_jax.modules import dot
 from transformer_jax.modules.dense import DenseGeneral
 from transformer_jax.modules.rotary import Rotary
@@ -65,9 +66,11 @@ def dot_product_attention(
     scale: multiplies ``q k^T``; ``None``: ``1 / sqrt(K)`` (T5 uses 1: its init folds the scale into the queries).
     dropout_rate, dropout_rng, deterministic: dropout on the attention weights (needs ``dropout_rng`` when active).
     return_weights: also return the ``(B, H, T, S)`` float32 weights (forces the einsum path).
-    implementation: ``None``/``'einsum'``: two einsums around a float32 softmax, written out here (the fastest on
-      CPU); ``'xla'`` or ``'cudnn'``: ``jax.nn.dot_product_attention`` with that implementation (``'cudnn'`` on
-      GPUs, bf16 only). Dropout and ``return_weights`` always take the einsum path.
+    implementation: ``None``: on a single CPU device, float32 or bfloat16 with several query rows and no bias,
+      dropout or returned weights, the fused CPU kernel (:mod:`transformer_jax.kernels.attention`); otherwise, and
+      for ``'einsum'``, two einsums around a float32 softmax, written out here; ``'xla'`` or ``'cudnn'``:
+      ``jax.nn.dot_product_attention`` with that implementation (``'cudnn'`` on GPUs, bf16 only). Dropout and
+      ``return_weights`` always take the einsum path.
     check_mask: check the mask's dtype and shape (at trace time). The models build their masks from inputs checked
       where they enter, and turn it off so that a mask is checked once, not in every layer.
 
@@ -103,6 +106,13 @@ def dot_product_attention(
       query, key, value, mask=full, scale=scale, implementation=implementation
     )
     return _zero_empty_rows(out, row_ok)
+
+  if implementation is None and bias is None and not return_weights and not use_dropout:
+    if fused_attention.applies(query, key, value):
+      fused_mask = fused_attention.kernel_mask(mask, batch, heads, q_len, kv_len)
+      return fused_attention.attention(
+        query, key, value, fused_mask, 1 / math.sqrt(head_dim) if scale is None else scale
+      )
 
   # Scaling the (B, T, H, K) query instead of the (B, H, T, S) logits saves a pass over the larger array. Query heads
   # are split into (G, H/G) groups so that each group meets its one key/value head.

@@ -1,0 +1,156 @@
+"""The fused CPU attention kernel (``kernels/attention.cc``) against the einsum path and a float64 reference."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer_jax.kernels import attention as fused
+from transformer_jax.modules import dot_product_attention
+
+pytestmark = pytest.mark.skipif(
+  jax.default_backend() != 'cpu' or not fused.available(), reason='the CPU kernel is not built here'
+)
+
+
+def operands(b, t, s, h, g, k, dtype=jnp.float32, seed=0):
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+  return (
+    jax.random.normal(k1, (b, t, h, k)).astype(dtype),
+    jax.random.normal(k2, (b, s, g, k)).astype(dtype),
+    jax.random.normal(k3, (b, s, g, k)).astype(dtype),
+    jax.random.normal(k4, (b, t, h, k)),
+  )
+
+
+def make_mask(kind, b, t, s, h):
+  if kind == 'none':
+    return None
+  if kind == 'causal':  # (1, 1, T, S): broadcast over batch and heads
+    return jnp.tril(jnp.ones((t, s), bool), s - t)[None, None]
+  if kind == 'padding':  # (B, 1, 1, S), one sequence with no visible key at all
+    lengths = jnp.array([s, 3, 0][:b])
+    return (jnp.arange(s)[None] < lengths[:, None])[:, None, None, :]
+  # per head and row, with one row fully masked
+  return jax.random.bernoulli(jax.random.key(7), 0.6, (b, h, t, s)).at[0, 1, 2].set(False)
+
+
+def kernel_attention(q, k, v, mask):
+  b, t, h, d = q.shape
+  return fused.attention(q, k, v, fused.kernel_mask(mask, b, h, t, k.shape[1]), 1 / math.sqrt(d))
+
+
+def value_and_grads(fn, q, k, v, w):
+  loss = lambda q, k, v: (fn(q, k, v).astype(jnp.float32) * w).sum()  # noqa: E731
+  out = fn(q, k, v)
+  return out, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+# (B, T, S, H, G, K): odd sizes; T > 64 crosses a query block; K = 20 leaves a vector tail; G < H is grouped-query
+SHAPES = {
+  'tiny': (2, 5, 7, 3, 3, 4),
+  'grouped': (2, 70, 37, 6, 2, 20),
+  'multi_query': (3, 9, 11, 4, 1, 16),
+  'causal_long': (2, 130, 130, 3, 3, 64),
+}
+
+
+@pytest.mark.parametrize('mask_kind', ['none', 'causal', 'padding', 'per_head'])
+@pytest.mark.parametrize('shape', list(SHAPES), ids=list(SHAPES))
+def test_float32_matches_einsum_path(shape, mask_kind):
+  b, t, s, h, g, k = SHAPES[shape]
+  if mask_kind == 'padding':
+    b = 3
+  q, kk, v, w = operands(b, t, s, h, g, k)
+  mask = make_mask(mask_kind, b, t, s, h)
+  with jax.default_matmul_precision('highest'):
+    ref_out, ref_grads = value_and_grads(
+      lambda q, k, v: dot_product_attention(q, k, v, mask, implementation='einsum'), q, kk, v, w
+    )
+    out, grads = value_and_grads(lambda q, k, v: kernel_attention(q, k, v, mask), q, kk, v, w)
+  np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=1e-5)
+  for name, got, want in zip('qkv', grads, ref_grads):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=f'd{name}')
+
+
+def test_float32_matches_float64_reference():
+  b, t, s, h, g, k = SHAPES['grouped']
+  q, kk, v, _ = operands(b, t, s, h, g, k)
+  mask = make_mask('per_head', b, t, s, h)
+  qn, kn, vn = (np.asarray(x, np.float64) for x in (q, kk, v))
+  kn, vn = (
+    np.repeat(x, h // g, axis=2) for x in (kn, vn)
+  )  # query head i meets key head i // (H / G)
+  logits = np.einsum('bthk,bshk->bhts', qn, kn) / math.sqrt(k)
+  logits = np.where(np.asarray(mask), logits, -np.inf)
+  top = logits.max(-1, keepdims=True)
+  weights = np.exp(logits - np.where(np.isfinite(top), top, 0))
+  weights = weights / np.maximum(weights.sum(-1, keepdims=True), 1e-300)
+  want = np.einsum('bhts,bshk->bthk', weights, vn)
+  np.testing.assert_allclose(kernel_attention(q, kk, v, mask), want, atol=2e-6, rtol=1e-5)
+
+
+def test_fully_masked_rows_give_zeros_not_nan():
+  b, t, s, h, g, k = SHAPES['tiny']
+  q, kk, v, w = operands(b, t, s, h, g, k)
+  mask = jnp.zeros((b, 1, 1, s), bool).at[1].set(True)  # sequence 0 sees nothing
+  out, grads = value_and_grads(lambda q, k, v: kernel_attention(q, k, v, mask), q, kk, v, w)
+  assert np.all(np.asarray(out[0]) == 0) and np.all(np.isfinite(out))
+  for grad in grads:
+    assert np.all(np.asarray(grad[0]) == 0) and np.all(np.isfinite(grad))
+  assert np.any(np.asarray(out[1]) != 0)
+
+
+def test_bfloat16_close_to_float32_of_the_same_inputs():
+  b, t, s, h, g, k = SHAPES['grouped']
+  q, kk, v, w = operands(b, t, s, h, g, k, jnp.bfloat16)
+  mask = make_mask('causal', b, t, s, h)
+  out, grads = value_and_grads(lambda q, k, v: kernel_attention(q, k, v, mask), q, kk, v, w)
+  assert out.dtype == jnp.bfloat16 and all(x.dtype == jnp.bfloat16 for x in grads)
+  wide = [x.astype(jnp.float32) for x in (q, kk, v)]
+  with jax.default_matmul_precision('highest'):
+    ref_out, ref_grads = value_and_grads(lambda q, k, v: kernel_attention(q, k, v, mask), *wide, w)
+  # float32 inside, one rounding to bf16 at the end: within bf16's half-ulp (2^-9) of the float32 result
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref_out, rtol=2**-8, atol=1e-6)
+  # the gradient starts from the bf16 output and its bf16 cotangent: a few bf16 ulps over the whole array
+  for name, got, want in zip('qkv', grads, ref_grads):
+    error = np.linalg.norm(np.asarray(got, np.float32) - want) / np.linalg.norm(want)
+    assert error < 2e-2, f'd{name}: relative error {error:.3g}'
+
+
+def hlo(fn, *args):
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_default_path_takes_the_kernel_and_decoding_does_not():
+  q, k, v, _ = operands(2, 5, 7, 3, 3, 4)
+  mask = make_mask('causal', 2, 5, 7, 3)
+  assert fused.FORWARD in hlo(lambda q, k, v: dot_product_attention(q, k, v, mask), q, k, v)
+  assert fused.FORWARD not in hlo(
+    lambda q, k, v: dot_product_attention(q, k, v, mask, implementation='einsum'), q, k, v
+  )
+  step = q[:, :1]  # one query row: a decoding step
+  assert fused.FORWARD not in hlo(lambda q, k, v: dot_product_attention(q, k, v), step, k, v)
+  grad = jax.grad(lambda q: dot_product_attention(q, k, v, mask).sum())
+  assert fused.BACKWARD in hlo(grad, q)
+
+
+def test_kernel_mask_keeps_broadcast_axes():
+  causal = jnp.ones((1, 1, 5, 7), bool)
+  assert fused.kernel_mask(causal, 2, 3, 5, 7).shape == (1, 1, 5, 7)
+  padding = jnp.ones((2, 1, 1, 7), bool)
+  assert fused.kernel_mask(padding, 2, 3, 5, 7).shape == (2, 1, 1, 7)
+  assert fused.kernel_mask(None, 2, 3, 5, 7).shape == (1, 1, 1, 7)
+  assert fused.kernel_mask(jnp.ones((2, 3, 5, 1), bool), 2, 3, 5, 7).shape == (2, 3, 5, 7)
+
+
+def test_vmap_over_a_leading_axis():
+  q, k, v, _ = operands(2, 5, 7, 3, 3, 4)
+  mask = make_mask('causal', 2, 5, 7, 3)
+  stacked = [jnp.stack([x, 2 * x]) for x in (q, k, v)]
+  got = jax.vmap(lambda q, k, v: kernel_attention(q, k, v, mask))(*stacked)
+  for i in range(2):
+    want = kernel_attention(*(x[i] for x in stacked), mask)
+    np.testing.assert_allclose(got[i], want, rtol=1e-6, atol=1e-6)
