@@ -77,7 +77,8 @@ class BlockConfig:
   rope_original_max_len: int = 8192  # 'llama3': the context the unscaled frequencies were made for
   # causal self-attention sees only the newest this many positions, itself included (Mistral); None: all
   sliding_window: int | None = None
-  # None/'einsum' (ours, fastest on CPU); 'xla' or 'cudnn' (GPUs, bf16)
+  # None: the fused CPU kernel where it applies, else ours in einsums; 'einsum': always ours in einsums;
+  # 'xla' or 'cudnn': jax.nn.dot_product_attention (GPUs, bf16)
   attention_implementation: str | None = None
   # multiplies q k^T; None: 1 / sqrt(head_dim). T5: 1.0 (its init folds the scale into the queries)
   attention_scale: float | None = None
