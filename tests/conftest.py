@@ -1,6 +1,10 @@
-"""Shared test settings: float32 comparisons at full matmul precision, small thread counts."""
+"""Shared test settings: float32 comparisons at full matmul precision, small thread counts, one compilation cache
+per test session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Simulated devices (subprocess workers, notebook kernels) run each collective on one thread per device. With the
 # two test workers sharing two cores, those threads can meet later than XLA's default 40 s, which aborts the process.
@@ -13,6 +17,18 @@ import numpy as np
 import pytest
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+# One persistent compilation cache per session, outside the user's: the controller (or a run without -n) makes it
+# before the workers start, so both workers and every `python -m train` they run (which caches under
+# $XDG_CACHE_HOME) share it. Many tests compile the same small programs from fresh model objects; each is compiled
+# once per session, and a session never reuses an earlier session's programs, so every run times as a clean CI run.
+if 'PYTEST_XDIST_WORKER' not in os.environ:
+  os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='transformer_jax_tests_')
+  atexit.register(shutil.rmtree, os.environ['XDG_CACHE_HOME'], ignore_errors=True)
+jax.config.update(
+  'jax_compilation_cache_dir', os.path.join(os.environ['XDG_CACHE_HOME'], 'transformer_jax', 'jax')
+)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 
 @pytest.fixture
