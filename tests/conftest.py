@@ -25,9 +25,12 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 if 'PYTEST_XDIST_WORKER' not in os.environ:
   os.environ['XDG_CACHE_HOME'] = tempfile.mkdtemp(prefix='transformer_jax_tests_')
   atexit.register(shutil.rmtree, os.environ['XDG_CACHE_HOME'], ignore_errors=True)
-jax.config.update(
-  'jax_compilation_cache_dir', os.path.join(os.environ['XDG_CACHE_HOME'], 'transformer_jax', 'jax')
-)
+  # the same for every other Python the tests start (notebook kernels, worker scripts), which read these at import
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(
+    os.environ['XDG_CACHE_HOME'], 'transformer_jax', 'jax'
+  )
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 
