@@ -208,10 +208,15 @@ def test_fill_mask_matches_the_pipeline(bert_dirs):
       assert [r['token'] for r in mine] == [r['token'] for r in hf]
       assert [r['token_str'] for r in mine] == [r['token_str'] for r in hf]
       np.testing.assert_allclose([r['score'] for r in mine], [r['score'] for r in hf], atol=1e-5)
-      if (
-        len(ours) == 1
-      ):  # with several masks the pipeline's sequences fill one mask each and keep the other
-        assert [r['sequence'] for r in mine] == [r['sequence'] for r in hf]
+      # with several masks each sequence fills one mask and keeps the other and the special tokens
+      assert [r['sequence'] for r in mine] == [r['sequence'] for r in hf]
+  # every token's text, special tokens included, as the pipeline writes it (tokenizer.decode([token])); the model's
+  # vocabulary is larger than the tokenizer's, so some guesses are ids no text maps to
+  everything = bert.fill_mask('the film was a [MASK] surprise', top_k=10_000)
+  known = range(len(pipe.tokenizer))
+  assert {r['token']: r['token_str'] for r in everything if r['token'] in known} == {
+    t: pipe.tokenizer.decode([t]) for t in known
+  }
 
 
 def test_embed_is_sentence_transformers_mean_pooling(bert_dirs):

@@ -210,6 +210,9 @@ class Pretrained:
         f'fill_mask needs a {self.tokenizer.mask_token} token in the text, got {text!r}'
       )
     probs = np.asarray(jax.nn.softmax(self.logits([text])[0], axis=-1))
+    # as the fill-mask pipeline: a token's text keeps special tokens ('[CLS]' can be a guess), and with several
+    # masks each sequence fills one and keeps the others (and the other special tokens) as written
+    keep_special = where.size > 1
     results = []
     for position in where:
       best = np.argsort(-probs[position], kind='stable')[:top_k]
@@ -221,8 +224,10 @@ class Pretrained:
           dict(
             score=float(probs[position, token]),
             token=token,
-            token_str=self.tokenizer.decode([token]),
-            sequence=self.tokenizer.decode(row.tolist()),
+            token_str=self.tokenizer.decode([token], skip_special_tokens=False),
+            sequence=self.tokenizer.decode(
+              row[row != self.tokenizer.pad_id].tolist(), skip_special_tokens=not keep_special
+            ),
           )
         )
       results.append(filled)
