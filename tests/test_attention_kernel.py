@@ -137,13 +137,27 @@ def test_default_path_takes_the_kernel_and_decoding_does_not():
   assert fused.BACKWARD in hlo(grad, q)
 
 
-def test_kernel_mask_keeps_broadcast_axes():
-  causal = jnp.ones((1, 1, 5, 7), bool)
-  assert fused.kernel_mask(causal, 2, 3, 5, 7).shape == (1, 1, 5, 7)
-  padding = jnp.ones((2, 1, 1, 7), bool)
-  assert fused.kernel_mask(padding, 2, 3, 5, 7).shape == (2, 1, 1, 7)
-  assert fused.kernel_mask(None, 2, 3, 5, 7).shape == (1, 1, 1, 7)
-  assert fused.kernel_mask(jnp.ones((2, 3, 5, 1), bool), 2, 3, 5, 7).shape == (2, 3, 5, 7)
+@pytest.mark.parametrize(
+  'given, kept',
+  [
+    ((5, 7), (1, 1, 5, 7)),  # a causal mask without leading axes
+    ((1, 1, 5, 7), (1, 1, 5, 7)),
+    ((2, 1, 1, 7), (2, 1, 1, 7)),  # padding: one row per sequence
+    ((2, 3, 5, 1), (2, 3, 5, 7)),  # the key axis is always whole
+  ],
+  ids=['causal_2d', 'causal', 'padding', 'key_axis_broadcast'],
+)
+def test_kernel_mask_keeps_broadcast_axes_and_the_values(given, kept):
+  mask = jax.random.bernoulli(jax.random.key(3), 0.5, given)
+  got = fused.kernel_mask(mask, 2, 3, 5, 7)
+  assert got.shape == kept and got.dtype == jnp.uint8
+  want = np.broadcast_to(np.asarray(mask).reshape((1,) * (4 - mask.ndim) + given), kept)
+  np.testing.assert_array_equal(got, want.astype(np.uint8))
+
+
+def test_kernel_mask_of_none_sees_every_key():
+  got = fused.kernel_mask(None, 2, 3, 5, 7)
+  assert got.shape == (1, 1, 1, 7) and np.all(np.asarray(got) == 1)
 
 
 def test_vmap_over_a_leading_axis():

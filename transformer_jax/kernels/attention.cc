@@ -176,7 +176,7 @@ void forward_head(const Shape& d, const T* q, const T* k, const T* v, const uint
     }
     for (int64_t r = 0; r < rows; ++r) {
       T* dst = out + d.q_at(b, t0 + r, h);
-      for (int64_t c = 0; c < K; ++c) dst[c] = narrow(result[r * K + c], static_cast<T*>(nullptr));
+      for (int64_t c = 0; c < K; ++c) dst[c] = narrow<T>(result[r * K + c]);
     }
   }
 }
@@ -228,15 +228,15 @@ void backward_group(const Shape& d, const T* q, const T* k, const T* v, const ui
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* dst = dq + d.q_at(b, t0 + r, h);
-        for (int64_t c = 0; c < K; ++c) dst[c] = narrow(d.scale * dqueries[r * K + c], static_cast<T*>(nullptr));
+        for (int64_t c = 0; c < K; ++c) dst[c] = narrow<T>(d.scale * dqueries[r * K + c]);
       }
     }
   }
   for (int64_t s = 0; s < S; ++s) {
     T *dk_row = dk + d.kv_at(b, s, g), *dv_row = dv + d.kv_at(b, s, g);
     for (int64_t c = 0; c < K; ++c) {
-      dk_row[c] = narrow(dkeys[s * K + c], static_cast<T*>(nullptr));
-      dv_row[c] = narrow(dvalues[s * K + c], static_cast<T*>(nullptr));
+      dk_row[c] = narrow<T>(dkeys[s * K + c]);
+      dv_row[c] = narrow<T>(dvalues[s * K + c]);
     }
   }
 }
@@ -286,7 +286,7 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     using T = decltype(type);
     transformer_jax::run_blocks(pool, d.batch * d.heads, [&, d](int64_t task) {
       forward_head<T>(d, as<T>(q), as<T>(k), as<T>(v), as<uint8_t>(mask), as<T>(out),
-                      reinterpret_cast<float*>(lse->untyped_data()), task / d.heads, task % d.heads);
+                      as<float>(lse), task / d.heads, task % d.heads);
     });
   };
   return by_dtype(q.element_type(), run);
@@ -301,7 +301,7 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
     using T = decltype(type);
     transformer_jax::run_blocks(pool, d.batch * d.kv_heads, [&, d](int64_t task) {
       backward_group<T>(d, as<T>(q), as<T>(k), as<T>(v), as<uint8_t>(mask), as<T>(out),
-                        reinterpret_cast<const float*>(lse.untyped_data()), as<T>(dout), as<T>(dq), as<T>(dk),
+                        as<float>(lse), as<T>(dout), as<T>(dq), as<T>(dk),
                         as<T>(dv), task / d.kv_heads, task % d.kv_heads);
     });
   };

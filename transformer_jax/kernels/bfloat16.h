@@ -15,15 +15,22 @@ inline float widen(uint16_t bits) {
 }
 inline float widen(float value) { return value; }
 
-// Rounded to the nearest bfloat16, ties to even (as XLA's convert); a NaN stays a (quiet) NaN.
-inline uint16_t narrow(float value, uint16_t*) {
+// float32 -> T: for bfloat16 (uint16_t) rounded to the nearest, ties to even (as XLA's convert), a NaN staying a
+// (quiet) NaN; for float32 the value itself.
+template <typename T>
+T narrow(float value);
+template <>
+inline uint16_t narrow<uint16_t>(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
   const uint16_t rounded = uint16_t((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
   const uint16_t quiet_nan = uint16_t((bits >> 16) | 0x40u);
   return (bits & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded;  // a select, so loops of it vectorise
 }
-inline float narrow(float value, float*) { return value; }
+template <>
+inline float narrow<float>(float value) {
+  return value;
+}
 
 }  // namespace transformer_jax
 

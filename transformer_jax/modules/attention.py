@@ -97,27 +97,27 @@ def dot_product_attention(
     raise ValueError(
       'attention dropout is active (deterministic=False) but no dropout_rng was given'
     )
+  scale = 1 / math.sqrt(head_dim) if scale is None else scale
+  # what the fused kernel and jax.nn.dot_product_attention compute: no bias, no dropout, no weights returned
+  plain = bias is None and not return_weights and not use_dropout
+
+  if implementation is None and plain and fused_attention.applies(query, key, value):
+    fused_mask = fused_attention.kernel_mask(mask, batch, heads, q_len, kv_len)
+    return fused_attention.attention(query, key, value, fused_mask, scale)
+
   # Rows with no visible key: zeros, not a uniform average over masked keys. (B, H|1, T, 1)
   row_ok = None if mask is None else jnp.any(mask, axis=-1, keepdims=True)
 
-  if implementation in ('xla', 'cudnn') and not return_weights and not use_dropout and bias is None:
+  if implementation in ('xla', 'cudnn') and plain:
     full = None if mask is None else _full_mask(mask, batch, q_len, kv_len)
     out = jax.nn.dot_product_attention(
       query, key, value, mask=full, scale=scale, implementation=implementation
     )
     return _zero_empty_rows(out, row_ok)
 
-  if implementation is None and bias is None and not return_weights and not use_dropout:
-    if fused_attention.applies(query, key, value):
-      fused_mask = fused_attention.kernel_mask(mask, batch, heads, q_len, kv_len)
-      return fused_attention.attention(
-        query, key, value, fused_mask, 1 / math.sqrt(head_dim) if scale is None else scale
-      )
-
   # Scaling the (B, T, H, K) query instead of the (B, H, T, S) logits saves a pass over the larger array. Query heads
   # are split into (G, H/G) groups so that each group meets its one key/value head.
   # (B, T, G, H/G, K)
-  scale = 1 / math.sqrt(head_dim) if scale is None else scale
   scaled = (query * jnp.asarray(scale, query.dtype)).reshape(
     batch, q_len, kv_heads, heads // kv_heads, head_dim
   )
