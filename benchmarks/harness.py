@@ -29,7 +29,8 @@ _CPU_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_
 
 
 def cpu_info() -> dict:
-  """The CPU by name and family (AMD Zen 4 is ``cpu family 25``, Zen 5 ``26``), and its matmul-relevant flags."""
+  """The CPU by vendor, name, family and model number (AMD Zen 4 is ``cpu family 25``, Zen 5 ``26``; Intel's are all
+  family 6, told apart by model: 106 is Ice Lake server), and its matmul-relevant flags."""
   try:
     with open('/proc/cpuinfo') as f:
       lines = f.read().split('\n\n')[0].splitlines()
@@ -39,8 +40,10 @@ def cpu_info() -> dict:
   fields = {k.strip(): v.strip() for k, v in fields.items()}
   flags = set(fields.get('flags', '').split())
   return {
+    'cpu_vendor': fields.get('vendor_id'),
     'cpu_model': fields.get('model name'),
     'cpu_family': fields.get('cpu family'),
+    'cpu_model_number': fields.get('model'),
     'cpu_flags': ' '.join(f for f in _CPU_FLAGS if f in flags),
   }
 
@@ -83,8 +86,10 @@ def machine_info() -> dict:
 
 def print_machine(info: dict) -> None:
   keys = (
+    'cpu_vendor',
     'cpu_model',
     'cpu_family',
+    'cpu_model_number',
     'cpu_flags',
     'processor',
     'cpu_count',

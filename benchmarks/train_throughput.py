@@ -289,20 +289,24 @@ class Prepared:
   params_M: float
 
 
-def prepare_jax(case: Case) -> Prepared:
+def compiled_jax_step(case: Case):
+  """``(compiled, state, batch, rng, compile_s)``: our Linen AdamW step compiled with the parameters and optimizer
+  state donated, ``state = [params, opt_state]`` to feed it, the batch already on the device (the step never waits
+  for the host)."""
   optimizer, step = linen_step(case)
   params = init_params(case)
   opt_state = optimizer.init(params)
-  # counted now: the step donates these buffers
-  params_m = sum(x.size for x in jax.tree.leaves(params)) / 1e6
-
-  # on the device before timing: the step never waits for the host
   batch = jax.device_put(case.batch)
   rng = jax.random.key(1)
   start = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch, rng).compile()
-  compile_s = time.perf_counter() - start
-  state = [params, opt_state]
+  return compiled, [params, opt_state], batch, rng, time.perf_counter() - start
+
+
+def prepare_jax(case: Case) -> Prepared:
+  compiled, state, batch, rng, compile_s = compiled_jax_step(case)
+  # counted now: the step donates these buffers
+  params_m = sum(x.size for x in jax.tree.leaves(state[0])) / 1e6
 
   def call():
     state[0], state[1], loss = compiled(state[0], state[1], batch, rng)
@@ -416,14 +420,8 @@ def parse_value(text: str):
     return text
 
 
-def main():
-  keep_host_memory()
-  parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
-  parser.add_argument(
-    '--models', nargs='+', choices=sorted(CASES), default=['gpt', 'seq2seq', 'bert']
-  )
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+  """The batch, context, model shapes, dropout and ``--override`` fields that the ``CASES`` builders read."""
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument(
     '--seq', type=int, default=256, help='context length (source and target for seq2seq)'
@@ -440,6 +438,29 @@ def main():
   )
   parser.add_argument('--bert-layers', type=int, default=2)
   parser.add_argument('--dropout', type=float, default=0.0)
+  parser.add_argument(
+    '--override',
+    action='append',
+    default=[],
+    metavar='FIELD=VALUE',
+    help='a config field of our models, e.g. fused_qkv=True or scan_layers=True (repeatable)',
+  )
+
+
+def parse_overrides(items: list[str]) -> dict:
+  """``['fused_qkv=True']`` -> ``{'fused_qkv': True}``."""
+  return dict((field, parse_value(value)) for field, value in (i.split('=', 1) for i in items))
+
+
+def main():
+  keep_host_memory()
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    '--models', nargs='+', choices=sorted(CASES), default=['gpt', 'seq2seq', 'bert']
+  )
+  add_shape_arguments(parser)
   parser.add_argument(
     '--repeats',
     type=int,
@@ -463,22 +484,13 @@ def main():
   parser.add_argument('--no-torch', action='store_true', help='ours only')
   parser.add_argument('--no-nnx', action='store_true', help='no row for our models in NNX')
   parser.add_argument('--no-torch-compile', action='store_true')
-  parser.add_argument(
-    '--override',
-    action='append',
-    default=[],
-    metavar='FIELD=VALUE',
-    help='a config field of our models, e.g. fused_qkv=True or scan_layers=True (repeatable)',
-  )
   parser.add_argument('--out', default='benchmarks/results/train_throughput.json')
   args = parser.parse_args()
 
   overrides = {}
   if jax.default_backend() == 'gpu':
     overrides['attention_implementation'] = 'cudnn'
-  for item in args.override:
-    field, value = item.split('=', 1)
-    overrides[field] = parse_value(value)
+  overrides.update(parse_overrides(args.override))
   precisions = args.precision or (['bfloat16'] if on_accelerator() else ['float32'])
   info = machine_info()
   print_machine(info)

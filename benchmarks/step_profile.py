@@ -1,0 +1,219 @@
+"""Where a compiled training step spends its time on this machine: XLA's ops, profiled, summed by kind and by op.
+
+    python -m benchmarks.step_profile [--model gpt|seq2seq|bert] [--precision float32|bfloat16] [--steps 3]
+        [--top 20] [--override attention_implementation=einsum] (and train_throughput's shape flags)
+
+It compiles the same AdamW step that ``python -m benchmarks.train_throughput`` times (ours, Linen), runs it under
+``jax.profiler.trace`` and reads the trace's XLA ops back: each op's time, and for each product (a dot, alone or
+fused with elementwise work) its FLOPs from the compiled HLO, so its achieved GFLOP/s shows against the matmul peak
+printed beside it. Two tables: op time per step by kind (products, our CPU kernels by name, copies and transposes,
+reductions, other elementwise fusions), and the ``--top`` ops by time with the model path they come from. Op time
+can exceed the wall time: XLA:CPU runs independent ops side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import math
+import re
+import tempfile
+import time
+
+import jax
+
+from benchmarks.harness import (
+  keep_host_memory,
+  machine_info,
+  peak_flops,
+  print_machine,
+  print_table,
+)
+from benchmarks.train_throughput import (
+  CASES,
+  add_shape_arguments,
+  compiled_jax_step,
+  parse_overrides,
+)
+
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\w+\[[^\]]*\])\S* (\S+)\((.*)$')
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) .*\{$')
+_DIMS = re.compile(r'\w+\[([\d,]*)\]')
+
+
+@dataclasses.dataclass
+class Op:
+  """One HLO instruction of the compiled program: its opcode, the computation it calls, its own FLOPs."""
+
+  opcode: str
+  calls: str | None
+  flops: int
+  target: str | None  # a custom call's target
+  path: str  # the model path of the JAX op it came from
+
+
+def dims(shape: str) -> list[int]:
+  match = _DIMS.match(shape)
+  return [int(d) for d in match.group(1).split(',') if d] if match else []
+
+
+@dataclasses.dataclass
+class Program:
+  """A compiled program's instructions by name, each computation's instruction names, and the entry's name."""
+
+  ops: dict[str, Op]
+  members: dict[str, list[str]]
+  entry: str
+
+  def flops(self, name: str) -> int:
+    """An instruction's FLOPs with those of the fused computation it calls."""
+    op = self.ops[name]
+    inner = self.members.get(op.calls, []) if op.opcode == 'fusion' else []
+    return op.flops + sum(self.flops(m) for m in inner)
+
+
+def parse_hlo(text: str) -> Program:
+  """The instructions of compiled HLO text, each dot's FLOPs (2 x result elements x contracted size) counted."""
+  ops, members, shapes, computation, entry = {}, collections.defaultdict(list), {}, None, None
+  for line in text.splitlines():
+    if (start := _COMPUTATION.match(line)) and ' = ' not in line.split('{')[0]:
+      computation = start.group(1)
+      entry = computation if line.startswith('ENTRY') else entry
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, shape, opcode, rest = match.groups()
+    shapes[name] = shape
+    flops = 0
+    if opcode == 'dot':
+      lhs = rest.split(',')[0].strip().lstrip('%')
+      contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest).group(1)
+      depth = math.prod(dims(shapes[lhs])[int(i)] for i in contracting.split(',') if i)
+      flops = 2 * math.prod(dims(shape)) * depth
+    calls = re.search(r'calls=%([\w.\-]+)', rest)
+    target = re.search(r'custom_call_target="([^"]+)"', rest)
+    path = re.search(r'op_name="([^"]+)"', rest)
+    ops[name] = Op(
+      opcode,
+      calls.group(1) if calls else None,
+      flops,
+      target.group(1) if target else None,
+      path.group(1) if path else '',
+    )
+    members[computation].append(name)
+  return Program(ops, dict(members), entry)
+
+
+def kind_of(name: str, op: Op, flops: int) -> str:
+  if flops:
+    return 'products (dots, with what XLA fused into them)'
+  if op.opcode == 'custom-call':
+    return f'kernel {op.target}'
+  if op.opcode in ('copy', 'transpose') or name.startswith(('copy', 'transpose')):
+    return 'copies and transposes'
+  if 'reduce' in name:
+    return 'reductions'
+  return 'other elementwise and data movement'
+
+
+def short_path(path: str) -> str:
+  """``jit(step)/transpose(jvp(GPT))/GPT.hidden_states/decoder/layers_5/...`` -> ``grad .../layers_5/...``."""
+  direction = 'grad ' if 'transpose(' in path else ''
+  path = re.sub(r'^jit\(\w+\)/', '', path)
+  path = re.sub(r'(transpose|jvp)\(|\)', '', path)
+  return direction + '/'.join(p for p in path.split('/') if '.' not in p)[-70:]
+
+
+def trace_events(step, steps: int) -> list[dict]:
+  """The XLA op events (those that name an ``hlo_op``) of ``steps`` calls of ``step`` under the profiler."""
+  with tempfile.TemporaryDirectory() as log_dir:
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      for _ in range(steps):
+        step()
+    (path,) = glob.glob(f'{log_dir}/**/perfetto_trace.json.gz', recursive=True)
+    with gzip.open(path) as f:
+      events = json.load(f)['traceEvents']
+  return [e for e in events if e.get('ph') == 'X' and 'hlo_op' in e.get('args', {})]
+
+
+def main():
+  keep_host_memory()
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument('--model', choices=sorted(CASES), default='gpt')
+  parser.add_argument('--precision', choices=['float32', 'bfloat16'], default='float32')
+  parser.add_argument('--steps', type=int, default=3, help='profiled steps (op times are per step)')
+  parser.add_argument('--top', type=int, default=20, help='the slowest ops listed')
+  add_shape_arguments(parser)
+  args = parser.parse_args()
+
+  print_machine(machine_info())
+  peak, peak_source = peak_flops()
+  print(f'peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})', flush=True)
+  case = CASES[args.model](args, {'dtype': args.precision, **parse_overrides(args.override)})
+  compiled, state, batch, rng, _ = compiled_jax_step(case)
+  program = parse_hlo(compiled.as_text())
+
+  def step():
+    state[0], state[1], loss = compiled(state[0], state[1], batch, rng)
+    jax.block_until_ready(loss)
+
+  for _ in range(2):
+    step()
+  start = time.perf_counter()
+  step()
+  wall_ms = 1e3 * (time.perf_counter() - start)
+  events = trace_events(step, args.steps)
+
+  per_op = collections.defaultdict(float)
+  for event in events:
+    per_op[event['args']['hlo_op']] += event['dur'] / 1e3 / args.steps  # ms per step
+  by_kind = collections.defaultdict(lambda: [0.0, 0, 0])
+  rows = []
+  for name, ms in per_op.items():
+    op = program.ops.get(name)
+    if op is None:  # a thunk of XLA's own, not an instruction
+      continue
+    flops = program.flops(name)
+    kind = kind_of(name, op, flops)
+    by_kind[kind][0] += ms
+    by_kind[kind][1] += 1
+    by_kind[kind][2] += flops
+    rows.append(
+      {
+        'op': name[:28],
+        'ms': ms,
+        'GFLOP/s': flops / ms / 1e6 if flops else '',
+        'kind': kind.split(' (')[0],
+        'from': short_path(op.path),
+      }
+    )
+  op_ms = sum(v[0] for v in by_kind.values())
+  print(
+    f'\n{args.model} {args.precision}: one step {wall_ms:,.0f} ms wall (unprofiled), '
+    f'{op_ms:,.0f} ms of op time (profiled, per step)\n'
+  )
+  kinds = [
+    {
+      'kind': kind,
+      'ops': count,
+      'ms': ms,
+      '% of op time': 100 * ms / op_ms,
+      'GFLOP/s': flops / ms / 1e6 if flops else '',
+    }
+    for kind, (ms, count, flops) in sorted(by_kind.items(), key=lambda kv: -kv[1][0])
+  ]
+  print_table(kinds, ['kind', 'ops', 'ms', '% of op time', 'GFLOP/s'])
+  print()
+  rows.sort(key=lambda r: -r['ms'])
+  print_table(rows[: args.top], ['op', 'ms', 'GFLOP/s', 'kind', 'from'])
+
+
+if __name__ == '__main__':
+  main()

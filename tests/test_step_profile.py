@@ -1,0 +1,81 @@
+"""``benchmarks.step_profile``: the FLOPs it reads from compiled HLO, and the profiled ops it matches to them."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+from benchmarks.step_profile import kind_of, parse_hlo, short_path, trace_events
+
+B, M, K, N = 2, 5, 7, 3
+
+
+def _compiled(fn, *shapes):
+  args = [jnp.ones(s, jnp.float32) for s in shapes]
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled, args, parse_hlo(compiled.as_text())
+
+
+def _entry_flops(program):
+  """FLOPs by instruction of the entry computation: the ops that run, each dot inside exactly one of them."""
+  return {n: program.flops(n) for n in program.members[program.entry]}
+
+
+@pytest.mark.parametrize(
+  'name, fn, shapes, expected',
+  [
+    ('x w', lambda x, w: x @ w, [(M, K), (K, N)], 2 * M * K * N),
+    (
+      'x^T g',
+      lambda x, g: lax.dot_general(x, g, (((0,), (0,)), ((), ()))),
+      [(K, M), (K, N)],
+      2 * M * K * N,
+    ),
+    (
+      'g w^T',
+      lambda g, w: lax.dot_general(g, w, (((1,), (1,)), ((), ()))),
+      [(M, K), (N, K)],
+      2 * M * K * N,
+    ),
+    (
+      'batched',
+      lambda a, b: jnp.einsum('bmk,bkn->bmn', a, b),
+      [(B, M, K), (B, K, N)],
+      2 * B * M * K * N,
+    ),
+    ('fused with tanh', lambda x, w: jnp.tanh(x @ w) + 1.0, [(M, K), (K, N)], 2 * M * K * N),
+  ],
+)
+def test_product_flops(name, fn, shapes, expected):
+  _, _, program = _compiled(fn, *shapes)
+  flops = _entry_flops(program)
+  assert sum(flops.values()) == expected, (name, flops)
+
+
+def test_two_products_and_the_kinds_of_ops():
+  def fn(x, w1, w2):
+    return jnp.sum(jnp.tanh(x @ w1) @ w2, axis=0)
+
+  _, _, program = _compiled(fn, (M, K), (K, N), (N, 11))
+  flops = _entry_flops(program)
+  products = sorted(f for f in flops.values() if f)
+  assert products == sorted([2 * M * K * N, 2 * M * N * 11])
+  kinds = {kind_of(n, program.ops[n], f) for n, f in flops.items()}
+  assert 'products (dots, with what XLA fused into them)' in kinds
+  assert kind_of('copy.3', program.ops[next(iter(flops))], 0) == 'copies and transposes'
+
+
+def test_trace_names_the_compiled_ops():
+  compiled, args, program = _compiled(lambda x, w: jnp.tanh(x @ w), (64, 96), (96, 80))
+  events = trace_events(lambda: jax.block_until_ready(compiled(*args)), steps=2)
+  names = {e['args']['hlo_op'] for e in events}
+  assert any(program.flops(n) == 2 * 64 * 96 * 80 for n in names & set(program.ops))
+
+
+def test_short_path_tells_gradient_ops():
+  forward = 'jit(step)/jvp(GPT)/GPT.hidden_states/decoder/layers_0/ffn/fc_in/dot_general'
+  backward = (
+    'jit(step)/transpose(jvp(GPT))/GPT.hidden_states/decoder/layers_5/ffn/fc_in/dot_general'
+  )
+  assert short_path(forward) == 'GPT/decoder/layers_0/ffn/fc_in/dot_general'
+  assert short_path(backward) == 'grad GPT/decoder/layers_5/ffn/fc_in/dot_general'
