@@ -86,6 +86,29 @@ def test_other_products_stay_with_xla(lhs_shape, rhs_shape, dims, why):
   np.testing.assert_array_equal(dot_general(lhs, rhs, dims), want)
 
 
+@pytest.mark.parametrize('bf16_dots', [True, False], ids=['cpu_with_bf16_dots', 'cpu_without'])
+def test_row_limit_follows_the_cpu(bf16_dots, monkeypatch):
+  """Seven rows of bf16 weights go to the kernel only on a CPU without bf16 dot instructions, where XLA emulates its
+  bf16 products; float32 weights keep the limit of four rows on either."""
+  monkeypatch.setattr(skinny_matmul, 'cpu_has_bf16_dots', lambda: bf16_dots)
+  assert skinny_matmul.max_rows(jnp.float32) == skinny_matmul.MAX_ROWS == 4
+  assert skinny_matmul.max_rows(jnp.bfloat16) == (4 if bf16_dots else skinny_matmul.KERNEL_ROWS)
+  dims = (((1,), (0,)), ((), ()))
+  x = jax.random.normal(jax.random.key(0), (7, 37))
+  w = jax.random.normal(jax.random.key(1), (37, 1031), jnp.bfloat16)
+  fn = lambda a, b: dot_general(a, b, dims)  # noqa: E731
+  assert custom_calls(fn, x, w) == (0 if bf16_dots else 1)
+  assert custom_calls(fn, x, w.astype(jnp.float32)) == 0
+  np.testing.assert_allclose(jax.jit(fn)(x, w), float64_product(x, w, False), rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_flags_read():
+  flags = cpu_build.cpu_flags()
+  if flags is None:
+    pytest.skip('no /proc/cpuinfo flags on this machine')
+  assert skinny_matmul.cpu_has_bf16_dots() == bool(flags & set(skinny_matmul.BF16_DOT_FLAGS))
+
+
 def test_layouts_found():
   assert product_layout((1, 1, 8), (8, 3, 4), (((2,), (0,)), ((), ()))) == (1, 8, False)
   assert product_layout((2, 8), (50, 8), (((1,), (1,)), ((), ()))) == (2, 8, True)

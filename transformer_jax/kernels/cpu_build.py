@@ -56,6 +56,19 @@ def cpu_signature() -> str:
   return f'{platform.machine()} ' + ' | '.join(f'{k}={v}' for k, v in sorted(seen.items()))
 
 
+def cpu_flags() -> set[str] | None:
+  """The CPU's feature flags from ``/proc/cpuinfo`` (x86), or None where they cannot be read."""
+  try:
+    lines = Path('/proc/cpuinfo').read_text().splitlines()
+  except OSError:
+    return None
+  for line in lines:
+    key, _, value = line.partition(':')
+    if key.strip() == 'flags':
+      return set(value.split())
+  return None
+
+
 def library_path(source: Path) -> Path:
   digest = hashlib.sha256()
   headers = sorted(source.parent.glob('*.h'))

@@ -4,7 +4,7 @@ A decoding step multiplies one row per sequence by every weight, so it is bound 
 computes a one-row product with bfloat16 weights one element at a time (about 2 GB/s against 50-70 for float32), so
 bfloat16 weights, half the bytes, decode slower than float32 ones. :func:`matmul` runs ``skinny_matmul.cc``: each
 weight read once, widened to float32 in registers, accumulated in float32. :mod:`transformer_jax.modules.dot` sends
-it the products of at most :data:`MAX_ROWS` rows on the CPU.
+it the products of at most :func:`max_rows` rows on the CPU.
 
 The kernel is differentiable (its tangent is two XLA products) and vmappable (one call per example). It is built
 on first use for this CPU (:mod:`transformer_jax.kernels.cpu_build`); without a compiler, or with
@@ -22,7 +22,28 @@ from jax import lax
 from transformer_jax.kernels import cpu_build
 
 MAX_ROWS = 4  # measured: at 8 rows XLA's library kernels (YNNPACK) are as fast or faster
+# the most rows the kernel takes (kMaxRows in skinny_limits.h)
+KERNEL_ROWS = 8
 TARGET = 'transformer_jax_skinny_matmul'
+# /proc/cpuinfo flags of bfloat16 dot instructions, which XLA's bf16 library kernels run on
+BF16_DOT_FLAGS = ('avx512_bf16', 'amx_bf16')
+
+
+@functools.cache
+def cpu_has_bf16_dots() -> bool:
+  """True when the CPU has bfloat16 dot instructions (AVX512-BF16 or AMX), or when its flags cannot be read."""
+  flags = cpu_build.cpu_flags()
+  return flags is None or any(flag in flags for flag in BF16_DOT_FLAGS)
+
+
+def max_rows(weight_dtype) -> int:
+  """The most rows :mod:`transformer_jax.modules.dot` sends the kernel for weights of ``weight_dtype``:
+  :data:`MAX_ROWS`, or all the kernel takes (:data:`KERNEL_ROWS`) for bfloat16 weights on a CPU without bfloat16 dot
+  instructions, where XLA emulates its bf16 products (GPT-2 small decoding 8 sequences in bf16 on an Ice Lake:
+  71 ms a step through XLA, 51 through the kernel; float32's 76 ms stays with XLA, which is faster there)."""
+  if jnp.dtype(weight_dtype) == jnp.bfloat16 and not cpu_has_bf16_dots():
+    return KERNEL_ROWS
+  return MAX_ROWS
 
 
 def available() -> bool:
@@ -40,7 +61,7 @@ def reference(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def matmul(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
-  """``(M, K) x W -> (M, N)`` float32 by the kernel (CPU only; ``M <= MAX_ROWS``); see :func:`reference`."""
+  """``(M, K) x W -> (M, N)`` float32 by the kernel (CPU only; ``M <= KERNEL_ROWS``); see :func:`reference`."""
   if not available():
     raise RuntimeError('the skinny_matmul CPU kernel could not be built; see the logged warning')
   n = w.shape[0] if transposed else w.shape[1]

@@ -6,7 +6,7 @@ whatever their dtype. :func:`dense_product` (used by :mod:`transformer_jax.modul
 drop-in for ``lax.dot_general``) hand two cases to code that runs fast on the CPU, and on every other platform are
 ``lax.dot_general`` exactly:
 
-- **Few rows** (at most :data:`~transformer_jax.kernels.skinny_matmul.MAX_ROWS`, a decoding step) with float32 or
+- **Few rows** (at most :func:`~transformer_jax.kernels.skinny_matmul.max_rows`, a decoding step) with float32 or
   bfloat16 weights: the :mod:`~transformer_jax.kernels.skinny_matmul` kernel, which reads bfloat16 weights as stored.
 - **bfloat16 by bfloat16** (``dtype='bfloat16'`` training and prefill): YNNPACK takes a bf16 product only with a
   float32 result, so a bf16-result product, and every gradient product, ran in float32. :func:`bf16_matmul` asks for
@@ -142,9 +142,9 @@ def cpu_product(plain, lhs, rhs, dimension_numbers, bias=None):
   if layout is None:
     return with_bias(plain(lhs, rhs), bias)
   if (
-    layout[0] <= skinny_matmul.MAX_ROWS
-    and lhs.dtype in KERNEL_DTYPES
+    lhs.dtype in KERNEL_DTYPES
     and rhs.dtype in KERNEL_DTYPES
+    and layout[0] <= skinny_matmul.max_rows(rhs.dtype)
     and skinny_matmul.available()
   ):
     result = jax.eval_shape(plain, lhs, rhs)
