@@ -45,6 +45,9 @@ _COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) .*\{$')
 _DIMS = re.compile(r'\w+\[([\d,]*)\]')
 
 
+CONTROL_FLOW = ('while', 'conditional', 'call')
+
+
 @dataclasses.dataclass
 class Op:
   """One HLO instruction of the compiled program: its opcode, the computation it calls, its own FLOPs."""
@@ -141,6 +144,39 @@ def trace_events(step, steps: int) -> list[dict]:
   return [e for e in events if e.get('ph') == 'X' and 'hlo_op' in e.get('args', {})]
 
 
+def op_times(program: Program, events: list[dict], steps: int) -> tuple[list[dict], dict]:
+  """``(rows, by_kind)`` from the trace ``events`` of ``steps`` calls: a row per op (its ms per step, the GFLOP/s of
+  its products, its kind and model path), and per kind ``[ms, ops, FLOPs]`` per step. An op in a loop body
+  (``scan_layers``) runs several times a step: its time and FLOPs count every run."""
+  per_op = collections.defaultdict(float)
+  runs = collections.Counter()
+  for event in events:
+    per_op[event['args']['hlo_op']] += event['dur'] / 1e3 / steps
+    runs[event['args']['hlo_op']] += 1
+  by_kind = collections.defaultdict(lambda: [0.0, 0, 0])
+  rows = []
+  for name, ms in per_op.items():
+    op = program.ops.get(name)
+    # a thunk of XLA's own, not an instruction; or control flow, whose time is its body's ops'
+    if op is None or op.opcode in CONTROL_FLOW:
+      continue
+    flops = program.flops(name) * runs[name] // steps
+    kind = kind_of(name, op, flops)
+    by_kind[kind][0] += ms
+    by_kind[kind][1] += 1
+    by_kind[kind][2] += flops
+    rows.append(
+      {
+        'op': name[:28],
+        'ms': ms,
+        'GFLOP/s': flops / ms / 1e6 if flops else '',
+        'kind': kind.split(' (')[0],
+        'from': short_path(op.path),
+      }
+    )
+  return rows, dict(by_kind)
+
+
 def main():
   keep_host_memory()
   parser = argparse.ArgumentParser(
@@ -171,30 +207,8 @@ def main():
   wall_ms = 1e3 * (time.perf_counter() - start)
   events = trace_events(step, args.steps)
 
-  per_op = collections.defaultdict(float)
-  for event in events:
-    per_op[event['args']['hlo_op']] += event['dur'] / 1e3 / args.steps  # ms per step
-  by_kind = collections.defaultdict(lambda: [0.0, 0, 0])
-  rows = []
-  for name, ms in per_op.items():
-    op = program.ops.get(name)
-    if op is None:  # a thunk of XLA's own, not an instruction
-      continue
-    flops = program.flops(name)
-    kind = kind_of(name, op, flops)
-    by_kind[kind][0] += ms
-    by_kind[kind][1] += 1
-    by_kind[kind][2] += flops
-    rows.append(
-      {
-        'op': name[:28],
-        'ms': ms,
-        'GFLOP/s': flops / ms / 1e6 if flops else '',
-        'kind': kind.split(' (')[0],
-        'from': short_path(op.path),
-      }
-    )
-  op_ms = sum(v[0] for v in by_kind.values())
+  rows, by_kind = op_times(program, events, args.steps)
+  op_ms = sum(ms for ms, _, _ in by_kind.values())
   print(
     f'\n{args.model} {args.precision}: one step {wall_ms:,.0f} ms wall (unprofiled), '
     f'{op_ms:,.0f} ms of op time (profiled, per step)\n'

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from benchmarks.step_profile import kind_of, parse_hlo, short_path, trace_events
+from benchmarks.step_profile import kind_of, op_times, parse_hlo, short_path, trace_events
 
 B, M, K, N = 2, 5, 7, 3
 
@@ -79,3 +79,18 @@ def test_short_path_tells_gradient_ops():
   )
   assert short_path(forward) == 'GPT/decoder/layers_0/ffn/fc_in/dot_general'
   assert short_path(backward) == 'grad GPT/decoder/layers_5/ffn/fc_in/dot_general'
+
+
+def test_an_op_in_a_loop_counts_every_run():
+  """A product inside a three-step scan: its FLOPs count three times a call, and the loop itself is not an op."""
+  w = jnp.ones((96, 96))
+
+  def fn(x):
+    return lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=3)[0]
+
+  compiled, args, program = _compiled(fn, (64, 96))
+  events = trace_events(lambda: jax.block_until_ready(compiled(*args)), steps=2)
+  rows, by_kind = op_times(program, events, steps=2)
+  products = by_kind['products (dots, with what XLA fused into them)']
+  assert products[2] == 3 * 2 * 64 * 96 * 96
+  assert not any(program.ops[r['op']].opcode == 'while' for r in rows if r['op'] in program.ops)
