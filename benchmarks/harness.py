@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from transformer_jax.host_memory import keep_freed_memory
+from transformer_jax.kernels import cpu_build
 
 _HOST_MEMORY = {'kept': False}
 
@@ -31,14 +32,10 @@ _CPU_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_
 def cpu_info() -> dict:
   """The CPU by vendor, name, family and model number (AMD Zen 4 is ``cpu family 25``, Zen 5 ``26``; Intel's are all
   family 6, told apart by model: 106 is Ice Lake server), and its matmul-relevant flags."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      lines = f.read().split('\n\n')[0].splitlines()
-  except OSError:
+  fields = cpu_build.cpuinfo()
+  if fields is None:
     return {}
-  fields = dict(line.split(':', 1) for line in lines if ':' in line)
-  fields = {k.strip(): v.strip() for k, v in fields.items()}
-  flags = set(fields.get('flags', '').split())
+  flags = cpu_build.cpu_flags() or set()
   return {
     'cpu_vendor': fields.get('vendor_id'),
     'cpu_model': fields.get('model name'),

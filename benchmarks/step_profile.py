@@ -167,7 +167,7 @@ def op_times(program: Program, events: list[dict], steps: int) -> tuple[list[dic
     by_kind[kind][2] += flops
     rows.append(
       {
-        'op': name[:28],
+        'op': name,
         'ms': ms,
         'GFLOP/s': flops / ms / 1e6 if flops else '',
         'kind': kind.split(' (')[0],
@@ -226,7 +226,9 @@ def main():
   print_table(kinds, ['kind', 'ops', 'ms', '% of op time', 'GFLOP/s'])
   print()
   rows.sort(key=lambda r: -r['ms'])
-  print_table(rows[: args.top], ['op', 'ms', 'GFLOP/s', 'kind', 'from'])
+  print_table(
+    [{**r, 'op': r['op'][:28]} for r in rows[: args.top]], ['op', 'ms', 'GFLOP/s', 'kind', 'from']
+  )
 
 
 if __name__ == '__main__':

@@ -91,6 +91,9 @@ def test_an_op_in_a_loop_counts_every_run():
   compiled, args, program = _compiled(fn, (64, 96))
   events = trace_events(lambda: jax.block_until_ready(compiled(*args)), steps=2)
   rows, by_kind = op_times(program, events, steps=2)
+  loops = [n for n, op in program.ops.items() if op.opcode == 'while']
+  assert loops, 'the scan was unrolled: nothing here runs more than once a call'
   products = by_kind['products (dots, with what XLA fused into them)']
   assert products[2] == 3 * 2 * 64 * 96 * 96
-  assert not any(program.ops[r['op']].opcode == 'while' for r in rows if r['op'] in program.ops)
+  assert {r['op'] for r in rows}.isdisjoint(loops)
+  assert {r['op'] for r in rows} <= set(program.ops)

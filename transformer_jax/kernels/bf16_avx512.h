@@ -119,7 +119,7 @@ inline void nk_block_bf16(const float* xp, const uint16_t* w, float* out, int64_
   __m512 even[kMaxRows], odd[kMaxRows];
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* row = w + n * k_dim;
-    const uint16_t* ahead = n + kPrefetchRows < n1 ? row + kPrefetchRows * k_dim : nullptr;
+    const uint16_t* ahead = n + kTablePrefetchRows < n1 ? row + kTablePrefetchRows * k_dim : nullptr;
     for (int64_t m = 0; m < rows; ++m) even[m] = odd[m] = _mm512_setzero_ps();
     for (int64_t k = 0; k < paired; k += kPairWidth) {
       if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + k), _MM_HINT_T0);

@@ -41,32 +41,34 @@ def cache_dir() -> Path:
   return Path(root) / 'kernels'
 
 
-def cpu_signature() -> str:
-  """The CPU model and feature flags (``/proc/cpuinfo``), else what ``platform`` knows."""
+def cpuinfo() -> dict[str, str] | None:
+  """The fields of ``/proc/cpuinfo``, each key's first value (the first processor's), or None where it cannot be
+  read."""
   try:
     lines = Path('/proc/cpuinfo').read_text().splitlines()
   except OSError:
-    return f'{platform.machine()} {platform.processor()}'
-  wanted = ('model name', 'flags', 'Features', 'CPU part')
-  seen = {}
+    return None
+  fields = {}
   for line in lines:
     key, _, value = line.partition(':')
-    if key.strip() in wanted:
-      seen.setdefault(key.strip(), value.strip())
+    fields.setdefault(key.strip(), value.strip())
+  return fields
+
+
+def cpu_signature() -> str:
+  """The CPU model and feature flags (``/proc/cpuinfo``), else what ``platform`` knows."""
+  fields = cpuinfo()
+  if fields is None:
+    return f'{platform.machine()} {platform.processor()}'
+  wanted = ('model name', 'flags', 'Features', 'CPU part')
+  seen = {k: fields[k] for k in wanted if k in fields}
   return f'{platform.machine()} ' + ' | '.join(f'{k}={v}' for k, v in sorted(seen.items()))
 
 
 def cpu_flags() -> set[str] | None:
   """The CPU's feature flags from ``/proc/cpuinfo`` (x86), or None where they cannot be read."""
-  try:
-    lines = Path('/proc/cpuinfo').read_text().splitlines()
-  except OSError:
-    return None
-  for line in lines:
-    key, _, value = line.partition(':')
-    if key.strip() == 'flags':
-      return set(value.split())
-  return None
+  fields = cpuinfo()
+  return None if fields is None or 'flags' not in fields else set(fields['flags'].split())
 
 
 def library_path(source: Path) -> Path:

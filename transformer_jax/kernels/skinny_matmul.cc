@@ -30,16 +30,13 @@ namespace {
 constexpr int64_t kAccumulators = 4096;
 // Rows of an (N, K) weight per block.
 constexpr int64_t kTableRows = 128;
-// A block reads its table rows as one stream, which the hardware prefetcher follows only up to each 4 KiB page's
-// end (a GPT-2 row is 3 KiB in float32): the row this many ahead is asked for while one is summed.
-constexpr int64_t kTablePrefetchRows = 4;
-
 inline void prefetch_row(const void* start, int64_t bytes) {
   const char* p = static_cast<const char*>(start);
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
 }
 
 using transformer_jax::kMaxRows;
+using transformer_jax::kTablePrefetchRows;
 using transformer_jax::widen;
 
 // acc (rows, width) += x[:, k0:k1] . W[k0:k1, n0:n0+width], four weight rows per pass over the accumulators.
