@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -15,6 +16,23 @@ def read_metrics(workdir: str) -> list[dict]:
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def summary_writer_class():
+  """tensorboardX's ``SummaryWriter``, imported here (not at the top) and without PyTorch where it is not loaded yet.
+
+  tensorboardX imports torch whenever it is installed, only to accept torch tensors, which we never pass: about two
+  seconds of every start. Hidden while tensorboardX loads, ``import torch`` fails there and it takes numpy only."""
+  if 'torch' in sys.modules or 'tensorboardX' in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules['torch'] = None  # an entry of None makes `import torch` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
 
 
 class MetricWriter:
@@ -34,11 +52,7 @@ class MetricWriter:
     with open(path, 'w') as f:
       f.writelines(json.dumps(r) + '\n' for r in kept)
     self.jsonl = open(path, 'a')
-    from tensorboardX import (
-      SummaryWriter,  # here: with PyTorch installed it imports torch, seconds a start
-    )
-
-    self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.tensorboard = summary_writer_class()(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     if not self.enabled:
