@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.config import REMAT_POLICIES, BlockConfig
+from transformer_jax.kernels.materialize import hold_gradient
 from transformer_jax.modules.attention import CACHE_INDEX, MultiHeadAttention
 from transformer_jax.modules.feedforward import FeedForward
 from transformer_jax.modules.normalization import make_norm
@@ -183,7 +184,8 @@ class Stack(Module):
     def apply_layer(layer, x, bias, *args):
       # layers that take no bias need not know of it
       extra = {} if bias is None else {'bias': bias}
-      return _residual_stream(layer(x, *args, **extra, deterministic=deterministic, decode=decode))
+      out = layer(x, *args, **extra, deterministic=deterministic, decode=decode)
+      return _residual_stream(hold_gradient(out))
 
     if cfg.remat_policy != 'none':
       # prevent_cse only matters outside scan; inside scan it just blocks optimisations.
