@@ -185,6 +185,7 @@ class Stack(Module):
       # layers that take no bias need not know of it
       extra = {} if bias is None else {'bias': bias}
       out = layer(x, *args, **extra, deterministic=deterministic, decode=decode)
+      # the gradient of each layer's output written out once, not re-added in every op that reads it (on the CPU)
       return _residual_stream(hold_gradient(out))
 
     if cfg.remat_policy != 'none':
