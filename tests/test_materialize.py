@@ -82,3 +82,14 @@ def test_gpt_gradient_is_written_once_per_layer(monkeypatch):
   assert materialize.TARGET not in plain
   # without it, a fusion re-adds the gradient of every later layer (26 operands here, against 8)
   assert widest_fusion(plain) > 2 * widest_fusion(held)
+
+
+def test_elsewhere_the_plain_identity(monkeypatch):
+  """Beside other devices (a mesh, whose partitioner cannot split the call) the gradient stays XLA's own, and
+  forward mode still works."""
+  x, weights = inputs()
+  monkeypatch.setattr(materialize.cpu_build, 'sole_cpu_device', lambda: False)
+  compiled = jax.jit(jax.grad(residual_stack), static_argnums=2).lower(x, weights, True).compile()
+  assert materialize.TARGET not in compiled.as_text()
+  tangent = jnp.ones_like(x)
+  assert jax.jvp(materialize.hold_gradient, (x,), (tangent,))[1] is tangent

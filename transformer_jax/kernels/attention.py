@@ -36,14 +36,12 @@ def available() -> bool:
 def applies(query: jax.Array, key: jax.Array, value: jax.Array) -> bool:
   """The kernel is the default path for these operands: float32 or bfloat16 of one dtype, several query rows (a
   decoding step's single row stays on the einsum path, which XLA fuses with the KV-cache update), and the CPU the
-  only device (XLA cannot split a custom call over a mesh, so sharded operands would be gathered onto each
-  device); and the kernel builds here."""
+  only device (:func:`~transformer_jax.kernels.cpu_build.sole_cpu_device`); and the kernel builds here."""
   return (
     query.dtype in DTYPES
     and query.dtype == key.dtype == value.dtype
     and query.shape[1] > 1
-    and jax.default_backend() == 'cpu'
-    and jax.device_count() == 1
+    and cpu_build.sole_cpu_device()
     and available()
   )
 

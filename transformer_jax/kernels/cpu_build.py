@@ -41,9 +41,16 @@ def cache_dir() -> Path:
   return Path(root) / 'kernels'
 
 
+def sole_cpu_device() -> bool:
+  """The CPU is the only device: where a kernel's custom call may stand in the program (a partitioner cannot split
+  one over a mesh, so sharded operands would be gathered onto each device)."""
+  return jax.default_backend() == 'cpu' and jax.device_count() == 1
+
+
+@functools.cache
 def cpuinfo() -> dict[str, str] | None:
   """The fields of ``/proc/cpuinfo``, each key's first value (the first processor's), or None where it cannot be
-  read."""
+  read. Read once per process; the dict is shared, so callers only read it."""
   try:
     lines = Path('/proc/cpuinfo').read_text().splitlines()
   except OSError:

@@ -45,9 +45,9 @@ _held.defvjp(_held_fwd, _held_bwd)
 
 
 def hold_gradient(x: jax.Array) -> jax.Array:
-  """``x``; its gradient is materialised (module docstring) where the CPU is the only device and the kernel builds.
-  Elsewhere (a mesh, whose partitioner cannot split the call; other platforms) ``x`` as it is, differentiable in
-  both modes."""
-  if jax.default_backend() == 'cpu' and jax.device_count() == 1 and available():
+  """``x``; its gradient is materialised (module docstring) where the CPU is the only device
+  (:func:`~transformer_jax.kernels.cpu_build.sole_cpu_device`) and the kernel builds. Elsewhere ``x`` as it is,
+  differentiable in both modes."""
+  if cpu_build.sole_cpu_device() and available():
     return _held(x)
   return x
