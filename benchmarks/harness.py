@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from transformer_jax.host_memory import keep_freed_memory
-from transformer_jax.kernels import cpu_build
+from transformer_jax.kernels import cpu_build, mkl_matmul
 
 _HOST_MEMORY = {'kept': False}
 
@@ -77,6 +77,9 @@ def machine_info() -> dict:
     len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   )
   info['xla_flags'] = os.environ.get('XLA_FLAGS', '')
+  # which library runs our float32 products on the CPU (transformer_jax.kernels.mkl_matmul)
+  f32 = jnp.float32
+  info['f32_products'] = 'MKL' if mkl_matmul.applies(f32, f32, f32) else 'XLA'
   info['load_average'] = os.getloadavg() if hasattr(os, 'getloadavg') else None
   return info
 

@@ -109,25 +109,37 @@ def compile_library(source: Path, target: Path) -> None:
 
 
 @functools.cache
-def ffi_target(source_name: str, symbol: str, target_name: str) -> bool:
-  """Register ``symbol`` of ``source_name`` (a ``.cc`` beside this file) as the CPU FFI target ``target_name``.
-
-  Compiles on first use (about a second), then loads the cached library. True when the target is registered."""
+def library(source_name: str) -> ctypes.CDLL | None:
+  """The library built from ``source_name`` (a ``.cc`` beside this file): compiled on first use (about a second),
+  then loaded from the cache. None, with one logged line, where it cannot be built or loaded."""
   if not enabled():
-    return False
+    return None
   if platform.system() != 'Linux':
-    log.info('CPU kernel %s: built on Linux only; using XLA', target_name)
-    return False
+    log.info('CPU kernels (%s): built on Linux only; using XLA', source_name)
+    return None
   source = Path(__file__).with_name(source_name)
   try:
     path = library_path(source)
     if not path.exists():
       compile_library(source, path)
-    library = ctypes.cdll.LoadLibrary(str(path))
+    return ctypes.CDLL(str(path))
+  except (OSError, RuntimeError) as error:
+    log.warning('CPU kernels of %s unavailable, using XLA: %s', source_name, error)
+    return None
+
+
+@functools.cache
+def ffi_target(source_name: str, symbol: str, target_name: str) -> bool:
+  """Register ``symbol`` of :func:`library` ``(source_name)`` as the CPU FFI target ``target_name``. True when the
+  target is registered."""
+  built = library(source_name)
+  if built is None:
+    return False
+  try:
     jax.ffi.register_ffi_target(
-      target_name, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu'
+      target_name, jax.ffi.pycapsule(getattr(built, symbol)), platform='cpu'
     )
-  except (OSError, RuntimeError, AttributeError) as error:
+  except AttributeError as error:
     log.warning('CPU kernel %s unavailable, using XLA: %s', target_name, error)
     return False
   return True

@@ -3,11 +3,13 @@ with two CPU paths.
 
 XLA:CPU runs its fast library kernels (YNNPACK) only for some products and computes the others slowly or in float32
 whatever their dtype. :func:`dense_product` (used by :mod:`transformer_jax.modules.dense`) and :func:`dot_general` (a
-drop-in for ``lax.dot_general``) hand two cases to code that runs fast on the CPU, and on every other platform are
+drop-in for ``lax.dot_general``) hand three cases to code that runs fast on the CPU, and on every other platform are
 ``lax.dot_general`` exactly:
 
 - **Few rows** (at most :func:`~transformer_jax.kernels.skinny_matmul.max_rows`, a decoding step) with float32 or
   bfloat16 weights: the :mod:`~transformer_jax.kernels.skinny_matmul` kernel, which reads bfloat16 weights as stored.
+- **Float32 on an Intel CPU** with MKL installed: :mod:`~transformer_jax.kernels.mkl_matmul`, whose products (and
+  gradient products) run 20-35% faster than XLA's there.
 - **bfloat16 by bfloat16** (``dtype='bfloat16'`` training and prefill): YNNPACK takes a bf16 product only with a
   float32 result, so a bf16-result product, and every gradient product, ran in float32. :func:`bf16_matmul` asks for
   the float32 result and rounds it once to the result dtype (bf16, or float32 logits), the same numbers as XLA's bf16
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-from transformer_jax.kernels import skinny_matmul, transpose
+from transformer_jax.kernels import mkl_matmul, skinny_matmul, transpose
 
 BF16 = jnp.dtype(jnp.bfloat16)
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), BF16)
@@ -149,6 +151,10 @@ def cpu_product(plain, lhs, rhs, dimension_numbers, bias=None):
   ):
     result = jax.eval_shape(plain, lhs, rhs)
     kernel = on_cpu_as_matrices(skinny_matmul.matmul, plain, lhs, rhs, layout, result)
+    return with_bias(kernel, bias)
+  unbiased = jax.eval_shape(plain, lhs, rhs)
+  if mkl_matmul.applies(lhs.dtype, rhs.dtype, unbiased.dtype):
+    kernel = on_cpu_as_matrices(mkl_matmul.matmul, plain, lhs, rhs, layout, unbiased)
     return with_bias(kernel, bias)
   biased = lambda a, b: with_bias(plain(a, b), bias)  # noqa: E731
   result = jax.eval_shape(biased, lhs, rhs)
