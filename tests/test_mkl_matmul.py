@@ -1,6 +1,7 @@
 """``kernels.mkl_matmul``: float32 products by MKL, split over XLA's thread pool, and the dense layers that use them.
 
-Every layout of the product equals a float64 reference; the gradients equal XLA's; ``TRANSFORMER_JAX_MKL`` and the
+Every layout of the product equals a float64 reference; its gradients (reverse, forward, second order) and vmap
+equal XLA's; ``TRANSFORMER_JAX_MKL`` and the
 CPU's vendor choose the path; a model's compiled training step calls the kernel for its dense layers."""
 
 import importlib.metadata
@@ -67,10 +68,46 @@ def test_dense_product_value_and_gradients_equal_xla(transposed):
   assert 'transformer_jax_mkl_matmul' in jax.jit(jax.grad(ours)).lower(x, w, bias).as_text()
 
 
-def test_vmap_runs_one_product_per_example():
-  x, w = normal(5, (4, 6, 7)), normal(6, (7, 3))
-  per_example = jax.jit(jax.vmap(lambda r: mkl_matmul.matmul(r, w, False)))(x)
-  np.testing.assert_allclose(per_example, np.einsum('btk,kn->btn', x, w), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize(
+  'a_axis, b_axis, transpose_a',
+  [(0, None, False), (1, None, False), (0, None, True), (0, 0, False), (None, 2, False)],
+  ids=['a_stacked', 'a_axis1', 'a_transposed', 'both', 'b_only'],
+)
+def test_vmap_equals_einsum(a_axis, b_axis, transpose_a):
+  """vmap over ``a`` (4 examples of (6, 7), or (7, 6) transposed), ``b`` (7, 3), or both, on any axis."""
+  a = normal(5, (4, 7, 6) if transpose_a else (4, 6, 7))
+  b = normal(6, (4, 7, 3))
+  a_in = a if a_axis is not None else a[0]
+  a_in = jnp.moveaxis(a_in, 0, a_axis) if a_axis else a_in
+  b_in = b if b_axis is not None else b[0]
+  b_in = jnp.moveaxis(b_in, 0, b_axis) if b_axis else b_in
+  mapped = jax.vmap(lambda x, y: mkl_matmul.product(x, y, transpose_a, False), (a_axis, b_axis))
+  got = jax.jit(mapped)(a_in, b_in)
+  a_all = a if a_axis is not None else jnp.broadcast_to(a[0], a.shape)
+  b_all = b if b_axis is not None else jnp.broadcast_to(b[0], b.shape)
+  want = np.einsum('ekm,ekn->emn' if transpose_a else 'emk,ekn->emn', a_all, b_all)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_mode_and_second_order_equal_xla():
+  """jvp, jacfwd and the Hessian of a tied-head-like product (``x w^T``, x (3, 5), w (4, 5)) equal XLA's."""
+  x, w = normal(9, (3, 5)), normal(10, (4, 5))
+
+  def loss(product):
+    return lambda x, w: jnp.sum(jnp.tanh(product(x, w)) ** 2)
+
+  ours = loss(lambda x, w: mkl_matmul.matmul(x, w, True))
+  plain = loss(lambda x, w: x @ w.T)
+  tangents = (normal(11, x.shape), normal(12, w.shape))
+  with jax.default_matmul_precision('highest'):
+    pairs = [
+      (jax.jvp(ours, (x, w), tangents), jax.jvp(plain, (x, w), tangents)),
+      (jax.jacfwd(ours, (0, 1))(x, w), jax.jacfwd(plain, (0, 1))(x, w)),
+      (jax.hessian(ours)(x, w), jax.hessian(plain)(x, w)),
+    ]
+  for got, want in pairs:
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

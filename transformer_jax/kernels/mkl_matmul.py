@@ -6,8 +6,8 @@ gradient products (``x^T g``: 195-222 against 263-305). Products are about three
 step, so this gap was most of what kept our step behind PyTorch eager there. On AMD Zen 4 and Zen 5 XLA's products
 are level with MKL's or well ahead (503 against 220 GFLOP/s on Zen 5), so the kernel stays off there.
 
-:func:`matmul` is ``x @ w`` (or ``x @ w.T``) for float32 matrices, differentiable (``jax.custom_vjp``: both gradient
-products go to MKL too, reading the operands transposed in place) and vmappable (one call per example).
+:func:`matmul` is ``x @ w`` (or ``x @ w.T``) for float32 matrices: a JAX primitive, differentiable in forward and
+reverse mode (both gradient products go to MKL too, reading the operands transposed in place) and vmappable.
 :mod:`transformer_jax.modules.dot` sends it the float32 products of a dense layer's shape when :func:`applies`.
 
 MKL comes from the ``mkl`` package on PyPI (``pip install 'transformer_jax[mkl]'``). ``TRANSFORMER_JAX_MKL``
@@ -25,6 +25,9 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from transformer_jax.kernels import cpu_build
 
@@ -95,32 +98,71 @@ def applies(lhs_dtype, rhs_dtype, result_dtype) -> bool:
   return cpu_build.sole_cpu_device() and available()
 
 
-def product(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
-  """``op(a) @ op(b)`` float32 by MKL (CPU only), ``op`` transposing where asked: ``(M, K) x (K, N) -> (M, N)``."""
-  if not available():
-    raise RuntimeError('the MKL float32 product is unavailable; see the logged line')
-  rows = a.shape[1] if transpose_a else a.shape[0]
-  cols = b.shape[0] if transpose_b else b.shape[1]
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, cols), F32), vmap_method='sequential')
+def _call(a, b, *, transpose_a: bool, transpose_b: bool):
+  rows, cols = _result_shape(a.shape, b.shape, transpose_a, transpose_b)
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, cols), F32))
   return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _result_shape(a_shape, b_shape, transpose_a, transpose_b) -> tuple[int, int]:
+  return (a_shape[1] if transpose_a else a_shape[0]), (b_shape[0] if transpose_b else b_shape[1])
+
+
+# A primitive, not a custom_vjp: it is bilinear, so JAX derives forward mode, reverse mode (each gradient one more
+# product with the flags flipped) and higher orders from the rules below, every product staying MKL's.
+mkl_matmul_p = Primitive('transformer_jax_mkl_matmul')
+mkl_matmul_p.def_impl(_call)
+mkl_matmul_p.def_abstract_eval(
+  lambda a, b, *, transpose_a, transpose_b: jax.core.ShapedArray(
+    _result_shape(a.shape, b.shape, transpose_a, transpose_b), F32
+  )
+)
+mlir.register_lowering(mkl_matmul_p, mlir.lower_fun(_call, multiple_results=False), platform='cpu')
+
+
+def _a_cotangent(ct, a, b, *, transpose_a, transpose_b):
+  # out = op(a) op(b): d op(a) = ct op(b)^T, so da = ct op(b)^T, or its transpose op(b) ct^T when a is transposed
+  if transpose_a:
+    return product(b, ct, transpose_b, True)
+  return product(ct, b, False, not transpose_b)
+
+
+def _b_cotangent(ct, a, b, *, transpose_a, transpose_b):
+  # d op(b) = op(a)^T ct, so db = op(a)^T ct, or its transpose ct^T op(a) when b is transposed
+  if transpose_b:
+    return product(ct, a, True, transpose_a)
+  return product(a, ct, not transpose_a, False)
+
+
+ad.defbilinear(mkl_matmul_p, _a_cotangent, _b_cotangent)
+
+
+def _batched(args, dims, *, transpose_a, transpose_b):
+  """vmap: examples of a row-major ``a`` against one ``b`` are stacked into one product; anything else is one
+  product per example."""
+  (a, b), (a_dim, b_dim) = args, dims
+  flags = dict(transpose_a=transpose_a, transpose_b=transpose_b)
+  if b_dim is None and not transpose_a:
+    a = jnp.moveaxis(a, a_dim, 0)
+    size, rows = a.shape[:2]
+    return mkl_matmul_p.bind(a.reshape(size * rows, -1), b, **flags).reshape(size, rows, -1), 0
+  size = a.shape[a_dim] if a_dim is not None else b.shape[b_dim]
+  a, b = batching.bdim_at_front(a, a_dim, size), batching.bdim_at_front(b, b_dim, size)
+  return lax.map(lambda pair: mkl_matmul_p.bind(*pair, **flags), (a, b)), 0
+
+
+batching.primitive_batchers[mkl_matmul_p] = _batched
+
+
+def product(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
+  """``op(a) @ op(b)`` float32 by MKL (CPU only), ``op`` transposing where asked: ``(M, K) x (K, N) -> (M, N)``.
+  Differentiable in both modes and vmappable."""
+  if not available():
+    raise RuntimeError('the MKL float32 product is unavailable; see the logged line')
+  return mkl_matmul_p.bind(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
 def matmul(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
   """``(M, K) x W -> (M, N)`` float32: ``W`` is ``(K, N)``, or ``(N, K)`` (an embedding table) when
   ``transposed``."""
   return product(x, w, False, transposed)
-
-
-def _matmul_fwd(x, w, transposed):
-  return matmul(x, w, transposed), (x, w)
-
-
-def _matmul_bwd(transposed, saved, g):
-  x, w = saved
-  if transposed:  # out = x w^T, w (N, K): dx = g w, dw = g^T x
-    return product(g, w, False, False), product(g, x, True, False)
-  return product(g, w, False, True), product(x, g, True, False)  # dx = g w^T, dw = x^T g
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
