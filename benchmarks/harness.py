@@ -102,6 +102,7 @@ def print_machine(info: dict) -> None:
     'torch_interop_threads',
     'xla_cpu_threads',
     'xla_flags',
+    'f32_products',
     'load_average',
   )
   print('; '.join(f'{k}={info[k]}' for k in keys if k in info), flush=True)
