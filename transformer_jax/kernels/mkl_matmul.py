@@ -1,9 +1,10 @@
 """Float32 matrix products by Intel MKL (``mkl_matmul.cc``), on Intel CPUs where MKL's products beat XLA's.
 
-On an Intel Xeon (Ice Lake), XLA:CPU's float32 products run at 170-260 GFLOP/s on a transformer's shapes and MKL's
-``cblas_sgemm`` at 230-310, the same as ``torch.mm`` (PyTorch's CPU wheels use MKL); the gap is widest in the
-gradient products (``x^T g``: 195-222 against 263-305). Products are about three quarters of a float32 training
-step, so this gap was most of what kept our step behind PyTorch eager there. On AMD Zen 4 and Zen 5 XLA's products
+On 2 cores of an Intel Xeon (Ice Lake), XLA:CPU's float32 products ran at 200-285 GFLOP/s on a transformer's
+shapes and MKL's ``cblas_sgemm`` (through this kernel) at 245-310, as fast as ``torch.mm`` (PyTorch's CPU wheels use
+MKL); the gap is widest in the weight gradients (``x^T g``: 202-236 against 260-298). Products are about three
+quarters of a float32 training step, so this gap was most of what kept our step behind PyTorch eager there
+(``benchmarks/RESULTS.md``, Ice Lake, third round). On AMD Zen 4 and Zen 5 XLA's products
 are level with MKL's or well ahead (503 against 220 GFLOP/s on Zen 5), so the kernel stays off there.
 
 :func:`matmul` is ``x @ w`` (or ``x @ w.T``) for float32 matrices: a JAX primitive, differentiable in forward and
