@@ -23,6 +23,12 @@ pytestmark = pytest.mark.skipif(
 F32 = jnp.float32
 
 
+@pytest.fixture(autouse=True)
+def mkl_on_any_cpu(monkeypatch):
+  """The kernel on whatever x86 CPU runs the tests (by default it is chosen on Intel CPUs only)."""
+  monkeypatch.setenv('TRANSFORMER_JAX_MKL', '1')
+
+
 def normal(seed, shape):
   return jax.random.normal(jax.random.key(seed), shape, F32)
 

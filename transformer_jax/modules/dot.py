@@ -1,5 +1,5 @@
 """The matrix product behind every ``Dense``, ``DenseGeneral``, attention product and output head: ``lax.dot_general``
-with two CPU paths.
+with three CPU paths.
 
 XLA:CPU runs its fast library kernels (YNNPACK) only for some products and computes the others slowly or in float32
 whatever their dtype. :func:`dense_product` (used by :mod:`transformer_jax.modules.dense`) and :func:`dot_general` (a
@@ -9,7 +9,7 @@ drop-in for ``lax.dot_general``) hand three cases to code that runs fast on the 
 - **Few rows** (at most :func:`~transformer_jax.kernels.skinny_matmul.max_rows`, a decoding step) with float32 or
   bfloat16 weights: the :mod:`~transformer_jax.kernels.skinny_matmul` kernel, which reads bfloat16 weights as stored.
 - **Float32 on an Intel CPU** with MKL installed: :mod:`~transformer_jax.kernels.mkl_matmul`, whose products (and
-  gradient products) run 20-35% faster than XLA's there.
+  gradient products) run up to 30% faster than XLA's there.
 - **bfloat16 by bfloat16** (``dtype='bfloat16'`` training and prefill): YNNPACK takes a bf16 product only with a
   float32 result, so a bf16-result product, and every gradient product, ran in float32. :func:`bf16_matmul` asks for
   the float32 result and rounds it once to the result dtype (bf16, or float32 logits), the same numbers as XLA's bf16
