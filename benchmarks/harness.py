@@ -79,7 +79,7 @@ def machine_info() -> dict:
   info['xla_flags'] = os.environ.get('XLA_FLAGS', '')
   # which library runs our float32 products on the CPU (transformer_jax.kernels.mkl_matmul)
   f32 = jnp.float32
-  info['f32_products'] = 'MKL' if mkl_matmul.applies(f32, f32, f32) else 'XLA'
+  info['f32_products'] = 'MKL' if mkl_matmul.applies(f32, f32, f32, mkl_matmul.MIN_ROWS) else 'XLA'
   info['load_average'] = os.getloadavg() if hasattr(os, 'getloadavg') else None
   return info
 

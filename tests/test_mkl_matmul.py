@@ -1,8 +1,8 @@
 """``kernels.mkl_matmul``: float32 products by MKL, split over XLA's thread pool, and the dense layers that use them.
 
 Every layout of the product equals a float64 reference; its gradients (reverse, forward, second order) and vmap
-equal XLA's; ``TRANSFORMER_JAX_MKL`` and the
-CPU's vendor choose the path; a model's compiled training step calls the kernel for its dense layers."""
+equal XLA's; ``TRANSFORMER_JAX_MKL``, the CPU's vendor and the number of rows choose the path; a model's compiled
+training step calls the kernel for its dense layers."""
 
 import importlib.metadata
 import logging
@@ -25,8 +25,10 @@ F32 = jnp.float32
 
 @pytest.fixture(autouse=True)
 def mkl_on_any_cpu(monkeypatch):
-  """The kernel on whatever x86 CPU runs the tests (by default it is chosen on Intel CPUs only)."""
+  """The kernel on whatever x86 CPU runs the tests (by default it is chosen on Intel CPUs only), for products of
+  any number of rows (by default at least ``MIN_ROWS``)."""
   monkeypatch.setenv('TRANSFORMER_JAX_MKL', '1')
+  monkeypatch.setattr(mkl_matmul, 'MIN_ROWS', 1)
 
 
 def normal(seed, shape):
@@ -117,20 +119,22 @@ def test_forward_mode_and_second_order_equal_xla():
 
 
 @pytest.mark.parametrize(
-  'setting, intel, dtype, applies',
+  'setting, intel, dtype, rows, applies',
   [
-    ('auto', True, F32, True),
-    ('auto', False, F32, False),  # AMD: XLA's float32 products are level with MKL's or ahead
-    ('1', False, F32, True),
-    ('0', True, F32, False),
-    ('auto', True, jnp.bfloat16, False),
+    ('auto', True, F32, 512, True),
+    ('auto', False, F32, 512, False),  # AMD: XLA's float32 products are level with MKL's or ahead
+    ('1', False, F32, 512, True),
+    ('0', True, F32, 512, False),
+    ('auto', True, jnp.bfloat16, 512, False),
+    ('1', True, F32, 511, False),  # a decoding step's few rows stay XLA's
   ],
-  ids=['auto_intel', 'auto_other_vendor', 'forced_on', 'switched_off', 'bf16'],
+  ids=['auto_intel', 'auto_other_vendor', 'forced_on', 'switched_off', 'bf16', 'few_rows'],
 )
-def test_setting_and_vendor_choose_the_path(monkeypatch, setting, intel, dtype, applies):
+def test_setting_vendor_and_rows_choose_the_path(monkeypatch, setting, intel, dtype, rows, applies):
   monkeypatch.setenv('TRANSFORMER_JAX_MKL', setting)
   monkeypatch.setattr(mkl_matmul, 'intel_cpu', lambda: intel)
-  assert mkl_matmul.applies(dtype, dtype, dtype) is applies
+  monkeypatch.setattr(mkl_matmul, 'MIN_ROWS', 512)
+  assert mkl_matmul.applies(dtype, dtype, dtype, rows) is applies
 
 
 def test_missing_package_is_one_logged_line(monkeypatch, caplog):

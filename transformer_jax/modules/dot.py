@@ -8,8 +8,9 @@ drop-in for ``lax.dot_general``) hand three cases to code that runs fast on the 
 
 - **Few rows** (at most :func:`~transformer_jax.kernels.skinny_matmul.max_rows`, a decoding step) with float32 or
   bfloat16 weights: the :mod:`~transformer_jax.kernels.skinny_matmul` kernel, which reads bfloat16 weights as stored.
-- **Float32 on an Intel CPU** with MKL installed: :mod:`~transformer_jax.kernels.mkl_matmul`, whose products (and
-  gradient products) run up to 30% faster than XLA's there.
+- **Float32 on an Intel CPU** with MKL installed, at least :data:`~transformer_jax.kernels.mkl_matmul.MIN_ROWS` rows:
+  :mod:`~transformer_jax.kernels.mkl_matmul`, whose products (and gradient products) run up to 30% faster than
+  XLA's there.
 - **bfloat16 by bfloat16** (``dtype='bfloat16'`` training and prefill): YNNPACK takes a bf16 product only with a
   float32 result, so a bf16-result product, and every gradient product, ran in float32. :func:`bf16_matmul` asks for
   the float32 result and rounds it once to the result dtype (bf16, or float32 logits), the same numbers as XLA's bf16
@@ -153,7 +154,7 @@ def cpu_product(plain, lhs, rhs, dimension_numbers, bias=None):
     kernel = on_cpu_as_matrices(skinny_matmul.matmul, plain, lhs, rhs, layout, result)
     return with_bias(kernel, bias)
   unbiased = jax.eval_shape(plain, lhs, rhs)
-  if mkl_matmul.applies(lhs.dtype, rhs.dtype, unbiased.dtype):
+  if mkl_matmul.applies(lhs.dtype, rhs.dtype, unbiased.dtype, layout[0]):
     kernel = on_cpu_as_matrices(mkl_matmul.matmul, plain, lhs, rhs, layout, unbiased)
     return with_bias(kernel, bias)
   biased = lambda a, b: with_bias(plain(a, b), bias)  # noqa: E731
