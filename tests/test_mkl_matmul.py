@@ -166,7 +166,9 @@ def test_gpt_training_step_uses_mkl_and_equals_xla(monkeypatch):
     calls = ours.lower(params).as_text().count('transformer_jax_mkl_matmul')
     got = ours(params)
     monkeypatch.setenv('TRANSFORMER_JAX_MKL', '0')
-    want = jax.jit(jax.grad(loss))(params)
+    reference = jax.jit(jax.grad(loss))
+    assert mkl_matmul.TARGET not in reference.lower(params).as_text(), 'the reference is XLA'
+    want = reference(params)
   # per layer 4 products (fused QKV, attention output, two FFN), and the head: each with its 2 gradient products
   assert calls == (2 * 4 + 1) * 3
   assert 'dot_general' not in ours.lower(params).as_text(), 'a product left to XLA'

@@ -40,7 +40,8 @@ F32 = jnp.dtype(jnp.float32)
 # Fewer rows (tokens) than this stay XLA's. A dense layer's product and its two gradients at K x N = 768 x 3072,
 # 3072 x 768 and 384 x 1536 on Ice Lake, XLA's time over ours: 0.94, 0.93, 1.33 at 128 rows; 0.90, 1.15, 1.20 at 256;
 # 1.16, 1.13, 1.07 at 512; 1.22, 1.20, 1.15 at 2048. A decoding step's few rows are one MKL call on one thread,
-# which reads the weights slower than XLA's two (GPT-2 small at batch 8: 115 against 27 ms a token).
+# which reads the weights slower than XLA's two (GPT-2 small at batch 8 through MKL: 115 ms a token, against 68-71
+# with XLA's products in later runs of `python -m benchmarks.decode`).
 MIN_ROWS = 512
 
 
@@ -95,9 +96,8 @@ def available() -> bool:
 
 def applies(lhs_dtype, rhs_dtype, result_dtype, rows: int) -> bool:
   """The kernel is the path for a product of ``rows`` rows and these dtypes: at least :data:`MIN_ROWS` rows, all
-  float32, the CPU the only device
-  (:func:`~transformer_jax.kernels.cpu_build.sole_cpu_device`), ``TRANSFORMER_JAX_MKL`` not ``0`` (and, when
-  ``auto``, an Intel CPU), and the kernel available."""
+  float32, the CPU the only device (:func:`~transformer_jax.kernels.cpu_build.sole_cpu_device`),
+  ``TRANSFORMER_JAX_MKL`` not ``0`` (and, when ``auto``, an Intel CPU), and the kernel available."""
   if (
     rows < MIN_ROWS
     or not jnp.dtype(lhs_dtype) == jnp.dtype(rhs_dtype) == jnp.dtype(result_dtype) == F32
@@ -121,7 +121,7 @@ def _result_shape(a_shape, b_shape, transpose_a, transpose_b) -> tuple[int, int]
 
 # A primitive, not a custom_vjp: it is bilinear, so JAX derives forward mode, reverse mode (each gradient one more
 # product with the flags flipped) and higher orders from the rules below, every product staying MKL's.
-mkl_matmul_p = Primitive('transformer_jax_mkl_matmul')
+mkl_matmul_p = Primitive(TARGET)
 mkl_matmul_p.def_impl(_call)
 mkl_matmul_p.def_abstract_eval(
   lambda a, b, *, transpose_a, transpose_b: jax.core.ShapedArray(

@@ -144,19 +144,19 @@ def cpu_product(plain, lhs, rhs, dimension_numbers, bias=None):
   layout = product_layout(lhs.shape, rhs.shape, dimension_numbers)
   if layout is None:
     return with_bias(plain(lhs, rhs), bias)
+  unbiased = jax.eval_shape(plain, lhs, rhs)
+  matrices = None  # a kernel of (M, K) by (K, N) or (N, K) matrices, the bias added after it
   if (
     lhs.dtype in KERNEL_DTYPES
     and rhs.dtype in KERNEL_DTYPES
     and layout[0] <= skinny_matmul.max_rows(rhs.dtype)
     and skinny_matmul.available()
   ):
-    result = jax.eval_shape(plain, lhs, rhs)
-    kernel = on_cpu_as_matrices(skinny_matmul.matmul, plain, lhs, rhs, layout, result)
-    return with_bias(kernel, bias)
-  unbiased = jax.eval_shape(plain, lhs, rhs)
-  if mkl_matmul.applies(lhs.dtype, rhs.dtype, unbiased.dtype, layout[0]):
-    kernel = on_cpu_as_matrices(mkl_matmul.matmul, plain, lhs, rhs, layout, unbiased)
-    return with_bias(kernel, bias)
+    matrices = skinny_matmul.matmul
+  elif mkl_matmul.applies(lhs.dtype, rhs.dtype, unbiased.dtype, layout[0]):
+    matrices = mkl_matmul.matmul
+  if matrices is not None:
+    return with_bias(on_cpu_as_matrices(matrices, plain, lhs, rhs, layout, unbiased), bias)
   biased = lambda a, b: with_bias(plain(a, b), bias)  # noqa: E731
   result = jax.eval_shape(biased, lhs, rhs)
   if on_cpu_in_bf16(lhs, rhs) and result.dtype in KERNEL_DTYPES:
