@@ -1,13 +1,15 @@
 """Training-step throughput of our GPT, encoder-decoder and BERT against PyTorch (eager and ``torch.compile``).
 
     python -m benchmarks.train_throughput [--models gpt seq2seq bert] [--batch 8] [--seq 256]
-        [--gpt-shape course|gpt2-small] [--gpt-layers N] [--seq2seq-layers 2] [--bert-layers 2] [--dropout 0.0]
+        [--gpt-shape course|gpt2-small] [--gpt-layers N] [--seq2seq-layers 2] [--bert-layers 2]
+        [--bert-targets masked|all] [--dropout 0.0]
         [--override fused_qkv=True] [--precision float32 bfloat16]
     python -m benchmarks.train_throughput --models gpt --gpt-shape gpt2-small --seq 1024   # GPT-2 small, on a GPU
 
 Each model is built twice with the same shapes: ours in Flax and its PyTorch counterpart (``torch_reference.NanoGPT``
 for the course GPT, Hugging Face's ``GPT2LMHeadModel`` for GPT-2 small, ``torch_reference.Seq2SeqTransformer`` for the
-course encoder-decoder, Hugging Face's ``BertForMaskedLM`` from a config, random init). One step is forward,
+course encoder-decoder, Hugging Face's ``BertForMaskedLM`` from a config, random init, 15% of positions predicted
+as in masked-LM training). One step is forward,
 cross-entropy, backward and AdamW, in three forms: ours in Linen (``jax``), the same model and update the NNX way
 (``jax nnx``: ``transformer_jax.nnx``, an ``nnx.Optimizer``, one ``nnx.jit``), and PyTorch (for the course GPT also
 ``torch sdpa``: ``benchmarks/sdpa_gpt.py``, nanoGPT's layout with ``F.scaled_dot_product_attention``). Warm-up
@@ -85,6 +87,7 @@ class Case:
   flops: float  # model FLOPs per step (forward + backward)
   # other PyTorch models of the same shapes, by row name: builders of modules torch_loss takes too
   torch_peers: dict = dataclasses.field(default_factory=dict)
+  init_keys: tuple | None = None  # the batch arrays the model takes positionally (default: all)
 
 
 def torch_xent(logits, labels):
@@ -226,6 +229,10 @@ def seq2seq_case(args, overrides: dict) -> Case:
 
 
 def bert_case(args, overrides: dict) -> Case:
+  """Masked-LM training as each side's users run it (``--bert-targets masked``): the same 15% of positions in each
+  row are predicted; ours runs the head at those positions only (``masked_positions``), Hugging Face's
+  ``BertForMaskedLM`` at every position with ``-100`` labels elsewhere. ``--bert-targets all``: every position is a
+  target on both sides, the head's full cost."""
   from transformers import BertConfig, BertForMaskedLM
 
   cfg = BERTConfig(
@@ -236,26 +243,41 @@ def bert_case(args, overrides: dict) -> Case:
     **overrides,
   )
   model = BERTForMaskedLM(cfg)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, cfg.vocab_size, (args.batch, args.seq), dtype=np.int32)
+  if args.bert_targets == 'all':
+    positions = np.broadcast_to(np.arange(args.seq, dtype=np.int32), ids.shape)
+  else:  # distinct positions per row, ascending, as train.data.mask_tokens draws them
+    count = max(1, round(0.15 * args.seq))
+    positions = np.sort(rng.random(ids.shape).argsort(axis=1)[:, :count], axis=1).astype(np.int32)
+  batch = {'ids': ids, 'positions': positions, 'targets': np.take_along_axis(ids, positions, 1)}
 
   def loss(call, batch):
-    ids = batch['ids']
-    logits = call(ids, deterministic=args.dropout == 0)
-    return next_token_loss(logits, ids)  # every position is a target: the MLM head's full cost
+    positions = None if args.bert_targets == 'all' else batch['positions']
+    logits = call(batch['ids'], masked_positions=positions, deterministic=args.dropout == 0)
+    return next_token_loss(logits, batch['targets'])
 
-  ids = np.random.default_rng(0).integers(1, cfg.vocab_size, (args.batch, args.seq), dtype=np.int32)
+  def torch_loss(m, b):
+    import torch
+
+    labels = torch.full_like(b['ids'], -100).scatter_(1, b['positions'], b['targets'])
+    logits = m(input_ids=b['ids']).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
   hf = BertConfig.from_dict(bert_hf_config(cfg, 'BertForMaskedLM'))
   d = cfg.d_model
-  # + MLM transform, decoder
-  per_token = dense_flops(cfg.num_layers, d, cfg.d_ff) + 2 * d * d + 2 * d * cfg.vocab_size
+  encoder = dense_flops(cfg.num_layers, d, cfg.d_ff) + attention_flops(cfg.num_layers, d, args.seq)
+  head = 2 * d * d + 2 * d * cfg.vocab_size  # MLM transform, decoder: at the predicted positions
   return Case(
     'bert',
     model,
     loss,
-    {'ids': ids},
+    batch,
     lambda: BertForMaskedLM(hf),
-    lambda m, b: torch_xent(m(input_ids=b['ids']).logits, b['ids']),
+    torch_loss,
     args.batch * args.seq,
-    3 * args.batch * args.seq * (per_token + attention_flops(cfg.num_layers, d, args.seq)),
+    3 * (ids.size * encoder + positions.size * head),
+    init_keys=('ids',),
   )
 
 
@@ -263,7 +285,8 @@ CASES = {'gpt': gpt_case, 'seq2seq': seq2seq_case, 'bert': bert_case}
 
 
 def init_params(case: Case):
-  init_args = [jnp.asarray(v[:1, :8]) for v in case.batch.values()]
+  keys = case.init_keys or tuple(case.batch)
+  init_args = [jnp.asarray(case.batch[k][:1, :8]) for k in keys]
   return jax.jit(case.model.init)(jax.random.key(0), *init_args)['params']
 
 
@@ -437,6 +460,12 @@ def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     '--seq2seq-layers', type=int, default=2, help='encoder layers = decoder layers'
   )
   parser.add_argument('--bert-layers', type=int, default=2)
+  parser.add_argument(
+    '--bert-targets',
+    choices=['masked', 'all'],
+    default='masked',
+    help='masked: 15%% of positions predicted, as in MLM training (our head runs there only); all: every position',
+  )
   parser.add_argument('--dropout', type=float, default=0.0)
   parser.add_argument(
     '--override',

@@ -117,19 +117,36 @@ def lm_example(window: np.ndarray) -> dict:
 def mask_tokens(
   ids: np.ndarray, vocab: Vocab, rng: np.random.Generator, prob: float = 0.15
 ) -> dict:
-  """BERT's masking: ``prob`` of the tokens are predicted; of those 80% become the mask token, 10% a random token,
-  10% stay. Only predicted positions carry loss weight. Special tokens are never chosen, nor drawn as random ones."""
+  """BERT's masking of ``(B, T)`` ids: ``P = max(1, round(prob * T))`` positions of each row are predicted, drawn
+  without replacement from its regular tokens (special tokens are never chosen, nor drawn as random ones); of those
+  80% become the mask token, 10% a random token, 10% stay.
+
+  A fixed ``P`` per row, as in the original BERT's ``max_predictions_per_seq``, gives the batch one shape, so the model
+  runs its head at these positions only. Returns ``inputs`` ``(B, T)``, and ``positions`` (ascending), ``targets``
+  and ``weights`` ``(B, P)``; a row with fewer than ``P`` regular tokens fills up with weight-0 positions.
+  """
   specials = np.array(sorted(vocab.special_ids), np.int64)
   regular = np.setdiff1d(np.arange(vocab.size), specials)
-  chosen = (rng.random(ids.shape) < prob) & ~np.isin(ids, specials)
-  action = rng.random(ids.shape)
-  random_ids = regular[rng.integers(0, len(regular), ids.shape)]
-  inputs = np.where(chosen & (action < 0.8), vocab.mask_id, ids)
-  inputs = np.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+  count = max(1, round(prob * ids.shape[1]))
+  # a random order of each row's regular tokens, special ones last
+  order = np.where(np.isin(ids, specials), np.inf, rng.random(ids.shape))
+  picked = np.argsort(order, axis=1, kind='stable')[:, :count]
+  real = np.isfinite(np.take_along_axis(order, picked, axis=1))
+  positions = np.sort(np.where(real, picked, ids.shape[1]), axis=1)  # fill-ups last
+  real = positions < ids.shape[1]
+  positions = np.where(real, positions, 0)
+  targets = np.take_along_axis(ids, positions, axis=1)
+  action = rng.random(positions.shape)
+  random_ids = regular[rng.integers(0, len(regular), positions.shape)]
+  replaced = np.where(action < 0.8, vocab.mask_id, np.where(action < 0.9, random_ids, targets))
+  inputs = np.array(ids)
+  rows = np.broadcast_to(np.arange(len(ids))[:, None], positions.shape)
+  inputs[rows[real], positions[real]] = replaced[real]
   return {
     'inputs': inputs.astype(np.int32),
-    'targets': ids.astype(np.int32),
-    'weights': chosen.astype(np.float32),
+    'positions': positions.astype(np.int32),
+    'targets': targets.astype(np.int32),
+    'weights': real.astype(np.float32),
   }
 
 

@@ -20,8 +20,11 @@ def is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def check_token_ids(ids, vocab_size: int, name: str = 'token ids') -> None:
-  """Raises ``ValueError`` if a concrete id lies outside ``[0, vocab_size)``; traced ids pass through."""
+def check_token_ids(
+  ids, vocab_size: int, name: str = 'token ids', range_name: str = 'the vocabulary'
+) -> None:
+  """Raises ``ValueError`` if a concrete id lies outside ``[0, vocab_size)``; traced ids pass through. Indices into
+  anything else (positions of a sequence) are checked the same way, with ``range_name`` naming what they index."""
   dtype = np.asarray(ids).dtype if is_concrete(ids) else ids.dtype
   if not np.issubdtype(dtype, np.integer):
     raise TypeError(f'{name} must be integers, got dtype {dtype}')
@@ -34,7 +37,7 @@ def check_token_ids(ids, vocab_size: int, name: str = 'token ids') -> None:
   if low < 0 or high >= vocab_size:
     bad = values[(values < 0) | (values >= vocab_size)]
     raise ValueError(
-      f'{name} out of range: found {sorted(set(bad.tolist()))[:8]} but the vocabulary is [0, {vocab_size})'
+      f'{name} out of range: found {sorted(set(bad.tolist()))[:8]} but {range_name} is [0, {vocab_size})'
     )
 
 

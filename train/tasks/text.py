@@ -149,14 +149,27 @@ class MaskedLanguageModelTask(TextTask):
     windows = data.consecutive_windows(self.val_tokens, cfg.data.seq_len, eval_rows(cfg))
     return fixed_batches(self._mask(windows, cfg.seed, EVAL_MASK_SEED), cfg.batch_size)
 
+  def logits(self, params, batch, *, deterministic: bool, rng=None, frozen=None):
+    """``(B, P, V)``: the head runs at the masked positions only."""
+    return self.apply(
+      params,
+      batch['inputs'],
+      masked_positions=batch['positions'],
+      frozen=frozen,
+      deterministic=deterministic,
+      rng=rng,
+    )
+
   def sample(self, params, rng):
     batch = jax.tree.map(lambda x: x[:1], self.eval_batches()[0])
-    predicted = np.asarray(self.logits(params, batch, deterministic=True).argmax(-1))[0]
+    predicted = np.asarray(self.logits(params, batch, deterministic=True).argmax(-1))[0]  # (P,)
     chosen = batch['weights'][0] > 0
-    original = batch['targets'][0]
-    hits = int((predicted == original)[chosen].sum())
+    positions, targets = batch['positions'][0][chosen], batch['targets'][0][chosen]
+    original, filled = np.array(batch['inputs'][0]), np.array(batch['inputs'][0])
+    original[positions], filled[positions] = targets, predicted[chosen]
+    hits = int((predicted[chosen] == targets).sum())
     return (
       f'original : {self.vocab.decode(original)!r}\n'
-      f'predicted: {self.vocab.decode(np.where(chosen, predicted, original))!r} '
+      f'predicted: {self.vocab.decode(filled)!r} '
       f'({hits} of {int(chosen.sum())} masked tokens right)'
     )

@@ -15,7 +15,7 @@ from transformer_jax.modules.blocks import Block, Stack
 from transformer_jax.modules.dense import Dense
 from transformer_jax.modules.normalization import make_norm
 from transformer_jax.sharding import Module, dense_inits
-from transformer_jax.validation import check_shape, token_validity
+from transformer_jax.validation import check_shape, check_token_ids, token_validity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,15 +125,30 @@ class BERT(Module):
 
 
 class BERTForMaskedLM(Module):
-  """BERT with the masked-LM head: ``(B, T)`` ids -> ``(B, T, V)`` float32 logits (decoder tied to the embedding)."""
+  """BERT with the masked-LM head: ``(B, T)`` ids -> ``(B, T, V)`` float32 logits (decoder tied to the embedding).
+
+  ``masked_positions``: ``(B, P)`` indices into ``T``; the head then runs at those positions only and returns
+  ``(B, P, V)`` logits, as the original BERT's pretraining does. Training needs logits only where tokens were
+  masked (15%), and the head's vocabulary-wide product is the largest one of a small BERT.
+  """
 
   config: BERTConfig
 
   @nn.compact
-  def __call__(self, ids, *, token_type_ids=None, valid=None, deterministic: bool = True):
+  def __call__(
+    self, ids, *, token_type_ids=None, valid=None, masked_positions=None, deterministic: bool = True
+  ):
     cfg = self.config
     bert = BERT(cfg, add_pooler=False, name='bert')
     x, _ = bert(ids, token_type_ids=token_type_ids, valid=valid, deterministic=deterministic)
+    if masked_positions is not None:
+      if masked_positions.ndim != 2 or masked_positions.shape[0] != ids.shape[0]:
+        raise ValueError(
+          f'masked_positions must have shape (B, P) = ({ids.shape[0]}, P), got {tuple(masked_positions.shape)}'
+        )
+      check_token_ids(masked_positions, ids.shape[1], 'masked_positions', 'the sequence')
+      # (B, P, D); a traced index out of range gives a NaN row ('fill'), never another position's
+      x = jnp.take_along_axis(x, masked_positions[..., None], axis=1, mode='fill')
     x = Dense(
       cfg.d_model,
       dtype=cfg.compute_dtype,

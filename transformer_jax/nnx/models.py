@@ -142,7 +142,8 @@ class BERT(Model):
 
 
 class BERTForMaskedLM(Model):
-  """:class:`transformer_jax.BERTForMaskedLM`: ``(B, T)`` ids -> ``(B, T, V)`` float32 logits."""
+  """:class:`transformer_jax.BERTForMaskedLM`: ``(B, T)`` ids -> ``(B, T, V)`` float32 logits, or ``(B, P, V)`` at
+  ``masked_positions=`` ``(B, P)``."""
 
   linen_class = models.BERTForMaskedLM
 
