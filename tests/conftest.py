@@ -42,3 +42,21 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 def rng():
   """A fresh numpy Generator per test, so tests do not depend on each other's draws."""
   return np.random.default_rng(0)
+
+
+# The modules that take minutes each (notebooks, the README's commands, the 8-device runs, fine-tuning checkpoints),
+# longest first. Under -n a module runs on one worker (--dist loadscope) and modules are handed out in collection
+# order (--no-loadscope-reorder, pyproject.toml): these start first and the short modules fill in behind them, so
+# the two workers finish together instead of one waiting on a long module handed out last.
+LONGEST_FIRST = (
+  'test_notebooks.py',
+  'test_readme.py',
+  'test_parallel.py',
+  'test_translation_init_from.py',
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  # a stable sort: every module keeps its own order
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
