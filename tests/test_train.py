@@ -89,11 +89,11 @@ def test_weight_decay_touches_only_kernels():
     assert changed == (name == 'kernel'), name
 
 
-def test_label_smoothing_and_padding_match_direct_computation(rng):
+@pytest.mark.parametrize('eps', [0.0, 0.1], ids=['plain', 'smoothed'])
+def test_label_smoothing_and_padding_match_direct_computation(rng, eps):
   logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
   targets = rng.integers(0, 7, (2, 5))
   weights = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], np.float32)
-  eps = 0.1
   log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   smoothed = np.full((2, 5, 7), eps / 7) + (1 - eps) * np.eye(7)[targets]
   expected = (-(smoothed * log_p).sum(-1) * weights).sum()
@@ -105,6 +105,8 @@ def test_label_smoothing_and_padding_match_direct_computation(rng):
     rtol=1e-5,
   )
   assert float(sums['weight']) == 7
+  if not eps:
+    assert float(sums['loss']) == float(sums['nll'])
   # Padded positions: any logits there change nothing.
   noisy = np.where(weights[..., None] > 0, logits, 1e3 * rng.normal(size=logits.shape)).astype(
     np.float32

@@ -16,8 +16,11 @@ def cross_entropy_sums(logits, targets, weights, label_smoothing: float = 0.0) -
   """
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  uniform = -log_probs.mean(axis=-1)
-  loss = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+  loss = nll
+  # the uniform term is one more pass over the (..., V) log-probabilities, which a zero weight would still pay for
+  if label_smoothing:
+    uniform = -log_probs.mean(axis=-1)
+    loss = (1.0 - label_smoothing) * nll + label_smoothing * uniform
   correct = (logits.argmax(-1) == targets).astype(jnp.float32)
   return {
     'loss': (loss * weights).sum(),
