@@ -53,6 +53,7 @@ from benchmarks.harness import (
   torch_matmul_peak,
   write_json,
 )
+from train.data import mask_positions
 from transformer_jax import (
   GPT,
   BERTConfig,
@@ -247,9 +248,8 @@ def bert_case(args, overrides: dict) -> Case:
   ids = rng.integers(1, cfg.vocab_size, (args.batch, args.seq), dtype=np.int32)
   if args.bert_targets == 'all':
     positions = np.broadcast_to(np.arange(args.seq, dtype=np.int32), ids.shape)
-  else:  # distinct positions per row, ascending, as train.data.mask_tokens draws them
-    count = max(1, round(0.15 * args.seq))
-    positions = np.sort(rng.random(ids.shape).argsort(axis=1)[:, :count], axis=1).astype(np.int32)
+  else:  # every token is a regular one here
+    positions = mask_positions(np.ones(ids.shape, bool), 0.15, rng)[0].astype(np.int32)
   batch = {'ids': ids, 'positions': positions, 'targets': np.take_along_axis(ids, positions, 1)}
 
   def loss(call, batch):

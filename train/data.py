@@ -114,6 +114,24 @@ def lm_example(window: np.ndarray) -> dict:
   }
 
 
+def mask_positions(
+  candidates: np.ndarray, prob: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+  """``P = max(1, round(prob * T))`` positions of each row of the ``(B, T)`` bool ``candidates``, drawn without
+  replacement: ``(positions, real)``, both ``(B, P)``, positions ascending. A row with fewer than ``P`` candidates
+  fills up with position 0 where ``real`` is False, after its real ones."""
+  length = candidates.shape[1]
+  count = max(1, round(prob * length))
+  order = np.where(
+    candidates, rng.random(candidates.shape), np.inf
+  )  # a random order, non-candidates last
+  picked = np.argsort(order, axis=1, kind='stable')[:, :count]
+  # a fill-up as `length`, which sorts after every real position
+  positions = np.sort(np.where(np.take_along_axis(candidates, picked, 1), picked, length), axis=1)
+  real = positions < length
+  return np.where(real, positions, 0), real
+
+
 def mask_tokens(
   ids: np.ndarray, vocab: Vocab, rng: np.random.Generator, prob: float = 0.15
 ) -> dict:
@@ -127,14 +145,7 @@ def mask_tokens(
   """
   specials = np.array(sorted(vocab.special_ids), np.int64)
   regular = np.setdiff1d(np.arange(vocab.size), specials)
-  count = max(1, round(prob * ids.shape[1]))
-  # a random order of each row's regular tokens, special ones last
-  order = np.where(np.isin(ids, specials), np.inf, rng.random(ids.shape))
-  picked = np.argsort(order, axis=1, kind='stable')[:, :count]
-  real = np.isfinite(np.take_along_axis(order, picked, axis=1))
-  positions = np.sort(np.where(real, picked, ids.shape[1]), axis=1)  # fill-ups last
-  real = positions < ids.shape[1]
-  positions = np.where(real, positions, 0)
+  positions, real = mask_positions(~np.isin(ids, specials), prob, rng)
   targets = np.take_along_axis(ids, positions, axis=1)
   action = rng.random(positions.shape)
   random_ids = regular[rng.integers(0, len(regular), positions.shape)]

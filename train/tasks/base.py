@@ -113,6 +113,10 @@ class Task:
     """The model's positional arguments taken from a batch."""
     return (batch['inputs'],)
 
+  def model_options(self, batch) -> dict:
+    """The model's keyword arguments taken from a batch (none by default)."""
+    return {}
+
   def apply(self, params, *inputs, frozen=None, deterministic: bool, rng=None, **kwargs):
     """The model on ``inputs``. With LoRA's ``frozen`` parameters given (in training and evaluation), ``params`` are
     what trains (see :mod:`train.adapters`); else ``params`` are all the model's (merged ones, for a LoRA run).
@@ -131,8 +135,10 @@ class Task:
     return lora.apply(self.model, base, made, self.lora, *inputs, **options)
 
   def logits(self, params, batch, *, deterministic: bool, rng=None, frozen=None):
-    inputs = self.model_inputs(batch)
-    return self.apply(params, *inputs, frozen=frozen, deterministic=deterministic, rng=rng)
+    inputs, options = self.model_inputs(batch), self.model_options(batch)
+    return self.apply(
+      params, *inputs, frozen=frozen, deterministic=deterministic, rng=rng, **options
+    )
 
   def loss_sums(
     self, params, batch, rng, deterministic: bool, label_smoothing: float = 0.0, frozen=None

@@ -149,16 +149,9 @@ class MaskedLanguageModelTask(TextTask):
     windows = data.consecutive_windows(self.val_tokens, cfg.data.seq_len, eval_rows(cfg))
     return fixed_batches(self._mask(windows, cfg.seed, EVAL_MASK_SEED), cfg.batch_size)
 
-  def logits(self, params, batch, *, deterministic: bool, rng=None, frozen=None):
-    """``(B, P, V)``: the head runs at the masked positions only."""
-    return self.apply(
-      params,
-      batch['inputs'],
-      masked_positions=batch['positions'],
-      frozen=frozen,
-      deterministic=deterministic,
-      rng=rng,
-    )
+  def model_options(self, batch):
+    """The head runs at the masked positions only: ``(B, P, V)`` logits."""
+    return {'masked_positions': batch['positions']}
 
   def sample(self, params, rng):
     batch = jax.tree.map(lambda x: x[:1], self.eval_batches()[0])

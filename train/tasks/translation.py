@@ -96,12 +96,10 @@ class TranslationTask(ExampleTask):
   def model_inputs(self, batch):
     return batch['sources'], batch['inputs']
 
-  def logits(self, params, batch, *, deterministic: bool, rng=None, frozen=None):
-    valid = {}
-    if 'source_valid' in batch:
-      valid = dict(src_valid=batch['source_valid'], tgt_valid=batch['input_valid'])
-    inputs = self.model_inputs(batch)
-    return self.apply(params, *inputs, frozen=frozen, deterministic=deterministic, rng=rng, **valid)
+  def model_options(self, batch):
+    if 'source_valid' not in batch:
+      return {}
+    return dict(src_valid=batch['source_valid'], tgt_valid=batch['input_valid'])
 
   def translate(self, params, sources: np.ndarray, beam_size: int = 1, valid=None) -> list[str]:
     """Translations of ``(N, S)`` source ids (greedy unless ``beam_size > 1``), as detokenized text. A pretrained
