@@ -54,6 +54,11 @@ SHAPES = {
   'grouped': (2, 70, 37, 6, 2, 20),
   'multi_query': (3, 9, 11, 4, 1, 16),
   'causal_long': (2, 130, 130, 3, 3, 64),
+  # a decoding step's few query rows take their own path (forward_rows), on the calling thread ...
+  'one_row': (2, 1, 7, 3, 3, 4),
+  'three_rows': (2, 3, 37, 6, 2, 20),
+  # ... or shared over the pool when there is enough work (B H T S K >= 2^20)
+  'one_row_long': (2, 1, 2100, 4, 2, 64),
 }
 
 
@@ -92,8 +97,9 @@ def test_float32_matches_float64_reference():
   np.testing.assert_allclose(kernel_attention(q, kk, v, mask), want, atol=2e-6, rtol=1e-5)
 
 
-def test_fully_masked_rows_give_zeros_not_nan():
-  b, t, s, h, g, k = SHAPES['tiny']
+@pytest.mark.parametrize('shape', ['tiny', 'one_row'])
+def test_fully_masked_rows_give_zeros_not_nan(shape):
+  b, t, s, h, g, k = SHAPES[shape]
   q, kk, v, w = operands(b, t, s, h, g, k)
   mask = jnp.zeros((b, 1, 1, s), bool).at[1].set(True)  # sequence 0 sees nothing
   out, grads = value_and_grads(lambda q, k, v: kernel_attention(q, k, v, mask), q, kk, v, w)
@@ -103,8 +109,9 @@ def test_fully_masked_rows_give_zeros_not_nan():
   assert np.any(np.asarray(out[1]) != 0)
 
 
-def test_bfloat16_close_to_float32_of_the_same_inputs():
-  b, t, s, h, g, k = SHAPES['grouped']
+@pytest.mark.parametrize('shape', ['grouped', 'three_rows'])
+def test_bfloat16_close_to_float32_of_the_same_inputs(shape):
+  b, t, s, h, g, k = SHAPES[shape]
   q, kk, v, w = operands(b, t, s, h, g, k, jnp.bfloat16)
   mask = make_mask('causal', b, t, s, h)
   out, grads = value_and_grads(lambda q, k, v: kernel_attention(q, k, v, mask), q, kk, v, w)
@@ -124,7 +131,7 @@ def hlo(fn, *args):
   return jax.jit(fn).lower(*args).compile().as_text()
 
 
-def test_default_path_takes_the_kernel_and_decoding_does_not():
+def test_default_path_takes_the_kernel_decoding_included():
   q, k, v, _ = operands(2, 5, 7, 3, 3, 4)
   mask = make_mask('causal', 2, 5, 7, 3)
   assert fused.FORWARD in hlo(lambda q, k, v: dot_product_attention(q, k, v, mask), q, k, v)
@@ -132,7 +139,7 @@ def test_default_path_takes_the_kernel_and_decoding_does_not():
     lambda q, k, v: dot_product_attention(q, k, v, mask, implementation='einsum'), q, k, v
   )
   step = q[:, :1]  # one query row: a decoding step
-  assert fused.FORWARD not in hlo(lambda q, k, v: dot_product_attention(q, k, v), step, k, v)
+  assert fused.FORWARD in hlo(lambda q, k, v: dot_product_attention(q, k, v), step, k, v)
   grad = jax.grad(lambda q: dot_product_attention(q, k, v, mask).sum())
   assert fused.BACKWARD in hlo(grad, q)
 

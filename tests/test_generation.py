@@ -123,6 +123,37 @@ def test_gpt_cached_logits_equal_full_forward_with_left_padding(scan):
   np.testing.assert_allclose(np.asarray(cached), full[:, T - 1 : T - 1 + N], atol=1e-5, rtol=0)
 
 
+def test_prefill_of_the_last_position_only_equals_its_row_of_every_position():
+  """``decode_step(last_only=True)``, what a prefill runs: ``(B, 1, V)``, the last row of the full ``(B, T, V)``,
+  and the same cache."""
+  model, params = tiny_gpt()
+  valid = jnp.asarray(LEFT_PADDED)
+  positions = jnp.asarray(left_padded_positions(LEFT_PADDED))
+  cache_valid = jnp.concatenate([valid, jnp.ones((B, N - 1), bool)], axis=1)
+  slots = jnp.zeros(cache_valid.shape, jnp.int32)
+  cache = decoding._empty_cache(
+    model, params, GPT.decode_step, slots, positions=slots, cache_valid=cache_valid
+  )
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def prefill(last_only, cache):
+    return model.apply(
+      {'params': params, 'cache': cache},
+      jnp.asarray(PROMPT),
+      positions=positions,
+      cache_valid=cache_valid,
+      last_only=last_only,
+      method=GPT.decode_step,
+      mutable=['cache'],
+    )
+
+  (last, last_cache), (every, every_cache) = prefill(True, cache), prefill(False, cache)
+  assert last.shape == (B, 1, V) and every.shape == (B, T, V)
+  # one row or five: the head's product may take another kernel, so equal to float32 rounding
+  np.testing.assert_allclose(np.asarray(last), np.asarray(every[:, -1:]), rtol=1e-6, atol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, last_cache, every_cache)
+
+
 @pytest.mark.parametrize('scan', [False, True], ids=['loop', 'scan'])
 def test_transformer_cached_logits_equal_full_forward_with_padded_source(scan):
   model, params = tiny_transformer(scan_layers=scan)

@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,6 +104,34 @@ def test_feedforward_matches_formula(activation):
   np.testing.assert_allclose(
     ffn.apply({'params': params}, x), numpy_ffn(params, x, ACTS[activation]), atol=1e-5, rtol=1e-5
   )
+
+
+@pytest.mark.parametrize(
+  'activation, gated', [('gelu_tanh', False), ('silu', True)], ids=['plain', 'gated']
+)
+def test_bf16_activation_is_computed_in_float32_and_rounded_once(activation, gated):
+  """In a bfloat16 FFN what reaches ``fc_out`` is the float32 activation (times the gate) of the bf16 projections,
+  rounded to bf16 once: within half a bf16 ulp of the exact value (or 1e-6 where tanh's 1 + tanh cancels), where
+  rounding after each elementwise op drifts by several."""
+  x = x_input(4, scale=3.0, shift=0.0)
+  ffn = FeedForward(F, activation, gated=gated, dtype=jnp.bfloat16)
+  params = ffn.init(jax.random.key(0), x)['params']
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    seen[context.module.name] = args[0] if context.module.name == 'fc_out' else out
+    return out
+
+  with nn.intercept_methods(record):
+    ffn.apply({'params': params}, x)
+  act = {'gelu_tanh': ACTS['gelu_tanh'], 'silu': lambda h: h / (1 + np.exp(-h))}[activation]
+  exact = act(np.asarray(seen['fc_gate' if gated else 'fc_in'], np.float64))
+  if gated:
+    exact = exact * np.asarray(seen['fc_in'], np.float64)
+  got = seen['fc_out']
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=2**-8, atol=1e-6)
 
 
 def test_exact_and_tanh_gelu_differ():

@@ -50,7 +50,14 @@ def prefill_gpt(
     model, params, GPT.decode_step, dummy, positions=dummy, cache_valid=cache_valid
   )
   first_logits, cache = _apply_step(
-    model, params, cache, GPT.decode_step, prompt_ids, positions=positions, cache_valid=cache_valid
+    model,
+    params,
+    cache,
+    GPT.decode_step,
+    prompt_ids,
+    positions=positions,
+    cache_valid=cache_valid,
+    last_only=True,
   )
 
   def step(cache, rows, tokens, j):

@@ -32,6 +32,9 @@ using transformer_jax::widen;
 namespace {
 
 constexpr int64_t kQueryBlock = 64;  // rows per block: (64, S) float32 logits are 64 KiB at S = 256
+// At most this many query rows take forward_rows; and below kSharedWork multiply-adds it runs on the calling thread.
+constexpr int64_t kFewRows = 4;
+constexpr int64_t kSharedWork = int64_t{1} << 20;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 struct Shape {
@@ -181,6 +184,45 @@ void forward_head(const Shape& d, const T* q, const T* k, const T* v, const uint
   }
 }
 
+// The forward for a few query rows (a decoding step): each row's logits are taken from the key rows where they lie,
+// and its output summed from the value rows, with no (S, K) copies or transposes; those would cost more than the
+// work itself at one row. `logits` holds S floats, `acc` 2 K.
+template <typename T>
+void forward_rows(const Shape& d, const T* q, const T* k, const T* v, const uint8_t* mask, T* out, float* lse,
+                  int64_t b, int64_t h, float* logits, float* acc) {
+  const int64_t K = d.head_dim, g = h / d.group();
+  float* query = acc + K;
+  for (int64_t t = 0; t < d.q_len; ++t) {
+    load_rows(q, d, b, t, 1, h, d.scale, query);
+    const auto [lo, hi] = visible_span(d, mask, b, h, t, 1);
+    const int64_t n = hi - lo;
+    for (int64_t s = lo; s < hi; ++s) {
+      const T* key = k + d.kv_at(b, s, g);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < K; ++c) sum += query[c] * widen(key[c]);
+      logits[s - lo] = sum;
+    }
+    const float top = n ? mask_row(logits, d.visible_row(mask, b, h, t) + lo, n) : -kInf;
+    float* lse_at = lse + (b * d.heads + h) * d.q_len + t;
+    std::fill(acc, acc + K, 0.0f);
+    if (top == -kInf) {  // no visible key
+      *lse_at = kInf;
+    } else {
+      const float sum = exp_row(logits, n, top);
+      *lse_at = top + std::log(sum);
+      for (int64_t s = lo; s < hi; ++s) {
+        const float p = logits[s - lo] / sum;
+        const T* value = v + d.kv_at(b, s, g);
+#pragma omp simd
+        for (int64_t c = 0; c < K; ++c) acc[c] += p * widen(value[c]);
+      }
+    }
+    T* dst = out + d.q_at(b, t, h);
+    for (int64_t c = 0; c < K; ++c) dst[c] = narrow<T>(acc[c]);
+  }
+}
+
 // dq of the query heads of key/value head g, and that head's dk, dv (summed over its query heads).
 template <typename T>
 void backward_group(const Shape& d, const T* q, const T* k, const T* v, const uint8_t* mask, const T* out,
@@ -284,6 +326,19 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
   if (auto error = shape_of(q, k, v, mask, scale, &d); error.failure()) return error;
   auto run = [&](auto type) {
     using T = decltype(type);
+    if (d.q_len <= kFewRows) {
+      auto heads = [&, d](int64_t first, int64_t last) {
+        std::vector<float> logits(d.kv_len), acc(2 * d.head_dim);
+        for (int64_t task = first; task < last; ++task) {
+          forward_rows<T>(d, as<T>(q), as<T>(k), as<T>(v), as<uint8_t>(mask), as<T>(out), as<float>(lse),
+                          task / d.heads, task % d.heads, logits.data(), acc.data());
+        }
+      };
+      const int64_t tasks = d.batch * d.heads;
+      // a decoding step's few rows: on this thread unless there is enough work to share
+      if (tasks * d.q_len * d.kv_len * d.head_dim < kSharedWork) return heads(0, tasks);
+      return transformer_jax::run_blocks(pool, tasks, [&](int64_t task) { heads(task, task + 1); });
+    }
     transformer_jax::run_blocks(pool, d.batch * d.heads, [&, d](int64_t task) {
       forward_head<T>(d, as<T>(q), as<T>(k), as<T>(v), as<uint8_t>(mask), as<T>(out),
                       as<float>(lse), task / d.heads, task % d.heads);

@@ -34,13 +34,13 @@ def available() -> bool:
 
 
 def applies(query: jax.Array, key: jax.Array, value: jax.Array) -> bool:
-  """The kernel is the default path for these operands: float32 or bfloat16 of one dtype, several query rows (a
-  decoding step's single row stays on the einsum path, which XLA fuses with the KV-cache update), and the CPU the
-  only device (:func:`~transformer_jax.kernels.cpu_build.sole_cpu_device`); and the kernel builds here."""
+  """The kernel is the default path for these operands: float32 or bfloat16 of one dtype, and the CPU the only
+  device (:func:`~transformer_jax.kernels.cpu_build.sole_cpu_device`); and the kernel builds here. A decoding step's
+  query row takes it too: it reads the key/value cache where it lies, where the einsum path copies each layer's cache
+  into two layouts (widened to float32 for a bf16 cache) at every step."""
   return (
     query.dtype in DTYPES
     and query.dtype == key.dtype == value.dtype
-    and query.shape[1] > 1
     and cpu_build.sole_cpu_device()
     and available()
   )

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
-#include "pool_blocks.h"
+#include "awake_helpers.h"
 #include "skinny_limits.h"
 #if defined(__AVX512F__)
 #include "bf16_avx512.h"
@@ -117,7 +117,7 @@ void kn_product(ffi::ThreadPool& pool, const float* x, const Weight* w, float* o
   const int64_t slices = std::clamp<int64_t>((wanted + strips - 1) / strips, 1, std::max<int64_t>(1, k_dim / 64));
   const int64_t depth = (k_dim + slices - 1) / slices;
   std::vector<float> partials(slices > 1 ? (slices - 1) * rows * n_dim : 0);
-  transformer_jax::run_blocks(pool, strips * slices, [=, &partials](int64_t block) {
+  transformer_jax::run_blocks_awake(pool, strips * slices, [=, &partials](int64_t block) {
     const int64_t slice = block / strips, strip = block % strips;
     const int64_t n0 = strip * columns, n1 = std::min(n_dim, n0 + columns);
     const int64_t k0 = slice * depth, k1 = std::min(k_dim, k0 + depth);
@@ -138,7 +138,7 @@ void kn_product(ffi::ThreadPool& pool, const float* x, const Weight* w, float* o
 // Runs block(n0, n1) over the table rows of an (N, K) weight, kTableRows at a time, on the pool.
 template <typename Block>
 void table_blocks(ffi::ThreadPool& pool, int64_t n_dim, Block block) {
-  transformer_jax::run_blocks(pool, (n_dim + kTableRows - 1) / kTableRows, [=](int64_t i) {
+  transformer_jax::run_blocks_awake(pool, (n_dim + kTableRows - 1) / kTableRows, [=](int64_t i) {
     block(i * kTableRows, std::min(n_dim, (i + 1) * kTableRows));
   });
 }

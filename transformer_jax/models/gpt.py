@@ -147,16 +147,19 @@ class GPT(Module):
     x = self.embed(ids, positions, deterministic=deterministic)  # (B, T, D)
     return self.decoder(x, mask, positions, deterministic=deterministic)
 
-  def decode_step(self, ids, *, positions, cache_valid=None):
+  def decode_step(self, ids, *, positions, cache_valid=None, last_only: bool = False):
     """Cached decoding (apply with ``mutable=['cache']``): ``(B, T)`` ids continuing the cached sequence ->
     ``(B, T, V)`` float32 logits. The first call prefills the prompt, later ones feed one token each.
 
     ``positions``: ``(B, T)`` position ids of the new tokens. ``cache_valid``: ``(B, S)`` over every cache slot, True
     for real tokens (False for left padding); slots not yet written are hidden by causality whatever it says.
+    ``last_only``: ``(B, 1, V)`` logits of the last position, all a prefill needs (the head is the largest product of
+    a short prompt, and its ``(B, T, V)`` logits the largest array).
     """
     check_shape(positions, ids.shape, 'positions')
     x = self.embed(ids, positions)
-    return self.logits(self.decoder(x, masks.key_mask(cache_valid), positions, decode=True))
+    h = self.decoder(x, masks.key_mask(cache_valid), positions, decode=True)  # (B, T, D)
+    return self.logits(h[:, -1:] if last_only else h)
 
   def logits(self, x):
     """``(B, T, D)`` -> ``(B, T, V)`` float32 logits."""

@@ -66,8 +66,8 @@ def dot_product_attention(
     scale: multiplies ``q k^T``; ``None``: ``1 / sqrt(K)`` (T5 uses 1: its init folds the scale into the queries).
     dropout_rate, dropout_rng, deterministic: dropout on the attention weights (needs ``dropout_rng`` when active).
     return_weights: also return the ``(B, H, T, S)`` float32 weights (forces the einsum path).
-    implementation: ``None``: on a single CPU device, float32 or bfloat16 with several query rows and no bias,
-      dropout or returned weights, the fused CPU kernel (:mod:`transformer_jax.kernels.attention`); otherwise, and
+    implementation: ``None``: on a single CPU device, float32 or bfloat16 (a decoding step's one row too) with no
+      bias, dropout or returned weights, the fused CPU kernel (:mod:`transformer_jax.kernels.attention`); otherwise, and
       for ``'einsum'``, two einsums around a float32 softmax, written out here; ``'xla'`` or ``'cudnn'``:
       ``jax.nn.dot_product_attention`` with that implementation (``'cudnn'`` on GPUs, bf16 only). Dropout and
       ``return_weights`` always take the einsum path.

@@ -50,6 +50,12 @@ class FeedForward(Module):
         **dense_inits(self.kernel_init, kernel_axes),
       )
 
+    # The activation (and gate) in float32, rounded to the compute dtype once: in bfloat16 each of its elementwise
+    # ops would round (GPT-2's tanh GELU has eight), and a CPU without bf16 arithmetic converts around every one.
     h = dense(self.hidden_dim, 'fc_in', ('embed', 'mlp'))(x)  # (B, T, F)
-    h = act(dense(self.hidden_dim, 'fc_gate', ('embed', 'mlp'))(x)) * h if self.gated else act(h)
+    if self.gated:
+      gate = dense(self.hidden_dim, 'fc_gate', ('embed', 'mlp'))(x)
+      h = (act(gate.astype(jnp.float32)) * h.astype(jnp.float32)).astype(h.dtype)
+    else:
+      h = act(h.astype(jnp.float32)).astype(h.dtype)
     return dense(x.shape[-1], 'fc_out', ('mlp', 'embed'))(h)  # (B, T, D)

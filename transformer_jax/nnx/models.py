@@ -96,11 +96,17 @@ class GPT(Model):
     ids = jnp.zeros((batch_size, slots), jnp.int32)
     self._zero_cache(ids, positions=ids)
 
-  def decode_step(self, ids, *, positions, cache_valid=None):
+  def decode_step(self, ids, *, positions, cache_valid=None, last_only: bool = False):
     """Cached decoding (after :meth:`init_cache`), arguments as in :meth:`transformer_jax.GPT.decode_step`:
-    ``(B, T)`` ids continuing the cached sequence -> ``(B, T, V)`` float32 logits; the cache is updated in place."""
+    ``(B, T)`` ids continuing the cached sequence -> ``(B, T, V)`` float32 logits (``(B, 1, V)`` with
+    ``last_only``); the cache is updated in place."""
     return self(
-      ids, positions=positions, cache_valid=cache_valid, method='decode_step', mutable=['cache']
+      ids,
+      positions=positions,
+      cache_valid=cache_valid,
+      last_only=last_only,
+      method='decode_step',
+      mutable=['cache'],
     )
 
 
