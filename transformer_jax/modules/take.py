@@ -4,7 +4,9 @@ XLA:CPU runs a gather of bfloat16 or float16 through float32: it converts the en
 back. Looking up one row of a bf16 embedding table then writes a float32 copy of the table (154 MB for GPT-2's, on
 every call that decodes), and reordering a bf16 KV cache for beam search converts the whole cache twice a step.
 :func:`take` gathers the same bits as ``uint16``, which moves them unchanged, on every platform (the bitcasts are
-free). Its tangent is ``jnp.take`` of the tangent, so gradients are the usual scatter-add.
+free, but XLA hoists a loop-invariant one out of a loop and writes the operand out). On a lone CPU device the rows
+along the leading axis are copied by ``kernels/take_rows.cc`` instead, which reads only those rows. Its tangent is
+``jnp.take`` of the tangent, so gradients are the usual scatter-add.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from transformer_jax.kernels import cpu_build
 
 
 def take(x: jax.Array, indices: jax.Array, axis: int = 0) -> jax.Array:
@@ -26,9 +30,23 @@ def take(x: jax.Array, indices: jax.Array, axis: int = 0) -> jax.Array:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _take_bits(x, indices, axis):
+  if axis == 0 and cpu_build.sole_cpu_device() and _rows_kernel():
+    # only the rows asked for are read: inside a decoding loop XLA would hoist the bitcast of the (invariant) table
+    # out of the loop and write all of it out on every call
+    out = jax.ShapeDtypeStruct(indices.shape + x.shape[1:], x.dtype)
+    call = jax.ffi.ffi_call(TAKE_ROWS, out, vmap_method='sequential')
+    return call(x, indices.astype(jnp.int32))
   # the unsigned fill for an out-of-range index is 0xFFFF, a NaN's bits
   bits = jnp.take(lax.bitcast_convert_type(x, jnp.uint16), indices, axis=axis)
   return lax.bitcast_convert_type(bits, x.dtype)
+
+
+TAKE_ROWS = 'transformer_jax_take_rows'
+
+
+def _rows_kernel() -> bool:
+  """True when ``kernels/take_rows.cc`` is built and registered for the CPU (built on the first call)."""
+  return cpu_build.ffi_target('take_rows.cc', 'TransformerJaxTakeRows', TAKE_ROWS)
 
 
 @_take_bits.defjvp
