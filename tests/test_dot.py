@@ -40,6 +40,27 @@ def test_kernel_equals_float64_product(k, n, rows, transposed, dtype):
   np.testing.assert_allclose(out, float64_product(x, w, transposed), rtol=1e-5, atol=1e-5)
 
 
+def test_products_from_several_threads_at_once():
+  """The kernel's awake helpers take one product at a time; a product that finds them busy runs on XLA's pool. Four
+  Python threads calling it at once all get their own, exact results."""
+  import concurrent.futures
+
+  product = jax.jit(skinny_matmul.matmul, static_argnums=2)
+  cases = []
+  for i, (k, n) in enumerate(SHAPES * 2):
+    kx, kw = jax.random.split(jax.random.key(10 + i))
+    x = jax.random.normal(kx, (2, k), jnp.float32)
+    w = jax.random.normal(kw, (k, n), jnp.bfloat16)
+    cases.append((x, w, np.asarray(product(x, w, False))))
+
+  def repeat(case):
+    x, w, want = case
+    return all(np.array_equal(np.asarray(product(x, w, False)), want) for _ in range(50))
+
+  with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+    assert all(pool.map(repeat, cases))
+
+
 def custom_calls(fn, *args) -> int:
   """Kernel calls in the compiled program of ``fn`` (a fresh trace: ``jit`` caches by function)."""
   compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile().as_text()

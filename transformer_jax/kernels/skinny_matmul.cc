@@ -5,7 +5,8 @@
 // weight costs half the memory traffic of a float32 one.
 //
 // W is either (K, N) row-major (a Dense kernel, `transposed` false) or (N, K) row-major (a tied embedding table,
-// `transposed` true). Work is split into column (or row) blocks shared out over XLA's intra-op thread pool.
+// `transposed` true). Work is split into column (or row) blocks shared out over helper threads that stay awake
+// between a decoding step's products (awake_helpers.h), or over XLA's intra-op pool when those are busy.
 // Compiled with -march=native by transformer_jax/kernels/cpu_build.py, so the loops vectorise for the host's ISA; with
 // AVX-512, bfloat16 weights take the blocks of bf16_avx512.h instead (two instructions widen 32 weights).
 #include <algorithm>
@@ -135,7 +136,7 @@ void kn_product(ffi::ThreadPool& pool, const float* x, const Weight* w, float* o
   }
 }
 
-// Runs block(n0, n1) over the table rows of an (N, K) weight, kTableRows at a time, on the pool.
+// Runs block(n0, n1) over the table rows of an (N, K) weight, kTableRows at a time, on the helpers.
 template <typename Block>
 void table_blocks(ffi::ThreadPool& pool, int64_t n_dim, Block block) {
   transformer_jax::run_blocks_awake(pool, (n_dim + kTableRows - 1) / kTableRows, [=](int64_t i) {
