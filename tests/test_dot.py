@@ -51,7 +51,9 @@ def test_products_from_several_threads_at_once():
     kx, kw = jax.random.split(jax.random.key(10 + i))
     x = jax.random.normal(kx, (2, k), jnp.float32)
     w = jax.random.normal(kw, (k, n), jnp.bfloat16)
-    cases.append((x, w, np.asarray(product(x, w, False))))
+    want = np.asarray(product(x, w, False))
+    np.testing.assert_allclose(want, float64_product(x, w, False), rtol=1e-5, atol=1e-5)
+    cases.append((x, w, want))
 
   def repeat(case):
     x, w, want = case

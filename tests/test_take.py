@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from transformer_jax.kernels import take_rows
 from transformer_jax.modules.embeddings import TokenEmbedding
 from transformer_jax.modules.take import take
 
@@ -23,9 +24,9 @@ def bits(x):
     ((11, 6), np.array([[3, 0, 10, 3, 7], [1, 2, 2, 9, 4]]), 0),  # a (V, D) table by (B, T) ids
     (
       (5, 7, 3, 4),
-      np.array([4, 0, 0, 2, 1, 3]),
+      np.array([4, 0, 0, 2, 1, 3, -1, -5]),
       0,
-    ),  # a cache's rows, reordered and repeated (beam search)
+    ),  # a cache's rows, reordered and repeated (beam search), and negative ones counted from the end
     ((5, 7, 3, 4), np.array([6, 1, 5]), 1),
   ],
   ids=['table', 'cache_rows', 'axis_1'],
@@ -83,7 +84,7 @@ def test_bf16_embedding_lookup_makes_no_float32_table():
 
 def test_a_bf16_decoding_program_reads_table_rows_without_copying_the_table():
   """Inside the decoding loop XLA hoists a loop-invariant bitcast of the embedding table and writes all of it out
-  once per call; on the CPU the lookup copies only the rows asked for (``kernels/take_rows.cc``)."""
+  once per call; on the CPU the lookup copies only the rows asked for (:mod:`transformer_jax.kernels.take_rows`)."""
   from transformer_jax import GPT, GPTConfig, decoding, search_settings
 
   bf16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -103,4 +104,4 @@ def test_a_bf16_decoding_program_reads_table_rows_without_copying_the_table():
     .as_text()
   )
   assert 'u16[37,12]' not in hlo and 'f32[37,12]' not in hlo
-  assert 'transformer_jax_take_rows' in hlo
+  assert take_rows.TARGET in hlo

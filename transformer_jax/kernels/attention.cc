@@ -186,12 +186,11 @@ void forward_head(const Shape& d, const T* q, const T* k, const T* v, const uint
 
 // The forward for a few query rows (a decoding step): each row's logits are taken from the key rows where they lie,
 // and its output summed from the value rows, with no (S, K) copies or transposes; those would cost more than the
-// work itself at one row. `logits` holds S floats, `acc` 2 K.
+// work itself at one row. `logits` holds S floats, `query` and `acc` K each.
 template <typename T>
 void forward_rows(const Shape& d, const T* q, const T* k, const T* v, const uint8_t* mask, T* out, float* lse,
-                  int64_t b, int64_t h, float* logits, float* acc) {
+                  int64_t b, int64_t h, float* logits, float* query, float* acc) {
   const int64_t K = d.head_dim, g = h / d.group();
-  float* query = acc + K;
   for (int64_t t = 0; t < d.q_len; ++t) {
     load_rows(q, d, b, t, 1, h, d.scale, query);
     const auto [lo, hi] = visible_span(d, mask, b, h, t, 1);
@@ -328,10 +327,10 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
     using T = decltype(type);
     if (d.q_len <= kFewRows) {
       auto heads = [&, d](int64_t first, int64_t last) {
-        std::vector<float> logits(d.kv_len), acc(2 * d.head_dim);
+        std::vector<float> logits(d.kv_len), query(d.head_dim), acc(d.head_dim);
         for (int64_t task = first; task < last; ++task) {
           forward_rows<T>(d, as<T>(q), as<T>(k), as<T>(v), as<uint8_t>(mask), as<T>(out), as<float>(lse),
-                          task / d.heads, task % d.heads, logits.data(), acc.data());
+                          task / d.heads, task % d.heads, logits.data(), query.data(), acc.data());
         }
       };
       const int64_t tasks = d.batch * d.heads;

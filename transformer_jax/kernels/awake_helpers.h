@@ -42,7 +42,7 @@ class AwakeHelpers {
       std::lock_guard<std::mutex> lock(sleep_mutex_);
       wake_.notify_all();
     }
-    claim(*blocks);
+    claim_blocks(*blocks);
     // a helper that comes late finds no block left; the shared state outlives the call for it
     while (blocks->finished.load(std::memory_order_acquire) < count) std::this_thread::yield();
     return true;
@@ -59,15 +59,6 @@ class AwakeHelpers {
  private:
   explicit AwakeHelpers(int64_t helpers) : helpers_(helpers) {
     for (int64_t i = 0; i < helpers; ++i) std::thread([this] { loop(); }).detach();
-  }
-
-  static void claim(Blocks& blocks) {
-    for (;;) {
-      const int64_t block = blocks.next.fetch_add(1, std::memory_order_relaxed);
-      if (block >= blocks.count) return;
-      blocks.run(block);
-      blocks.finished.fetch_add(1, std::memory_order_release);
-    }
   }
 
   void loop() {
@@ -90,7 +81,7 @@ class AwakeHelpers {
         std::lock_guard<std::mutex> lock(job_mutex_);
         blocks = job_;
       }
-      if (blocks) claim(*blocks);
+      if (blocks) claim_blocks(*blocks);
     }
   }
 

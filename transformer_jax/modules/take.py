@@ -5,8 +5,8 @@ back. Looking up one row of a bf16 embedding table then writes a float32 copy of
 every call that decodes), and reordering a bf16 KV cache for beam search converts the whole cache twice a step.
 :func:`take` gathers the same bits as ``uint16``, which moves them unchanged, on every platform (the bitcasts are
 free, but XLA hoists a loop-invariant one out of a loop and writes the operand out). On a lone CPU device the rows
-along the leading axis are copied by ``kernels/take_rows.cc`` instead, which reads only those rows. Its tangent is
-``jnp.take`` of the tangent, so gradients are the usual scatter-add.
+along the leading axis are copied by :mod:`~transformer_jax.kernels.take_rows` instead, which reads only those rows.
+Its tangent is ``jnp.take`` of the tangent, so gradients are the usual scatter-add.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from transformer_jax.kernels import cpu_build
+from transformer_jax.kernels import cpu_build, take_rows
 
 
 def take(x: jax.Array, indices: jax.Array, axis: int = 0) -> jax.Array:
@@ -30,23 +30,11 @@ def take(x: jax.Array, indices: jax.Array, axis: int = 0) -> jax.Array:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _take_bits(x, indices, axis):
-  if axis == 0 and cpu_build.sole_cpu_device() and _rows_kernel():
-    # only the rows asked for are read: inside a decoding loop XLA would hoist the bitcast of the (invariant) table
-    # out of the loop and write all of it out on every call
-    out = jax.ShapeDtypeStruct(indices.shape + x.shape[1:], x.dtype)
-    call = jax.ffi.ffi_call(TAKE_ROWS, out, vmap_method='sequential')
-    return call(x, indices.astype(jnp.int32))
+  if axis == 0 and cpu_build.sole_cpu_device() and take_rows.available():
+    return take_rows.take_rows(x, indices)
   # the unsigned fill for an out-of-range index is 0xFFFF, a NaN's bits
   bits = jnp.take(lax.bitcast_convert_type(x, jnp.uint16), indices, axis=axis)
   return lax.bitcast_convert_type(bits, x.dtype)
-
-
-TAKE_ROWS = 'transformer_jax_take_rows'
-
-
-def _rows_kernel() -> bool:
-  """True when ``kernels/take_rows.cc`` is built and registered for the CPU (built on the first call)."""
-  return cpu_build.ffi_target('take_rows.cc', 'TransformerJaxTakeRows', TAKE_ROWS)
 
 
 @_take_bits.defjvp
