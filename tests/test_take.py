@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decoding_helpers import greedy_generate_hlo
 
 from transformer_jax.kernels import take_rows
 from transformer_jax.modules.embeddings import TokenEmbedding
@@ -85,23 +86,6 @@ def test_bf16_embedding_lookup_makes_no_float32_table():
 def test_a_bf16_decoding_program_reads_table_rows_without_copying_the_table():
   """Inside the decoding loop XLA hoists a loop-invariant bitcast of the embedding table and writes all of it out
   once per call; on the CPU the lookup copies only the rows asked for (:mod:`transformer_jax.kernels.take_rows`)."""
-  from transformer_jax import GPT, GPTConfig, decoding, search_settings
-
-  bf16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-  config = GPTConfig(
-    vocab_size=37, max_len=16, num_layers=1, d_model=12, num_heads=3, d_ff=19, **bf16
-  )
-  model = GPT(config)
-  prompt = jnp.ones((1, 5), jnp.int32)
-  params = model.init(jax.random.key(0), prompt)['params']
-  settings, floats = search_settings.make_settings(37, 4, None, 0, 0)
-  valid = jnp.ones_like(prompt, bool)
-  hlo = (
-    decoding.compiled_generate.lower(
-      model, settings, params, floats, prompt, valid, jax.random.key(0)
-    )
-    .compile()
-    .as_text()
-  )
+  hlo = greedy_generate_hlo(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   assert 'u16[37,12]' not in hlo and 'f32[37,12]' not in hlo
   assert take_rows.TARGET in hlo
