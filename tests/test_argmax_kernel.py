@@ -1,5 +1,5 @@
-"""The argmax CPU kernel (greedy decoding's choice) against ``jnp.argmax``: ties, NaN, infinities, rows that end
-inside a block, leading axes and vmap; and that greedy decoding calls it."""
+"""The argmax CPU kernel against ``jnp.argmax``: ties, NaN, infinities, rows that end inside a block, leading axes
+and vmap; through ``modules.argmax`` in a differentiated function and in greedy decoding."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from decoding_helpers import greedy_generate_hlo
 
-from transformer_jax import token_choice
 from transformer_jax.kernels import argmax
+from transformer_jax.modules.argmax import argmax as module_argmax
 
 NAN, INF = float('nan'), float('inf')
 
@@ -85,12 +85,29 @@ def test_argmax_refuses_what_it_cannot_take(x):
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_greedy_equals_jnp_argmax_in_each_dtype(dtype):
-  """float32 logits go to the kernel; any other dtype stays with ``jnp.argmax``."""
+def test_module_argmax_takes_the_kernel_for_float32_only(dtype):
   x = jnp.asarray(case('ties_take_the_first')).astype(dtype)
-  hlo = jax.jit(token_choice.greedy).lower(x).compile().as_text()
+  hlo = jax.jit(module_argmax).lower(x).compile().as_text()
   assert (argmax.TARGET in hlo) == (dtype == 'float32')
-  np.testing.assert_array_equal(jax.jit(token_choice.greedy)(x), jnp.argmax(x, axis=-1))
+  np.testing.assert_array_equal(jax.jit(module_argmax)(x), jnp.argmax(x, axis=-1))
+
+
+def test_module_argmax_inside_a_differentiated_function():
+  """A loss that also counts argmax hits: the kernel gets no tangent, and the gradient is the loss's alone."""
+  logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
+  best = jnp.argmax(logits, -1)
+  targets = best.at[0, 1].set((best[0, 1] + 1) % 7)  # one miss in 10
+
+  def loss(z):
+    nll = -(jax.nn.log_softmax(z) * jax.nn.one_hot(targets, 7)).sum()
+    return nll, (module_argmax(z) == targets).sum()
+
+  (value, correct), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(logits)
+  assert argmax.TARGET in jax.jit(loss).lower(logits).compile().as_text()
+  assert int(correct) == 9
+  expected = jax.value_and_grad(lambda z: loss(z)[0])(logits)
+  np.testing.assert_allclose(value, expected[0], rtol=1e-6)
+  np.testing.assert_allclose(grad, expected[1], rtol=1e-6, atol=1e-7)
 
 
 def test_greedy_decoding_program_calls_the_kernel():

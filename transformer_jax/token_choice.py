@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from transformer_jax.kernels import argmax, cpu_build
+from transformer_jax.modules.argmax import argmax
 
 if TYPE_CHECKING:
   from transformer_jax.search import PrefilledModel
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def choose(logits, rng, s: SearchSettings, floats: FloatSettings):
   """``(R, V)`` float32 logits -> ``(R,)`` int32 tokens: greedy, or sampled after temperature, top-k and top-p."""
   if not s.sample:
-    return greedy(logits)
+    return argmax(logits)
   logits = logits / floats.temperature
   if s.top_k is not None:
     kth = lax.top_k(logits, min(s.top_k, logits.shape[-1]))[0][:, -1:]  # (R, 1)
@@ -27,14 +27,6 @@ def choose(logits, rng, s: SearchSettings, floats: FloatSettings):
   if s.nucleus:
     logits = nucleus(logits, floats.top_p)
   return jax.random.categorical(rng, logits).astype(jnp.int32)
-
-
-def greedy(logits):
-  """``(R, V)`` logits -> ``(R,)`` int32: each row's most likely token (the first of equal ones), by the CPU kernel
-  (:mod:`~transformer_jax.kernels.argmax`) on a lone CPU device, where XLA's argmax took 0.2 ms of a decoding step."""
-  if logits.dtype == jnp.float32 and cpu_build.sole_cpu_device() and argmax.available():
-    return argmax.argmax(logits)
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def nucleus(logits, top_p: float):

@@ -1,8 +1,9 @@
-"""The index of the largest float32 along the last axis (``argmax.cc``, CPU only): greedy decoding's choice.
+"""The index of the largest float32 along the last axis (``argmax.cc``, CPU only).
 
-XLA:CPU reduces a (value, index) pair one element at a time, at about 1 GB/s, so greedy's argmax over GPT-2's 50,257
-logits cost 0.2 ms a token. The kernel takes two vectorised passes over each row. Built like every kernel here
-(:mod:`transformer_jax.kernels.cpu_build`); :func:`available` is False where it cannot be."""
+XLA:CPU reduces a (value, index) pair one element at a time, at about 1 GB/s; the kernel takes two vectorised passes
+over each row. :func:`transformer_jax.modules.argmax.argmax` sends it float32 on a lone CPU device (greedy decoding's
+choice, a training step's accuracy). Built like every kernel here (:mod:`transformer_jax.kernels.cpu_build`);
+:func:`available` is False where it cannot be."""
 
 from __future__ import annotations
 
