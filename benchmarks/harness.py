@@ -14,6 +14,7 @@ import optax
 
 from transformer_jax.host_memory import keep_freed_memory
 from transformer_jax.kernels import cpu_build, mkl_matmul
+from transformer_jax.modules.cross_entropy import softmax_cross_entropy
 
 _HOST_MEMORY = {'kept': False}
 
@@ -256,5 +257,5 @@ def adamw_step(loss_fn: Callable, learning_rate: float = 3e-4, weight_decay: flo
 
 
 def next_token_loss(logits, labels):
-  """Mean cross-entropy of ``(B, T, V)`` logits against ``(B, T)`` labels."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  """Mean cross-entropy of ``(B, T, V)`` logits against ``(B, T)`` labels (the library's loss, as the trainer's)."""
+  return softmax_cross_entropy(logits, labels).nll.mean()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+
+from transformer_jax.modules.cross_entropy import softmax_cross_entropy
 
 
 def cross_entropy_sums(logits, targets, weights, label_smoothing: float = 0.0) -> dict:
@@ -14,17 +15,14 @@ def cross_entropy_sums(logits, targets, weights, label_smoothing: float = 0.0) -
   (plain negative log-likelihood, for perplexity), ``correct`` (argmax hits) and ``weight``, each summed over
   positions with ``weights``, so a padded position contributes nothing.
   """
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  loss = nll
-  # the uniform term is one more pass over the (..., V) log-probabilities, which a zero weight would still pay for
+  terms = softmax_cross_entropy(logits, targets)
+  loss = terms.nll
   if label_smoothing:
-    uniform = -log_probs.mean(axis=-1)
-    loss = (1.0 - label_smoothing) * nll + label_smoothing * uniform
-  correct = (logits.argmax(-1) == targets).astype(jnp.float32)
+    loss = (1.0 - label_smoothing) * terms.nll + label_smoothing * terms.uniform
+  correct = (terms.predicted == targets).astype(jnp.float32)
   return {
     'loss': (loss * weights).sum(),
-    'nll': (nll * weights).sum(),
+    'nll': (terms.nll * weights).sum(),
     'correct': (correct * weights).sum(),
     'weight': weights.sum(),
   }

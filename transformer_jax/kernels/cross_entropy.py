@@ -1,0 +1,158 @@
+"""Softmax cross-entropy of float32 rows through a CPU kernel (``cross_entropy.cc``), as JAX primitives.
+
+:func:`forward` gives, per row of ``(R, V)`` logits and ``(R,)`` targets: ``nll = lse - x[t]``, ``uniform = lse -
+mean(x)`` (label smoothing's term), ``lse`` (the log normaliser) and the argmax. Its derivative is a primitive linear
+in the logits' tangent, whose transpose, the backward pass, is the second kernel: so reverse mode costs one more
+pass over the logits, with no ``(R, V)`` softmax written out in between, and forward mode works too. Derivatives of
+higher order follow the same formulas in XLA's ops (:func:`reference_tangent`, :func:`reference_backward`).
+Built like every kernel here (:mod:`transformer_jax.kernels.cpu_build`); :func:`available` is False where it cannot
+be. :func:`transformer_jax.modules.cross_entropy.softmax_cross_entropy` chooses between this and XLA.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from transformer_jax.kernels import cpu_build
+
+FORWARD, BACKWARD = (
+  'transformer_jax_cross_entropy_forward',
+  'transformer_jax_cross_entropy_backward',
+)
+F32 = jnp.float32
+
+
+def available() -> bool:
+  """True when both kernels are built and registered for the CPU (built on the first call)."""
+  return cpu_build.ffi_target(
+    'cross_entropy.cc', 'TransformerJaxCrossEntropyForward', FORWARD
+  ) and cpu_build.ffi_target('cross_entropy.cc', 'TransformerJaxCrossEntropyBackward', BACKWARD)
+
+
+def _rows(x):
+  return jax.ShapeDtypeStruct(x.shape[:-1], F32)
+
+
+def _forward_call(x, t):
+  rows = _rows(x)
+  out = (rows, rows, rows, jax.ShapeDtypeStruct(rows.shape, jnp.int32))
+  return jax.ffi.ffi_call(FORWARD, out)(x, t)
+
+
+def _backward_call(x, t, lse, g_nll, g_uniform):
+  return jax.ffi.ffi_call(BACKWARD, jax.ShapeDtypeStruct(x.shape, F32))(x, t, lse, g_nll, g_uniform)
+
+
+def reference_tangent(dx, x, lse, t):
+  """The tangents of ``nll`` and ``uniform`` for a tangent ``dx`` of the logits (linear in ``dx``)."""
+  expected = jnp.sum(jnp.exp(x - lse[..., None]) * dx, axis=-1)  # E_p[dx]
+  at_target = jnp.take_along_axis(dx, t[..., None], axis=-1)[..., 0]
+  return expected - at_target, expected - jnp.mean(dx, axis=-1)
+
+
+def reference_backward(x, t, lse, g_nll, g_uniform):
+  """The logits' cotangent for cotangents ``g_nll`` and ``g_uniform`` (the transpose of :func:`reference_tangent`)."""
+  probs = jnp.exp(x - lse[..., None])
+  onehot = jax.nn.one_hot(t, x.shape[-1], dtype=F32)
+  return (
+    probs * (g_nll + g_uniform)[..., None]
+    - onehot * g_nll[..., None]
+    - g_uniform[..., None] / x.shape[-1]
+  )
+
+
+forward_p = Primitive(FORWARD)
+forward_p.multiple_results = True
+forward_p.def_impl(_forward_call)
+forward_p.def_abstract_eval(
+  lambda x, t: (
+    *(jax.core.ShapedArray(x.shape[:-1], F32),) * 3,
+    jax.core.ShapedArray(x.shape[:-1], jnp.int32),
+  )
+)
+mlir.register_lowering(
+  forward_p, mlir.lower_fun(_forward_call, multiple_results=True), platform='cpu'
+)
+
+# (dx, x, lse, t) -> (d nll, d uniform): linear in dx, evaluated by XLA (forward mode is rare); its transpose is
+# the backward kernel
+tangent_p = Primitive('transformer_jax_cross_entropy_tangent')
+tangent_p.multiple_results = True
+tangent_p.def_impl(reference_tangent)
+tangent_p.def_abstract_eval(lambda dx, x, lse, t: (jax.core.ShapedArray(lse.shape, F32),) * 2)
+mlir.register_lowering(tangent_p, mlir.lower_fun(reference_tangent, multiple_results=True))
+
+# (x, t, lse, g_nll, g_uniform) -> dx: linear in (g_nll, g_uniform); its transpose is the tangent
+backward_p = Primitive(BACKWARD)
+backward_p.def_impl(_backward_call)
+backward_p.def_abstract_eval(lambda x, t, lse, g_nll, g_uniform: jax.core.ShapedArray(x.shape, F32))
+mlir.register_lowering(
+  backward_p, mlir.lower_fun(_backward_call, multiple_results=False), platform='cpu'
+)
+
+
+def _forward_jvp(primals, tangents):
+  x, t = primals
+  dx, _ = tangents
+  nll, uniform, lse, predicted = forward_p.bind(x, t)
+  dx = ad.instantiate_zeros(dx)
+  d_nll, d_uniform = tangent_p.bind(dx, x, lse, t)
+  d_lse = d_nll + jnp.take_along_axis(dx, t[..., None], axis=-1)[..., 0]
+  return (nll, uniform, lse, predicted), (
+    d_nll,
+    d_uniform,
+    d_lse,
+    ad.Zero(jax.typeof(predicted).to_tangent_aval()),
+  )
+
+
+ad.primitive_jvps[forward_p] = _forward_jvp
+
+
+def _tangent_transpose(cts, dx, x, lse, t):
+  g_nll, g_uniform = (ad.instantiate_zeros(ct) for ct in cts)
+  return backward_p.bind(x, t, lse, g_nll, g_uniform), None, None, None
+
+
+def _backward_transpose(ct, x, t, lse, g_nll, g_uniform):
+  d_nll, d_uniform = tangent_p.bind(ad.instantiate_zeros(ct), x, lse, t)
+  return None, None, None, d_nll, d_uniform
+
+
+ad.primitive_transposes[tangent_p] = _tangent_transpose
+ad.primitive_transposes[backward_p] = _backward_transpose
+# second derivatives: XLA's ops on the same formulas
+ad.primitive_jvps[tangent_p] = lambda primals, tangents: jax.jvp(
+  reference_tangent, primals, tuple(map(ad.instantiate_zeros, tangents))
+)
+ad.primitive_jvps[backward_p] = lambda primals, tangents: jax.jvp(
+  reference_backward, primals, tuple(map(ad.instantiate_zeros, tangents))
+)
+
+
+def _batch(primitive):
+  """vmap: the kernels take any leading axes as rows, so the batch axis of each operand moves to the front (an
+  unbatched one is broadcast)."""
+
+  def rule(args, dims):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
+    out = primitive.bind(*args)
+    return out, ([0] * len(out) if primitive.multiple_results else 0)
+
+  batching.primitive_batchers[primitive] = rule
+
+
+for _primitive in (forward_p, tangent_p, backward_p):
+  _batch(_primitive)
+
+
+def forward(x: jax.Array, t: jax.Array):
+  """``(..., V)`` float32 logits, ``(...)`` int32 targets -> ``nll``, ``uniform``, ``lse`` (float32) and the
+  argmax (int32), each ``(...)``. Differentiable in both modes and vmappable."""
+  if not available():
+    raise RuntimeError('the cross_entropy CPU kernels could not be built; see the logged warning')
+  return forward_p.bind(x, t)
