@@ -2,7 +2,7 @@
 
 XLA:CPU reduces a (value, index) pair one element at a time, at about 1 GB/s; the kernel takes two vectorised passes
 over each row. :func:`transformer_jax.modules.argmax.argmax` sends it float32 on a lone CPU device (greedy decoding's
-choice, a training step's accuracy). Built like every kernel here (:mod:`transformer_jax.kernels.cpu_build`);
+choice). Built like every kernel here (:mod:`transformer_jax.kernels.cpu_build`);
 :func:`available` is False where it cannot be."""
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 XLA:CPU reduces a (value, index) pair one element at a time, about 1 GB/s: greedy decoding's choice among GPT-2's
 50,257 logits took 0.2 ms a token. On a lone CPU device float32 goes to :mod:`transformer_jax.kernels.argmax` (10 us
-a row of 50,257); anything else stays ``jnp.argmax``. A training loss keeps ``jnp.argmax``: there XLA fuses it into
-the log-softmax's pass over the logits, where a separate kernel pass costs more than it saves.
+a row of 50,257); anything else stays ``jnp.argmax``. A training loss takes its argmax from the cross-entropy's own
+pass over the logits instead (:mod:`transformer_jax.modules.cross_entropy`): a pass of this kernel beside XLA's loss
+cost more than it saved, since XLA fuses its argmax into the log-softmax.
 """
 
 from __future__ import annotations
