@@ -10,6 +10,7 @@ from transformer_jax.modules.blocks import (
   stack_layers,
   unstack_layers,
 )
+from transformer_jax.modules.cross_entropy import CrossEntropy, softmax_cross_entropy
 from transformer_jax.modules.embeddings import (
   InputEmbedding,
   LearnedPositionalEmbedding,
@@ -25,6 +26,7 @@ from transformer_jax.modules.rotary import apply_rotary
 __all__ = [
   'Block',
   'CrossAttentionBlock',
+  'CrossEntropy',
   'DecoderLayer',
   'EncoderLayer',
   'FeedForward',
@@ -40,6 +42,7 @@ __all__ = [
   'apply_rotary',
   'dot_product_attention',
   'sinusoidal_table',
+  'softmax_cross_entropy',
   'stack_layers',
   'unstack_layers',
 ]
