@@ -85,7 +85,8 @@ def test_every_derivative_equals_xla_s_path(monkeypatch):
     'grad_of_grad_norm': jax.grad(lambda x: (jax.grad(lambda z: smoothed(z, t))(x) ** 2).sum()),
   }
   ours = {name: jax.jit(fn)(x) for name, fn in derivatives.items()}
-  assert kernel.FORWARD in jax.jit(derivatives['jvp']).lower(x).compile().as_text()
+  for name, fn in derivatives.items():  # the primal on each path is the forward kernel's
+    assert kernel.FORWARD in jax.jit(fn).lower(x).compile().as_text(), name
   for name, fn in derivatives.items():
     np.testing.assert_allclose(
       ours[name], on_xla(monkeypatch, fn, x), rtol=1e-5, atol=1e-7, err_msg=name
@@ -130,3 +131,9 @@ def test_a_training_gradient_writes_no_softmax_of_its_own():
   hlo = jax.jit(jax.grad(smoothed)).lower(x, t).compile().as_text()
   assert kernel.FORWARD in hlo and kernel.BACKWARD in hlo
   assert 'exponential' not in hlo
+
+
+@pytest.mark.parametrize('x', [jnp.zeros((2, 5), jnp.bfloat16), jnp.zeros((3, 0)), jnp.zeros(())])
+def test_kernel_refuses_what_it_cannot_take(x):
+  with pytest.raises(ValueError, match='float32 with a non-empty last axis'):
+    kernel.forward(x, jnp.zeros(x.shape[:-1], jnp.int32))

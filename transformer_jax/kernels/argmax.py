@@ -20,12 +20,17 @@ def available() -> bool:
   return cpu_build.ffi_target('argmax.cc', 'TransformerJaxArgmax', TARGET)
 
 
+def takes(x) -> bool:
+  """The kernel takes float32 with a non-empty last axis."""
+  return x.dtype == jnp.float32 and x.ndim > 0 and x.shape[-1] > 0
+
+
 def argmax(x: jax.Array) -> jax.Array:
   """``jnp.argmax(x, axis=-1)`` as int32 for float32 ``x`` with a non-empty last axis: the first of equal maxima, the
   first NaN of a row that holds one."""
   if not available():
     raise RuntimeError('the argmax CPU kernel could not be built; see the logged warning')
-  if x.dtype != jnp.float32 or x.ndim == 0 or x.shape[-1] == 0:
+  if not takes(x):
     raise ValueError(
       f'argmax takes float32 with a non-empty last axis, got {x.dtype}{list(x.shape)}'
     )

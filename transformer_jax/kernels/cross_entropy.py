@@ -32,18 +32,28 @@ def available() -> bool:
   ) and cpu_build.ffi_target('cross_entropy.cc', 'TransformerJaxCrossEntropyBackward', BACKWARD)
 
 
-def _rows(x):
-  return jax.ShapeDtypeStruct(x.shape[:-1], F32)
+def takes(x) -> bool:
+  """The kernels take float32 logits with a non-empty last axis."""
+  return x.dtype == F32 and x.ndim > 0 and x.shape[-1] > 0
+
+
+def _forward_avals(x, t):
+  """``nll``, ``uniform``, ``lse`` and the argmax: one per row. The primitive's abstract values and the FFI call's
+  result shapes both."""
+  rows = jax.core.ShapedArray(x.shape[:-1], F32)
+  return rows, rows, rows, jax.core.ShapedArray(x.shape[:-1], jnp.int32)
+
+
+def _backward_aval(x, t, lse, g_nll, g_uniform):
+  return jax.core.ShapedArray(x.shape, F32)
 
 
 def _forward_call(x, t):
-  rows = _rows(x)
-  out = (rows, rows, rows, jax.ShapeDtypeStruct(rows.shape, jnp.int32))
-  return jax.ffi.ffi_call(FORWARD, out)(x, t)
+  return jax.ffi.ffi_call(FORWARD, _forward_avals(x, t))(x, t)
 
 
-def _backward_call(x, t, lse, g_nll, g_uniform):
-  return jax.ffi.ffi_call(BACKWARD, jax.ShapeDtypeStruct(x.shape, F32))(x, t, lse, g_nll, g_uniform)
+def _backward_call(*args):
+  return jax.ffi.ffi_call(BACKWARD, _backward_aval(*args))(*args)
 
 
 def reference_tangent(dx, x, lse, t):
@@ -67,12 +77,7 @@ def reference_backward(x, t, lse, g_nll, g_uniform):
 forward_p = Primitive(FORWARD)
 forward_p.multiple_results = True
 forward_p.def_impl(_forward_call)
-forward_p.def_abstract_eval(
-  lambda x, t: (
-    *(jax.core.ShapedArray(x.shape[:-1], F32),) * 3,
-    jax.core.ShapedArray(x.shape[:-1], jnp.int32),
-  )
-)
+forward_p.def_abstract_eval(_forward_avals)
 mlir.register_lowering(
   forward_p, mlir.lower_fun(_forward_call, multiple_results=True), platform='cpu'
 )
@@ -88,7 +93,7 @@ mlir.register_lowering(tangent_p, mlir.lower_fun(reference_tangent, multiple_res
 # (x, t, lse, g_nll, g_uniform) -> dx: linear in (g_nll, g_uniform); its transpose is the tangent
 backward_p = Primitive(BACKWARD)
 backward_p.def_impl(_backward_call)
-backward_p.def_abstract_eval(lambda x, t, lse, g_nll, g_uniform: jax.core.ShapedArray(x.shape, F32))
+backward_p.def_abstract_eval(_backward_aval)
 mlir.register_lowering(
   backward_p, mlir.lower_fun(_backward_call, multiple_results=False), platform='cpu'
 )
@@ -155,4 +160,8 @@ def forward(x: jax.Array, t: jax.Array):
   argmax (int32), each ``(...)``. Differentiable in both modes and vmappable."""
   if not available():
     raise RuntimeError('the cross_entropy CPU kernels could not be built; see the logged warning')
-  return forward_p.bind(x, t)
+  if not takes(x):
+    raise ValueError(
+      f'cross_entropy takes float32 with a non-empty last axis, got {x.dtype}{list(x.shape)}'
+    )
+  return forward_p.bind(x, t.astype(jnp.int32))

@@ -31,7 +31,7 @@ def softmax_cross_entropy(logits: jax.Array, targets: jax.Array) -> CrossEntropy
   little on the kernel's."""
   logits = logits.astype(jnp.float32)
   targets = targets.astype(jnp.int32)
-  if logits.ndim and logits.shape[-1] and cpu_build.sole_cpu_device() and kernel.available():
+  if kernel.takes(logits) and cpu_build.sole_cpu_device() and kernel.available():
     nll, uniform, _, predicted = kernel.forward(logits, targets)
     return CrossEntropy(nll, uniform, predicted)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
