@@ -48,6 +48,18 @@ def value_and_grads(fn, q, k, v, w):
   return out, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
 
+def assert_matches_einsum_path(q, k, v, w, mask):
+  """The kernel's output and gradients against the einsum path's, float32 products at full precision."""
+  with jax.default_matmul_precision('highest'):
+    ref_out, ref_grads = value_and_grads(
+      lambda q, k, v: dot_product_attention(q, k, v, mask, implementation='einsum'), q, k, v, w
+    )
+    out, grads = value_and_grads(lambda q, k, v: kernel_attention(q, k, v, mask), q, k, v, w)
+  np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=1e-5)
+  for name, got, want in zip('qkv', grads, ref_grads):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=f'd{name}')
+
+
 # (B, T, S, H, G, K): odd sizes; T > 64 crosses a query block; K = 20 leaves a vector tail; G < H is grouped-query
 SHAPES = {
   'tiny': (2, 5, 7, 3, 3, 4),
@@ -70,14 +82,7 @@ def test_float32_matches_einsum_path(shape, mask_kind):
     b = 3
   q, kk, v, w = operands(b, t, s, h, g, k)
   mask = make_mask(mask_kind, b, t, s, h)
-  with jax.default_matmul_precision('highest'):
-    ref_out, ref_grads = value_and_grads(
-      lambda q, k, v: dot_product_attention(q, k, v, mask, implementation='einsum'), q, kk, v, w
-    )
-    out, grads = value_and_grads(lambda q, k, v: kernel_attention(q, k, v, mask), q, kk, v, w)
-  np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=1e-5)
-  for name, got, want in zip('qkv', grads, ref_grads):
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=f'd{name}')
+  assert_matches_einsum_path(q, kk, v, w, mask)
 
 
 def test_float32_matches_float64_reference():
@@ -95,6 +100,19 @@ def test_float32_matches_float64_reference():
   weights = weights / np.maximum(weights.sum(-1, keepdims=True), 1e-300)
   want = np.einsum('bhts,bshk->bthk', weights, vn)
   np.testing.assert_allclose(kernel_attention(q, kk, v, mask), want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize('shape', ['causal_long', 'one_row_long'])
+def test_a_window_one_key_past_each_vector_boundary(shape):
+  """The kernel takes only the columns between a block's first and last visible keys, widened to whole vectors
+  (8 or 16 floats). Row t sees keys 16 (t % 4 + 1) - 1 to 16 (t % 4 + 2): one key before a boundary and one key
+  after one, so a span one short at either end would leave a visible key out."""
+  b, t, s, h, g, k = SHAPES[shape]
+  q, kk, v, w = operands(b, t, s, h, g, k)
+  first = 16 * (jnp.arange(t) % 4 + 1) - 1  # (T,)
+  keys = jnp.arange(s)[None]  # (1, S)
+  mask = ((keys >= first[:, None]) & (keys <= first[:, None] + 17))[None, None]  # (1, 1, T, S)
+  assert_matches_einsum_path(q, kk, v, w, mask)
 
 
 @pytest.mark.parametrize('shape', ['tiny', 'one_row'])

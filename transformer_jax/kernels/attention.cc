@@ -11,10 +11,13 @@
 // mask uint8 (MB, MH, MT, S), each of MB, MH, MT 1 or the full size; logsumexp (B, H, T) float32, +inf for a row
 // with no visible key, whose output and gradients are 0.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <new>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -60,36 +63,74 @@ void load_rows(const T* x, const Shape& d, int64_t b, int64_t t0, int64_t rows, 
   }
 }
 
-// Key/value head g of batch b as (S, K) float32 rows, and optionally their (K, S) transpose.
+// Key/value head g of batch b as (S, K) float32 rows.
 template <typename T>
-void load_head(const T* x, const Shape& d, int64_t b, int64_t g, float* rows, float* columns) {
-  const int64_t K = d.head_dim, S = d.kv_len;
-  for (int64_t s = 0; s < S; ++s) {
+void load_head(const T* x, const Shape& d, int64_t b, int64_t g, float* rows) {
+  const int64_t K = d.head_dim;
+  for (int64_t s = 0; s < d.kv_len; ++s) {
     const T* src = x + d.kv_at(b, s, g);
     for (int64_t k = 0; k < K; ++k) rows[s * K + k] = widen(src[k]);
   }
-  if (!columns) return;
+}
+
+// The same head as its (K, S) transpose, read where it lies.
+template <typename T>
+void load_head_columns(const T* x, const Shape& d, int64_t b, int64_t g, float* columns) {
+  const int64_t K = d.head_dim, S = d.kv_len;
   // 16 rows at a time, so that each column's writes fill whole cache lines (columns S floats apart share few sets)
   constexpr int64_t kStrip = 16;
   for (int64_t s0 = 0; s0 < S; s0 += kStrip) {
     const int64_t s1 = std::min(S, s0 + kStrip);
     for (int64_t k = 0; k < K; ++k) {
-      for (int64_t s = s0; s < s1; ++s) columns[k * S + s] = rows[s * K + k];
+      for (int64_t s = s0; s < s1; ++s) columns[k * S + s] = widen(x[d.kv_at(b, s, g) + k]);
     }
   }
 }
 
+// N uninitialised float32 buffers in one allocation, each starting a 64-byte line: a whole vector load never
+// straddles two lines, and nothing is zeroed that the products overwrite anyway (a std::vector zeroes its floats, a
+// pass as long as the forward's products read).
+template <size_t N>
+class Scratch {
+ public:
+  explicit Scratch(const std::array<int64_t, N>& sizes) {
+    constexpr int64_t kLine = 64 / sizeof(float);
+    int64_t total = 0;
+    for (int64_t size : sizes) total += (size + kLine - 1) / kLine * kLine;
+    memory_.reset(static_cast<float*>(::operator new[](total * sizeof(float), kAlign)));
+    float* next = memory_.get();
+    for (size_t i = 0; i < N; ++i) {
+      pieces[i] = next;
+      next += (sizes[i] + kLine - 1) / kLine * kLine;
+    }
+  }
+  std::array<float*, N> pieces;
+
+ private:
+  static constexpr std::align_val_t kAlign{64};
+  struct Free {
+    void operator()(float* p) const { ::operator delete[](p, kAlign); }
+  };
+  std::unique_ptr<float[], Free> memory_;
+};
+
+// kLanes mask bytes as 32-bit lanes, widened by one instruction (vpmovzxbd): a vector conversion of the bytes
+// compiles to a byte-at-a-time unpacking, which cost more than the softmax's exponentials.
+transformer_jax::ivec widen_bytes(const uint8_t* bytes) {
+#if defined(__AVX512F__)
+  return transformer_jax::ivec(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))));
+#else
+  return transformer_jax::ivec(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes))));
+#endif
+}
+
 // Sets the masked entries of x[0:n] to -inf (visible[j] == 0) and returns the largest visible one (-inf if none).
 float mask_row(float* x, const uint8_t* visible, int64_t n) {
-  typedef uint8_t bytes __attribute__((vector_size(kLanes)));
   const vec hidden = transformer_jax::splat(-kInf);
   vec top = hidden;
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    bytes seen;
-    std::memcpy(&seen, visible + j, sizeof(seen));
-    const transformer_jax::ivec keep = __builtin_convertvector(seen, transformer_jax::ivec) != 0;
-    const vec masked = keep ? transformer_jax::load(x + j) : hidden;
+    const vec masked = widen_bytes(visible + j) != 0 ? transformer_jax::load(x + j) : hidden;
     transformer_jax::store(x + j, masked);
     top = top > masked ? top : masked;
   }
@@ -120,9 +161,25 @@ float exp_row(float* x, int64_t n, float shift) {
   return sum;
 }
 
-// x[0:n] *= factor
-void scale_row(float* x, int64_t n, float factor) {
-  for (int64_t j = 0; j < n; ++j) x[j] *= factor;
+// The first nonzero of row[0:n] (n if none), and one past the last (given one), 8 bytes at a time: a causal row is
+// mostly masked bytes to skip, and there is one such scan per query row.
+int64_t first_visible(const uint8_t* row, int64_t n) {
+  int64_t j = 0;
+  for (uint64_t word; j + 8 <= n; j += 8) {
+    std::memcpy(&word, row + j, 8);
+    if (word) return j + __builtin_ctzll(word) / 8;  // little-endian: the lowest set byte comes first
+  }
+  while (j < n && !row[j]) ++j;
+  return j;
+}
+int64_t end_of_visible(const uint8_t* row, int64_t n) {
+  int64_t j = n;
+  for (uint64_t word; j >= 8; j -= 8) {
+    std::memcpy(&word, row + j - 8, 8);
+    if (word) return j - __builtin_clzll(word) / 8;
+  }
+  while (!row[j - 1]) --j;
+  return j;
 }
 
 // The columns [lo, hi) outside which every row t0 <= t < t0 + rows of head h is masked (a causal mask's future, a
@@ -134,10 +191,9 @@ Span visible_span(const Shape& d, const uint8_t* mask, int64_t b, int64_t h, int
   int64_t lo = d.kv_len, hi = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* visible = d.visible_row(mask, b, h, t0 + r);
-    int64_t first = 0, last = d.kv_len;
-    while (first < d.kv_len && !visible[first]) ++first;
+    const int64_t first = first_visible(visible, d.kv_len);
     if (first == d.kv_len) continue;  // a row with no visible key
-    while (!visible[last - 1]) --last;
+    const int64_t last = end_of_visible(visible, d.kv_len);
     lo = std::min(lo, first);
     hi = std::max(hi, last);
   }
@@ -149,37 +205,40 @@ template <typename T>
 void forward_head(const Shape& d, const T* q, const T* k, const T* v, const uint8_t* mask, T* out, float* lse,
                   int64_t b, int64_t h) {
   const int64_t K = d.head_dim, S = d.kv_len, g = h / d.group();
-  std::vector<float> key_rows(S * K), keys_t(K * S), values(S * K), queries(kQueryBlock * K),
-      logits(kQueryBlock * S), result(kQueryBlock * K);
-  load_head(k, d, b, g, key_rows.data(), keys_t.data());
-  load_head(v, d, b, g, values.data(), nullptr);
+  Scratch<6> scratch({K * S, S * K, kQueryBlock * K, kQueryBlock * S, kQueryBlock * K, kQueryBlock});
+  const auto [keys_t, values, queries, logits, result, row_sums] = scratch.pieces;
+  load_head_columns(k, d, b, g, keys_t);
+  load_head(v, d, b, g, values);
   for (int64_t t0 = 0; t0 < d.q_len; t0 += kQueryBlock) {
     const int64_t rows = std::min(kQueryBlock, d.q_len - t0);
     const auto [lo, hi] = visible_span(d, mask, b, h, t0, rows);
     const int64_t n = hi - lo;  // the block's logits are (rows, n), rows S apart
-    load_rows(q, d, b, t0, rows, h, d.scale, queries.data());
-    gemm(queries.data(), K, 1, keys_t.data() + lo, S, logits.data(), S, rows, n, K, false);
+    load_rows(q, d, b, t0, rows, h, d.scale, queries);
+    gemm(queries, K, 1, keys_t + lo, S, logits, S, rows, n, K, false);
     for (int64_t r = 0; r < rows; ++r) {
-      float* row = logits.data() + r * S;
+      float* row = logits + r * S;
       const float top = n ? mask_row(row, d.visible_row(mask, b, h, t0 + r) + lo, n) : -kInf;
       float* lse_at = lse + (b * d.heads + h) * d.q_len + t0 + r;
       if (top == -kInf) {  // no visible key
         std::fill(row, row + n, 0.0f);
         *lse_at = kInf;
+        row_sums[r] = 1.0f;
         continue;
       }
-      const float sum = exp_row(row, n, top);
-      scale_row(row, n, 1.0f / sum);
-      *lse_at = top + std::log(sum);
+      row_sums[r] = exp_row(row, n, top);
+      *lse_at = top + std::log(row_sums[r]);
     }
+    // the product with unnormalised exponentials, each output row divided by its sum after: K divisions a row
+    // where normalising the probabilities took n
     if (n) {
-      gemm(logits.data(), S, 1, values.data() + lo * K, K, result.data(), K, rows, K, n, false);
+      gemm(logits, S, 1, values + lo * K, K, result, K, rows, K, n, false);
     } else {
-      std::fill(result.begin(), result.end(), 0.0f);
+      std::fill(result, result + rows * K, 0.0f);
     }
     for (int64_t r = 0; r < rows; ++r) {
+      const float inverse = 1.0f / row_sums[r];
       T* dst = out + d.q_at(b, t0 + r, h);
-      for (int64_t c = 0; c < K; ++c) dst[c] = narrow<T>(result[r * K + c]);
+      for (int64_t c = 0; c < K; ++c) dst[c] = narrow<T>(inverse * result[r * K + c]);
     }
   }
 }
@@ -227,25 +286,29 @@ template <typename T>
 void backward_group(const Shape& d, const T* q, const T* k, const T* v, const uint8_t* mask, const T* out,
                     const float* lse, const T* dout, T* dq, T* dk, T* dv, int64_t b, int64_t g) {
   const int64_t K = d.head_dim, S = d.kv_len;
-  std::vector<float> keys(S * K), keys_t(K * S), value_rows(S * K), values_t(K * S), dkeys(S * K, 0.0f),
-      dvalues(S * K, 0.0f), queries(kQueryBlock * K), douts(kQueryBlock * K), outs(kQueryBlock * K),
-      probs(kQueryBlock * S), dprobs(kQueryBlock * S), dqueries(kQueryBlock * K), row_dot(kQueryBlock);
-  load_head(k, d, b, g, keys.data(), keys_t.data());
-  load_head(v, d, b, g, value_rows.data(), values_t.data());
+  const int64_t rows_k = kQueryBlock * K, rows_s = kQueryBlock * S;
+  Scratch<12> scratch({S * K, K * S, K * S, S * K, S * K, rows_k, rows_k, rows_k, rows_s, rows_s, rows_k, kQueryBlock});
+  const auto [keys, keys_t, values_t, dkeys, dvalues, queries, douts, outs, probs, dprobs, dqueries, row_dot] =
+      scratch.pieces;
+  load_head(k, d, b, g, keys);
+  load_head_columns(k, d, b, g, keys_t);
+  load_head_columns(v, d, b, g, values_t);
+  std::fill(dkeys, dkeys + S * K, 0.0f);
+  std::fill(dvalues, dvalues + S * K, 0.0f);
   for (int64_t h = g * d.group(); h < (g + 1) * d.group(); ++h) {
     for (int64_t t0 = 0; t0 < d.q_len; t0 += kQueryBlock) {
       const int64_t rows = std::min(kQueryBlock, d.q_len - t0);
-      load_rows(q, d, b, t0, rows, h, d.scale, queries.data());
-      load_rows(dout, d, b, t0, rows, h, 1.0f, douts.data());
-      load_rows(out, d, b, t0, rows, h, 1.0f, outs.data());
+      load_rows(q, d, b, t0, rows, h, d.scale, queries);
+      load_rows(dout, d, b, t0, rows, h, 1.0f, douts);
+      load_rows(out, d, b, t0, rows, h, 1.0f, outs);
       const auto [lo, hi] = visible_span(d, mask, b, h, t0, rows);
       const int64_t n = hi - lo;  // the block's probabilities are (rows, n), rows S apart
       if (n == 0) {
-        std::fill(dqueries.begin(), dqueries.end(), 0.0f);
+        std::fill(dqueries, dqueries + rows * K, 0.0f);
       } else {
-        gemm(queries.data(), K, 1, keys_t.data() + lo, S, probs.data(), S, rows, n, K, false);
+        gemm(queries, K, 1, keys_t + lo, S, probs, S, rows, n, K, false);
         for (int64_t r = 0; r < rows; ++r) {
-          float* row = probs.data() + r * S;
+          float* row = probs + r * S;
           const float row_lse = lse[(b * d.heads + h) * d.q_len + t0 + r];
           if (row_lse == kInf) {
             std::fill(row, row + n, 0.0f);
@@ -259,13 +322,13 @@ void backward_group(const Shape& d, const T* q, const T* k, const T* v, const ui
           row_dot[r] = sum;
         }
         // dv += p^T dout; dp = dout v^T; ds = p (dp - row_dot); dq = scale ds k; dk += ds^T (scale q)
-        gemm(probs.data(), 1, S, douts.data(), K, dvalues.data() + lo * K, K, n, K, rows, true);
-        gemm(douts.data(), K, 1, values_t.data() + lo, S, dprobs.data(), S, rows, n, K, false);
+        gemm(probs, 1, S, douts, K, dvalues + lo * K, K, n, K, rows, true);
+        gemm(douts, K, 1, values_t + lo, S, dprobs, S, rows, n, K, false);
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t j = 0; j < n; ++j) dprobs[r * S + j] = probs[r * S + j] * (dprobs[r * S + j] - row_dot[r]);
         }
-        gemm(dprobs.data(), S, 1, keys.data() + lo * K, K, dqueries.data(), K, rows, K, n, false);
-        gemm(dprobs.data(), 1, S, queries.data(), K, dkeys.data() + lo * K, K, n, K, rows, true);
+        gemm(dprobs, S, 1, keys + lo * K, K, dqueries, K, rows, K, n, false);
+        gemm(dprobs, 1, S, queries, K, dkeys + lo * K, K, n, K, rows, true);
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* dst = dq + d.q_at(b, t0 + r, h);
