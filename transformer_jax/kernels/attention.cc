@@ -22,10 +22,13 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "bfloat16.h"
+#include "float_buffers.h"
 #include "pool_blocks.h"
 #include "small_gemm.h"
 
 namespace ffi = xla::ffi;
+using transformer_jax::as;
+using transformer_jax::by_dtype;
 using transformer_jax::gemm;
 using transformer_jax::kLanes;
 using transformer_jax::narrow;
@@ -362,26 +365,6 @@ ffi::Error shape_of(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::A
   return ffi::Error::Success();
 }
 
-template <typename T>
-const T* as(ffi::AnyBuffer x) {
-  return reinterpret_cast<const T*>(x.untyped_data());
-}
-template <typename T>
-T* as(ffi::Result<ffi::AnyBuffer>& x) {
-  return reinterpret_cast<T*>(x->untyped_data());
-}
-
-// run(float{}) or run(uint16_t{}) (bfloat16) as the element type says.
-template <typename Run>
-ffi::Error by_dtype(ffi::DataType type, Run run) {
-  switch (type) {
-    case ffi::DataType::F32: run(float{}); break;
-    case ffi::DataType::BF16: run(uint16_t{}); break;
-    default: return ffi::Error::InvalidArgument("attention takes float32 or bfloat16");
-  }
-  return ffi::Error::Success();
-}
-
 ffi::Error forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer mask,
                    float scale, ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse) {
   Shape d;
@@ -406,7 +389,7 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi
                       as<float>(lse), task / d.heads, task % d.heads);
     });
   };
-  return by_dtype(q.element_type(), run);
+  return by_dtype(q.element_type(), "attention", run);
 }
 
 ffi::Error backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer mask,
@@ -422,7 +405,7 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ff
                         as<T>(dv), task / d.kv_heads, task % d.kv_heads);
     });
   };
-  return by_dtype(q.element_type(), run);
+  return by_dtype(q.element_type(), "attention", run);
 }
 
 }  // namespace

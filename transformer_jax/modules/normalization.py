@@ -7,6 +7,7 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
+from transformer_jax.kernels import norm as norm_kernel
 from transformer_jax.sharding import Module
 
 NormVariant = Literal['standard', 'unbiased_std']
@@ -31,24 +32,31 @@ class LayerNorm(Module):
   def __call__(self, x):
     """``(..., D) -> (..., D)`` in ``dtype``."""
     features = x.shape[-1]
-    x32 = x.astype(jnp.float32)
-    centred = x32 - x32.mean(-1, keepdims=True)
-    if self.variant == 'standard':
-      y = centred * jnp.reciprocal(jnp.sqrt(jnp.mean(centred**2, -1, keepdims=True) + self.epsilon))
-    elif self.variant in ('unbiased_std', 'seed'):
-      if features < 2:
-        raise ValueError('the unbiased-std LayerNorm needs at least 2 features')
-      std = jnp.sqrt(jnp.sum(centred**2, -1, keepdims=True) / (features - 1))
-      y = centred / (std + self.epsilon)
-    else:
+    if self.variant not in ('standard', 'unbiased_std', 'seed'):
       raise ValueError(
         f"unknown LayerNorm variant {self.variant!r}; expected 'standard' or 'unbiased_std'"
       )
-    y = y * self.param(
-      'scale', _features(nn.initializers.ones), (features,), self.param_dtype
-    ).astype(jnp.float32)
-    if self.use_bias:
-      bias = self.param('bias', _features(nn.initializers.zeros), (features,), self.param_dtype)
+    unbiased = self.variant != 'standard'
+    if unbiased and features < 2:
+      raise ValueError('the unbiased-std LayerNorm needs at least 2 features')
+    scale = self.param('scale', _features(nn.initializers.ones), (features,), self.param_dtype)
+    bias = (
+      self.param('bias', _features(nn.initializers.zeros), (features,), self.param_dtype)
+      if self.use_bias
+      else None
+    )
+    if norm_kernel.applies(x, self.dtype):
+      kind = 'unbiased_std' if unbiased else 'standard'
+      return norm_kernel.normalize(x, scale, bias, epsilon=self.epsilon, kind=kind)
+    x32 = x.astype(jnp.float32)
+    centred = x32 - x32.mean(-1, keepdims=True)
+    if unbiased:
+      std = jnp.sqrt(jnp.sum(centred**2, -1, keepdims=True) / (features - 1))
+      y = centred / (std + self.epsilon)
+    else:
+      y = centred * jnp.reciprocal(jnp.sqrt(jnp.mean(centred**2, -1, keepdims=True) + self.epsilon))
+    y = y * scale.astype(jnp.float32)
+    if bias is not None:
       y = y + bias.astype(jnp.float32)
     return y.astype(self.dtype)
 
@@ -69,12 +77,15 @@ class RMSNorm(Module):
   @nn.compact
   def __call__(self, x):
     """``(..., D) -> (..., D)`` in ``dtype``."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32**2, -1, keepdims=True) + self.epsilon))
     init = nn.initializers.zeros if self.scale_plus_one else nn.initializers.ones
     scale = self.param('scale', _features(init), (x.shape[-1],), self.param_dtype)
     scale = scale.astype(jnp.float32)
-    return (y * (1.0 + scale if self.scale_plus_one else scale)).astype(self.dtype)
+    scale = 1.0 + scale if self.scale_plus_one else scale
+    if norm_kernel.applies(x, self.dtype):
+      return norm_kernel.normalize(x, scale, None, epsilon=self.epsilon, kind='rms')
+    x32 = x.astype(jnp.float32)
+    y = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32**2, -1, keepdims=True) + self.epsilon))
+    return (y * scale).astype(self.dtype)
 
 
 def _features(init):
