@@ -10,8 +10,9 @@
 //
 // XLA:CPU computes a norm as several fusions over the (R, D) array (the mean, the centred square's mean, the
 // normalised output; in the backward pass three row reductions, two column reductions and the elementwise terms),
-// each a pass over memory at a few GB/s: 3.8 ms a layer norm of (2,048, 384) float32, forward and backward, about
-// 6% of a course GPT training step on Ice Lake. Statistics are float32 whatever x's dtype (bfloat16 is widened).
+// each a pass over memory. On Ice Lake, a (2,048, 384) float32 layer norm forward and backward took 1.7-2.0 ms
+// alone against 0.73-0.76 ms here, and the norms' fusions were about 50 ms of a course GPT step's op time. Statistics
+// are float32 whatever x's dtype (bfloat16 is widened).
 //
 // Rows are shared out over XLA's intra-op pool in blocks. The column sums of the backward pass are summed per block,
 // then over blocks in order: the blocks depend on R only, so the result does not depend on the number of threads.
