@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from transformer_jax.kernels import materialize
+from transformer_jax.kernels import norm as norm_kernel
 from transformer_jax.models.gpt import GPT, GPTConfig
 from transformer_jax.modules import blocks
 
@@ -75,6 +76,9 @@ def gpt_gradient_program() -> str:
 
 
 def test_gpt_gradient_is_written_once_per_layer(monkeypatch):
+  # XLA's norms: the norm kernel's backward call takes the residual gradient as an operand, so it too is written out
+  # once per layer with or without the hold
+  monkeypatch.setattr(norm_kernel, 'available', lambda: False)
   held = gpt_gradient_program()
   assert held.count(f'custom_call_target="{materialize.TARGET}"') == LAYERS
   monkeypatch.setattr(blocks, 'hold_gradient', lambda x: x)
