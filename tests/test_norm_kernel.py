@@ -181,3 +181,55 @@ def test_where_the_kernel_does_not_apply_and_refusals():
     norm_kernel.normalize(x, jnp.ones(7), None, epsilon=1e-5, kind='batch')
   with pytest.raises(ValueError, match='no bias'):
     norm_kernel.normalize(x, jnp.ones(7), jnp.zeros(7), epsilon=1e-5, kind='rms')
+
+
+MODULES = {
+  'standard': LayerNorm(),
+  'unbiased_std': LayerNorm(variant='unbiased_std', epsilon=1e-6),
+  'rms': RMSNorm(),
+}
+
+
+def module_and_operands(kind, shape='tiny'):
+  module = MODULES[kind]
+  x, _, _, dy = operands(shape, kind)
+  params = module.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+  return module, params, x, dy
+
+
+def with_and_without_kernel(compute, monkeypatch):
+  """``compute()`` through the kernel, then through XLA's path."""
+  got = compute()
+  with monkeypatch.context() as patch:
+    patch.setattr(norm_kernel, 'available', lambda: False)
+    want = compute()
+  return got, want
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_forward_mode_and_second_derivatives_match_xlas_path(kind, monkeypatch):
+  module, params, x, dy = module_and_operands(kind)
+  tangents = jax.tree.map(lambda a: jax.random.normal(jax.random.key(9), a.shape), (params, x))
+  apply = lambda p, x: module.apply(p, x)  # noqa: E731
+  loss = lambda p, x: jnp.sum(module.apply(p, x) ** 2 * dy)  # noqa: E731
+
+  def derivatives():
+    jvp = jax.jvp(apply, (params, x), tangents)
+    hvp = jax.jvp(jax.grad(loss, argnums=(0, 1)), (params, x), tangents)[1]
+    return jvp, hvp
+
+  got, want = with_and_without_kernel(derivatives, monkeypatch)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-5)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_per_example_gradients_under_vmap(kind, monkeypatch):
+  module, params, x, dy = module_and_operands(kind, 'blocks')
+  loss = lambda p, x, dy: jnp.sum(module.apply(p, x) * dy)  # noqa: E731
+  per_example = lambda: jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x, dy)  # noqa: E731
+  got, want = with_and_without_kernel(per_example, monkeypatch)
+  assert jax.tree.leaves(got)[0].shape[0] == x.shape[0]
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)

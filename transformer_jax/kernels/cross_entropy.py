@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, batching
 
-from transformer_jax.kernels import cpu_build
+from transformer_jax.kernels import cpu_build, primitives
 
 FORWARD, BACKWARD = (
   'transformer_jax_cross_entropy_forward',
@@ -74,28 +73,21 @@ def reference_backward(x, t, lse, g_nll, g_uniform):
   )
 
 
-forward_p = Primitive(FORWARD)
-forward_p.multiple_results = True
-forward_p.def_impl(_forward_call)
-forward_p.def_abstract_eval(_forward_avals)
-mlir.register_lowering(
-  forward_p, mlir.lower_fun(_forward_call, multiple_results=True), platform='cpu'
+forward_p = primitives.define(
+  FORWARD, _forward_call, _forward_avals, multiple_results=True, cpu_only=True
 )
-
 # (dx, x, lse, t) -> (d nll, d uniform): linear in dx, evaluated by XLA (forward mode is rare); its transpose is
 # the backward kernel
-tangent_p = Primitive('transformer_jax_cross_entropy_tangent')
-tangent_p.multiple_results = True
-tangent_p.def_impl(reference_tangent)
-tangent_p.def_abstract_eval(lambda dx, x, lse, t: (jax.core.ShapedArray(lse.shape, F32),) * 2)
-mlir.register_lowering(tangent_p, mlir.lower_fun(reference_tangent, multiple_results=True))
-
+tangent_p = primitives.define(
+  'transformer_jax_cross_entropy_tangent',
+  reference_tangent,
+  lambda dx, x, lse, t: (jax.core.ShapedArray(lse.shape, F32),) * 2,
+  multiple_results=True,
+  cpu_only=False,
+)
 # (x, t, lse, g_nll, g_uniform) -> dx: linear in (g_nll, g_uniform); its transpose is the tangent
-backward_p = Primitive(BACKWARD)
-backward_p.def_impl(_backward_call)
-backward_p.def_abstract_eval(_backward_aval)
-mlir.register_lowering(
-  backward_p, mlir.lower_fun(_backward_call, multiple_results=False), platform='cpu'
+backward_p = primitives.define(
+  BACKWARD, _backward_call, _backward_aval, multiple_results=False, cpu_only=True
 )
 
 
@@ -130,12 +122,8 @@ def _backward_transpose(ct, x, t, lse, g_nll, g_uniform):
 ad.primitive_transposes[tangent_p] = _tangent_transpose
 ad.primitive_transposes[backward_p] = _backward_transpose
 # second derivatives: XLA's ops on the same formulas
-ad.primitive_jvps[tangent_p] = lambda primals, tangents: jax.jvp(
-  reference_tangent, primals, tuple(map(ad.instantiate_zeros, tangents))
-)
-ad.primitive_jvps[backward_p] = lambda primals, tangents: jax.jvp(
-  reference_backward, primals, tuple(map(ad.instantiate_zeros, tangents))
-)
+primitives.jvp_of_reference(tangent_p, reference_tangent)
+primitives.jvp_of_reference(backward_p, reference_backward)
 
 
 def _batch(primitive):

@@ -1,9 +1,9 @@
 // Layer and RMS normalisation over the last axis on the CPU, forward and backward, a row at a time while it is in
 // cache.
 //
-// forward:  x (R, D), scale (D,), bias (D,) -> y = c r scale + bias (in x's dtype), mean (R,), r (R,), where c = x -
-//           mean and r is 1 / sqrt(var + eps) (kStandard, the biased variance), 1 / (std + eps) (kUnbiasedStd, the
-//           unbiased std) or, with c = x and no mean, 1 / sqrt(mean(x^2) + eps) (kRms).
+// forward:  x (..., D) (R rows of D), scale (D,), bias (D,) -> y = c r scale + bias (in x's dtype), and per row the
+//           mean and r, where c = x - mean and r is 1 / sqrt(var + eps) (kStandard, the biased variance), 1 / (std +
+//           eps) (kUnbiasedStd, the unbiased std) or, with c = x and no mean, 1 / sqrt(mean(x^2) + eps) (kRms).
 // backward: x, scale, mean, r, dy -> dx, dscale = sum over rows of dy c r, dbias = sum of dy. With g = dy scale,
 //           dx = r (g - mean(g)) - b c sum(g c), where b = r^3 / D (kStandard), r^2 / ((D - 1) std) (kUnbiasedStd,
 //           0 for a constant row) or, with no mean(g) term and c = x, r^3 / D (kRms).
@@ -111,11 +111,12 @@ struct Layout {
 
 ffi::Error layout_of(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, int32_t kind, Layout& out) {
   const auto dims = x.dimensions();
-  if (dims.size() != 2 || dims[1] == 0) return ffi::Error::InvalidArgument("norm: x must be (rows, D), D > 0");
-  if (scale.element_count() != dims[1]) return ffi::Error::InvalidArgument("norm: scale must be (D,)");
+  if (dims.size() == 0 || dims.back() == 0) return ffi::Error::InvalidArgument("norm: x must be (..., D), D > 0");
+  const int64_t width = dims.back();
+  if (scale.element_count() != width) return ffi::Error::InvalidArgument("norm: scale must be (D,)");
   if (kind < kStandard || kind > kRms) return ffi::Error::InvalidArgument("norm: unknown kind");
-  if (kind == kUnbiasedStd && dims[1] < 2) return ffi::Error::InvalidArgument("norm: the unbiased std needs D >= 2");
-  out = {dims[0], dims[1], static_cast<Kind>(kind)};
+  if (kind == kUnbiasedStd && width < 2) return ffi::Error::InvalidArgument("norm: the unbiased std needs D >= 2");
+  out = {static_cast<int64_t>(x.element_count()) / width, width, static_cast<Kind>(kind)};
   return ffi::Error::Success();
 }
 

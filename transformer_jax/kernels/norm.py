@@ -4,28 +4,31 @@ it is in cache.
 XLA:CPU runs a norm as several fusions over the whole array: the mean, the centred square's mean and the output
 forward; three row reductions, two column reductions and the elementwise terms backward. Each is a pass over memory:
 on Ice Lake about 50 ms of a course GPT step's op time. The kernel makes one pass forward and one backward (the
-column sums of the scale's and bias's gradients included). Statistics are float32 whatever the input's
-dtype (float32 or bfloat16); the output has the input's dtype.
+column sums of the scale's and bias's gradients included). Statistics are float32 whatever the input's dtype
+(float32 or bfloat16); the output has the input's dtype.
 
-:func:`normalize` is differentiable in reverse mode (``jax.custom_vjp``, like the attention kernel) and vmappable.
-Built on first use for this CPU (:mod:`transformer_jax.kernels.cpu_build`); :func:`available` is False where it
-cannot be. :mod:`transformer_jax.modules.normalization` takes it where :func:`applies`.
+In JAX these are three primitives, as for the cross-entropy kernel: the forward kernel; its tangent map, linear in
+the tangents of ``x``, the scale and the bias, evaluated by XLA (:func:`reference_tangent`); and that map's
+transpose, the backward kernel. So reverse mode runs both kernels and forward mode works too; derivatives of higher
+order follow the same formulas in XLA's ops. Built on first use for this CPU (:mod:`transformer_jax.kernels.cpu_build`);
+:func:`available` is False where it cannot be. :mod:`transformer_jax.modules.normalization` takes it where
+:func:`applies`.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.interpreters import ad, batching
 
-from transformer_jax.kernels import cpu_build
+from transformer_jax.kernels import cpu_build, primitives
 
 FORWARD = 'transformer_jax_norm_forward'
 BACKWARD = 'transformer_jax_norm_backward'
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+F32 = jnp.float32
 # the kernel's kinds: LayerNorm with the biased variance, LayerNorm as (x - mean) / (std + eps) with the unbiased std,
 # and RMSNorm (no centring, no bias)
 KINDS = {'standard': 0, 'unbiased_std': 1, 'rms': 2}
@@ -52,37 +55,150 @@ def applies(x: jax.Array, out_dtype) -> bool:
   )
 
 
-def _forward_call(x2, scale, bias, epsilon, kind):
-  rows = jax.ShapeDtypeStruct((x2.shape[0],), jnp.float32)
-  call = jax.ffi.ffi_call(
-    FORWARD, (jax.ShapeDtypeStruct(x2.shape, x2.dtype), rows, rows), vmap_method='sequential'
+def _forward_avals(x, scale, bias, *, epsilon, kind):
+  """``y`` (``x``'s shape and dtype), and per row the mean and ``r`` (float32): the primitive's abstract values and
+  the FFI call's result shapes both."""
+  rows = jax.core.ShapedArray(x.shape[:-1], F32)
+  return jax.core.ShapedArray(x.shape, x.dtype), rows, rows
+
+
+def _backward_avals(x, scale, mean, inverse, dy, *, kind):
+  features = jax.core.ShapedArray(scale.shape, F32)
+  return jax.core.ShapedArray(x.shape, x.dtype), features, features
+
+
+def _forward_call(x, scale, bias, *, epsilon, kind):
+  avals = _forward_avals(x, scale, bias, epsilon=epsilon, kind=kind)
+  return jax.ffi.ffi_call(FORWARD, avals)(
+    x, scale, bias, epsilon=np.float32(epsilon), kind=np.int32(kind)
   )
-  return call(x2, scale, bias, epsilon=np.float32(epsilon), kind=np.int32(kind))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _normalize(x2, scale, bias, epsilon: float, kind: int):
-  return _forward_call(x2, scale, bias, epsilon, kind)[0]
+def _backward_call(x, scale, mean, inverse, dy, *, kind):
+  avals = _backward_avals(x, scale, mean, inverse, dy, kind=kind)
+  return jax.ffi.ffi_call(BACKWARD, avals)(x, scale, mean, inverse, dy, kind=np.int32(kind))
 
 
-def _normalize_fwd(x2, scale, bias, epsilon, kind):
-  y, mean, inverse = _forward_call(x2, scale, bias, epsilon, kind)
-  return y, (x2, scale, mean, inverse)
+def _row_terms(x, mean, inverse, kind):
+  """``c`` (``x`` centred, or ``x`` itself for RMS), ``r`` and ``b`` per row (``norm.cc``'s header), float32."""
+  width = x.shape[-1]
+  c = x.astype(F32) - mean[..., None]
+  r = inverse[..., None]
+  if kind == KINDS['unbiased_std']:
+    std = jnp.sqrt(jnp.sum(c * c, -1, keepdims=True) / (width - 1))
+    b = jnp.where(std > 0, r * r / ((width - 1) * jnp.where(std > 0, std, 1.0)), 0.0)
+  else:
+    b = r**3 / width
+  return c, r, b
 
 
-def _normalize_bwd(epsilon, kind, residuals, dy):
-  x2, scale, mean, inverse = residuals
-  width = x2.shape[1]
-  shapes = (
-    jax.ShapeDtypeStruct(x2.shape, x2.dtype),
-    jax.ShapeDtypeStruct((width,), jnp.float32),
-    jax.ShapeDtypeStruct((width,), jnp.float32),
+def _normalised_tangent(dx, c, r, b, kind):
+  """The tangent of ``c r`` for a tangent ``dx`` of ``x``: ``r (dx - mean(dx)) - b c (c . dx)`` (no mean for RMS).
+  Symmetric in ``dx``, so it is also the gradient's map."""
+  centred = dx if kind == KINDS['rms'] else dx - jnp.mean(dx, -1, keepdims=True)
+  return r * centred - b * c * jnp.sum(c * dx, -1, keepdims=True)
+
+
+def reference_tangent(dx, dscale, dbias, x, scale, mean, inverse, *, kind):
+  """The tangent of ``y`` for tangents of ``x``, the scale and the bias (linear in them), in ``x``'s dtype."""
+  c, r, b = _row_terms(x, mean, inverse, kind)
+  dx = dx.astype(F32)
+  dy = scale * _normalised_tangent(dx, c, r, b, kind) + dscale * (c * r) + dbias
+  return dy.astype(x.dtype)
+
+
+def reference_backward(x, scale, mean, inverse, dy, *, kind):
+  """The cotangents of ``x``, the scale and the bias for a cotangent ``dy`` (the transpose of
+  :func:`reference_tangent`)."""
+  c, r, b = _row_terms(x, mean, inverse, kind)
+  dy = dy.astype(F32)
+  rows = tuple(range(x.ndim - 1))
+  dx = _normalised_tangent(dy * scale, c, r, b, kind)
+  return dx.astype(x.dtype), jnp.sum(dy * c * r, rows), jnp.sum(dy, rows)
+
+
+forward_p = primitives.define(
+  FORWARD, _forward_call, _forward_avals, multiple_results=True, cpu_only=True
+)
+# (dx, dscale, dbias, x, scale, mean, inverse) -> dy: linear in the first three, evaluated by XLA (forward mode is
+# rare); its transpose is the backward kernel
+tangent_p = primitives.define(
+  'transformer_jax_norm_tangent',
+  reference_tangent,
+  lambda dx, dscale, dbias, x, *_, kind: jax.core.ShapedArray(x.shape, x.dtype),
+  multiple_results=False,
+  cpu_only=False,
+)
+# (x, scale, mean, inverse, dy) -> (dx, dscale, dbias): linear in dy; its transpose is the tangent
+backward_p = primitives.define(
+  BACKWARD, _backward_call, _backward_avals, multiple_results=True, cpu_only=True
+)
+
+
+def _forward_jvp(primals, tangents, *, epsilon, kind):
+  x, scale, bias = primals
+  y, mean, inverse = forward_p.bind(x, scale, bias, epsilon=epsilon, kind=kind)
+  dx, dscale, dbias = (ad.instantiate_zeros(t) for t in tangents)
+  dy = tangent_p.bind(dx, dscale, dbias, x, scale, mean, inverse, kind=kind)
+  # the statistics' own tangents: d mean = mean(dx) (none for RMS); d r = -b (c . dx)
+  c, _, b = _row_terms(x, mean, inverse, kind)
+  wide = dx.astype(F32)
+  d_mean = jnp.zeros_like(mean) if kind == KINDS['rms'] else jnp.mean(wide, -1)
+  d_inverse = -b[..., 0] * jnp.sum(c * wide, -1)
+  return (y, mean, inverse), (dy, d_mean, d_inverse)
+
+
+def _tangent_transpose(ct, dx, dscale, dbias, x, scale, mean, inverse, *, kind):
+  d_x, d_scale, d_bias = backward_p.bind(
+    x, scale, mean, inverse, ad.instantiate_zeros(ct), kind=kind
   )
-  call = jax.ffi.ffi_call(BACKWARD, shapes, vmap_method='sequential')
-  return call(x2, scale, mean, inverse, dy.astype(x2.dtype), kind=np.int32(kind))
+  return d_x, d_scale, d_bias, None, None, None, None
 
 
-_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+def _backward_transpose(cts, x, scale, mean, inverse, dy, *, kind):
+  ct_x, ct_scale, ct_bias = (ad.instantiate_zeros(ct) for ct in cts)
+  return (
+    None,
+    None,
+    None,
+    None,
+    tangent_p.bind(ct_x, ct_scale, ct_bias, x, scale, mean, inverse, kind=kind),
+  )
+
+
+ad.primitive_jvps[forward_p] = _forward_jvp
+ad.primitive_transposes[tangent_p] = _tangent_transpose
+ad.primitive_transposes[backward_p] = _backward_transpose
+# second derivatives: XLA's ops on the same formulas
+primitives.jvp_of_reference(tangent_p, reference_tangent)
+primitives.jvp_of_reference(backward_p, reference_backward)
+
+
+def _batch(primitive, shared: tuple[int, ...] | None):
+  """vmap. The kernels take any leading axes of ``x`` as rows, so where the per-feature operands (at positions
+  ``shared``: the scale, the bias, the tangents of both) are the same for every example, the batch axis moves to the
+  front of the others and one call does all. Otherwise, and always for the backward kernel (whose scale and bias
+  gradients are sums over an example's rows), one call per example."""
+
+  def rule(args, dims, **params):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    if shared is not None and all(dims[i] is None for i in shared):
+      args = [
+        a if i in shared else batching.bdim_at_front(a, d, size)
+        for i, (a, d) in enumerate(zip(args, dims))
+      ]
+      out = primitive.bind(*args, **params)
+    else:
+      args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
+      out = lax.map(lambda example: primitive.bind(*example, **params), args)
+    return out, ([0] * len(out) if primitive.multiple_results else 0)
+
+  batching.primitive_batchers[primitive] = rule
+
+
+_batch(forward_p, shared=(1, 2))
+_batch(tangent_p, shared=(1, 2, 4))
+_batch(backward_p, shared=None)
 
 
 def normalize(
@@ -91,16 +207,16 @@ def normalize(
   """``(..., D)`` ``x`` normalised over its last axis, times ``scale`` plus ``bias`` (``(D,)``, taken as float32;
   None for no bias), in ``x``'s dtype. ``kind``: ``'standard'`` (``(x - mean) / sqrt(var + eps)``),
   ``'unbiased_std'`` (``(x - mean) / (std + eps)``, the unbiased std; needs D >= 2) or ``'rms'`` (``x /
-  sqrt(mean(x^2) + eps)``, and no bias)."""
+  sqrt(mean(x^2) + eps)``, and no bias). Differentiable in both modes and vmappable."""
   if not available():
     raise RuntimeError('the norm CPU kernel could not be built; see the logged warning')
   if kind not in KINDS:
     raise ValueError(f'unknown norm kind {kind!r}; expected one of {sorted(KINDS)}')
-  width = x.shape[-1]
   if bias is None:
-    bias = jnp.zeros((width,), jnp.float32)
+    bias = jnp.zeros(x.shape[-1:], F32)
   elif kind == 'rms':
     raise ValueError('RMS normalisation takes no bias')
-  x2 = jnp.reshape(x, (math.prod(x.shape[:-1]), width))
-  y = _normalize(x2, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon, KINDS[kind])
-  return jnp.reshape(y, x.shape)
+  y, _, _ = forward_p.bind(
+    x, scale.astype(F32), bias.astype(F32), epsilon=float(epsilon), kind=KINDS[kind]
+  )
+  return y
