@@ -172,11 +172,13 @@ def test_no_rows_and_vmap():
 
 
 def test_where_the_kernel_does_not_apply_and_refusals():
-  x = jnp.ones((2, 7))
+  x = jnp.ones((2, 32, 7))
   assert norm_kernel.applies(x, jnp.float32)
+  assert not norm_kernel.applies(x[:, :31], jnp.float32)  # a decoding step's few rows
   assert not norm_kernel.applies(x, jnp.bfloat16)  # a cast on the way out: XLA's path fuses it
   assert not norm_kernel.applies(x.astype(jnp.float16), jnp.float16)
-  assert not norm_kernel.applies(jnp.ones((2, 0)), jnp.float32)
+  assert not norm_kernel.applies(jnp.ones((64, 0)), jnp.float32)
+  x = x[0, :2]
   with pytest.raises(ValueError, match='unknown norm kind'):
     norm_kernel.normalize(x, jnp.ones(7), None, epsilon=1e-5, kind='batch')
   with pytest.raises(ValueError, match='no bias'):
@@ -209,7 +211,7 @@ def with_and_without_kernel(compute, monkeypatch):
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_forward_mode_and_second_derivatives_match_xlas_path(kind, monkeypatch):
-  module, params, x, dy = module_and_operands(kind)
+  module, params, x, dy = module_and_operands(kind, 'blocks')
   tangents = jax.tree.map(lambda a: jax.random.normal(jax.random.key(9), a.shape), (params, x))
   apply = lambda p, x: module.apply(p, x)  # noqa: E731
   loss = lambda p, x: jnp.sum(module.apply(p, x) ** 2 * dy)  # noqa: E731
@@ -219,6 +221,8 @@ def test_forward_mode_and_second_derivatives_match_xlas_path(kind, monkeypatch):
     hvp = jax.jvp(jax.grad(loss, argnums=(0, 1)), (params, x), tangents)[1]
     return jvp, hvp
 
+  program = jax.jit(lambda p, x: jax.jvp(apply, (p, x), tangents)).lower(params, x).as_text()
+  assert norm_kernel.FORWARD in program
   got, want = with_and_without_kernel(derivatives, monkeypatch)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-5)
