@@ -65,6 +65,39 @@ def kernel_value_and_grads(x, scale, bias, dy, kind, eps):
   return y, grads
 
 
+def perturbed_params(module, x):
+  """The module's parameters away from their initial ones and from each other."""
+  params = module.init(jax.random.key(1), x)
+  return jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+
+
+def compiled_text(fn, *args):
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def with_and_without_kernel(compute, monkeypatch):
+  """``compute()`` through the kernel, then through XLA's path."""
+  got = compute()
+  with monkeypatch.context() as patch:
+    patch.setattr(norm_kernel, 'available', lambda: False)
+    want = compute()
+  return got, want
+
+
+MODULES = {
+  'standard': LayerNorm(),
+  'unbiased_std': LayerNorm(variant='unbiased_std', epsilon=1e-6),
+  'rms': RMSNorm(),
+}
+
+
+def module_and_operands(kind):
+  """A module of ``kind`` with perturbed parameters, and operands of 600 rows (the kernel's, not XLA's)."""
+  module = MODULES[kind]
+  x, _, _, dy = operands('blocks', kind)
+  return module, perturbed_params(module, x), x, dy
+
+
 @pytest.mark.parametrize('kind', KINDS)
 @pytest.mark.parametrize('shape', list(SHAPES))
 def test_float32_matches_float64_reference(shape, kind):
@@ -132,18 +165,12 @@ def test_bfloat16_is_the_float32_result_rounded(kind):
 )
 def test_modules_give_xla_paths_numbers(module, monkeypatch):
   x, _, _, dy = operands('blocks', 'standard')
-  params = module.init(jax.random.key(1), x)
-  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
-
-  def value_and_grads():
-    loss = lambda p, x: jnp.sum(module.apply(p, x) * dy)  # noqa: E731
-    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-
-  got = value_and_grads()
-  program = jax.jit(jax.grad(lambda p, x: jnp.sum(module.apply(p, x) * dy))).lower(params, x)
-  assert norm_kernel.BACKWARD in program.compile().as_text()
-  monkeypatch.setattr(norm_kernel, 'available', lambda: False)
-  want = value_and_grads()
+  params = perturbed_params(module, x)
+  loss = lambda p, x: jnp.sum(module.apply(p, x) * dy)  # noqa: E731
+  assert norm_kernel.BACKWARD in compiled_text(jax.grad(loss), params, x)
+  got, want = with_and_without_kernel(
+    lambda: jax.value_and_grad(loss, argnums=(0, 1))(params, x), monkeypatch
+  )
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
 
@@ -185,33 +212,9 @@ def test_where_the_kernel_does_not_apply_and_refusals():
     norm_kernel.normalize(x, jnp.ones(7), jnp.zeros(7), epsilon=1e-5, kind='rms')
 
 
-MODULES = {
-  'standard': LayerNorm(),
-  'unbiased_std': LayerNorm(variant='unbiased_std', epsilon=1e-6),
-  'rms': RMSNorm(),
-}
-
-
-def module_and_operands(kind, shape='tiny'):
-  module = MODULES[kind]
-  x, _, _, dy = operands(shape, kind)
-  params = module.init(jax.random.key(1), x)
-  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
-  return module, params, x, dy
-
-
-def with_and_without_kernel(compute, monkeypatch):
-  """``compute()`` through the kernel, then through XLA's path."""
-  got = compute()
-  with monkeypatch.context() as patch:
-    patch.setattr(norm_kernel, 'available', lambda: False)
-    want = compute()
-  return got, want
-
-
 @pytest.mark.parametrize('kind', KINDS)
 def test_forward_mode_and_second_derivatives_match_xlas_path(kind, monkeypatch):
-  module, params, x, dy = module_and_operands(kind, 'blocks')
+  module, params, x, dy = module_and_operands(kind)
   tangents = jax.tree.map(lambda a: jax.random.normal(jax.random.key(9), a.shape), (params, x))
   apply = lambda p, x: module.apply(p, x)  # noqa: E731
   loss = lambda p, x: jnp.sum(module.apply(p, x) ** 2 * dy)  # noqa: E731
@@ -221,8 +224,9 @@ def test_forward_mode_and_second_derivatives_match_xlas_path(kind, monkeypatch):
     hvp = jax.jvp(jax.grad(loss, argnums=(0, 1)), (params, x), tangents)[1]
     return jvp, hvp
 
-  program = jax.jit(lambda p, x: jax.jvp(apply, (p, x), tangents)).lower(params, x).as_text()
-  assert norm_kernel.FORWARD in program
+  assert norm_kernel.FORWARD in compiled_text(
+    lambda p, x: jax.jvp(apply, (p, x), tangents), params, x
+  )
   got, want = with_and_without_kernel(derivatives, monkeypatch)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-5)
@@ -230,10 +234,40 @@ def test_forward_mode_and_second_derivatives_match_xlas_path(kind, monkeypatch):
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_per_example_gradients_under_vmap(kind, monkeypatch):
-  module, params, x, dy = module_and_operands(kind, 'blocks')
+  module, params, x, dy = module_and_operands(kind)
   loss = lambda p, x, dy: jnp.sum(module.apply(p, x) * dy)  # noqa: E731
-  per_example = lambda: jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x, dy)  # noqa: E731
-  got, want = with_and_without_kernel(per_example, monkeypatch)
+  per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))
+  assert norm_kernel.BACKWARD in compiled_text(per_example, params, x, dy)
+  got, want = with_and_without_kernel(lambda: per_example(params, x, dy), monkeypatch)
   assert jax.tree.leaves(got)[0].shape[0] == x.shape[0]
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_the_saved_statistics_have_their_own_tangents(kind):
+  """The forward primitive's mean and ``r`` outputs: their tangents (from its JVP rule) against XLA's derivative of
+  the same statistics."""
+  x, scale, bias, _ = operands('tiny', kind)
+  bias = jnp.zeros_like(scale) if bias is None else bias
+  width = x.shape[-1]
+
+  def statistics(x):
+    _, mean, inverse = norm_kernel.forward_p.bind(
+      x, scale, bias, epsilon=1e-5, kind=norm_kernel.KINDS[kind]
+    )
+    return mean, inverse
+
+  def reference_statistics(x):
+    mean = jnp.zeros(x.shape[:-1]) if kind == 'rms' else x.mean(-1)
+    c = x - mean[..., None]
+    if kind == 'unbiased_std':
+      return mean, 1 / (jnp.sqrt(jnp.sum(c * c, -1) / (width - 1)) + 1e-5)
+    return mean, 1 / jnp.sqrt(jnp.mean(c * c, -1) + 1e-5)
+
+  tangent = jax.random.normal(jax.random.key(4), x.shape)
+  with jax.default_matmul_precision('highest'):
+    got = jax.jvp(statistics, (x,), (tangent,))
+    want = jax.jvp(reference_statistics, (x,), (tangent,))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)

@@ -98,14 +98,10 @@ class Scratch {
  public:
   explicit Scratch(const std::array<int64_t, N>& sizes) {
     constexpr int64_t kLine = 64 / sizeof(float);
-    int64_t total = 0;
-    for (int64_t size : sizes) total += (size + kLine - 1) / kLine * kLine;
-    memory_.reset(static_cast<float*>(::operator new[](total * sizeof(float), kAlign)));
-    float* next = memory_.get();
-    for (size_t i = 0; i < N; ++i) {
-      pieces[i] = next;
-      next += (sizes[i] + kLine - 1) / kLine * kLine;
-    }
+    std::array<int64_t, N + 1> starts{};  // each buffer's offset, rounded up to whole lines; the last, the total
+    for (size_t i = 0; i < N; ++i) starts[i + 1] = starts[i] + (sizes[i] + kLine - 1) / kLine * kLine;
+    memory_.reset(static_cast<float*>(::operator new[](starts[N] * sizeof(float), kAlign)));
+    for (size_t i = 0; i < N; ++i) pieces[i] = memory_.get() + starts[i];
   }
   std::array<float*, N> pieces;
 
@@ -290,7 +286,8 @@ void backward_group(const Shape& d, const T* q, const T* k, const T* v, const ui
                     const float* lse, const T* dout, T* dq, T* dk, T* dv, int64_t b, int64_t g) {
   const int64_t K = d.head_dim, S = d.kv_len;
   const int64_t rows_k = kQueryBlock * K, rows_s = kQueryBlock * S;
-  Scratch<12> scratch({S * K, K * S, K * S, S * K, S * K, rows_k, rows_k, rows_k, rows_s, rows_s, rows_k, kQueryBlock});
+  Scratch<12> scratch(
+      {S * K, K * S, K * S, S * K, S * K, rows_k, rows_k, rows_k, rows_s, rows_s, rows_k, kQueryBlock});
   const auto [keys, keys_t, values_t, dkeys, dvalues, queries, douts, outs, probs, dprobs, dqueries, row_dot] =
       scratch.pieces;
   load_head(k, d, b, g, keys);

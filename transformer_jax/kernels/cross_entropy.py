@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.interpreters import ad, batching
+from jax.interpreters import ad
 
 from transformer_jax.kernels import cpu_build, primitives
 
@@ -126,21 +126,9 @@ primitives.jvp_of_reference(tangent_p, reference_tangent)
 primitives.jvp_of_reference(backward_p, reference_backward)
 
 
-def _batch(primitive):
-  """vmap: the kernels take any leading axes as rows, so the batch axis of each operand moves to the front (an
-  unbatched one is broadcast)."""
-
-  def rule(args, dims):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
-    out = primitive.bind(*args)
-    return out, ([0] * len(out) if primitive.multiple_results else 0)
-
-  batching.primitive_batchers[primitive] = rule
-
-
+# vmap: every operand is per row
 for _primitive in (forward_p, tangent_p, backward_p):
-  _batch(_primitive)
+  primitives.batch_as_rows(_primitive)
 
 
 def forward(x: jax.Array, t: jax.Array):

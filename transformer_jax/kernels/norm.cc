@@ -51,9 +51,11 @@ void forward_rows(const T* x, const float* scale, const float* bias, int64_t fir
   for (int64_t i = first; i < last; ++i) {
     const T* row = x + i * D;
     float sum = 0.0f;
+    if (kind != kRms) {
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < D; ++j) sum += widen(row[j]);
-    const float mean = kind == kRms ? 0.0f : sum / D;
+      for (int64_t j = 0; j < D; ++j) sum += widen(row[j]);
+    }
+    const float mean = sum / D;  // 0 for RMS, which does not centre
     float squares = 0.0f;
 #pragma omp simd reduction(+ : squares)
     for (int64_t j = 0; j < D; ++j) {
@@ -107,6 +109,9 @@ void backward_rows(const T* x, const float* scale, const float* mean, const floa
 struct Layout {
   int64_t rows, width;
   Kind kind;
+
+  // the first row of pool block `block` of `blocks` (block == blocks: one past the last row)
+  int64_t first_row(int64_t block, int64_t blocks) const { return rows * block / blocks; }
 };
 
 ffi::Error layout_of(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, int32_t kind, Layout& out) {
@@ -132,8 +137,8 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32>
     using T = decltype(type);
     transformer_jax::run_blocks(pool, blocks, [&](int64_t block) {
       std::vector<float> centred(l.width);
-      forward_rows<T>(as<T>(x), scale.typed_data(), bias.typed_data(), l.rows * block / blocks,
-                      l.rows * (block + 1) / blocks, l.width, eps, l.kind, as<T>(y), mean->typed_data(),
+      forward_rows<T>(as<T>(x), scale.typed_data(), bias.typed_data(), l.first_row(block, blocks),
+                      l.first_row(block + 1, blocks), l.width, eps, l.kind, as<T>(y), mean->typed_data(),
                       inverse->typed_data(), centred.data());
     });
   });
@@ -156,7 +161,7 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
       std::vector<float> centred(D), g(D);
       float* block_sums = sums.data() + block * 2 * D;
       backward_rows<T>(as<T>(x), scale.typed_data(), mean.typed_data(), inverse.typed_data(), as<T>(dy),
-                       l.rows * block / blocks, l.rows * (block + 1) / blocks, D, l.kind, as<T>(dx), block_sums,
+                       l.first_row(block, blocks), l.first_row(block + 1, blocks), D, l.kind, as<T>(dx), block_sums,
                        block_sums + D, centred.data(), g.data());
     });
   });

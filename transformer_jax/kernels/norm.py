@@ -22,8 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from jax.interpreters import ad, batching
+from jax.interpreters import ad
 
 from transformer_jax.kernels import cpu_build, primitives
 
@@ -184,31 +183,11 @@ primitives.jvp_of_reference(tangent_p, reference_tangent)
 primitives.jvp_of_reference(backward_p, reference_backward)
 
 
-def _batch(primitive, shared: tuple[int, ...] | None):
-  """vmap. The kernels take any leading axes of ``x`` as rows, so where the per-feature operands (at positions
-  ``shared``: the scale, the bias, the tangents of both) are the same for every example, the batch axis moves to the
-  front of the others and one call does all. Otherwise, and always for the backward kernel (whose scale and bias
-  gradients are sums over an example's rows), one call per example."""
-
-  def rule(args, dims, **params):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    if shared is not None and all(dims[i] is None for i in shared):
-      args = [
-        a if i in shared else batching.bdim_at_front(a, d, size)
-        for i, (a, d) in enumerate(zip(args, dims))
-      ]
-      out = primitive.bind(*args, **params)
-    else:
-      args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
-      out = lax.map(lambda example: primitive.bind(*example, **params), args)
-    return out, ([0] * len(out) if primitive.multiple_results else 0)
-
-  batching.primitive_batchers[primitive] = rule
-
-
-_batch(forward_p, shared=(1, 2))
-_batch(tangent_p, shared=(1, 2, 4))
-_batch(backward_p, shared=None)
+# vmap: the scale and bias (and their tangents) are per feature; the backward kernel's scale and bias gradients
+# are sums over an example's rows
+primitives.batch_as_rows(forward_p, shared=(1, 2))
+primitives.batch_as_rows(tangent_p, shared=(1, 2, 4))
+primitives.batch_as_rows(backward_p, shared=None)
 
 
 def normalize(
