@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_helpers import SHAPES, kernel_attention, make_mask, operands
 
 from transformer_jax.kernels import attention as fused
 from transformer_jax.modules import dot_product_attention
@@ -13,33 +14,6 @@ from transformer_jax.modules import dot_product_attention
 pytestmark = pytest.mark.skipif(
   jax.default_backend() != 'cpu' or not fused.available(), reason='the CPU kernel is not built here'
 )
-
-
-def operands(b, t, s, h, g, k, dtype=jnp.float32, seed=0):
-  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
-  return (
-    jax.random.normal(k1, (b, t, h, k)).astype(dtype),
-    jax.random.normal(k2, (b, s, g, k)).astype(dtype),
-    jax.random.normal(k3, (b, s, g, k)).astype(dtype),
-    jax.random.normal(k4, (b, t, h, k)),
-  )
-
-
-def make_mask(kind, b, t, s, h):
-  if kind == 'none':
-    return None
-  if kind == 'causal':  # (1, 1, T, S): broadcast over batch and heads
-    return jnp.tril(jnp.ones((t, s), bool), s - t)[None, None]
-  if kind == 'padding':  # (B, 1, 1, S), one sequence with no visible key at all
-    lengths = jnp.array([s, 3, 0][:b])
-    return (jnp.arange(s)[None] < lengths[:, None])[:, None, None, :]
-  # per head and row, with one row fully masked
-  return jax.random.bernoulli(jax.random.key(7), 0.6, (b, h, t, s)).at[0, 1, 2].set(False)
-
-
-def kernel_attention(q, k, v, mask):
-  b, t, h, d = q.shape
-  return fused.attention(q, k, v, fused.kernel_mask(mask, b, h, t, k.shape[1]), 1 / math.sqrt(d))
 
 
 def value_and_grads(fn, q, k, v, w):
@@ -58,20 +32,6 @@ def assert_matches_einsum_path(q, k, v, w, mask):
   np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=1e-5)
   for name, got, want in zip('qkv', grads, ref_grads):
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=f'd{name}')
-
-
-# (B, T, S, H, G, K): odd sizes; T > 64 crosses a query block; K = 20 leaves a vector tail; G < H is grouped-query
-SHAPES = {
-  'tiny': (2, 5, 7, 3, 3, 4),
-  'grouped': (2, 70, 37, 6, 2, 20),
-  'multi_query': (3, 9, 11, 4, 1, 16),
-  'causal_long': (2, 130, 130, 3, 3, 64),
-  # a decoding step's few query rows take their own path (forward_rows), on the calling thread ...
-  'one_row': (2, 1, 7, 3, 3, 4),
-  'three_rows': (2, 3, 37, 6, 2, 20),
-  # ... or shared over the pool when there is enough work (B H T S K >= 2^20)
-  'one_row_long': (2, 1, 2100, 4, 2, 64),
-}
 
 
 @pytest.mark.parametrize('mask_kind', ['none', 'causal', 'padding', 'per_head'])
@@ -183,13 +143,3 @@ def test_kernel_mask_keeps_broadcast_axes_and_the_values(given, kept):
 def test_kernel_mask_of_none_sees_every_key():
   got = fused.kernel_mask(None, 2, 3, 5, 7)
   assert got.shape == (1, 1, 1, 7) and np.all(np.asarray(got) == 1)
-
-
-def test_vmap_over_a_leading_axis():
-  q, k, v, _ = operands(2, 5, 7, 3, 3, 4)
-  mask = make_mask('causal', 2, 5, 7, 3)
-  stacked = [jnp.stack([x, 2 * x]) for x in (q, k, v)]
-  got = jax.vmap(lambda q, k, v: kernel_attention(q, k, v, mask))(*stacked)
-  for i in range(2):
-    want = kernel_attention(*(x[i] for x in stacked), mask)
-    np.testing.assert_allclose(got[i], want, rtol=1e-6, atol=1e-6)
