@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from transformer_jax.kernels import mkl_matmul, skinny_matmul, transpose
 
@@ -63,35 +65,102 @@ def product_layout(lhs_shape, rhs_shape, dimension_numbers) -> tuple[int, int, b
   return rows, k, transposed
 
 
-def _f32_result(a, b, contract):
-  return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+def _f32_einsum(a, b, *, spec):
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _operand_specs(spec: str) -> tuple[str, str, str]:
+  inputs, out = spec.split('->')
+  a, b = inputs.split(',')
+  return a, b, out
+
+
+# ``jnp.einsum(spec, a, b)`` of bf16 operands with a float32 result. A primitive, not a custom_vjp: it is bilinear,
+# so JAX derives forward mode and higher orders from the two rules below, which write the gradients as bf16 products
+# too (module docstring).
+bf16_product_p = Primitive('transformer_jax_bf16_product')
+bf16_product_p.def_impl(_f32_einsum)
+bf16_product_p.def_abstract_eval(
+  lambda a, b, *, spec: jax.core.ShapedArray(
+    jax.eval_shape(functools.partial(_f32_einsum, spec=spec), a, b).shape, jnp.float32
+  )
+)
+mlir.register_lowering(bf16_product_p, mlir.lower_fun(_f32_einsum, multiple_results=False))
+
+
+def _cotangent(spec: str, ct, other, dtype):
+  """An operand's cotangent: ``ct`` rounded to bf16 (as XLA's bf16 product takes it) by the other operand, as
+  ``spec`` says, rounded to ``dtype``. A product of two matrices over their rows goes to :func:`_rows_contracted`."""
+  g = ad.instantiate_zeros(ct).astype(BF16)
+  first, second, out = _operand_specs(spec)
+  if len(first) == len(second) == 2 and first[0] == second[0] and first[0] not in out:
+    pair = (g, other) if out == first[1] + second[1] else (other, g)
+    return _rows_contracted(*pair).astype(dtype)
+  return bf16_product_p.bind(g, other, spec=spec).astype(dtype)
+
+
+def _lhs_cotangent(ct, a, b, *, spec):
+  sa, sb, out = _operand_specs(spec)
+  return _cotangent(f'{out},{sb}->{sa}', ct, b, a.aval.dtype)
+
+
+def _rhs_cotangent(ct, a, b, *, spec):
+  sa, sb, out = _operand_specs(spec)
+  return _cotangent(f'{out},{sa}->{sb}', ct, a, b.aval.dtype)
+
+
+ad.defbilinear(bf16_product_p, _lhs_cotangent, _rhs_cotangent)
+
+
+def _product_batched(args, dims, *, spec):
+  """vmap: the mapped axis becomes one more index of the product, leading each batched operand and the result."""
+  letter = next(c for c in 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ' if c not in spec)
+  sa, sb, out = _operand_specs(spec)
+  specs = [letter + s if d is not None else s for s, d in zip((sa, sb), dims)]
+  args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+  return bf16_product_p.bind(*args, spec=f'{specs[0]},{specs[1]}->{letter}{out}'), 0
+
+
+batching.primitive_batchers[bf16_product_p] = _product_batched
+
+
+def _add_bias_call(y, bias):
+  return y + bias.astype(jnp.float32)
+
+
+# ``(M, N)`` float32 plus an ``(N,)`` bias; linear, with the bias's cotangent summed by :func:`column_sums` from the
+# bf16-rounded output cotangent, as the product's own cotangents use it
+add_bias_p = Primitive('transformer_jax_add_bias')
+add_bias_p.def_impl(_add_bias_call)
+add_bias_p.def_abstract_eval(lambda y, bias: jax.core.ShapedArray(y.shape, jnp.float32))
+mlir.register_lowering(add_bias_p, mlir.lower_fun(_add_bias_call, multiple_results=False))
+
+
+def _add_bias_transpose(ct, y, bias):
+  ct = ad.instantiate_zeros(ct)
+  return ct, column_sums(ct.astype(BF16)).astype(bias.aval.dtype)
+
+
+ad.deflinear2(add_bias_p, _add_bias_transpose)
+
+
+def _add_bias_batched(args, dims):
+  (y, bias), (y_dim, bias_dim) = args, dims
+  size = y.shape[y_dim] if y_dim is not None else bias.shape[bias_dim]
+  y, bias = batching.bdim_at_front(y, y_dim, size), batching.bdim_at_front(bias, bias_dim, size)
+  return y + bias[:, None, :].astype(jnp.float32), 0
+
+
+batching.primitive_batchers[add_bias_p] = _add_bias_batched
+
+
 def bf16_matmul(x: jax.Array, w: jax.Array, bias, transposed: bool, out_dtype) -> jax.Array:
   """``(M, K)`` bf16 by ``W`` bf16 (``(K, N)``, or ``(N, K)`` when ``transposed``), plus an optional ``(N,)``
   ``bias``, -> ``(M, N)`` in ``out_dtype`` (bf16, or float32 for logits): accumulated in float32, the bias added in
   float32, rounded once. The gradients are bf16 products with float32 results too (the output gradient rounded to
-  bf16 first), rounded to bf16; the bias gradient sums the rows in float32."""
-  out = _f32_result(x, w, ((1,), (1 if transposed else 0,)))
-  return (out if bias is None else out + bias.astype(jnp.float32)).astype(out_dtype)
-
-
-def _bf16_matmul_fwd(x, w, bias, transposed, out_dtype):
-  return bf16_matmul(x, w, bias, transposed, out_dtype), (x, w, bias)
-
-
-def _bf16_matmul_bwd(transposed, out_dtype, saved, g):
-  x, w, bias = saved
-  g = g.astype(BF16)
-  if transposed:  # out = x w^T with w (N, K): dw = g^T x
-    dx = _f32_result(g, w, ((1,), (0,)))
-    dw = _rows_contracted(g, x)
-  else:  # out = x w with w (K, N): dw = x^T g
-    dx = _f32_result(g, w, ((1,), (1,)))
-    dw = _rows_contracted(x, g)
-  dbias = None if bias is None else column_sums(g).astype(bias.dtype)
-  return dx.astype(BF16), dw, dbias
+  bf16 first), rounded to bf16; the bias gradient sums the rows in float32. Differentiable in both modes."""
+  out = bf16_product_p.bind(x, w, spec='mk,nk->mn' if transposed else 'mk,kn->mn')
+  return (out if bias is None else add_bias_p.bind(out, bias)).astype(out_dtype)
 
 
 def _rows_contracted(a, b):
@@ -102,11 +171,13 @@ def _rows_contracted(a, b):
   ``a``, or ``b`` and the ``(Q, P)`` result, whichever is fewer elements (a tied head's ``g^T x``: ``x`` and the
   gradient of the table, not the logits' gradient)."""
   if not transpose.available():
-    return _f32_result(a, b, ((0,), (0,))).astype(BF16)
+    return bf16_product_p.bind(a, b, spec='mp,mq->pq').astype(BF16)
   (m, p), q = a.shape, b.shape[1]
   if m * p <= (m + p) * q:
-    return _f32_result(transpose.transpose(a), b, ((1,), (0,))).astype(BF16)
-  return transpose.transpose(_f32_result(transpose.transpose(b), a, ((1,), (0,))).astype(BF16))
+    return bf16_product_p.bind(transpose.transpose(a), b, spec='pm,mq->pq').astype(BF16)
+  return transpose.transpose(
+    bf16_product_p.bind(transpose.transpose(b), a, spec='qm,mp->qp').astype(BF16)
+  )
 
 
 def column_sums(g: jax.Array) -> jax.Array:
@@ -115,9 +186,6 @@ def column_sums(g: jax.Array) -> jax.Array:
   if skinny_matmul.available():
     return skinny_matmul.matmul(jnp.ones((1, g.shape[0]), jnp.float32), g, False)[0]
   return jnp.sum(g.astype(jnp.float32), axis=0)
-
-
-bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
 def on_cpu_as_matrices(product, plain, lhs, rhs, layout, result):
@@ -194,34 +262,15 @@ def dense_product(
 
 
 def on_cpu_in_bf16(a, b) -> bool:
-  """The bf16 paths apply: bf16 operands, the CPU the default backend (where a ``custom_vjp``'s lack of a
-  forward-mode derivative is confined to CPU programs)."""
+  """The bf16 paths apply: bf16 operands, the CPU the default backend."""
   return a.dtype == b.dtype == BF16 and jax.default_backend() == 'cpu'
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def bf16_einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype) -> jax.Array:
   """``jnp.einsum(spec, a, b)`` of bf16 operands with a float32 result cast to ``out_dtype``; the gradients are bf16
   products with float32 results too. ``spec`` is ``'A,B->C'`` with every index of ``A`` and of ``B`` in another of
-  the three (a batched product, as attention's)."""
-  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
-
-
-def _bf16_einsum_fwd(spec, a, b, out_dtype):
-  return bf16_einsum(spec, a, b, out_dtype), (a, b)
-
-
-def _bf16_einsum_bwd(spec, out_dtype, saved, g):
-  a, b = saved
-  inputs, out = spec.split('->')
-  sa, sb = inputs.split(',')
-  g = g.astype(BF16)
-  da = jnp.einsum(f'{out},{sb}->{sa}', g, b, preferred_element_type=jnp.float32)
-  db = jnp.einsum(f'{out},{sa}->{sb}', g, a, preferred_element_type=jnp.float32)
-  return da.astype(a.dtype), db.astype(b.dtype)
-
-
-bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
+  the three (a batched product, as attention's). Differentiable in both modes."""
+  return bf16_product_p.bind(a, b, spec=spec).astype(out_dtype)
 
 
 def einsum(spec: str, a, b, out_dtype=None):
