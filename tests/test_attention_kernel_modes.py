@@ -81,6 +81,25 @@ def test_second_derivatives_match_einsum_path(shape):
   assert_trees_close(derivatives(kernel_attention), derivatives(einsum_attention), atol=1e-4)
 
 
+def test_a_hidden_logit_far_above_the_visible_ones_leaves_every_derivative_finite():
+  """The XLA formulas mask before the exponent: a masked key whose logit exceeds the row's log-sum-exp by more than
+  float32's exponent range must give zero weight and zero derivatives, not inf x 0 = NaN."""
+  b, t, s, h, g, k = SHAPES['tiny']
+  q, kk, v, w = operands(b, t, s, h, g, k)
+  q = jnp.abs(q) + 1.0
+  kk = kk.at[:, -1].set(60.0)  # the last key: logits of at least 0.5 x 60 x 4 = 120
+  mask = (jnp.arange(s) < s - 1)[None, None, None, :]  # ... and always hidden
+
+  def derivatives(attention):  # reverse over reverse: the formulas' own gradients
+    loss = lambda q, k, v: jnp.sum(attention(q, k, v, mask) ** 2 * w)  # noqa: E731
+    grad = jax.grad(loss, (0, 1, 2))
+    return jax.grad(lambda *x: sum(jnp.sum(d**2) for d in grad(*x)), (0, 1, 2))(q, kk, v)
+
+  got = derivatives(kernel_attention)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(got))
+  assert_trees_close(got, derivatives(einsum_attention), atol=1e-4)
+
+
 def masked_logsumexp(q, k, mask):
   """Each row's log-sum-exp by XLA, ``(B, H, T)`` (the grouped key/value heads repeated)."""
   repeated = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)

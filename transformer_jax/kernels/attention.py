@@ -113,7 +113,9 @@ def _probabilities(query, key, mask, lse, scale):
   m_batch, m_heads, m_rows, kv_len = mask.shape
   group_shape = (kv_heads, heads // kv_heads) if m_heads == heads else (1, 1)
   visible = mask.reshape(m_batch, *group_shape, m_rows, kv_len).astype(bool)
-  return jnp.where(visible, jnp.exp(logits - rows), 0.0)
+  # masked before the exponent: a hidden logit far above the visible ones would give exp() = inf, and its derivative
+  # inf x 0 = NaN through a where() after it
+  return jnp.exp(jnp.where(visible, logits - rows, -jnp.inf))
 
 
 def _logit_tangent(d_query, d_key, query, key, scale):
