@@ -12,13 +12,13 @@ from typing import Any, Callable, Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from transformer_jax import masks
 from transformer_jax.kernels import attention as fused_attention
 from transformer_jax.modules import dot
 from transformer_jax.modules.dense import DenseGeneral
 from transformer_jax.modules.rotary import Rotary
+from transformer_jax.modules.update_slice import update_slice
 from transformer_jax.sharding import Module, dense_inits
 from transformer_jax.validation import check_attention_mask
 
@@ -303,8 +303,8 @@ class MultiHeadAttention(Module):
     cached_value = self.variable('cache', CACHED_VALUE, jnp.zeros, value.shape, value.dtype)
     index = self.variable('cache', CACHE_INDEX, lambda: jnp.zeros((), jnp.int32))
     start, chunk, size = index.value, key.shape[1], cached_key.value.shape[1]
-    cached_key.value = lax.dynamic_update_slice(cached_key.value, key, (0, start, 0, 0))
-    cached_value.value = lax.dynamic_update_slice(cached_value.value, value, (0, start, 0, 0))
+    cached_key.value = update_slice(cached_key.value, key, (0, start, 0, 0))
+    cached_value.value = update_slice(cached_value.value, value, (0, start, 0, 0))
     index.value = start + chunk
     # Slots past the chunk hold zeros (or stale entries): causality with the chunk's offset hides them.
     return (
