@@ -16,7 +16,7 @@ SHAPES = {
   # a decoding step's few query rows take their own path (forward_rows), on the calling thread ...
   'one_row': (2, 1, 7, 3, 3, 4),
   'three_rows': (2, 3, 37, 6, 2, 20),
-  # ... or shared over the pool when there is enough work (B H T S K >= 2^20)
+  # ... or, a long row, its keys cut into parts shared over the pool (H S K >= 2 x 2^17 a row)
   'one_row_long': (2, 1, 2100, 4, 2, 64),
 }
 

@@ -75,6 +75,17 @@ def test_a_window_one_key_past_each_vector_boundary(shape):
   assert_matches_einsum_path(q, kk, v, w, mask)
 
 
+def test_a_decoding_row_split_over_threads_with_heads_seeing_different_parts():
+  """A long decoding row is cut into parts of its keys that run on the pool's threads, each part's softmax relative
+  to its own maximum. Here head 0 sees only keys in the first part, head 1 only in the last, head 2 none and head 3
+  all: parts where a head sees nothing must add nothing, and the others be rescaled to the largest maximum."""
+  b, t, s, h, g, k = SHAPES['one_row_long']
+  q, kk, v, w = operands(b, t, s, h, g, k)
+  keys = jnp.arange(s)
+  mask = jnp.stack([keys < 10, keys >= s - 5, jnp.zeros(s, bool), jnp.ones(s, bool)])  # (H, S)
+  assert_matches_einsum_path(q, kk, v, w, mask[None, :, None, :])
+
+
 @pytest.mark.parametrize('shape', ['tiny', 'one_row'])
 def test_fully_masked_rows_give_zeros_not_nan(shape):
   b, t, s, h, g, k = SHAPES[shape]
