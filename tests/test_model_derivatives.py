@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 
 # B x T >= 64 rows, so that the norms take their kernel too; odd sizes elsewhere
 B, S, T, V = 2, 33, 35, 43
-SHAPE = dict(num_layers=2, d_model=12, num_heads=3, d_ff=20, max_len=40)
+SHAPE = dict(num_layers=1, d_model=12, num_heads=3, d_ff=20, max_len=40)
 
 
 def ids(shape, seed):
