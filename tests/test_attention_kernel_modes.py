@@ -35,9 +35,11 @@ def assert_trees_close(got, want, atol, rtol=1e-5):
     np.testing.assert_allclose(a, b, atol=atol, rtol=rtol, err_msg=f'leaf {i}')
 
 
-# per_head has a query row with no visible key; the grouped shapes meet one key/value head with several query heads
-@pytest.mark.parametrize('mask_kind', ['causal', 'per_head'])
-@pytest.mark.parametrize('shape', ['tiny', 'grouped', 'one_row'])
+# per_head has a query row with no visible key; the grouped shape meets one key/value head with several query heads;
+# one_row is a decoding step's path
+@pytest.mark.parametrize(
+  'shape, mask_kind', [('tiny', 'per_head'), ('grouped', 'causal'), ('one_row', 'per_head')]
+)
 def test_forward_mode_matches_einsum_path(shape, mask_kind):
   b, t, s, h, g, k = SHAPES[shape]
   q, kk, v, _ = operands(b, t, s, h, g, k)

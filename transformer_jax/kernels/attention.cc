@@ -246,9 +246,9 @@ void forward_head(const Shape& d, const T* q, const T* k, const T* v, const uint
 
 // The forward for a few query rows (a decoding step), one query row (b, t) with all its heads at a time. The keys and
 // values are read where they lie, each (G, K) row of the cache once and in order for all the heads that use it: a
-// cache walked head by head is read 1 KB out of each few-KB row, which the prefetchers follow badly. A long span of
-// keys is cut into parts that run on the pool's threads, each part's softmax kept relative to its own maximum and the
-// parts' sums rescaled to the largest maximum when they are added (as split-K decoding does).
+// cache walked head by head is read K values out of each row of G x K, which the prefetchers follow badly. A long
+// span of keys is cut into parts that run on the pool's threads, each part's softmax kept relative to its own
+// maximum and the parts' sums rescaled to the largest maximum when they are added (as split-K decoding does).
 struct RowPart {
   int64_t row, lo, hi;  // query row index b * T + t, and the keys [lo, hi) of this part
 };
@@ -304,6 +304,7 @@ void forward_rows(xla::ffi::ThreadPool& pool, const Shape& d, const T* q, const 
   // the keys any head of each row sees, and the parts they are cut into
   std::vector<RowPart> parts;
   std::vector<int64_t> first_part(rows + 1);
+  bool shared = false;  // some row is long enough to cut
   for (int64_t row = 0; row < rows; ++row) {
     first_part[row] = static_cast<int64_t>(parts.size());
     int64_t lo = d.kv_len, hi = 0;
@@ -313,10 +314,12 @@ void forward_rows(xla::ffi::ThreadPool& pool, const Shape& d, const T* q, const 
     }
     if (lo >= hi) continue;  // no visible key for any head
     const int64_t work = H * (hi - lo) * K, count = std::clamp<int64_t>(work / kPartWork, 1, pool.num_threads() + 1);
+    shared = shared || count > 1;
     for (int64_t c = 0; c < count; ++c) {
       // part boundaries on whole vectors, so that only the span's own ends are partial
       const int64_t vectors = (hi - lo + kLanes - 1) / kLanes;
-      const int64_t from = lo + vectors * c / count * kLanes, to = std::min(hi, lo + vectors * (c + 1) / count * kLanes);
+      const int64_t from = lo + vectors * c / count * kLanes;
+      const int64_t to = std::min(hi, lo + vectors * (c + 1) / count * kLanes);
       if (from < to) parts.push_back({row, from, to});
     }
   }
@@ -326,7 +329,7 @@ void forward_rows(xla::ffi::ThreadPool& pool, const Shape& d, const T* q, const 
   auto run = [&](int64_t i) {
     forward_part<T>(d, q, k, v, mask, parts[i], tops.data() + i * H, sums.data() + i * H, accs.data() + i * H * K);
   };
-  if (P > rows) {
+  if (shared) {
     transformer_jax::run_blocks(pool, P, run);
   } else {
     for (int64_t i = 0; i < P; ++i) run(i);
