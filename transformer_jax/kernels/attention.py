@@ -139,15 +139,21 @@ def reference_tangent(d_query, d_key, d_value, query, key, value, mask, out, lse
   return _ungrouped(d_out, query), d_lse.reshape(lse.shape)
 
 
+def _query_key_cotangents(d_logits, query, key):
+  """The cotangents of the query and keys for the cotangent ``(B, G, R, T, S)`` of ``q k^T`` (any scale already in
+  it), in their dtypes: the last step of both backward formulas."""
+  d_query = jnp.einsum('bgrts,bsgk->btgrk', d_logits, key.astype(F32))
+  d_key = jnp.einsum('bgrts,btgrk->bsgk', d_logits, _grouped(query, key.shape[2]))
+  return _ungrouped(d_query, query), d_key.astype(key.dtype)
+
+
 def _lse_backward(ct_lse, query, key, mask, lse, scale):
   """The cotangents of the query and keys for a cotangent of the log-sum-exp (the transpose of its tangent)."""
   kv_heads = key.shape[2]
   batch, heads, q_len = lse.shape
   rows = ct_lse.reshape(batch, kv_heads, heads // kv_heads, q_len, 1)
   d_logits = scale * _probabilities(query, key, mask, lse, scale) * rows
-  d_query = jnp.einsum('bgrts,bsgk->btgrk', d_logits, key.astype(F32))
-  d_key = jnp.einsum('bgrts,btgrk->bsgk', d_logits, _grouped(query, kv_heads))
-  return _ungrouped(d_query, query), d_key.astype(key.dtype)
+  return _query_key_cotangents(d_logits, query, key)
 
 
 def reference_backward(query, key, value, mask, out, lse, d_out, *, scale):
@@ -160,10 +166,8 @@ def reference_backward(query, key, value, mask, out, lse, d_out, *, scale):
   d_p = jnp.einsum('btgrk,bsgk->bgrts', d_grouped, value.astype(F32))
   # rowsum(P dP) = rowsum(dO O): (B, G, R, T, 1)
   row_dots = jnp.einsum('btgrk,btgrk->bgrt', d_grouped, _grouped(out, kv_heads))[..., None]
-  d_logits = scale * p * (d_p - row_dots)
-  d_query = jnp.einsum('bgrts,bsgk->btgrk', d_logits, key.astype(F32))
-  d_key = jnp.einsum('bgrts,btgrk->bsgk', d_logits, _grouped(query, kv_heads))
-  return _ungrouped(d_query, query), d_key.astype(key.dtype), d_value.astype(value.dtype)
+  d_query, d_key = _query_key_cotangents(scale * p * (d_p - row_dots), query, key)
+  return d_query, d_key, d_value.astype(value.dtype)
 
 
 forward_p = primitives.define(
