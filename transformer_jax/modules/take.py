@@ -20,10 +20,15 @@ from jax import lax
 from transformer_jax.kernels import cpu_build, take_rows
 
 
+def is_16_bit_float(dtype) -> bool:
+  """bfloat16 or float16: the dtypes XLA:CPU moves through float32 (here and in :mod:`.update_slice`)."""
+  return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
+
+
 def take(x: jax.Array, indices: jax.Array, axis: int = 0) -> jax.Array:
   """``jnp.take(x, indices, axis=axis)``, the same numbers (out-of-range indices give NaN, as there); only 16-bit
   floats take the ``uint16`` path, every other dtype is ``jnp.take`` itself."""
-  if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 2:
+  if is_16_bit_float(x.dtype):
     return _take_bits(x, indices, axis)
   return jnp.take(x, indices, axis=axis)
 

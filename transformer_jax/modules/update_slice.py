@@ -13,16 +13,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from transformer_jax.modules.take import is_16_bit_float
+
 
 def update_slice(operand: jax.Array, update: jax.Array, start_indices) -> jax.Array:
   """``lax.dynamic_update_slice(operand, update, start_indices)``, the same numbers; 16-bit floats of one dtype take
   the ``uint16`` path, anything else is ``lax.dynamic_update_slice`` itself."""
   start_indices = tuple(start_indices)
-  if (
-    jnp.issubdtype(operand.dtype, jnp.floating)
-    and jnp.dtype(operand.dtype).itemsize == 2
-    and update.dtype == operand.dtype
-  ):
+  if is_16_bit_float(operand.dtype) and update.dtype == operand.dtype:
     return _update_bits(operand, update, *start_indices)
   return lax.dynamic_update_slice(operand, update, start_indices)
 
