@@ -40,6 +40,25 @@ def test_kernel_equals_float64_product(k, n, rows, transposed, dtype):
   np.testing.assert_allclose(out, float64_product(x, w, transposed), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('transposed', [False, True], ids=['kernel_KN', 'table_NK'])
+def test_bf16_kernel_at_every_row_count(transposed):
+  """The AVX-512 bf16 blocks are compiled once per row count (1 to 8), each with its accumulators in registers: every
+  count gets its own rows right."""
+  k, n = SHAPES[0]
+  product = jax.jit(skinny_matmul.matmul, static_argnums=2)
+  for rows in range(1, skinny_matmul.KERNEL_ROWS + 1):
+    kx, kw = jax.random.split(jax.random.key(100 + rows))
+    x = jax.random.normal(kx, (rows, k), jnp.float32)
+    w = jax.random.normal(kw, (n, k) if transposed else (k, n), jnp.bfloat16)
+    np.testing.assert_allclose(
+      product(x, w, transposed),
+      float64_product(x, w, transposed),
+      rtol=1e-5,
+      atol=1e-5,
+      err_msg=f'{rows} rows',
+    )
+
+
 def test_products_from_several_threads_at_once():
   """The kernel's awake helpers take one product at a time; a product that finds them busy runs on XLA's pool. Four
   Python threads calling it at once all get their own, exact results."""

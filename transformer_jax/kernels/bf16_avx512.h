@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "skinny_limits.h"
 
@@ -27,10 +28,12 @@ inline __m512 odd_half(__m512i v) {
 }
 inline __m512i load32(const uint16_t* p) { return _mm512_loadu_si512(static_cast<const void*>(p)); }
 
-// acc (rows, width) += x[:, k0:k1] . W[k0:k1, n0:n0+width]; acc's first width / 32 * 32 columns are in even/odd
-// order per group of 32 (16 even columns, then 16 odd), the rest in order. Four weight rows per pass.
-inline void kn_accumulate_bf16(const float* x, const uint16_t* w, float* acc, int64_t rows, int64_t k_dim,
-                               int64_t n_dim, int64_t k0, int64_t k1, int64_t n0, int64_t width) {
+// acc (kRows, width) += x[:, k0:k1] . W[k0:k1, n0:n0+width]; acc's first width / 32 * 32 columns are in even/odd
+// order per group of 32 (16 even columns, then 16 odd), the rest in order. Four weight rows per pass. kRows is a
+// template argument so that x's values are broadcast once per pass, not once per group of 32 columns.
+template <int64_t kRows>
+void kn_rows_bf16(const float* x, const uint16_t* w, float* acc, int64_t k_dim, int64_t n_dim, int64_t k0,
+                  int64_t k1, int64_t n0, int64_t width) {
   const int64_t paired = width / kPairWidth * kPairWidth;
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {
@@ -45,7 +48,7 @@ inline void kn_accumulate_bf16(const float* x, const uint16_t* w, float* acc, in
       const __m512i v0 = load32(w0 + j), v1 = load32(w1 + j), v2 = load32(w2 + j), v3 = load32(w3 + j);
       const __m512 e0 = even_half(v0), e1 = even_half(v1), e2 = even_half(v2), e3 = even_half(v3);
       const __m512 o0 = odd_half(v0), o1 = odd_half(v1), o2 = odd_half(v2), o3 = odd_half(v3);
-      for (int64_t m = 0; m < rows; ++m) {
+      for (int64_t m = 0; m < kRows; ++m) {
         const float* xm = x + m * k_dim + k;
         const __m512 a0 = _mm512_set1_ps(xm[0]), a1 = _mm512_set1_ps(xm[1]);
         const __m512 a2 = _mm512_set1_ps(xm[2]), a3 = _mm512_set1_ps(xm[3]);
@@ -63,7 +66,7 @@ inline void kn_accumulate_bf16(const float* x, const uint16_t* w, float* acc, in
         _mm512_storeu_ps(o + 16, odd);
       }
     }
-    for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t m = 0; m < kRows; ++m) {
       const float* xm = x + m * k_dim + k;
       float* o = acc + m * width;
       for (int64_t j = paired; j < width; ++j) {
@@ -74,7 +77,7 @@ inline void kn_accumulate_bf16(const float* x, const uint16_t* w, float* acc, in
   }
   for (; k < k1; ++k) {
     const uint16_t* w0 = w + k * n_dim + n0;
-    for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t m = 0; m < kRows; ++m) {
       const float a = x[m * k_dim + k];
       const __m512 a0 = _mm512_set1_ps(a);
       float* o = acc + m * width;
@@ -86,6 +89,27 @@ inline void kn_accumulate_bf16(const float* x, const uint16_t* w, float* acc, in
       for (int64_t j = paired; j < width; ++j) o[j] += a * widen(w0[j]);
     }
   }
+}
+
+// f(std::integral_constant<int64_t, rows>{}) for a row count known only at run time (1 to kMaxRows): the blocks
+// below take it as a template argument.
+template <typename F>
+void with_rows(int64_t rows, F f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int64_t, 1>{});
+    case 2: return f(std::integral_constant<int64_t, 2>{});
+    case 3: return f(std::integral_constant<int64_t, 3>{});
+    case 4: return f(std::integral_constant<int64_t, 4>{});
+    case 5: return f(std::integral_constant<int64_t, 5>{});
+    case 6: return f(std::integral_constant<int64_t, 6>{});
+    case 7: return f(std::integral_constant<int64_t, 7>{});
+    default: return f(std::integral_constant<int64_t, kMaxRows>{});
+  }
+}
+
+inline void kn_accumulate_bf16(const float* x, const uint16_t* w, float* acc, int64_t rows, int64_t k_dim,
+                               int64_t n_dim, int64_t k0, int64_t k1, int64_t n0, int64_t width) {
+  with_rows(rows, [&](auto r) { kn_rows_bf16<decltype(r)::value>(x, w, acc, k_dim, n_dim, k0, k1, n0, width); });
 }
 
 // dst[0:n] = src[0:n] with each whole group of 32 permuted (its first 16 outputs picked by `first`, its next 16 by
@@ -112,31 +136,40 @@ inline void load_in_pairs(const float* x, float* xp, int64_t k_dim) {
                  _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
 }
 
-// out[m, n] = sum_k x[m, k] * W[n, k] for the table rows n0..n1; xp is x (rows, k_dim) in even/odd order.
-inline void nk_block_bf16(const float* xp, const uint16_t* w, float* out, int64_t rows, int64_t k_dim,
-                          int64_t n_dim, int64_t n0, int64_t n1) {
+// out[m, n] = sum_k x[m, k] * W[n, k] for the table rows n0..n1, for kRows rows of x; xp is x (kRows, k_dim) in
+// even/odd order. kRows is a template argument so that the accumulators live in registers: indexed by a runtime row
+// count they were kept on the stack, and each multiply-add then waited on a store and a load (a table read from
+// cache ran at a third of the float32 kernel's speed).
+template <int64_t kRows>
+void nk_rows_bf16(const float* xp, const uint16_t* w, float* out, int64_t k_dim, int64_t n_dim, int64_t n0,
+                  int64_t n1) {
   const int64_t paired = k_dim / kPairWidth * kPairWidth;
-  __m512 even[kMaxRows], odd[kMaxRows];
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* row = w + n * k_dim;
     const uint16_t* ahead = n + kTablePrefetchRows < n1 ? row + kTablePrefetchRows * k_dim : nullptr;
-    for (int64_t m = 0; m < rows; ++m) even[m] = odd[m] = _mm512_setzero_ps();
+    __m512 even[kRows], odd[kRows];
+    for (int64_t m = 0; m < kRows; ++m) even[m] = odd[m] = _mm512_setzero_ps();
     for (int64_t k = 0; k < paired; k += kPairWidth) {
       if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + k), _MM_HINT_T0);
       const __m512i v = load32(row + k);
       const __m512 e = even_half(v), o = odd_half(v);
-      for (int64_t m = 0; m < rows; ++m) {
+      for (int64_t m = 0; m < kRows; ++m) {
         even[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + m * k_dim + k), e, even[m]);
         odd[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + m * k_dim + k + 16), o, odd[m]);
       }
     }
-    for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t m = 0; m < kRows; ++m) {
       const float* xm = xp + m * k_dim;
       float sum = _mm512_reduce_add_ps(_mm512_add_ps(even[m], odd[m]));
       for (int64_t k = paired; k < k_dim; ++k) sum += xm[k] * widen(row[k]);
       out[m * n_dim + n] = sum;
     }
   }
+}
+
+inline void nk_block_bf16(const float* xp, const uint16_t* w, float* out, int64_t rows, int64_t k_dim,
+                          int64_t n_dim, int64_t n0, int64_t n1) {
+  with_rows(rows, [&](auto r) { nk_rows_bf16<decltype(r)::value>(xp, w, out, k_dim, n_dim, n0, n1); });
 }
 
 }  // namespace transformer_jax
