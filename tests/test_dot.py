@@ -32,31 +32,25 @@ def float64_product(x, w, transposed):
 @pytest.mark.parametrize('rows', [1, 3, 8])  # the kernel takes 8; dot_general sends it MAX_ROWS
 @pytest.mark.parametrize('k, n', SHAPES)
 def test_kernel_equals_float64_product(k, n, rows, transposed, dtype):
-  kx, kw = jax.random.split(jax.random.key(rows))
+  assert_kernel_equals_float64_product(k, n, rows, transposed, dtype, seed=rows)
+
+
+def assert_kernel_equals_float64_product(k, n, rows, transposed, dtype, seed):
+  kx, kw = jax.random.split(jax.random.key(seed))
   x = jax.random.normal(kx, (rows, k), jnp.float32)
   w = jax.random.normal(kw, (n, k) if transposed else (k, n), dtype)
   out = jax.jit(skinny_matmul.matmul, static_argnums=2)(x, w, transposed)
   assert out.shape == (rows, n) and out.dtype == jnp.float32
-  np.testing.assert_allclose(out, float64_product(x, w, transposed), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    out, float64_product(x, w, transposed), rtol=1e-5, atol=1e-5, err_msg=f'{rows} rows'
+  )
 
 
 @pytest.mark.parametrize('transposed', [False, True], ids=['kernel_KN', 'table_NK'])
 def test_bf16_kernel_at_every_row_count(transposed):
-  """The AVX-512 bf16 blocks are compiled once per row count (1 to 8), each with its accumulators in registers: every
-  count gets its own rows right."""
-  k, n = SHAPES[0]
-  product = jax.jit(skinny_matmul.matmul, static_argnums=2)
+  """The AVX-512 bf16 blocks are compiled once per row count (1 to 8): every count gets its own rows right."""
   for rows in range(1, skinny_matmul.KERNEL_ROWS + 1):
-    kx, kw = jax.random.split(jax.random.key(100 + rows))
-    x = jax.random.normal(kx, (rows, k), jnp.float32)
-    w = jax.random.normal(kw, (n, k) if transposed else (k, n), jnp.bfloat16)
-    np.testing.assert_allclose(
-      product(x, w, transposed),
-      float64_product(x, w, transposed),
-      rtol=1e-5,
-      atol=1e-5,
-      err_msg=f'{rows} rows',
-    )
+    assert_kernel_equals_float64_product(*SHAPES[0], rows, transposed, 'bfloat16', seed=100 + rows)
 
 
 def test_products_from_several_threads_at_once():
