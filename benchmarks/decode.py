@@ -7,7 +7,9 @@
 One randomly initialised ``GPT2LMHeadModel`` per shape (built from a config, no download) is converted with
 ``transformer_jax.convert.from_gpt2``, so both sides hold the same weights. Both decode ``--new`` tokens greedily after
 the same random ``--prompt``-token prompt, never stopping early; a call's time includes the prompt's prefill, and the
-first (compiling) call is excluded. ``match`` is the fraction of generated tokens on which the two agree (float32).
+first (compiling) call is excluded. The decodes of one shape and batch are timed in ``--repeats`` interleaved rounds
+(one decode of each per round, medians, ``--pause`` seconds idle before each), so a drift in the machine's speed
+reaches all of them alike. ``match`` is the fraction of generated tokens on which the two agree (float32).
 
 Decoding one token at a small batch reads every weight once, so memory bandwidth bounds it: ``bound_tokens_s`` is
 ``batch x bandwidth / weight bytes``, with the bandwidth measured here (the sum of a large array). ``bfloat16`` rows
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,7 +30,7 @@ from benchmarks.harness import (
   memory_bandwidth,
   print_machine,
   print_table,
-  time_call,
+  time_interleaved,
   tree_bytes,
   write_json,
 )
@@ -52,7 +55,9 @@ def hf_model(shape: str, vocab: int):
   return GPT2LMHeadModel(config).eval()
 
 
-def run_hf(model, prompt: np.ndarray, new: int, repeats: int):
+def hf_call(model, prompt: np.ndarray, new: int):
+  """``(call, tokens)``: a call that decodes ``prompt`` with transformers and waits for it, and its first (warm-up)
+  call's new tokens."""
   import torch
 
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -62,19 +67,24 @@ def run_hf(model, prompt: np.ndarray, new: int, repeats: int):
 
   def call():
     with torch.inference_mode():
-      return model.generate(
+      out = model.generate(
         ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0
       )
+    return out.cpu()
 
-  out = call()[:, prompt.shape[1] :].cpu().numpy()
-  return time_call(call, warmup=0, repeats=repeats, sync=lambda x: x.cpu()), out
+  return call, call()[:, prompt.shape[1] :].numpy()
 
 
-def run_ours(model, params, prompt: np.ndarray, new: int, repeats: int):
+def our_call(model, params, prompt: np.ndarray, new: int):
+  """``(call, tokens)`` as :func:`hf_call`, by ``generate``; the first call compiles."""
   prompt = jnp.asarray(prompt)
-  call = lambda: generate(model, params, prompt, max_new_tokens=new, temperature=None)  # noqa: E731
-  out = np.asarray(call())  # compiles (and warms up, like the first call on the transformers side)
-  return time_call(call, warmup=0, repeats=repeats), out
+
+  def call():
+    return jax.block_until_ready(
+      generate(model, params, prompt, max_new_tokens=new, temperature=None)
+    )
+
+  return call, np.asarray(call())
 
 
 def main(argv=None):
@@ -109,6 +119,12 @@ def main(argv=None):
     help="our weights' dtypes",
   )
   parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument(
+    '--pause',
+    type=float,
+    default=0.3,
+    help="untimed seconds of sleep before each timed decode, so none starts while PyTorch's threads still spin",
+  )
   parser.add_argument('--out', default='benchmarks/results/decode.json')
   args = parser.parse_args(argv)
 
@@ -124,25 +140,31 @@ def main(argv=None):
       prompt = np.random.default_rng(batch).integers(
         0, args.vocab, (batch, args.prompt), dtype=np.int32
       )
-      hf_s, hf_tokens = run_hf(hf, prompt, args.new, args.repeats)
-      hf_row = {
-        'shape': shape,
-        'batch': batch,
-        'impl': 'transformers',
-        'dtype': 'float32',
-        's': hf_s,
-      }
-      results = [(hf_row, tree_bytes(ours['float32'][1]) if 'float32' in ours else None)]
+      hf_decode, hf_tokens = hf_call(hf, prompt, args.new)
+      calls, results = [hf_decode], []
+      hf_bytes = tree_bytes(ours['float32'][1]) if 'float32' in ours else None
+      results.append(
+        ({'shape': shape, 'batch': batch, 'impl': 'transformers', 'dtype': 'float32'}, hf_bytes)
+      )
       for dtype, (model, params) in ours.items():
-        s, tokens = run_ours(model, params, prompt, args.new, args.repeats)
-        row = {'shape': shape, 'batch': batch, 'impl': 'jax', 'dtype': dtype, 's': s}
+        decode, tokens = our_call(model, params, prompt, args.new)
+        row = {'shape': shape, 'batch': batch, 'impl': 'jax', 'dtype': dtype}
         if dtype == 'float32':
           row['match'] = float(np.mean(tokens == hf_tokens))
+        calls.append(decode)
         results.append((row, tree_bytes(params)))
+      # one decode of each per round: the machine's drift reaches every ratio equally
+      seconds = time_interleaved(calls, warmup=0, repeats=args.repeats, pause_s=args.pause)
+      hf_s = seconds[0]
+      float32_s = dict(zip(args.dtypes, seconds[1:])).get('float32')
+      for (row, _), s in zip(results, seconds):
+        row['s'] = s
       for row, weight_bytes in results:
         row['tokens_s'] = batch * args.new / row['s']
         row['ms_per_step'] = row['s'] / args.new * 1e3
         row['vs_transformers'] = hf_s / row['s']
+        if row['impl'] == 'jax' and float32_s:
+          row['vs_float32'] = float32_s / row['s']  # the speed-up bf16 weights give
         if weight_bytes:
           row['weights_MB'] = weight_bytes / 1e6
           row['bound_tokens_s'] = batch * bandwidth / weight_bytes
@@ -163,6 +185,7 @@ def main(argv=None):
       'bound_tokens_s',
       'pct_of_bound',
       'vs_transformers',
+      'vs_float32',
       'match',
     ],
   )
