@@ -7,7 +7,7 @@ Three tables, each from this process on this CPU (fastest of ``--repeats`` calls
   a float32 result, for GPT-2 small's shapes (a ``(K, N)`` Dense kernel and the ``(N, K)`` tied table), float32 and
   bf16 weights, per number of rows.
 - ``weight gradients``: the bf16 ``x^T g`` of a dense layer as XLA writes it, behind an ``optimization_barrier``
-  transpose, after the transpose kernel (``kernels.transpose``, what ``dot.bf16_matmul``'s gradient does), and from
+  transpose, after the transpose kernel (``kernels.transpose``, what ``dot.cpu_matmul``'s gradient does), and from
   an already transposed array.
 - ``--step-dots DTYPE``: the dots of the compiled course-GPT training step (the one ``train_throughput`` times),
   their FLOPs by operand and result dtype: how much of a ``dtype='bfloat16'`` step XLA runs as bf16 products.

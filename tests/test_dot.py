@@ -266,15 +266,22 @@ def test_transpose_kernel(shape, dtype):
   ],
   ids=['transpose_x', 'transpose_g_and_result', 'tied_head'],
 )
-def test_bf16_weight_gradient_is_a_plain_product(x_shape, w_shape, dims, transposes):
-  """With one operand transposed by the kernel (the cheaper way round), the compiled weight gradient of a bf16
-  product is a bf16 dot (not a float32 one over widened operands), equal to the float64 product rounded to bf16."""
-  x = jax.random.normal(jax.random.key(0), x_shape, jnp.bfloat16)
-  w = jax.random.normal(jax.random.key(1), w_shape, jnp.bfloat16)
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_weight_gradient_transposes_the_smaller_operand(
+  x_shape, w_shape, dims, transposes, dtype, monkeypatch
+):
+  """With one operand transposed by the kernel (the cheaper way round), the compiled weight gradient of a bf16 or
+  float32 product is a plain dot of that dtype (bf16: not a float32 one over widened operands), equal to the float64
+  product rounded to the dtype."""
+  monkeypatch.setenv(
+    'TRANSFORMER_JAX_MKL', '0'
+  )  # on Intel, MKL's path would take the float32 product
+  x = jax.random.normal(jax.random.key(0), x_shape, dtype)
+  w = jax.random.normal(jax.random.key(1), w_shape, dtype)
   g = jax.random.normal(
     jax.random.key(2), (x_shape[0], w_shape[0] if dims[0][1] == (1,) else w_shape[1])
   )
-  g = g.astype(jnp.bfloat16)
+  g = g.astype(dtype)
   dw = jax.jit(jax.grad(lambda w, x, g: jnp.sum(dot_general(x, w, dims).astype(jnp.float32) * g)))
   compiled = dw.lower(w, x, g).compile().as_text()
   assert compiled.count(f'custom_call_target="{transpose.TARGET}"') == transposes
@@ -283,8 +290,9 @@ def test_bf16_weight_gradient_is_a_plain_product(x_shape, w_shape, dims, transpo
   )
   x64, g64 = (np.asarray(a, np.float64) for a in (x, g))
   expected = x64.T @ g64 if dims[0][1] == (0,) else g64.T @ x64
-  assert dw(w, x, g).dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(dw(w, x, g), np.float32), expected, rtol=8e-3, atol=1e-5)
+  assert dw(w, x, g).dtype == dtype
+  rtol = 8e-3 if dtype == 'bfloat16' else 1e-5
+  np.testing.assert_allclose(np.asarray(dw(w, x, g), np.float32), expected, rtol=rtol, atol=1e-5)
 
 
 def test_bf16_einsum_is_bf16_in_both_passes():

@@ -1,9 +1,9 @@
 """The matrix product behind every ``Dense``, ``DenseGeneral``, attention product and output head: ``lax.dot_general``
-with three CPU paths.
+with CPU paths.
 
 XLA:CPU runs its fast library kernels (YNNPACK) only for some products and computes the others slowly or in float32
 whatever their dtype. :func:`dense_product` (used by :mod:`transformer_jax.modules.dense`) and :func:`dot_general` (a
-drop-in for ``lax.dot_general``) hand three cases to code that runs fast on the CPU, and on every other platform are
+drop-in for ``lax.dot_general``) hand four cases to code that runs fast on the CPU, and on every other platform are
 ``lax.dot_general`` exactly:
 
 - **Few rows** (at most :func:`~transformer_jax.kernels.skinny_matmul.max_rows`, a decoding step) with float32 or
@@ -12,14 +12,19 @@ drop-in for ``lax.dot_general``) hand three cases to code that runs fast on the 
   :mod:`~transformer_jax.kernels.mkl_matmul`, whose products (and gradient products) run up to 30% faster than
   XLA's there.
 - **bfloat16 by bfloat16** (``dtype='bfloat16'`` training and prefill): YNNPACK takes a bf16 product only with a
-  float32 result, so a bf16-result product, and every gradient product, ran in float32. :func:`bf16_matmul` asks for
+  float32 result, so a bf16-result product, and every gradient product, ran in float32. :func:`cpu_matmul` asks for
   the float32 result and rounds it once to the result dtype (bf16, or float32 logits), the same numbers as XLA's bf16
   product, which also accumulates in float32; its gradients are written the same way, the weight gradient's operand
   transposed by :mod:`~transformer_jax.kernels.transpose` so that XLA cannot fold it into a refused product, a dense
   layer's bias added inside in float32 and its gradient summed by the few-row kernel.
+- **float32 by float32** (where MKL does not take it; the CPU the only device): the same :func:`cpu_matmul`. Left
+  to itself, XLA feeds a weight gradient ``x^T g`` a transposed copy of ``g``, the larger operand (the 80 MB logits
+  gradient of a 10,000-way head: 13-18 ms of a Zen 4 step), and sums a bias gradient in a tree of reductions; here
+  the kernel transposes the smaller operand and the few-row kernel sums the bias gradient (benchmarks/RESULTS.md,
+  "On Zen 4, third round").
 
-Both apply to products shaped like a dense layer's (:func:`product_layout`); everything else is ``lax.dot_general``.
-:func:`einsum` gives attention's batched bf16 products the same treatment.
+All four apply to products shaped like a dense layer's (:func:`product_layout`); everything else is
+``lax.dot_general``. :func:`einsum` gives attention's batched bf16 products the same treatment.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from transformer_jax.kernels import mkl_matmul, skinny_matmul, transpose
+from transformer_jax.kernels import cpu_build, mkl_matmul, skinny_matmul, transpose
 
 BF16 = jnp.dtype(jnp.bfloat16)
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), BF16)
@@ -75,28 +80,29 @@ def _operand_specs(spec: str) -> tuple[str, str, str]:
   return a, b, out
 
 
-# ``jnp.einsum(spec, a, b)`` of bf16 operands with a float32 result. A primitive, not a custom_vjp: it is bilinear,
-# so JAX derives forward mode and higher orders from the two rules below, which write the gradients as bf16 products
-# too (module docstring).
-bf16_product_p = Primitive('transformer_jax_bf16_product')
-bf16_product_p.def_impl(_f32_einsum)
-bf16_product_p.def_abstract_eval(
+# ``jnp.einsum(spec, a, b)`` of two bf16 or two float32 operands with a float32 result. A primitive, not a
+# custom_vjp: it is bilinear, so JAX derives forward mode and higher orders from the two rules below, which write the
+# gradients as products of the operands' dtype too (module docstring).
+product_p = Primitive('transformer_jax_cpu_product')
+product_p.def_impl(_f32_einsum)
+product_p.def_abstract_eval(
   lambda a, b, *, spec: jax.core.ShapedArray(
     jax.eval_shape(functools.partial(_f32_einsum, spec=spec), a, b).shape, jnp.float32
   )
 )
-mlir.register_lowering(bf16_product_p, mlir.lower_fun(_f32_einsum, multiple_results=False))
+mlir.register_lowering(product_p, mlir.lower_fun(_f32_einsum, multiple_results=False))
 
 
 def _cotangent(spec: str, ct, other, dtype):
-  """An operand's cotangent: ``ct`` rounded to bf16 (as XLA's bf16 product takes it) by the other operand, as
-  ``spec`` says, rounded to ``dtype``. A product of two matrices over their rows goes to :func:`_rows_contracted`."""
-  g = ad.instantiate_zeros(ct).astype(BF16)
+  """An operand's cotangent: ``ct`` rounded to the other operand's dtype (as XLA's bf16 product takes it) by the
+  other operand, as ``spec`` says, rounded to ``dtype``. A product of two matrices over their rows goes to
+  :func:`_rows_contracted`."""
+  g = ad.instantiate_zeros(ct).astype(other.dtype)
   first, second, out = _operand_specs(spec)
   if len(first) == len(second) == 2 and first[0] == second[0] and first[0] not in out:
     pair = (g, other) if out == first[1] + second[1] else (other, g)
     return _rows_contracted(*pair).astype(dtype)
-  return bf16_product_p.bind(g, other, spec=spec).astype(dtype)
+  return product_p.bind(g, other, spec=spec).astype(dtype)
 
 
 def _lhs_cotangent(ct, a, b, *, spec):
@@ -109,7 +115,7 @@ def _rhs_cotangent(ct, a, b, *, spec):
   return _cotangent(f'{out},{sa}->{sb}', ct, a, b.aval.dtype)
 
 
-ad.defbilinear(bf16_product_p, _lhs_cotangent, _rhs_cotangent)
+ad.defbilinear(product_p, _lhs_cotangent, _rhs_cotangent)
 
 
 def _product_batched(args, dims, *, spec):
@@ -118,33 +124,33 @@ def _product_batched(args, dims, *, spec):
   sa, sb, out = _operand_specs(spec)
   specs = [letter + s if d is not None else s for s, d in zip((sa, sb), dims)]
   args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims)]
-  return bf16_product_p.bind(*args, spec=f'{specs[0]},{specs[1]}->{letter}{out}'), 0
+  return product_p.bind(*args, spec=f'{specs[0]},{specs[1]}->{letter}{out}'), 0
 
 
-batching.primitive_batchers[bf16_product_p] = _product_batched
+batching.primitive_batchers[product_p] = _product_batched
 
 
-def _add_bias_call(y, bias):
+def _add_bias_call(y, bias, *, operand_dtype):
   return y + bias.astype(jnp.float32)
 
 
 # ``(M, N)`` float32 plus an ``(N,)`` bias; linear, with the bias's cotangent summed by :func:`column_sums` from the
-# bf16-rounded output cotangent, as the product's own cotangents use it
+# output cotangent rounded to the product's ``operand_dtype``, as the product's own cotangents use it
 add_bias_p = Primitive('transformer_jax_add_bias')
 add_bias_p.def_impl(_add_bias_call)
-add_bias_p.def_abstract_eval(lambda y, bias: jax.core.ShapedArray(y.shape, jnp.float32))
+add_bias_p.def_abstract_eval(lambda y, bias, **_: jax.core.ShapedArray(y.shape, jnp.float32))
 mlir.register_lowering(add_bias_p, mlir.lower_fun(_add_bias_call, multiple_results=False))
 
 
-def _add_bias_transpose(ct, y, bias):
+def _add_bias_transpose(ct, y, bias, *, operand_dtype):
   ct = ad.instantiate_zeros(ct)
-  return ct, column_sums(ct.astype(BF16)).astype(bias.aval.dtype)
+  return ct, column_sums(ct.astype(operand_dtype)).astype(bias.aval.dtype)
 
 
 ad.deflinear2(add_bias_p, _add_bias_transpose)
 
 
-def _add_bias_batched(args, dims):
+def _add_bias_batched(args, dims, **_):
   (y, bias), (y_dim, bias_dim) = args, dims
   size = y.shape[y_dim] if y_dim is not None else bias.shape[bias_dim]
   y, bias = batching.bdim_at_front(y, y_dim, size), batching.bdim_at_front(bias, bias_dim, size)
@@ -154,29 +160,35 @@ def _add_bias_batched(args, dims):
 batching.primitive_batchers[add_bias_p] = _add_bias_batched
 
 
-def bf16_matmul(x: jax.Array, w: jax.Array, bias, transposed: bool, out_dtype) -> jax.Array:
-  """``(M, K)`` bf16 by ``W`` bf16 (``(K, N)``, or ``(N, K)`` when ``transposed``), plus an optional ``(N,)``
-  ``bias``, -> ``(M, N)`` in ``out_dtype`` (bf16, or float32 for logits): accumulated in float32, the bias added in
-  float32, rounded once. The gradients are bf16 products with float32 results too (the output gradient rounded to
-  bf16 first), rounded to bf16; the bias gradient sums the rows in float32. Differentiable in both modes."""
-  out = bf16_product_p.bind(x, w, spec='mk,nk->mn' if transposed else 'mk,kn->mn')
-  return (out if bias is None else add_bias_p.bind(out, bias)).astype(out_dtype)
+def cpu_matmul(x: jax.Array, w: jax.Array, bias, transposed: bool, out_dtype) -> jax.Array:
+  """``(M, K)`` by ``W`` (``(K, N)``, or ``(N, K)`` when ``transposed``), both bf16 or both float32, plus an
+  optional ``(N,)`` ``bias``, -> ``(M, N)`` in ``out_dtype`` (bf16, or float32 for logits): accumulated in float32,
+  the bias added in float32, rounded once. The gradients are products of the operands' dtype with float32 results too
+  (the output gradient rounded to that dtype first), rounded to it; the bias gradient sums the rows in float32.
+  Differentiable in both modes."""
+  out = product_p.bind(x, w, spec='mk,nk->mn' if transposed else 'mk,kn->mn')
+  if bias is not None:
+    out = add_bias_p.bind(out, bias, operand_dtype=jnp.dtype(x.dtype))
+  return out.astype(out_dtype)
 
 
 def _rows_contracted(a, b):
-  """``a^T b`` in bf16 (float32 accumulation) for bf16 ``a`` ``(M, P)`` and ``b`` ``(M, Q)``.
+  """``a^T b`` in ``a``'s dtype (float32 accumulation) for ``a`` ``(M, P)`` and ``b`` ``(M, Q)``, both bf16 or
+  both float32.
 
   The product contracts the rows, the leading dimension of both operands; with one of them transposed by the
-  kernel, XLA sees a plain bf16 product instead of widening a transposed one to float32. The kernel transposes
+  kernel, XLA sees a plain product instead of widening a transposed bf16 one to float32, or transposing the larger
+  operand. The kernel transposes
   ``a``, or ``b`` and the ``(Q, P)`` result, whichever is fewer elements (a tied head's ``g^T x``: ``x`` and the
   gradient of the table, not the logits' gradient)."""
+  dtype = a.dtype
   if not transpose.available():
-    return bf16_product_p.bind(a, b, spec='mp,mq->pq').astype(BF16)
+    return product_p.bind(a, b, spec='mp,mq->pq').astype(dtype)
   (m, p), q = a.shape, b.shape[1]
   if m * p <= (m + p) * q:
-    return bf16_product_p.bind(transpose.transpose(a), b, spec='pm,mq->pq').astype(BF16)
+    return product_p.bind(transpose.transpose(a), b, spec='pm,mq->pq').astype(dtype)
   return transpose.transpose(
-    bf16_product_p.bind(transpose.transpose(b), a, spec='qm,mp->qp').astype(BF16)
+    product_p.bind(transpose.transpose(b), a, spec='qm,mp->qp').astype(dtype)
   )
 
 
@@ -207,7 +219,7 @@ def with_bias(out, bias):
 
 def cpu_product(plain, lhs, rhs, dimension_numbers, bias=None):
   """``plain(lhs, rhs)`` plus ``bias`` (:func:`with_bias`), by the CPU path that applies (module docstring) where one
-  does; every path keeps ``plain``'s result shape and dtype. The bf16 path adds ``bias`` inside its product."""
+  does; every path keeps ``plain``'s result shape and dtype. :func:`cpu_matmul` adds ``bias`` inside."""
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   layout = product_layout(lhs.shape, rhs.shape, dimension_numbers)
   if layout is None:
@@ -227,9 +239,9 @@ def cpu_product(plain, lhs, rhs, dimension_numbers, bias=None):
     return with_bias(on_cpu_as_matrices(matrices, plain, lhs, rhs, layout, unbiased), bias)
   biased = lambda a, b: with_bias(plain(a, b), bias)  # noqa: E731
   result = jax.eval_shape(biased, lhs, rhs)
-  if on_cpu_in_bf16(lhs, rhs) and result.dtype in KERNEL_DTYPES:
+  if on_cpu_in_one_dtype(lhs, rhs) and result.dtype in KERNEL_DTYPES:
     flat_bias = None if bias is None else bias.reshape(-1)
-    product = lambda x, w, t: bf16_matmul(x, w, flat_bias, t, result.dtype)  # noqa: E731
+    product = lambda x, w, t: cpu_matmul(x, w, flat_bias, t, result.dtype)  # noqa: E731
     return on_cpu_as_matrices(product, biased, lhs, rhs, layout, result)
   return biased(lhs, rhs)
 
@@ -248,7 +260,7 @@ def dense_product(
   inputs, kernel, bias, dimension_numbers, precision=None, preferred_element_type=None, **kwargs
 ):
   """:func:`dot_general` plus ``bias`` (``None``, or the output's trailing feature dimensions), as a dense layer
-  adds it; the bf16 path adds it in float32 and sums its gradient with the few-row kernel."""
+  adds it; :func:`cpu_matmul` adds it in float32 and sums its gradient with the few-row kernel."""
 
   def plain(a, b):
     a, b = promote_dtype(a, b)
@@ -266,11 +278,20 @@ def on_cpu_in_bf16(a, b) -> bool:
   return a.dtype == b.dtype == BF16 and jax.default_backend() == 'cpu'
 
 
+def on_cpu_in_one_dtype(a, b) -> bool:
+  """:func:`cpu_matmul` applies: both operands bf16 on the CPU, or both float32 where the CPU is the only device
+  (:func:`~transformer_jax.kernels.cpu_build.sole_cpu_device`: the float32 gradients' transposes and bias sums are
+  kernels, whose custom calls a partitioner cannot split)."""
+  if a.dtype == b.dtype == jnp.float32:
+    return cpu_build.sole_cpu_device()
+  return on_cpu_in_bf16(a, b)
+
+
 def bf16_einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype) -> jax.Array:
   """``jnp.einsum(spec, a, b)`` of bf16 operands with a float32 result cast to ``out_dtype``; the gradients are bf16
   products with float32 results too. ``spec`` is ``'A,B->C'`` with every index of ``A`` and of ``B`` in another of
   the three (a batched product, as attention's). Differentiable in both modes."""
-  return bf16_product_p.bind(a, b, spec=spec).astype(out_dtype)
+  return product_p.bind(a, b, spec=spec).astype(out_dtype)
 
 
 def einsum(spec: str, a, b, out_dtype=None):

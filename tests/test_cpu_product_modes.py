@@ -1,6 +1,7 @@
-"""The CPU's bf16 products (``modules.dot``: ``bf16_matmul`` with and without a bias, ``bf16_einsum``) in every mode
-of derivative: forward mode and Hessian-vector products against the same products of the bf16 values in float32,
-per-example gradients under vmap, and a whole bf16 GPT's forward mode and Hessian-vector product."""
+"""The CPU's products by primitive (``modules.dot``: ``cpu_matmul`` of bf16 or float32 operands, with and without a
+bias, and ``bf16_einsum``) in every mode of derivative: forward mode and Hessian-vector products against the same
+products in float32 by XLA, per-example gradients under vmap, and a whole bf16 GPT's forward mode and Hessian-vector
+product."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from transformer_jax import GPT, GPTConfig
 from transformer_jax.modules import dot
 
 pytestmark = pytest.mark.skipif(
-  jax.default_backend() != 'cpu', reason='bf16 products of the CPU only'
+  jax.default_backend() != 'cpu', reason='the products of the CPU only'
 )
 
 M, K, N = 11, 7, 5  # 11 rows: past the few-row kernel's limit, so the products are the bf16 path's
@@ -21,15 +22,16 @@ def bf16_normal(seed, shape):
   return jax.random.normal(jax.random.key(seed), shape).astype(jnp.bfloat16)
 
 
-def matmul_case(transposed, biased):
-  """``(ours, reference, operands)``: the bf16 product with a float32 result, and the float32 product of the same
-  bf16 values."""
+def matmul_case(transposed, biased, dtype=jnp.bfloat16):
+  """``(ours, reference, operands)``: the product of ``dtype`` operands with a float32 result, and XLA's float32
+  product of the same values."""
   x, w = bf16_normal(0, (M, K)), bf16_normal(1, (N, K) if transposed else (K, N))
+  x, w = x.astype(dtype), w.astype(dtype)
   bias = bf16_normal(2, (N,)).astype(jnp.float32) if biased else None
   spec = 'mk,nk->mn' if transposed else 'mk,kn->mn'
 
   def ours(x, w, *bias):
-    return dot.bf16_matmul(x, w, bias[0] if bias else None, transposed, jnp.float32)
+    return dot.cpu_matmul(x, w, bias[0] if bias else None, transposed, jnp.float32)
 
   def reference(x, w, *bias):
     out = jnp.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32))
@@ -50,6 +52,8 @@ CASES = {
   'kernel_KN': lambda: matmul_case(False, False),
   'table_NK_biased': lambda: matmul_case(True, True),
   'kernel_KN_biased': lambda: matmul_case(False, True),
+  'float32_kernel_KN_biased': lambda: matmul_case(False, True, jnp.float32),
+  'float32_table_NK': lambda: matmul_case(True, False, jnp.float32),
   'einsum': einsum_case,
 }
 
@@ -73,8 +77,9 @@ def test_forward_mode_is_the_product_of_the_tangents(case):
 
 @pytest.mark.parametrize('case', list(CASES))
 def test_hessian_vector_product_matches_float32(case):
-  """Forward over reverse: the gradient's bf16 products (the output gradient rounded to bf16, the operands'
-  gradients rounded to bf16) differentiated, within a few bf16 roundings of the float32 Hessian's product."""
+  """Forward over reverse: the gradient's products (in bf16: the output gradient rounded to bf16, the operands'
+  gradients rounded to bf16) differentiated, within a few bf16 roundings (float32: 1e-5) of the float32 Hessian's
+  product."""
   ours, reference, operands = CASES[case]()
   tangents = tangents_of(operands)
 
@@ -82,10 +87,11 @@ def test_hessian_vector_product_matches_float32(case):
     grad = jax.grad(lambda *xs: jnp.sum(jnp.sin(f(*xs))), tuple(range(len(operands))))
     return jax.jvp(grad, operands, tangents)[1]
 
+  tolerance = 1e-5 if operands[0].dtype == jnp.float32 else 2e-2
   for got, want in zip(hvp(ours), hvp(reference), strict=True):
     assert got.dtype == want.dtype
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want)
+    assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want)
 
 
 def test_per_example_gradients_under_vmap():
