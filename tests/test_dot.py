@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from transformer_jax.kernels import cpu_build, skinny_matmul, transpose
-from transformer_jax.modules.dot import dot_general, product_layout
+from transformer_jax.modules.dot import dense_product, dot_general, product_layout
 
 pytestmark = pytest.mark.skipif(
   not skinny_matmul.available(), reason='no C++ compiler for the CPU kernel'
@@ -373,3 +373,30 @@ def test_float32_layer_reads_bf16_weights_as_stored():
   np.testing.assert_allclose(
     ours.apply(params, x), flax_layer.apply(params, x), rtol=1e-6, atol=1e-6
   )
+
+
+def test_bf16_gradient_kernels_only_on_a_sole_cpu_device(monkeypatch):
+  """A bf16 dense layer's weight and bias gradients use the transpose and few-row kernels on a lone CPU device; where
+  the CPU is one of several devices (a mesh, whose partitioner cannot split a custom call) they are XLA's ops alone,
+  with the same numbers up to bf16 rounding."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16), jnp.bfloat16)  # 10 rows
+  w = jax.random.normal(jax.random.key(1), (16, 24), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(2), (24,), jnp.bfloat16)
+  dims = (((2,), (0,)), ((), ()))
+  loss = lambda w, b: jnp.sum(jnp.sin(dense_product(x, w, b, dims).astype(jnp.float32)))  # noqa: E731
+
+  def gradients():
+    grad = jax.jit(jax.grad(loss, (0, 1)))
+    return grad.lower(w, b).compile().as_text(), grad(w, b)
+
+  text, kernels = gradients()
+  assert f'custom_call_target="{transpose.TARGET}"' in text
+  assert f'custom_call_target="{skinny_matmul.TARGET}"' in text
+  monkeypatch.setattr(cpu_build, 'sole_cpu_device', lambda: False)
+  text, plain = gradients()
+  assert 'custom_call_target="transformer_jax' not in text
+  for a, b in zip(kernels, plain, strict=True):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2
+    )

@@ -178,11 +178,12 @@ def _rows_contracted(a, b):
 
   The product contracts the rows, the leading dimension of both operands; with one of them transposed by the
   kernel, XLA sees a plain product instead of widening a transposed bf16 one to float32, or transposing the larger
-  operand. The kernel transposes
-  ``a``, or ``b`` and the ``(Q, P)`` result, whichever is fewer elements (a tied head's ``g^T x``: ``x`` and the
-  gradient of the table, not the logits' gradient)."""
+  operand. The kernel transposes ``a``, or ``b`` and the ``(Q, P)`` result, whichever is fewer elements (a tied
+  head's ``g^T x``: ``x`` and the gradient of the table, not the logits' gradient). Where the CPU is not the only
+  device (:func:`~transformer_jax.kernels.cpu_build.sole_cpu_device`) XLA's product does it all, since a
+  partitioner cannot split the kernel's custom call."""
   dtype = a.dtype
-  if not transpose.available():
+  if not (cpu_build.sole_cpu_device() and transpose.available()):
     return product_p.bind(a, b, spec='mp,mq->pq').astype(dtype)
   (m, p), q = a.shape, b.shape[1]
   if m * p <= (m + p) * q:
@@ -194,8 +195,9 @@ def _rows_contracted(a, b):
 
 def column_sums(g: jax.Array) -> jax.Array:
   """``(M, N)`` -> ``(N,)`` float32 sums. Through the few-row kernel (a row of ones by ``g``, read once as stored):
-  XLA:CPU widens a bf16 ``g`` into a float32 copy and reduces it in a tree of ``reduce-window``\\ s."""
-  if skinny_matmul.available():
+  XLA:CPU widens a bf16 ``g`` into a float32 copy and reduces it in a tree of ``reduce-window``\\ s. XLA's sum
+  where the CPU is not the only device."""
+  if cpu_build.sole_cpu_device() and skinny_matmul.available():
     return skinny_matmul.matmul(jnp.ones((1, g.shape[0]), jnp.float32), g, False)[0]
   return jnp.sum(g.astype(jnp.float32), axis=0)
 
