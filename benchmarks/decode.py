@@ -141,11 +141,11 @@ def main(argv=None):
         0, args.vocab, (batch, args.prompt), dtype=np.int32
       )
       hf_decode, hf_tokens = hf_call(hf, prompt, args.new)
-      calls, results = [hf_decode], []
       hf_bytes = tree_bytes(ours['float32'][1]) if 'float32' in ours else None
-      results.append(
+      calls = [hf_decode]
+      results = [
         ({'shape': shape, 'batch': batch, 'impl': 'transformers', 'dtype': 'float32'}, hf_bytes)
-      )
+      ]
       for dtype, (model, params) in ours.items():
         decode, tokens = our_call(model, params, prompt, args.new)
         row = {'shape': shape, 'batch': batch, 'impl': 'jax', 'dtype': dtype}
@@ -156,10 +156,9 @@ def main(argv=None):
       # one decode of each per round: the machine's drift reaches every ratio equally
       seconds = time_interleaved(calls, warmup=0, repeats=args.repeats, pause_s=args.pause)
       hf_s = seconds[0]
-      float32_s = dict(zip(args.dtypes, seconds[1:])).get('float32')
-      for (row, _), s in zip(results, seconds):
+      float32_s = dict(zip(ours, seconds[1:])).get('float32')
+      for (row, weight_bytes), s in zip(results, seconds, strict=True):
         row['s'] = s
-      for row, weight_bytes in results:
         row['tokens_s'] = batch * args.new / row['s']
         row['ms_per_step'] = row['s'] / args.new * 1e3
         row['vs_transformers'] = hf_s / row['s']

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(
   jax.default_backend() != 'cpu', reason='the products of the CPU only'
 )
 
-M, K, N = 11, 7, 5  # 11 rows: past the few-row kernel's limit, so the products are the bf16 path's
+M, K, N = 11, 7, 5  # 11 rows: past the few-row kernel's limit, so the products are the primitive's
 
 
 def bf16_normal(seed, shape):

@@ -273,9 +273,8 @@ def test_weight_gradient_transposes_the_smaller_operand(
   """With one operand transposed by the kernel (the cheaper way round), the compiled weight gradient of a bf16 or
   float32 product is a plain dot of that dtype (bf16: not a float32 one over widened operands), equal to the float64
   product rounded to the dtype."""
-  monkeypatch.setenv(
-    'TRANSFORMER_JAX_MKL', '0'
-  )  # on Intel, MKL's path would take the float32 product
+  # on Intel, MKL's path would take the float32 product
+  monkeypatch.setenv('TRANSFORMER_JAX_MKL', '0')
   x = jax.random.normal(jax.random.key(0), x_shape, dtype)
   w = jax.random.normal(jax.random.key(1), w_shape, dtype)
   g = jax.random.normal(

@@ -241,7 +241,7 @@ def cpu_product(plain, lhs, rhs, dimension_numbers, bias=None):
     return with_bias(on_cpu_as_matrices(matrices, plain, lhs, rhs, layout, unbiased), bias)
   biased = lambda a, b: with_bias(plain(a, b), bias)  # noqa: E731
   result = jax.eval_shape(biased, lhs, rhs)
-  if on_cpu_in_one_dtype(lhs, rhs) and result.dtype in KERNEL_DTYPES:
+  if cpu_matmul_applies(lhs, rhs) and result.dtype in KERNEL_DTYPES:
     flat_bias = None if bias is None else bias.reshape(-1)
     product = lambda x, w, t: cpu_matmul(x, w, flat_bias, t, result.dtype)  # noqa: E731
     return on_cpu_as_matrices(product, biased, lhs, rhs, layout, result)
@@ -280,7 +280,7 @@ def on_cpu_in_bf16(a, b) -> bool:
   return a.dtype == b.dtype == BF16 and jax.default_backend() == 'cpu'
 
 
-def on_cpu_in_one_dtype(a, b) -> bool:
+def cpu_matmul_applies(a, b) -> bool:
   """:func:`cpu_matmul` applies: both operands bf16 on the CPU, or both float32 where the CPU is the only device
   (:func:`~transformer_jax.kernels.cpu_build.sole_cpu_device`: the float32 gradients' transposes and bias sums are
   kernels, whose custom calls a partitioner cannot split)."""
