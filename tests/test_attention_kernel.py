@@ -98,22 +98,26 @@ def test_fully_masked_rows_give_zeros_not_nan(shape):
   assert np.any(np.asarray(out[1]) != 0)
 
 
-@pytest.mark.parametrize('shape', ['grouped', 'three_rows'])
-def test_bfloat16_close_to_float32_of_the_same_inputs(shape):
+@pytest.mark.parametrize('mask_kind', ['causal', 'per_head'])
+@pytest.mark.parametrize('shape', list(SHAPES), ids=list(SHAPES))
+def test_bfloat16_close_to_float32_of_the_same_inputs(shape, mask_kind):
+  """bf16 attention against the float32 kernel on the same (widened) inputs, as relative error norms. Where the CPU
+  has AVX512-BF16 the products take bf16 operands, the softmax weights and their gradient rounded to bf16 as XLA's
+  einsum path rounds them (whose own errors here are 2-3.5e-3 for the output, 2.4-4.5e-3 for the gradients); a
+  misplaced pair, scale or padding gives errors of order 1."""
   b, t, s, h, g, k = SHAPES[shape]
   q, kk, v, w = operands(b, t, s, h, g, k, jnp.bfloat16)
-  mask = make_mask('causal', b, t, s, h)
+  mask = make_mask(mask_kind, b, t, s, h)
   out, grads = value_and_grads(lambda q, k, v: kernel_attention(q, k, v, mask), q, kk, v, w)
   assert out.dtype == jnp.bfloat16 and all(x.dtype == jnp.bfloat16 for x in grads)
   wide = [x.astype(jnp.float32) for x in (q, kk, v)]
   with jax.default_matmul_precision('highest'):
     ref_out, ref_grads = value_and_grads(lambda q, k, v: kernel_attention(q, k, v, mask), *wide, w)
-  # float32 inside, one rounding to bf16 at the end: within bf16's half-ulp (2^-9) of the float32 result
-  np.testing.assert_allclose(np.asarray(out, np.float32), ref_out, rtol=2**-8, atol=1e-6)
-  # the gradient starts from the bf16 output and its bf16 cotangent: a few bf16 ulps over the whole array
-  for name, got, want in zip('qkv', grads, ref_grads):
+  for name, got, want, bound in zip(
+    ['out', 'dq', 'dk', 'dv'], [out, *grads], [ref_out, *ref_grads], [2**-8] + [1e-2] * 3
+  ):
     error = np.linalg.norm(np.asarray(got, np.float32) - want) / np.linalg.norm(want)
-    assert error < 2e-2, f'd{name}: relative error {error:.3g}'
+    assert error < bound, f'{name}: relative error {error:.3g}'
 
 
 def hlo(fn, *args):

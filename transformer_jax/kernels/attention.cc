@@ -5,7 +5,9 @@
 // in the backward pass. The products themselves are a few percent of the work. Here one task takes one head (the
 // forward) or one key/value head with its query heads (the backward) and walks its queries in blocks of kQueryBlock
 // rows: a block's (rows, S) logits, probabilities and their gradient stay in cache from the product that makes them
-// to the products that use them. Everything is computed in float32 (bfloat16 inputs are widened, outputs rounded).
+// to the products that use them. The softmax is float32, and so is every sum. The products come in two kinds
+// (attention_products.h): float32 ones, and on a CPU with AVX512-BF16 for bfloat16 inputs, bfloat16 pairs with the
+// softmax's weights and their gradient rounded to bfloat16 first (attention_pairs.h), twice as fast.
 //
 // Layouts: q (B, T, H, K), k and v (B, S, G, K), G dividing H (query head h meets key/value head h / (H / G));
 // mask uint8 (MB, MH, MT, S), each of MB, MH, MT 1 or the full size; logsumexp (B, H, T) float32, +inf for a row
@@ -21,6 +23,8 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "attention_pairs.h"
+#include "attention_products.h"
 #include "bfloat16.h"
 #include "float_buffers.h"
 #include "pool_blocks.h"
@@ -29,91 +33,24 @@
 namespace ffi = xla::ffi;
 using transformer_jax::as;
 using transformer_jax::by_dtype;
-using transformer_jax::gemm;
 using transformer_jax::kLanes;
+using transformer_jax::kQueryBlock;
+using transformer_jax::load_rows;
 using transformer_jax::narrow;
+using transformer_jax::ProductsFor;
+using transformer_jax::Scratch;
+using transformer_jax::Shape;
 using transformer_jax::vec;
 using transformer_jax::widen;
 
 namespace {
 
-constexpr int64_t kQueryBlock = 64;  // rows per block: (64, S) float32 logits are 64 KiB at S = 256
 // At most this many query rows take forward_rows. Its keys are cut into parts of at least kPartWork multiply-adds
 // (H x keys x K) a row, which share the pool; a shorter span runs on the calling thread, where waking a pool thread
 // would cost more than the part.
 constexpr int64_t kFewRows = 4;
 constexpr int64_t kPartWork = int64_t{1} << 17;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-struct Shape {
-  int64_t batch, q_len, heads, kv_len, kv_heads, head_dim, mask_batch, mask_heads, mask_rows;
-  float scale;
-
-  int64_t group() const { return heads / kv_heads; }
-  // offset of (b, t, h, 0) in a (B, T, H, K) array, and of (b, s, g, 0) in a (B, S, G, K) one
-  int64_t q_at(int64_t b, int64_t t, int64_t h) const { return ((b * q_len + t) * heads + h) * head_dim; }
-  int64_t kv_at(int64_t b, int64_t s, int64_t g) const { return ((b * kv_len + s) * kv_heads + g) * head_dim; }
-  const uint8_t* visible_row(const uint8_t* mask, int64_t b, int64_t h, int64_t t) const {
-    const int64_t mb = mask_batch == 1 ? 0 : b, mh = mask_heads == 1 ? 0 : h, mt = mask_rows == 1 ? 0 : t;
-    return mask + ((mb * mask_heads + mh) * mask_rows + mt) * kv_len;
-  }
-};
-
-// Rows [t0, t0 + rows) of head h as a (rows, K) float32 block times factor.
-template <typename T>
-void load_rows(const T* x, const Shape& d, int64_t b, int64_t t0, int64_t rows, int64_t h, float factor, float* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* src = x + d.q_at(b, t0 + r, h);
-    for (int64_t k = 0; k < d.head_dim; ++k) out[r * d.head_dim + k] = factor * widen(src[k]);
-  }
-}
-
-// Key/value head g of batch b as (S, K) float32 rows.
-template <typename T>
-void load_head(const T* x, const Shape& d, int64_t b, int64_t g, float* rows) {
-  const int64_t K = d.head_dim;
-  for (int64_t s = 0; s < d.kv_len; ++s) {
-    const T* src = x + d.kv_at(b, s, g);
-    for (int64_t k = 0; k < K; ++k) rows[s * K + k] = widen(src[k]);
-  }
-}
-
-// The same head as its (K, S) transpose, read where it lies.
-template <typename T>
-void load_head_columns(const T* x, const Shape& d, int64_t b, int64_t g, float* columns) {
-  const int64_t K = d.head_dim, S = d.kv_len;
-  // 16 rows at a time, so that each column's writes fill whole cache lines (columns S floats apart share few sets)
-  constexpr int64_t kStrip = 16;
-  for (int64_t s0 = 0; s0 < S; s0 += kStrip) {
-    const int64_t s1 = std::min(S, s0 + kStrip);
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t s = s0; s < s1; ++s) columns[k * S + s] = widen(x[d.kv_at(b, s, g) + k]);
-    }
-  }
-}
-
-// N uninitialised float32 buffers in one allocation, each starting a 64-byte line: a whole vector load never
-// straddles two lines, and nothing is zeroed that the products overwrite anyway (a std::vector zeroes its floats, a
-// pass as long as the forward's products read).
-template <size_t N>
-class Scratch {
- public:
-  explicit Scratch(const std::array<int64_t, N>& sizes) {
-    constexpr int64_t kLine = 64 / sizeof(float);
-    std::array<int64_t, N + 1> starts{};  // each buffer's offset, rounded up to whole lines; the last, the total
-    for (size_t i = 0; i < N; ++i) starts[i + 1] = starts[i] + (sizes[i] + kLine - 1) / kLine * kLine;
-    memory_.reset(static_cast<float*>(::operator new[](starts[N] * sizeof(float), kAlign)));
-    for (size_t i = 0; i < N; ++i) pieces[i] = memory_.get() + starts[i];
-  }
-  std::array<float*, N> pieces;
-
- private:
-  static constexpr std::align_val_t kAlign{64};
-  struct Free {
-    void operator()(float* p) const { ::operator delete[](p, kAlign); }
-  };
-  std::unique_ptr<float[], Free> memory_;
-};
 
 // kLanes mask bytes as 32-bit lanes, widened by one instruction (vpmovzxbd): a vector conversion of the bytes
 // compiles to a byte-at-a-time unpacking, which cost more than the softmax's exponentials.
@@ -205,17 +142,16 @@ Span visible_span(const Shape& d, const uint8_t* mask, int64_t b, int64_t h, int
 template <typename T>
 void forward_head(const Shape& d, const T* q, const T* k, const T* v, const uint8_t* mask, T* out, float* lse,
                   int64_t b, int64_t h) {
-  const int64_t K = d.head_dim, S = d.kv_len, g = h / d.group();
-  Scratch<6> scratch({K * S, S * K, kQueryBlock * K, kQueryBlock * S, kQueryBlock * K, kQueryBlock});
-  const auto [keys_t, values, queries, logits, result, row_sums] = scratch.pieces;
-  load_head_columns(k, d, b, g, keys_t);
-  load_head(v, d, b, g, values);
+  const int64_t K = d.head_dim, S = d.kv_len;
+  typename ProductsFor<T>::Forward products(d, k, v, b, h / d.group());
+  Scratch<3> scratch({kQueryBlock * S, kQueryBlock * K, kQueryBlock});
+  const auto [logits, result, row_sums] = scratch.pieces;
   for (int64_t t0 = 0; t0 < d.q_len; t0 += kQueryBlock) {
     const int64_t rows = std::min(kQueryBlock, d.q_len - t0);
     const auto [lo, hi] = visible_span(d, mask, b, h, t0, rows);
     const int64_t n = hi - lo;  // the block's logits are (rows, n), rows S apart
-    load_rows(q, d, b, t0, rows, h, d.scale, queries);
-    gemm(queries, K, 1, keys_t + lo, S, logits, S, rows, n, K, false);
+    products.queries(q, b, t0, rows, h);
+    products.logits(lo, n, logits);
     for (int64_t r = 0; r < rows; ++r) {
       float* row = logits + r * S;
       const float top = n ? mask_row(row, d.visible_row(mask, b, h, t0 + r) + lo, n) : -kInf;
@@ -232,7 +168,7 @@ void forward_head(const Shape& d, const T* q, const T* k, const T* v, const uint
     // the product with unnormalised exponentials, each output row divided by its sum after: K divisions a row
     // where normalising the probabilities took n
     if (n) {
-      gemm(logits, S, 1, values + lo * K, K, result, K, rows, K, n, false);
+      products.weighted_values(logits, lo, n, result);
     } else {
       std::fill(result, result + rows * K, 0.0f);
     }
@@ -365,28 +301,19 @@ template <typename T>
 void backward_group(const Shape& d, const T* q, const T* k, const T* v, const uint8_t* mask, const T* out,
                     const float* lse, const T* dout, T* dq, T* dk, T* dv, int64_t b, int64_t g) {
   const int64_t K = d.head_dim, S = d.kv_len;
-  const int64_t rows_k = kQueryBlock * K, rows_s = kQueryBlock * S;
-  Scratch<12> scratch(
-      {S * K, K * S, K * S, S * K, S * K, rows_k, rows_k, rows_k, rows_s, rows_s, rows_k, kQueryBlock});
-  const auto [keys, keys_t, values_t, dkeys, dvalues, queries, douts, outs, probs, dprobs, dqueries, row_dot] =
-      scratch.pieces;
-  load_head(k, d, b, g, keys);
-  load_head_columns(k, d, b, g, keys_t);
-  load_head_columns(v, d, b, g, values_t);
-  std::fill(dkeys, dkeys + S * K, 0.0f);
-  std::fill(dvalues, dvalues + S * K, 0.0f);
+  typename ProductsFor<T>::Backward products(d, k, v, b, g);
+  Scratch<4> scratch({kQueryBlock * S, kQueryBlock * S, kQueryBlock * K, kQueryBlock});
+  const auto [probs, dprobs, dqueries, row_dot] = scratch.pieces;
   for (int64_t h = g * d.group(); h < (g + 1) * d.group(); ++h) {
     for (int64_t t0 = 0; t0 < d.q_len; t0 += kQueryBlock) {
       const int64_t rows = std::min(kQueryBlock, d.q_len - t0);
-      load_rows(q, d, b, t0, rows, h, d.scale, queries);
-      load_rows(dout, d, b, t0, rows, h, 1.0f, douts);
-      load_rows(out, d, b, t0, rows, h, 1.0f, outs);
       const auto [lo, hi] = visible_span(d, mask, b, h, t0, rows);
       const int64_t n = hi - lo;  // the block's probabilities are (rows, n), rows S apart
       if (n == 0) {
         std::fill(dqueries, dqueries + rows * K, 0.0f);
       } else {
-        gemm(queries, K, 1, keys_t + lo, S, probs, S, rows, n, K, false);
+        products.block(q, dout, b, t0, rows, h);
+        products.logits(lo, n, probs);
         for (int64_t r = 0; r < rows; ++r) {
           float* row = probs + r * S;
           const float row_lse = lse[(b * d.heads + h) * d.q_len + t0 + r];
@@ -397,18 +324,20 @@ void backward_group(const Shape& d, const T* q, const T* k, const T* v, const ui
             exp_row(row, n, row_lse);
           }
           // the softmax gradient's row term: sum_j p dp = sum_k out dout
+          const T *out_row = out + d.q_at(b, t0 + r, h), *dout_row = dout + d.q_at(b, t0 + r, h);
           float sum = 0.0f;
-          for (int64_t c = 0; c < K; ++c) sum += outs[r * K + c] * douts[r * K + c];
+#pragma omp simd reduction(+ : sum)
+          for (int64_t c = 0; c < K; ++c) sum += widen(out_row[c]) * widen(dout_row[c]);
           row_dot[r] = sum;
         }
         // dv += p^T dout; dp = dout v^T; ds = p (dp - row_dot); dq = scale ds k; dk += ds^T (scale q)
-        gemm(probs, 1, S, douts, K, dvalues + lo * K, K, n, K, rows, true);
-        gemm(douts, K, 1, values_t + lo, S, dprobs, S, rows, n, K, false);
+        products.add_dvalues(probs, lo, n);
+        products.dprobs(lo, n, dprobs);
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t j = 0; j < n; ++j) dprobs[r * S + j] = probs[r * S + j] * (dprobs[r * S + j] - row_dot[r]);
         }
-        gemm(dprobs, S, 1, keys + lo * K, K, dqueries, K, rows, K, n, false);
-        gemm(dprobs, 1, S, queries, K, dkeys + lo * K, K, n, K, rows, true);
+        products.dqueries(dprobs, lo, n, dqueries);
+        products.add_dkeys(dprobs, lo, n);
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* dst = dq + d.q_at(b, t0 + r, h);
@@ -416,13 +345,7 @@ void backward_group(const Shape& d, const T* q, const T* k, const T* v, const ui
       }
     }
   }
-  for (int64_t s = 0; s < S; ++s) {
-    T *dk_row = dk + d.kv_at(b, s, g), *dv_row = dv + d.kv_at(b, s, g);
-    for (int64_t c = 0; c < K; ++c) {
-      dk_row[c] = narrow<T>(dkeys[s * K + c]);
-      dv_row[c] = narrow<T>(dvalues[s * K + c]);
-    }
-  }
+  products.store(dk, dv, b, g);
 }
 
 ffi::Error shape_of(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer mask, float scale,

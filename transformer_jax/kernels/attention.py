@@ -3,8 +3,10 @@
 XLA:CPU runs attention as a chain of whole-array ops over the ``(B, H, T, S)`` logits (product, mask, the softmax's
 max, exponent, sum and division, then as many again for the gradient), and the passes over memory, not the
 products, are its cost. The kernel takes one head at a time and its queries in blocks, so a block's logits and
-probabilities stay in cache between the products that make and use them; everything is float32 inside (bfloat16
-inputs widened, outputs rounded once), the softmax as the einsum path's. Its gradient is the second kernel, which
+probabilities stay in cache between the products that make and use them. The softmax and every sum are float32,
+as the einsum path's; float32 inputs are multiplied in float32, and bfloat16 ones too on a CPU without AVX512-BF16
+(outputs rounded once). With it, bfloat16 inputs are multiplied as bfloat16 pairs, the softmax's weights and their
+gradient rounded to bfloat16 first as the einsum path rounds them: the products run twice as fast. Its gradient is the second kernel, which
 recomputes the probabilities from the saved log-sum-exp (FlashAttention's recipe) instead of storing them.
 
 In JAX these are three primitives, as for the norm kernel: the forward kernel; its tangent map, linear in the

@@ -1,0 +1,190 @@
+// attention.cc's products for bfloat16 operands on a CPU with AVX512-BF16 (attention_products.h's paired kind):
+// the operands laid out as bfloat16 pairs once per head or block, multiplied by bf16_gemm.h's pair_gemm. The scale
+// multiplies the float32 logits and the float32 key gradient, not the bfloat16 queries, which would round them again.
+#ifndef TRANSFORMER_JAX_KERNELS_ATTENTION_PAIRS_H_
+#define TRANSFORMER_JAX_KERNELS_ATTENTION_PAIRS_H_
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "attention_products.h"
+#include "bf16_gemm.h"
+
+namespace transformer_jax {
+
+#if defined(TRANSFORMER_JAX_BF16_PAIRS)
+
+// Head g of batch b, (S, K) where it lies, as the right operand of a product over K: (ceil(K / 2), S) pairs.
+inline void pairs_over_features(const uint16_t* x, const Shape& d, int64_t b, int64_t g, uint32_t* out) {
+  const int64_t K = d.head_dim, S = d.kv_len, whole = K / 2;
+  constexpr int64_t kStrip = 16;  // rows at a time, so that each pair row's writes fill whole cache lines
+  for (int64_t s0 = 0; s0 < S; s0 += kStrip) {
+    const int64_t s1 = std::min(S, s0 + kStrip);
+    for (int64_t p = 0; p < whole; ++p) {
+      for (int64_t s = s0; s < s1; ++s) std::memcpy(out + p * S + s, x + d.kv_at(b, s, g) + 2 * p, sizeof(uint32_t));
+    }
+    if (K % 2) {
+      for (int64_t s = s0; s < s1; ++s) out[whole * S + s] = pair_of(x[d.kv_at(b, s, g) + K - 1], 0);
+    }
+  }
+}
+
+// The same head as the right operand of a product over S: (ceil(S / 2), K) pairs of rows.
+inline void pairs_over_positions(const uint16_t* x, const Shape& d, int64_t b, int64_t g, uint32_t* out) {
+  const int64_t K = d.head_dim, S = d.kv_len;
+  for (int64_t s = 0; s < S; s += 2) {
+    const uint16_t* low = x + d.kv_at(b, s, g);
+    const uint16_t* high = s + 1 < S ? x + d.kv_at(b, s + 1, g) : nullptr;
+    for (int64_t c = 0; c < K; ++c) out[s / 2 * K + c] = pair_of(low[c], high ? high[c] : uint16_t{0});
+  }
+}
+
+// Rows [t0, t0 + rows) of query-shaped head h as a left operand over K: (rows, K rounded up to even).
+inline void rows_over_features(const uint16_t* x, const Shape& d, int64_t b, int64_t t0, int64_t rows, int64_t h,
+                               uint16_t* out) {
+  const int64_t K = d.head_dim, ld = K + K % 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(out + r * ld, x + d.q_at(b, t0 + r, h), K * sizeof(uint16_t));
+    if (K % 2) out[r * ld + K] = 0;
+  }
+}
+
+// The same rows as a left operand over the rows: (K, kQueryBlock), a zero after an odd count of rows.
+inline void features_over_rows(const uint16_t* x, const Shape& d, int64_t b, int64_t t0, int64_t rows, int64_t h,
+                               uint16_t* out) {
+  const int64_t K = d.head_dim;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* row = x + d.q_at(b, t0 + r, h);
+    for (int64_t c = 0; c < K; ++c) out[c * kQueryBlock + r] = row[c];
+  }
+  if (rows % 2) {
+    for (int64_t c = 0; c < K; ++c) out[c * kQueryBlock + rows] = 0;
+  }
+}
+
+// x (rows, n), rows S apart, as the right operand of a product over its rows: (ceil(rows / 2), n) pairs.
+inline void pairs_over_rows(const float* x, int64_t rows, int64_t n, int64_t S, uint32_t* out) {
+  for (int64_t r = 0; r < rows; r += 2) {
+    round_row_pair(x + r * S, r + 1 < rows ? x + (r + 1) * S : nullptr, n, out + r / 2 * n);
+  }
+}
+
+inline void scale_rows(float* x, int64_t rows, int64_t n, int64_t S, float scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < n; ++j) x[r * S + j] *= scale;
+  }
+}
+
+class PairForward {
+ public:
+  PairForward(const Shape& d, const uint16_t* k, const uint16_t* v, int64_t b, int64_t g)
+      : d_(d),
+        scratch_({half(d.head_dim) * d.kv_len, half(d.kv_len) * d.head_dim, kQueryBlock * half(d.head_dim),
+                  kQueryBlock * half(d.kv_len)}) {
+    pairs_over_features(k, d, b, g, words(0));
+    pairs_over_positions(v, d, b, g, words(1));
+  }
+  void queries(const uint16_t* q, int64_t b, int64_t t0, int64_t rows, int64_t h) {
+    rows_over_features(q, d_, b, t0, rows, h, halves(2));
+    rows_ = rows;
+  }
+  void logits(int64_t lo, int64_t n, float* out) const {
+    const int64_t K = d_.head_dim, S = d_.kv_len;
+    pair_gemm(halves(2), 2 * half(K), words(0) + lo, S, out, S, rows_, n, K, false);
+    scale_rows(out, rows_, n, S, d_.scale);
+  }
+  // the weights rounded to bfloat16; lo is a whole number of vectors, so even
+  void weighted_values(const float* weights, int64_t lo, int64_t n, float* result) const {
+    const int64_t K = d_.head_dim, S = d_.kv_len, ld = 2 * half(S);
+    for (int64_t r = 0; r < rows_; ++r) round_row(weights + r * S, n, halves(3) + r * ld);
+    pair_gemm(halves(3), ld, words(1) + lo / 2 * K, K, result, K, rows_, K, n, false);
+  }
+
+ private:
+  static int64_t half(int64_t n) { return (n + 1) / 2; }
+  uint32_t* words(int i) const { return reinterpret_cast<uint32_t*>(scratch_.pieces[i]); }
+  uint16_t* halves(int i) const { return reinterpret_cast<uint16_t*>(scratch_.pieces[i]); }
+  const Shape& d_;
+  // keys over K, values over S, the block's queries (rows, K), its weights (rows, S)
+  Scratch<4> scratch_;
+  int64_t rows_ = 0;
+};
+
+class PairBackward {
+ public:
+  PairBackward(const Shape& d, const uint16_t* k, const uint16_t* v, int64_t b, int64_t g)
+      : d_(d),
+        scratch_({half(K()) * S(), half(K()) * S(), half(S()) * K(), K() * S(), K() * S(), kQueryBlock * half(K()),
+                  K() * kQueryBlock / 2, kQueryBlock * half(K()), K() * kQueryBlock / 2, kQueryBlock / 2 * S(),
+                  kQueryBlock * half(S())}) {
+    pairs_over_features(k, d, b, g, words(0));
+    pairs_over_features(v, d, b, g, words(1));
+    pairs_over_positions(k, d, b, g, words(2));
+    std::fill(scratch_.pieces[3], scratch_.pieces[3] + K() * S(), 0.0f);
+    std::fill(scratch_.pieces[4], scratch_.pieces[4] + K() * S(), 0.0f);
+  }
+  void block(const uint16_t* q, const uint16_t* dout, int64_t b, int64_t t0, int64_t rows, int64_t h) {
+    rows_over_features(q, d_, b, t0, rows, h, halves(5));
+    features_over_rows(q, d_, b, t0, rows, h, halves(6));
+    rows_over_features(dout, d_, b, t0, rows, h, halves(7));
+    features_over_rows(dout, d_, b, t0, rows, h, halves(8));
+    rows_ = rows;
+  }
+  void logits(int64_t lo, int64_t n, float* out) const {
+    pair_gemm(halves(5), 2 * half(K()), words(0) + lo, S(), out, S(), rows_, n, K(), false);
+    scale_rows(out, rows_, n, S(), d_.scale);
+  }
+  // dv^T (K, n) += dout^T p
+  void add_dvalues(const float* probs, int64_t lo, int64_t n) {
+    pairs_over_rows(probs, rows_, n, S(), words(9));
+    pair_gemm(halves(8), kQueryBlock, words(9), n, scratch_.pieces[4] + lo, S(), K(), n, rows_, true);
+  }
+  void dprobs(int64_t lo, int64_t n, float* out) const {
+    pair_gemm(halves(7), 2 * half(K()), words(1) + lo, S(), out, S(), rows_, n, K(), false);
+  }
+  void dqueries(const float* ds, int64_t lo, int64_t n, float* out) const {
+    const int64_t ld = 2 * half(S());
+    for (int64_t r = 0; r < rows_; ++r) round_row(ds + r * S(), n, halves(10) + r * ld);
+    pair_gemm(halves(10), ld, words(2) + lo / 2 * K(), K(), out, K(), rows_, K(), n, false);
+  }
+  // dk^T (K, n) += q^T ds, scaled when stored
+  void add_dkeys(const float* ds, int64_t lo, int64_t n) {
+    pairs_over_rows(ds, rows_, n, S(), words(9));
+    pair_gemm(halves(6), kQueryBlock, words(9), n, scratch_.pieces[3] + lo, S(), K(), n, rows_, true);
+  }
+  void store(uint16_t* dk, uint16_t* dv, int64_t b, int64_t g) const {
+    const float *dkeys_t = scratch_.pieces[3], *dvalues_t = scratch_.pieces[4];
+    for (int64_t s = 0; s < S(); ++s) {
+      uint16_t *dk_row = dk + d_.kv_at(b, s, g), *dv_row = dv + d_.kv_at(b, s, g);
+      for (int64_t c = 0; c < K(); ++c) {
+        dk_row[c] = narrow<uint16_t>(d_.scale * dkeys_t[c * S() + s]);
+        dv_row[c] = narrow<uint16_t>(dvalues_t[c * S() + s]);
+      }
+    }
+  }
+
+ private:
+  static int64_t half(int64_t n) { return (n + 1) / 2; }
+  int64_t K() const { return d_.head_dim; }
+  int64_t S() const { return d_.kv_len; }
+  uint32_t* words(int i) const { return reinterpret_cast<uint32_t*>(scratch_.pieces[i]); }
+  uint16_t* halves(int i) const { return reinterpret_cast<uint16_t*>(scratch_.pieces[i]); }
+  const Shape& d_;
+  // keys and values over K, keys over S, dk^T and dv^T (K, S) float32; the block's queries and douts over K and
+  // over their rows; a block's weights or their gradient as pairs over rows, and that gradient over S
+  Scratch<11> scratch_;
+  int64_t rows_ = 0;
+};
+
+template <>
+struct ProductsFor<uint16_t> {
+  using Forward = PairForward;
+  using Backward = PairBackward;
+};
+
+#endif  // TRANSFORMER_JAX_BF16_PAIRS
+
+}  // namespace transformer_jax
+
+#endif  // TRANSFORMER_JAX_KERNELS_ATTENTION_PAIRS_H_
