@@ -6,8 +6,9 @@ products, are its cost. The kernel takes one head at a time and its queries in b
 probabilities stay in cache between the products that make and use them. The softmax and every sum are float32,
 as the einsum path's; float32 inputs are multiplied in float32, and bfloat16 ones too on a CPU without AVX512-BF16
 (outputs rounded once). With it, bfloat16 inputs are multiplied as bfloat16 pairs, the softmax's weights and their
-gradient rounded to bfloat16 first as the einsum path rounds them: the products run twice as fast. Its gradient is the second kernel, which
-recomputes the probabilities from the saved log-sum-exp (FlashAttention's recipe) instead of storing them.
+gradient rounded to bfloat16 first as the einsum path rounds them: the products run twice as fast. Its gradient is
+the second kernel, which recomputes the probabilities from the saved log-sum-exp (FlashAttention's recipe) instead of
+storing them.
 
 In JAX these are three primitives, as for the norm kernel: the forward kernel; its tangent map, linear in the
 tangents of the query, keys and values, evaluated by XLA over the whole ``(B, H, T, S)`` probabilities
