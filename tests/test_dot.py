@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer_jax.kernels import cpu_build, skinny_matmul, transpose
+from transformer_jax.kernels import cpu_build, mkl_matmul, skinny_matmul, transpose
 from transformer_jax.modules.dot import dense_product, dot_general, product_layout
 
 pytestmark = pytest.mark.skipif(
@@ -267,14 +267,12 @@ def test_transpose_kernel(shape, dtype):
   ids=['transpose_x', 'transpose_g_and_result', 'tied_head'],
 )
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
-def test_weight_gradient_transposes_the_smaller_operand(
-  x_shape, w_shape, dims, transposes, dtype, monkeypatch
-):
+def test_weight_gradient_transposes_the_smaller_operand(x_shape, w_shape, dims, transposes, dtype):
   """With one operand transposed by the kernel (the cheaper way round), the compiled weight gradient of a bf16 or
   float32 product is a plain dot of that dtype (bf16: not a float32 one over widened operands), equal to the float64
   product rounded to the dtype."""
-  # on Intel, MKL's path would take the float32 product
-  monkeypatch.setenv('TRANSFORMER_JAX_MKL', '0')
+  # 64 rows: below mkl_matmul.MIN_ROWS, so MKL's path never takes the float32 product, even on Intel
+  assert x_shape[0] < mkl_matmul.MIN_ROWS
   x = jax.random.normal(jax.random.key(0), x_shape, dtype)
   w = jax.random.normal(jax.random.key(1), w_shape, dtype)
   g = jax.random.normal(

@@ -13,13 +13,10 @@
 // mask uint8 (MB, MH, MT, S), each of MB, MH, MT 1 or the full size; logsumexp (B, H, T) float32, +inf for a row
 // with no visible key, whose output and gradients are 0.
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <new>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"

@@ -70,43 +70,67 @@ inline void pairs_over_rows(const float* x, int64_t rows, int64_t n, int64_t S, 
   }
 }
 
-inline void scale_rows(float* x, int64_t rows, int64_t n, int64_t S, float scale) {
+// The pairs of n bfloat16 values: a row of n as a left operand, a depth of n as a right one.
+inline int64_t pair_count(int64_t n) { return (n + 1) / 2; }
+
+// out (rows, n), rows S apart: a (rows, K) over its features by b, pairs over features, from column lo.
+inline void product_over_features(const Shape& d, const uint16_t* a, const uint32_t* b, int64_t lo, int64_t n,
+                                  int64_t rows, float* out) {
+  pair_gemm(a, 2 * pair_count(d.head_dim), b + lo, d.kv_len, out, d.kv_len, rows, n, d.head_dim, false);
+}
+
+// The scaled logits (rows, n), rows S apart: the block's queries by the keys from column lo.
+inline void scaled_logits(const Shape& d, const uint16_t* queries, const uint32_t* keys, int64_t lo, int64_t n,
+                          int64_t rows, float* out) {
+  product_over_features(d, queries, keys, lo, n, rows, out);
+  // in locals: through `d`, every store to `out` might change them, and the loop would not vectorise
+  const int64_t S = d.kv_len;
+  const float scale = d.scale;
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < n; ++j) x[r * S + j] *= scale;
+    for (int64_t j = 0; j < n; ++j) out[r * S + j] *= scale;
   }
+}
+
+// result (rows, K) = x (rows, n; rows S apart) rounded to bfloat16 (into `rounded`, rows of S rounded up to even)
+// by b, pairs over positions, from position lo (a whole number of vectors, so even).
+inline void product_over_positions(const Shape& d, const float* x, const uint32_t* b, int64_t lo, int64_t n,
+                                   int64_t rows, uint16_t* rounded, float* result) {
+  const int64_t K = d.head_dim, S = d.kv_len, ld = 2 * pair_count(S);
+  for (int64_t r = 0; r < rows; ++r) round_row(x + r * S, n, rounded + r * ld);
+  pair_gemm(rounded, ld, b + lo / 2 * K, K, result, K, rows, K, n, false);
+}
+
+// acc (K, n), rows S apart from column lo, += a (K, rows), features over rows, by x (rows, n; rows S apart) rounded
+// to bfloat16 (into `pairs`, pairs over rows).
+inline void add_product_over_rows(const Shape& d, const uint16_t* a, const float* x, int64_t lo, int64_t n,
+                                  int64_t rows, uint32_t* pairs, float* acc) {
+  pairs_over_rows(x, rows, n, d.kv_len, pairs);
+  pair_gemm(a, kQueryBlock, pairs, n, acc + lo, d.kv_len, d.head_dim, n, rows, true);
 }
 
 class PairForward {
  public:
   PairForward(const Shape& d, const uint16_t* k, const uint16_t* v, int64_t b, int64_t g)
       : d_(d),
-        scratch_({half(d.head_dim) * d.kv_len, half(d.kv_len) * d.head_dim, kQueryBlock * half(d.head_dim),
-                  kQueryBlock * half(d.kv_len)}) {
-    pairs_over_features(k, d, b, g, words(0));
-    pairs_over_positions(v, d, b, g, words(1));
+        scratch_({pair_count(d.head_dim) * d.kv_len, pair_count(d.kv_len) * d.head_dim,
+                  kQueryBlock * pair_count(d.head_dim), kQueryBlock * pair_count(d.kv_len)}) {
+    pairs_over_features(k, d, b, g, scratch_.as<uint32_t>(0));
+    pairs_over_positions(v, d, b, g, scratch_.as<uint32_t>(1));
   }
   void queries(const uint16_t* q, int64_t b, int64_t t0, int64_t rows, int64_t h) {
-    rows_over_features(q, d_, b, t0, rows, h, halves(2));
+    rows_over_features(q, d_, b, t0, rows, h, scratch_.as<uint16_t>(2));
     rows_ = rows;
   }
   void logits(int64_t lo, int64_t n, float* out) const {
-    const int64_t K = d_.head_dim, S = d_.kv_len;
-    pair_gemm(halves(2), 2 * half(K), words(0) + lo, S, out, S, rows_, n, K, false);
-    scale_rows(out, rows_, n, S, d_.scale);
+    scaled_logits(d_, scratch_.as<uint16_t>(2), scratch_.as<uint32_t>(0), lo, n, rows_, out);
   }
-  // the weights rounded to bfloat16; lo is a whole number of vectors, so even
   void weighted_values(const float* weights, int64_t lo, int64_t n, float* result) const {
-    const int64_t K = d_.head_dim, S = d_.kv_len, ld = 2 * half(S);
-    for (int64_t r = 0; r < rows_; ++r) round_row(weights + r * S, n, halves(3) + r * ld);
-    pair_gemm(halves(3), ld, words(1) + lo / 2 * K, K, result, K, rows_, K, n, false);
+    product_over_positions(d_, weights, scratch_.as<uint32_t>(1), lo, n, rows_, scratch_.as<uint16_t>(3), result);
   }
 
  private:
-  static int64_t half(int64_t n) { return (n + 1) / 2; }
-  uint32_t* words(int i) const { return reinterpret_cast<uint32_t*>(scratch_.pieces[i]); }
-  uint16_t* halves(int i) const { return reinterpret_cast<uint16_t*>(scratch_.pieces[i]); }
   const Shape& d_;
-  // keys over K, values over S, the block's queries (rows, K), its weights (rows, S)
+  // keys over K, values over S, the block's queries (rows, K), its weights rounded (rows, S)
   Scratch<4> scratch_;
   int64_t rows_ = 0;
 };
@@ -115,43 +139,40 @@ class PairBackward {
  public:
   PairBackward(const Shape& d, const uint16_t* k, const uint16_t* v, int64_t b, int64_t g)
       : d_(d),
-        scratch_({half(K()) * S(), half(K()) * S(), half(S()) * K(), K() * S(), K() * S(), kQueryBlock * half(K()),
-                  K() * kQueryBlock / 2, kQueryBlock * half(K()), K() * kQueryBlock / 2, kQueryBlock / 2 * S(),
-                  kQueryBlock * half(S())}) {
-    pairs_over_features(k, d, b, g, words(0));
-    pairs_over_features(v, d, b, g, words(1));
-    pairs_over_positions(k, d, b, g, words(2));
+        scratch_({pair_count(K()) * S(), pair_count(K()) * S(), pair_count(S()) * K(), K() * S(), K() * S(),
+                  kQueryBlock * pair_count(K()), K() * kQueryBlock / 2, kQueryBlock * pair_count(K()),
+                  K() * kQueryBlock / 2, kQueryBlock / 2 * S(), kQueryBlock * pair_count(S())}) {
+    pairs_over_features(k, d, b, g, scratch_.as<uint32_t>(0));
+    pairs_over_features(v, d, b, g, scratch_.as<uint32_t>(1));
+    pairs_over_positions(k, d, b, g, scratch_.as<uint32_t>(2));
     std::fill(scratch_.pieces[3], scratch_.pieces[3] + K() * S(), 0.0f);
     std::fill(scratch_.pieces[4], scratch_.pieces[4] + K() * S(), 0.0f);
   }
   void block(const uint16_t* q, const uint16_t* dout, int64_t b, int64_t t0, int64_t rows, int64_t h) {
-    rows_over_features(q, d_, b, t0, rows, h, halves(5));
-    features_over_rows(q, d_, b, t0, rows, h, halves(6));
-    rows_over_features(dout, d_, b, t0, rows, h, halves(7));
-    features_over_rows(dout, d_, b, t0, rows, h, halves(8));
+    rows_over_features(q, d_, b, t0, rows, h, scratch_.as<uint16_t>(5));
+    features_over_rows(q, d_, b, t0, rows, h, scratch_.as<uint16_t>(6));
+    rows_over_features(dout, d_, b, t0, rows, h, scratch_.as<uint16_t>(7));
+    features_over_rows(dout, d_, b, t0, rows, h, scratch_.as<uint16_t>(8));
     rows_ = rows;
   }
   void logits(int64_t lo, int64_t n, float* out) const {
-    pair_gemm(halves(5), 2 * half(K()), words(0) + lo, S(), out, S(), rows_, n, K(), false);
-    scale_rows(out, rows_, n, S(), d_.scale);
+    scaled_logits(d_, scratch_.as<uint16_t>(5), scratch_.as<uint32_t>(0), lo, n, rows_, out);
   }
   // dv^T (K, n) += dout^T p
   void add_dvalues(const float* probs, int64_t lo, int64_t n) {
-    pairs_over_rows(probs, rows_, n, S(), words(9));
-    pair_gemm(halves(8), kQueryBlock, words(9), n, scratch_.pieces[4] + lo, S(), K(), n, rows_, true);
+    add_product_over_rows(d_, scratch_.as<uint16_t>(8), probs, lo, n, rows_, scratch_.as<uint32_t>(9),
+                          scratch_.pieces[4]);
   }
   void dprobs(int64_t lo, int64_t n, float* out) const {
-    pair_gemm(halves(7), 2 * half(K()), words(1) + lo, S(), out, S(), rows_, n, K(), false);
+    product_over_features(d_, scratch_.as<uint16_t>(7), scratch_.as<uint32_t>(1), lo, n, rows_, out);
   }
   void dqueries(const float* ds, int64_t lo, int64_t n, float* out) const {
-    const int64_t ld = 2 * half(S());
-    for (int64_t r = 0; r < rows_; ++r) round_row(ds + r * S(), n, halves(10) + r * ld);
-    pair_gemm(halves(10), ld, words(2) + lo / 2 * K(), K(), out, K(), rows_, K(), n, false);
+    product_over_positions(d_, ds, scratch_.as<uint32_t>(2), lo, n, rows_, scratch_.as<uint16_t>(10), out);
   }
   // dk^T (K, n) += q^T ds, scaled when stored
   void add_dkeys(const float* ds, int64_t lo, int64_t n) {
-    pairs_over_rows(ds, rows_, n, S(), words(9));
-    pair_gemm(halves(6), kQueryBlock, words(9), n, scratch_.pieces[3] + lo, S(), K(), n, rows_, true);
+    add_product_over_rows(d_, scratch_.as<uint16_t>(6), ds, lo, n, rows_, scratch_.as<uint32_t>(9),
+                          scratch_.pieces[3]);
   }
   void store(uint16_t* dk, uint16_t* dv, int64_t b, int64_t g) const {
     const float *dkeys_t = scratch_.pieces[3], *dvalues_t = scratch_.pieces[4];
@@ -165,14 +186,11 @@ class PairBackward {
   }
 
  private:
-  static int64_t half(int64_t n) { return (n + 1) / 2; }
   int64_t K() const { return d_.head_dim; }
   int64_t S() const { return d_.kv_len; }
-  uint32_t* words(int i) const { return reinterpret_cast<uint32_t*>(scratch_.pieces[i]); }
-  uint16_t* halves(int i) const { return reinterpret_cast<uint16_t*>(scratch_.pieces[i]); }
   const Shape& d_;
   // keys and values over K, keys over S, dk^T and dv^T (K, S) float32; the block's queries and douts over K and
-  // over their rows; a block's weights or their gradient as pairs over rows, and that gradient over S
+  // over their rows; a block's weights or their gradient as pairs over rows, and that gradient rounded over S
   Scratch<11> scratch_;
   int64_t rows_ = 0;
 };

@@ -54,6 +54,11 @@ class Scratch {
     for (size_t i = 0; i < N; ++i) pieces[i] = memory_.get() + starts[i];
   }
   std::array<float*, N> pieces;
+  // piece i as 32-bit words or bfloat16 halves of words
+  template <typename U>
+  U* as(size_t i) const {
+    return reinterpret_cast<U*>(pieces[i]);
+  }
 
  private:
   static constexpr std::align_val_t kAlign{64};
