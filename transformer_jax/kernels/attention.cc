@@ -309,7 +309,20 @@ void backward_group(const Shape& d, const T* q, const T* k, const T* v, const ui
       if (n == 0) {
         std::fill(dqueries, dqueries + rows * K, 0.0f);
       } else {
+        // the softmax gradient's row term: sum_j p dp = sum_k out dout. The block's rows of `out` are fetched
+        // first, to arrive while the layouts are made; read between two rows' softmaxes, each waited out its misses.
+        for (int64_t r = 0; r < rows; ++r) {
+          const char* out_row = reinterpret_cast<const char*>(out + d.q_at(b, t0 + r, h));
+          for (int64_t at = 0; at < K * int64_t(sizeof(T)); at += 64) __builtin_prefetch(out_row + at);
+        }
         products.block(q, dout, b, t0, rows, h);
+        for (int64_t r = 0; r < rows; ++r) {
+          const T *out_row = out + d.q_at(b, t0 + r, h), *dout_row = dout + d.q_at(b, t0 + r, h);
+          float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t c = 0; c < K; ++c) sum += widen(out_row[c]) * widen(dout_row[c]);
+          row_dot[r] = sum;
+        }
         products.logits(lo, n, probs);
         for (int64_t r = 0; r < rows; ++r) {
           float* row = probs + r * S;
@@ -320,12 +333,6 @@ void backward_group(const Shape& d, const T* q, const T* k, const T* v, const ui
             mask_row(row, d.visible_row(mask, b, h, t0 + r) + lo, n);
             exp_row(row, n, row_lse);
           }
-          // the softmax gradient's row term: sum_j p dp = sum_k out dout
-          const T *out_row = out + d.q_at(b, t0 + r, h), *dout_row = dout + d.q_at(b, t0 + r, h);
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t c = 0; c < K; ++c) sum += widen(out_row[c]) * widen(dout_row[c]);
-          row_dot[r] = sum;
         }
         // dv += p^T dout; dp = dout v^T; ds = p (dp - row_dot); dq = scale ds k; dk += ds^T (scale q)
         products.add_dvalues(probs, lo, n);

@@ -7,26 +7,32 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 
 #include "attention_products.h"
 #include "bf16_gemm.h"
+#include "word_transpose.h"
 
 namespace transformer_jax {
 
 #if defined(TRANSFORMER_JAX_BF16_PAIRS)
 
-// Head g of batch b, (S, K) where it lies, as the right operand of a product over K: (ceil(K / 2), S) pairs.
+// Head g of batch b, (S, K) where it lies, as the right operand of a product over K: (ceil(K / 2), S) pairs. With K
+// even each row of pairs is a row of 32-bit words, transposed in registers; an odd K pairs its last feature with 0.
 inline void pairs_over_features(const uint16_t* x, const Shape& d, int64_t b, int64_t g, uint32_t* out) {
   const int64_t K = d.head_dim, S = d.kv_len, whole = K / 2;
+  if (K % 2 == 0) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(x + d.kv_at(b, 0, g));
+    transpose_words(words, d.kv_heads * whole, out, S, S, whole);
+    return;
+  }
   constexpr int64_t kStrip = 16;  // rows at a time, so that each pair row's writes fill whole cache lines
   for (int64_t s0 = 0; s0 < S; s0 += kStrip) {
     const int64_t s1 = std::min(S, s0 + kStrip);
     for (int64_t p = 0; p < whole; ++p) {
       for (int64_t s = s0; s < s1; ++s) std::memcpy(out + p * S + s, x + d.kv_at(b, s, g) + 2 * p, sizeof(uint32_t));
     }
-    if (K % 2) {
-      for (int64_t s = s0; s < s1; ++s) out[whole * S + s] = pair_of(x[d.kv_at(b, s, g) + K - 1], 0);
-    }
+    for (int64_t s = s0; s < s1; ++s) out[whole * S + s] = pair_of(x[d.kv_at(b, s, g) + K - 1], 0);
   }
 }
 
@@ -174,13 +180,21 @@ class PairBackward {
     add_product_over_rows(d_, scratch_.as<uint16_t>(6), ds, lo, n, rows_, scratch_.as<uint32_t>(9),
                           scratch_.pieces[3]);
   }
+  // dk (scaled here) and dv of head g, transposed back to (S, K) rows 16 x 16 at a time through a tile in L1
   void store(uint16_t* dk, uint16_t* dv, int64_t b, int64_t g) const {
-    const float *dkeys_t = scratch_.pieces[3], *dvalues_t = scratch_.pieces[4];
-    for (int64_t s = 0; s < S(); ++s) {
-      uint16_t *dk_row = dk + d_.kv_at(b, s, g), *dv_row = dv + d_.kv_at(b, s, g);
-      for (int64_t c = 0; c < K(); ++c) {
-        dk_row[c] = narrow<uint16_t>(d_.scale * dkeys_t[c * S() + s]);
-        dv_row[c] = narrow<uint16_t>(dvalues_t[c * S() + s]);
+    alignas(64) float tile[kWordTile * kWordTile];
+    const float scale = d_.scale;
+    for (int64_t s0 = 0; s0 < S(); s0 += kWordTile) {
+      for (int64_t c0 = 0; c0 < K(); c0 += kWordTile) {
+        const int64_t positions = std::min(kWordTile, S() - s0), features = std::min(kWordTile, K() - c0);
+        for (const auto& [gradient, transposed, factor] :
+             {std::tuple{dk, scratch_.pieces[3], scale}, std::tuple{dv, scratch_.pieces[4], 1.0f}}) {
+          transpose_words(transposed + c0 * S() + s0, S(), tile, kWordTile, features, positions);
+          for (int64_t s = 0; s < positions; ++s) {
+            uint16_t* row = gradient + d_.kv_at(b, s0 + s, g) + c0;
+            for (int64_t c = 0; c < features; ++c) row[c] = narrow<uint16_t>(factor * tile[s * kWordTile + c]);
+          }
+        }
       }
     }
   }

@@ -17,10 +17,12 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <type_traits>
 
 #include "bf16_gemm.h"
 #include "bfloat16.h"
 #include "small_gemm.h"
+#include "word_transpose.h"
 
 namespace transformer_jax {
 
@@ -87,10 +89,17 @@ void load_head(const T* x, const Shape& d, int64_t b, int64_t g, float* rows) {
   }
 }
 
-// The same head as its (K, S) transpose, read where it lies.
+// The same head as its (K, S) transpose, read where it lies: float32 by word_transpose.h's tiles where the CPU has
+// AVX-512, otherwise value by value.
 template <typename T>
 void load_head_columns(const T* x, const Shape& d, int64_t b, int64_t g, float* columns) {
   const int64_t K = d.head_dim, S = d.kv_len;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    transpose_words(x + d.kv_at(b, 0, g), d.kv_heads * K, columns, S, S, K);
+    return;
+  }
+#endif
   // 16 rows at a time, so that each column's writes fill whole cache lines (columns S floats apart share few sets)
   constexpr int64_t kStrip = 16;
   for (int64_t s0 = 0; s0 < S; s0 += kStrip) {
