@@ -7,8 +7,10 @@ It compiles the same AdamW step that ``python -m benchmarks.train_throughput`` t
 ``jax.profiler.trace`` and reads the trace's XLA ops back: each op's time, and for each product (a dot, alone or
 fused with elementwise work) its FLOPs from the compiled HLO, so its achieved GFLOP/s shows against the matmul peak
 printed beside it. Two tables: op time per step by kind (products, our CPU kernels by name, copies and transposes,
-reductions, other elementwise fusions), and the ``--top`` ops by time with the model path they come from. Op time
-can exceed the wall time: XLA:CPU runs independent ops side by side.
+reductions, other elementwise fusions), and the ``--top`` ops with the model path they come from. Op time can
+exceed the wall time: XLA:CPU runs independent ops side by side, each then slower. So each op also gets its share of
+the wall (``wall ms``: every instant split evenly between the ops running in it), which adds up to the step's busy
+time, and its products their GFLOP/s by that share (``by wall``); both tables are sorted by it.
 """
 
 from __future__ import annotations
@@ -144,16 +146,47 @@ def trace_events(step, steps: int) -> list[dict]:
   return [e for e in events if e.get('ph') == 'X' and 'hlo_op' in e.get('args', {})]
 
 
+def wall_shares(events: list[dict]) -> dict[str, float]:
+  """Each op's share of the wall, in the events' microseconds: every instant split evenly between the ops running
+  then. Op time counts an instant once per op running in it, so two ops side by side each look twice as slow; their
+  wall shares add up to the time that some op ran."""
+  edges = sorted(
+    [(e['ts'], 1, i) for i, e in enumerate(events)]
+    + [(e['ts'] + e['dur'], -1, i) for i, e in enumerate(events)]
+  )
+  shares = collections.defaultdict(float)
+  running: set[int] = set()
+  last = None
+  for at, change, index in edges:
+    if running and at > last:
+      for i in running:
+        shares[events[i]['args']['hlo_op']] += (at - last) / len(running)
+    last = at
+    if change > 0:
+      running.add(index)
+    else:
+      running.discard(index)
+  return dict(shares)
+
+
 def op_times(program: Program, events: list[dict], steps: int) -> tuple[list[dict], dict]:
   """``(rows, by_kind)`` from the trace ``events`` of ``steps`` calls: a row per op (its ms per step, the GFLOP/s of
-  its products, its kind and model path), and per kind ``[ms, ops, FLOPs]`` per step. An op in a loop body
-  (``scan_layers``) runs several times a step: its time and FLOPs count every run."""
+  its products by op time and by wall share, its kind and model path), and per kind ``[ms, ops, FLOPs, wall ms]``
+  per step. An op in a loop body (``scan_layers``) runs several times a step: its time and FLOPs count every run.
+  A loop's own event spans its body's: it is left out of the wall split as of the rows."""
   per_op = collections.defaultdict(float)
   runs = collections.Counter()
   for event in events:
     per_op[event['args']['hlo_op']] += event['dur'] / 1e3 / steps
     runs[event['args']['hlo_op']] += 1
-  by_kind = collections.defaultdict(lambda: [0.0, 0, 0])
+  wall = wall_shares(
+    [
+      e
+      for e in events
+      if getattr(program.ops.get(e['args']['hlo_op']), 'opcode', 'while') not in CONTROL_FLOW
+    ]
+  )
+  by_kind = collections.defaultdict(lambda: [0.0, 0, 0, 0.0])
   rows = []
   for name, ms in per_op.items():
     op = program.ops.get(name)
@@ -162,14 +195,18 @@ def op_times(program: Program, events: list[dict], steps: int) -> tuple[list[dic
       continue
     flops = program.flops(name) * runs[name] // steps
     kind = kind_of(name, op, flops)
+    wall_ms = wall.get(name, 0.0) / 1e3 / steps
     by_kind[kind][0] += ms
     by_kind[kind][1] += 1
     by_kind[kind][2] += flops
+    by_kind[kind][3] += wall_ms
     rows.append(
       {
         'op': name,
         'ms': ms,
+        'wall ms': wall_ms,
         'GFLOP/s': flops / ms / 1e6 if flops else '',
+        'by wall': flops / wall_ms / 1e6 if flops and wall_ms else '',
         'kind': kind.split(' (')[0],
         'from': short_path(op.path),
       }
@@ -208,10 +245,12 @@ def main():
   events = trace_events(step, args.steps)
 
   rows, by_kind = op_times(program, events, args.steps)
-  op_ms = sum(ms for ms, _, _ in by_kind.values())
+  op_ms = sum(kind[0] for kind in by_kind.values())
+  busy_ms = sum(kind[3] for kind in by_kind.values())
   print(
     f'\n{args.model} {args.precision}: one step {wall_ms:,.0f} ms wall (unprofiled), '
-    f'{op_ms:,.0f} ms of op time (profiled, per step)\n'
+    f'{op_ms:,.0f} ms of op time (profiled, per step); some op ran for {busy_ms:,.0f} ms of the wall, '
+    'split between the ops running at each instant (wall ms)\n'
   )
   kinds = [
     {
@@ -219,15 +258,18 @@ def main():
       'ops': count,
       'ms': ms,
       '% of op time': 100 * ms / op_ms,
+      'wall ms': wall_ms,
       'GFLOP/s': flops / ms / 1e6 if flops else '',
+      'by wall': flops / wall_ms / 1e6 if flops and wall_ms else '',
     }
-    for kind, (ms, count, flops) in sorted(by_kind.items(), key=lambda kv: -kv[1][0])
+    for kind, (ms, count, flops, wall_ms) in sorted(by_kind.items(), key=lambda kv: -kv[1][3])
   ]
-  print_table(kinds, ['kind', 'ops', 'ms', '% of op time', 'GFLOP/s'])
+  print_table(kinds, ['kind', 'ops', 'ms', '% of op time', 'wall ms', 'GFLOP/s', 'by wall'])
   print()
-  rows.sort(key=lambda r: -r['ms'])
+  rows.sort(key=lambda r: -r['wall ms'])
   print_table(
-    [{**r, 'op': r['op'][:28]} for r in rows[: args.top]], ['op', 'ms', 'GFLOP/s', 'kind', 'from']
+    [{**r, 'op': r['op'][:28]} for r in rows[: args.top]],
+    ['op', 'ms', 'wall ms', 'GFLOP/s', 'by wall', 'kind', 'from'],
   )
 
 

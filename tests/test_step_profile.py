@@ -5,7 +5,14 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from benchmarks.step_profile import kind_of, op_times, parse_hlo, short_path, trace_events
+from benchmarks.step_profile import (
+  kind_of,
+  op_times,
+  parse_hlo,
+  short_path,
+  trace_events,
+  wall_shares,
+)
 
 B, M, K, N = 2, 5, 7, 3
 
@@ -97,3 +104,29 @@ def test_an_op_in_a_loop_counts_every_run():
   assert products[2] == 3 * 2 * 64 * 96 * 96
   assert {r['op'] for r in rows}.isdisjoint(loops)
   assert {r['op'] for r in rows} <= set(program.ops)
+
+
+def _event(op, ts, dur):
+  return {'ts': ts, 'dur': dur, 'args': {'hlo_op': op}}
+
+
+@pytest.mark.parametrize(
+  'name, events, expected',
+  [
+    ('one after the other', [_event('a', 0, 10), _event('b', 10, 5)], {'a': 10, 'b': 5}),
+    # b runs beside a for 4 of a's 10: those 4 are split in two
+    ('overlapping', [_event('a', 0, 10), _event('b', 6, 7)], {'a': 8, 'b': 5}),
+    ('a gap counts for none', [_event('a', 0, 3), _event('b', 8, 2)], {'a': 3, 'b': 2}),
+    (
+      'three at once, twice the same op',
+      [_event('a', 0, 6), _event('b', 0, 6), _event('a', 3, 3)],
+      {'a': 1.5 + 2 * 1, 'b': 1.5 + 1},
+    ),
+  ],
+)
+def test_wall_shares_split_each_instant_between_running_ops(name, events, expected):
+  shares = wall_shares(events)
+  assert shares == pytest.approx(expected), name
+  assert sum(shares.values()) == pytest.approx(
+    len({t for e in events for t in range(e['ts'], e['ts'] + e['dur'])})
+  )
