@@ -147,7 +147,7 @@ class PairBackward {
       : d_(d),
         scratch_({pair_count(K()) * S(), pair_count(K()) * S(), pair_count(S()) * K(), K() * S(), K() * S(),
                   kQueryBlock * pair_count(K()), K() * kQueryBlock / 2, kQueryBlock * pair_count(K()),
-                  K() * kQueryBlock / 2, kQueryBlock / 2 * S(), kQueryBlock * pair_count(S())}) {
+                  K() * kQueryBlock / 2, kQueryBlock / 2 * S(), kQueryBlock * pair_count(S()), S() * K()}) {
     pairs_over_features(k, d, b, g, scratch_.as<uint32_t>(0));
     pairs_over_features(v, d, b, g, scratch_.as<uint32_t>(1));
     pairs_over_positions(k, d, b, g, scratch_.as<uint32_t>(2));
@@ -180,21 +180,15 @@ class PairBackward {
     add_product_over_rows(d_, scratch_.as<uint16_t>(6), ds, lo, n, rows_, scratch_.as<uint32_t>(9),
                           scratch_.pieces[3]);
   }
-  // dk (scaled here) and dv of head g, transposed back to (S, K) rows 16 x 16 at a time through a tile in L1
+  // dk (scaled here) and dv of head g: each transposed back to (S, K) in L2, then rounded row by row
   void store(uint16_t* dk, uint16_t* dv, int64_t b, int64_t g) const {
-    alignas(64) float tile[kWordTile * kWordTile];
-    const float scale = d_.scale;
-    for (int64_t s0 = 0; s0 < S(); s0 += kWordTile) {
-      for (int64_t c0 = 0; c0 < K(); c0 += kWordTile) {
-        const int64_t positions = std::min(kWordTile, S() - s0), features = std::min(kWordTile, K() - c0);
-        for (const auto& [gradient, transposed, factor] :
-             {std::tuple{dk, scratch_.pieces[3], scale}, std::tuple{dv, scratch_.pieces[4], 1.0f}}) {
-          transpose_words(transposed + c0 * S() + s0, S(), tile, kWordTile, features, positions);
-          for (int64_t s = 0; s < positions; ++s) {
-            uint16_t* row = gradient + d_.kv_at(b, s0 + s, g) + c0;
-            for (int64_t c = 0; c < features; ++c) row[c] = narrow<uint16_t>(factor * tile[s * kWordTile + c]);
-          }
-        }
+    float* rows = scratch_.pieces[11];
+    for (const auto& [gradient, transposed, factor] :
+         {std::tuple{dk, scratch_.pieces[3], d_.scale}, std::tuple{dv, scratch_.pieces[4], 1.0f}}) {
+      transpose_words(transposed, S(), rows, K(), K(), S());
+      for (int64_t s = 0; s < S(); ++s) {
+        uint16_t* row = gradient + d_.kv_at(b, s, g);
+        for (int64_t c = 0; c < K(); ++c) row[c] = narrow<uint16_t>(factor * rows[s * K() + c]);
       }
     }
   }
@@ -204,8 +198,9 @@ class PairBackward {
   int64_t S() const { return d_.kv_len; }
   const Shape& d_;
   // keys and values over K, keys over S, dk^T and dv^T (K, S) float32; the block's queries and douts over K and
-  // over their rows; a block's weights or their gradient as pairs over rows, and that gradient rounded over S
-  Scratch<11> scratch_;
+  // over their rows; a block's weights or their gradient as pairs over rows, and that gradient rounded over S; dk or
+  // dv (S, K) on its way out
+  Scratch<12> scratch_;
   int64_t rows_ = 0;
 };
 

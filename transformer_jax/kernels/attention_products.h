@@ -89,17 +89,14 @@ void load_head(const T* x, const Shape& d, int64_t b, int64_t g, float* rows) {
   }
 }
 
-// The same head as its (K, S) transpose, read where it lies: float32 by word_transpose.h's tiles where the CPU has
-// AVX-512, otherwise value by value.
+// The same head as its (K, S) transpose, read where it lies (float32 by word_transpose.h's tiles).
 template <typename T>
 void load_head_columns(const T* x, const Shape& d, int64_t b, int64_t g, float* columns) {
   const int64_t K = d.head_dim, S = d.kv_len;
-#if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
     transpose_words(x + d.kv_at(b, 0, g), d.kv_heads * K, columns, S, S, K);
     return;
   }
-#endif
   // 16 rows at a time, so that each column's writes fill whole cache lines (columns S floats apart share few sets)
   constexpr int64_t kStrip = 16;
   for (int64_t s0 = 0; s0 < S; s0 += kStrip) {

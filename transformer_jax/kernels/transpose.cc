@@ -10,9 +10,7 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "pool_blocks.h"
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "word_transpose.h"
 
 namespace ffi = xla::ffi;
 
@@ -30,31 +28,11 @@ void scalar_tile(const T* x, T* out, int64_t rows, int64_t cols, int64_t r0, int
 }
 
 #if defined(__AVX2__)
-// The 8 x 8 transpose of 32-bit units in eight registers (unpack, shuffle, then swap 128-bit halves).
-inline void transpose8x8(__m256 v[8]) {
-  __m256 t[8], s[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20);
-    v[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
-  }
-}
+using transformer_jax::transpose8x8;
 
 // Rows r..r+7 by columns c..c+7 of 4-byte elements.
 inline void tile(const uint32_t* x, uint32_t* out, int64_t rows, int64_t cols, int64_t r, int64_t c) {
-  __m256 v[8];
-  for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(x + (r + i) * cols + c));
-  transpose8x8(v);
-  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(reinterpret_cast<float*>(out + (c + j) * rows + r), v[j]);
+  transformer_jax::transpose_word_tile(x + r * cols + c, cols, out + c * rows + r, rows);
 }
 
 // Rows r..r+15 by columns c..c+7 of 2-byte elements: interleaving rows 2i and 2i+1 makes 32-bit units (x[2i, c],
