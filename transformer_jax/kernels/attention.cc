@@ -36,6 +36,7 @@ using transformer_jax::kInf;
 using transformer_jax::kQueryBlock;
 using transformer_jax::mask_row;
 using transformer_jax::narrow;
+using transformer_jax::probabilities_row;
 using transformer_jax::ProductsFor;
 using transformer_jax::Scratch;
 using transformer_jax::Shape;
@@ -59,7 +60,7 @@ void forward_head(const Shape& d, const T* q, const T* k, const T* v, const uint
     products.logits(lo, n, logits);
     for (int64_t r = 0; r < rows; ++r) {
       float* row = logits + r * S;
-      const float top = n ? mask_row(row, d.visible_row(mask, b, h, t0 + r) + lo, n) : -kInf;
+      const float top = n ? mask_row(row, d.visible_row(mask, b, h, t0 + r) + lo, n, products.logit_scale()) : -kInf;
       float* lse_at = lse + (b * d.heads + h) * d.q_len + t0 + r;
       if (top == -kInf) {  // no visible key
         std::fill(row, row + n, 0.0f);
@@ -122,8 +123,7 @@ void backward_group(const Shape& d, const T* q, const T* k, const T* v, const ui
           if (row_lse == kInf) {
             std::fill(row, row + n, 0.0f);
           } else {
-            mask_row(row, d.visible_row(mask, b, h, t0 + r) + lo, n);
-            exp_row(row, n, row_lse);
+            probabilities_row(row, d.visible_row(mask, b, h, t0 + r) + lo, n, products.logit_scale(), row_lse);
           }
         }
         // dv += p^T dout; dp = dout v^T; ds = p (dp - row_dot); dq = scale ds k; dk += ds^T (scale q)

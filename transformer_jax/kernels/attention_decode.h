@@ -53,7 +53,7 @@ void forward_part(const Shape& d, const T* q, const T* k, const T* v, const uint
   }
   for (int64_t h = 0; h < H; ++h) {
     float* row = logits + h * n;
-    top[h] = mask_row(row, d.visible_row(mask, b, h, t) + part.lo, n);
+    top[h] = mask_row(row, d.visible_row(mask, b, h, t) + part.lo, n, 1.0f);  // the queries were scaled as loaded
     if (top[h] == -kInf) {  // no visible key here: no weight for the values
       std::fill(row, row + n, 0.0f);
       sum[h] = 0.0f;

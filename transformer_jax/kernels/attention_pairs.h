@@ -85,18 +85,6 @@ inline void product_over_features(const Shape& d, const uint16_t* a, const uint3
   pair_gemm(a, 2 * pair_count(d.head_dim), b + lo, d.kv_len, out, d.kv_len, rows, n, d.head_dim, false);
 }
 
-// The scaled logits (rows, n), rows S apart: the block's queries by the keys from column lo.
-inline void scaled_logits(const Shape& d, const uint16_t* queries, const uint32_t* keys, int64_t lo, int64_t n,
-                          int64_t rows, float* out) {
-  product_over_features(d, queries, keys, lo, n, rows, out);
-  // in locals: through `d`, every store to `out` might change them, and the loop would not vectorise
-  const int64_t S = d.kv_len;
-  const float scale = d.scale;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < n; ++j) out[r * S + j] *= scale;
-  }
-}
-
 // result (rows, K) = x (rows, n; rows S apart) rounded to bfloat16 (into `rounded`, rows of S rounded up to even)
 // by b, pairs over positions, from position lo (a whole number of vectors, so even).
 inline void product_over_positions(const Shape& d, const float* x, const uint32_t* b, int64_t lo, int64_t n,
@@ -127,9 +115,11 @@ class PairForward {
     rows_over_features(q, d_, b, t0, rows, h, scratch_.as<uint16_t>(2));
     rows_ = rows;
   }
+  // the logits (rows, n), unscaled: scaling the float32 logits, not the bfloat16 queries, rounds nothing again
   void logits(int64_t lo, int64_t n, float* out) const {
-    scaled_logits(d_, scratch_.as<uint16_t>(2), scratch_.as<uint32_t>(0), lo, n, rows_, out);
+    product_over_features(d_, scratch_.as<uint16_t>(2), scratch_.as<uint32_t>(0), lo, n, rows_, out);
   }
+  float logit_scale() const { return d_.scale; }
   void weighted_values(const float* weights, int64_t lo, int64_t n, float* result) const {
     product_over_positions(d_, weights, scratch_.as<uint32_t>(1), lo, n, rows_, scratch_.as<uint16_t>(3), result);
   }
@@ -162,8 +152,9 @@ class PairBackward {
     rows_ = rows;
   }
   void logits(int64_t lo, int64_t n, float* out) const {
-    scaled_logits(d_, scratch_.as<uint16_t>(5), scratch_.as<uint32_t>(0), lo, n, rows_, out);
+    product_over_features(d_, scratch_.as<uint16_t>(5), scratch_.as<uint32_t>(0), lo, n, rows_, out);
   }
+  float logit_scale() const { return d_.scale; }
   // dv^T (K, n) += dout^T p
   void add_dvalues(const float* probs, int64_t lo, int64_t n) {
     add_product_over_rows(d_, scratch_.as<uint16_t>(8), probs, lo, n, rows_, scratch_.as<uint32_t>(9),

@@ -127,6 +127,8 @@ class WideForward {
     const int64_t K = d_.head_dim, S = d_.kv_len;
     gemm(scratch_.pieces[2], K, 1, scratch_.pieces[0] + lo, S, out, S, rows_, n, K, false);
   }
+  // the factor the logits still need: none, the queries were scaled as loaded
+  float logit_scale() const { return 1.0f; }
   // result (rows, K) = weights (rows, n; rows S apart) by values [lo, lo + n)
   void weighted_values(const float* weights, int64_t lo, int64_t n, float* result) const {
     const int64_t K = d_.head_dim, S = d_.kv_len;
@@ -163,6 +165,7 @@ class WideBackward {
   void logits(int64_t lo, int64_t n, float* out) const {
     gemm(scratch_.pieces[5], K(), 1, scratch_.pieces[1] + lo, S(), out, S(), rows_, n, K(), false);
   }
+  float logit_scale() const { return 1.0f; }
   void add_dvalues(const float* probs, int64_t lo, int64_t n) {
     gemm(probs, 1, S(), scratch_.pieces[6], K(), scratch_.pieces[4] + lo * K(), K(), n, K(), rows_, true);
   }

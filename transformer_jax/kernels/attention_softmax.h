@@ -28,20 +28,21 @@ inline ivec widen_bytes(const uint8_t* bytes) {
 #endif
 }
 
-// Sets the masked entries of x[0:n] to -inf (visible[j] == 0) and returns the largest visible one (-inf if none).
-inline float mask_row(float* x, const uint8_t* visible, int64_t n) {
-  const vec hidden = splat(-kInf);
+// x[0:n] = scale x where visible (visible[j] != 0), -inf where masked; returns the largest visible one (-inf if none).
+// `scale` is the factor a product kind left for this pass to apply (ProductsFor's logit_scale).
+inline float mask_row(float* x, const uint8_t* visible, int64_t n, float scale) {
+  const vec hidden = splat(-kInf), factor = splat(scale);
   vec top = hidden;
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    const vec masked = widen_bytes(visible + j) != 0 ? load(x + j) : hidden;
+    const vec masked = widen_bytes(visible + j) != 0 ? load(x + j) * factor : hidden;
     store(x + j, masked);
     top = top > masked ? top : masked;
   }
   float largest = -kInf;
   for (int64_t l = 0; l < kLanes; ++l) largest = std::max(largest, top[l]);
   for (; j < n; ++j) {
-    x[j] = visible[j] ? x[j] : -kInf;
+    x[j] = visible[j] ? x[j] * scale : -kInf;
     largest = std::max(largest, x[j]);
   }
   return largest;
@@ -63,6 +64,18 @@ inline float exp_row(float* x, int64_t n, float shift) {
     sum += x[j];
   }
   return sum;
+}
+
+// x[0:n] = exp(scale x - lse) where visible, 0 where masked: a row's probabilities again from its saved log-sum-exp,
+// in one pass (the backward's; the forward's mask_row and exp_row are two because the maximum comes between).
+inline void probabilities_row(float* x, const uint8_t* visible, int64_t n, float scale, float lse) {
+  const vec factor = splat(scale), shift = splat(lse), zero = splat(0.0f);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vec e = exp(load(x + j) * factor - shift);
+    store(x + j, widen_bytes(visible + j) != 0 ? e : zero);
+  }
+  for (; j < n; ++j) x[j] = visible[j] ? std::exp(x[j] * scale - lse) : 0.0f;
 }
 
 // The first nonzero of row[0:n] (n if none), and one past the last (given one), 8 bytes at a time: a causal row is
