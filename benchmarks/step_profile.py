@@ -169,30 +169,30 @@ def wall_shares(events: list[dict]) -> dict[str, float]:
   return dict(shares)
 
 
+def counted(program: Program, name: str) -> bool:
+  """An event's op is counted: an instruction of the program (not a thunk of XLA's own), and not control flow, whose
+  time is its body's ops'."""
+  op = program.ops.get(name)
+  return op is not None and op.opcode not in CONTROL_FLOW
+
+
 def op_times(program: Program, events: list[dict], steps: int) -> tuple[list[dict], dict]:
   """``(rows, by_kind)`` from the trace ``events`` of ``steps`` calls: a row per op (its ms per step, the GFLOP/s of
   its products by op time and by wall share, its kind and model path), and per kind ``[ms, ops, FLOPs, wall ms]``
   per step. An op in a loop body (``scan_layers``) runs several times a step: its time and FLOPs count every run.
-  A loop's own event spans its body's: it is left out of the wall split as of the rows."""
+  Only :func:`counted` ops make rows and share the wall (a loop's own event spans its body's)."""
   per_op = collections.defaultdict(float)
   runs = collections.Counter()
   for event in events:
     per_op[event['args']['hlo_op']] += event['dur'] / 1e3 / steps
     runs[event['args']['hlo_op']] += 1
-  wall = wall_shares(
-    [
-      e
-      for e in events
-      if getattr(program.ops.get(e['args']['hlo_op']), 'opcode', 'while') not in CONTROL_FLOW
-    ]
-  )
+  wall = wall_shares([e for e in events if counted(program, e['args']['hlo_op'])])
   by_kind = collections.defaultdict(lambda: [0.0, 0, 0, 0.0])
   rows = []
   for name, ms in per_op.items():
-    op = program.ops.get(name)
-    # a thunk of XLA's own, not an instruction; or control flow, whose time is its body's ops'
-    if op is None or op.opcode in CONTROL_FLOW:
+    if not counted(program, name):
       continue
+    op = program.ops[name]
     flops = program.flops(name) * runs[name] // steps
     kind = kind_of(name, op, flops)
     wall_ms = wall.get(name, 0.0) / 1e3 / steps

@@ -104,6 +104,17 @@ def test_an_op_in_a_loop_counts_every_run():
   assert products[2] == 3 * 2 * 64 * 96 * 96
   assert {r['op'] for r in rows}.isdisjoint(loops)
   assert {r['op'] for r in rows} <= set(program.ops)
+  # the loop's own event, which spans its body's, takes no share: the rows' shares add up to the time their events
+  # cover (with it, each body op's share would be halved)
+  spans = sorted(
+    (e['ts'], e['ts'] + e['dur']) for e in events if e['args']['hlo_op'] in {r['op'] for r in rows}
+  )
+  covered, end = 0.0, float('-inf')
+  for start, stop in spans:
+    covered += max(0.0, stop - max(start, end))
+    end = max(end, stop)
+  assert sum(r['wall ms'] for r in rows) == pytest.approx(covered / 1e3 / 2)
+  assert products[3] > 0
 
 
 def _event(op, ts, dur):

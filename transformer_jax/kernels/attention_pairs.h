@@ -177,10 +177,7 @@ class PairBackward {
     for (const auto& [gradient, transposed, factor] :
          {std::tuple{dk, scratch_.pieces[3], d_.scale}, std::tuple{dv, scratch_.pieces[4], 1.0f}}) {
       transpose_words(transposed, S(), rows, K(), K(), S());
-      for (int64_t s = 0; s < S(); ++s) {
-        uint16_t* row = gradient + d_.kv_at(b, s, g);
-        for (int64_t c = 0; c < K(); ++c) row[c] = narrow<uint16_t>(factor * rows[s * K() + c]);
-      }
+      store_head(rows, factor, d_, b, g, gradient);
     }
   }
 

@@ -107,6 +107,16 @@ void load_head_columns(const T* x, const Shape& d, int64_t b, int64_t g, float* 
   }
 }
 
+// A key/value head's (S, K) float32 gradient times factor, rounded into head g of batch b of dst (B, S, G, K).
+template <typename T>
+void store_head(const float* rows, float factor, const Shape& d, int64_t b, int64_t g, T* dst) {
+  const int64_t K = d.head_dim;
+  for (int64_t s = 0; s < d.kv_len; ++s) {
+    T* row = dst + d.kv_at(b, s, g);
+    for (int64_t c = 0; c < K; ++c) row[c] = narrow<T>(factor * rows[s * K + c]);
+  }
+}
+
 // The forward's products for one query head: keys and values of its key/value head loaded once, then per block of
 // query rows the scaled logits q k^T and the weighted sum of the values.
 template <typename T>
@@ -179,13 +189,8 @@ class WideBackward {
     gemm(ds, 1, S(), scratch_.pieces[5], K(), scratch_.pieces[3] + lo * K(), K(), n, K(), rows_, true);
   }
   void store(T* dk, T* dv, int64_t b, int64_t g) const {
-    for (int64_t s = 0; s < S(); ++s) {
-      T *dk_row = dk + d_.kv_at(b, s, g), *dv_row = dv + d_.kv_at(b, s, g);
-      for (int64_t c = 0; c < K(); ++c) {
-        dk_row[c] = narrow<T>(scratch_.pieces[3][s * K() + c]);
-        dv_row[c] = narrow<T>(scratch_.pieces[4][s * K() + c]);
-      }
-    }
+    store_head(scratch_.pieces[3], 1.0f, d_, b, g, dk);
+    store_head(scratch_.pieces[4], 1.0f, d_, b, g, dv);
   }
 
  private:
