@@ -91,12 +91,12 @@ def weight_gradient_rows(repeats):
 
 def step_dot_rows(dtype: str):
   """FLOPs of the compiled GPT step's dots by (operand, operand, result) dtype."""
-  from benchmarks import train_throughput
+  from benchmarks import train_cases, train_throughput
 
   args = argparse.Namespace(gpt_shape='course', seq=256, dropout=0.0, gpt_layers=None, batch=8)
-  case = train_throughput.CASES['gpt'](args, {'dtype': dtype})
+  case = train_cases.CASES['gpt'](args, {'dtype': dtype})
   optimizer, step = train_throughput.linen_step(case)
-  params = train_throughput.init_params(case)
+  params = train_cases.init_params(case)
   hlo = jax.jit(step).lower(params, optimizer.init(params), case.batch, jax.random.key(1))
   flops = collections.Counter()
   for computation in hlo.compile().as_text().split('\n\n'):

@@ -28,13 +28,14 @@ def measure(impl: str, steps: int, batch: int, seq: int) -> dict:
   import jax
   import numpy as np
 
+  from benchmarks import train_cases
   from benchmarks import train_throughput as tt
 
   args = argparse.Namespace(gpt_shape='course', seq=seq, batch=batch, dropout=0.0, gpt_layers=None)
-  case = tt.gpt_case(args, {})
+  case = train_cases.gpt_case(args, {})
   if impl.startswith('jax'):
     optimizer, step = tt.linen_step(case)
-    params = tt.init_params(case)
+    params = train_cases.init_params(case)
     state = [params, optimizer.init(params)]
     data, rng = jax.device_put(case.batch), jax.random.key(1)
     compiled = jax.jit(step, donate_argnums=(0, 1))

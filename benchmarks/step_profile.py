@@ -35,12 +35,8 @@ from benchmarks.harness import (
   print_machine,
   print_table,
 )
-from benchmarks.train_throughput import (
-  CASES,
-  add_shape_arguments,
-  compiled_jax_step,
-  parse_overrides,
-)
+from benchmarks.train_cases import CASES, add_shape_arguments, parse_overrides
+from benchmarks.train_throughput import compiled_jax_step
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\w+\[[^\]]*\])\S* (\S+)\((.*)$')
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) .*\{$')

@@ -44,6 +44,7 @@ NOT_RUN = {
   'python -m pytest': 'the test suite, this test included (.ci/run runs it)',
   'gcloud compute tpus': 'needs a Cloud TPU pod slice (distributed.enabled finds the processes through it)',
   'python -m benchmarks.': 'measures full-size models against PyTorch and torch.compile for minutes by design',
+  'bash benchmarks/gpu_check.sh': 'needs a GPU (test_benchmark_cases.py checks that it stops on a CPU)',
 }
 
 
