@@ -7,7 +7,7 @@ from typing import Any, Callable, Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer_jax.activations import ACTIVATIONS
+from transformer_jax.activations import ACTIVATIONS, activate
 from transformer_jax.modules.dense import Dense
 from transformer_jax.sharding import Module, dense_inits
 
@@ -37,7 +37,6 @@ class FeedForward(Module):
       raise ValueError(
         f'unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}'
       )
-    act = ACTIVATIONS[self.activation]
 
     # Hidden units split over the tensor axis.
     def dense(features, name, kernel_axes):
@@ -50,12 +49,11 @@ class FeedForward(Module):
         **dense_inits(self.kernel_init, kernel_axes),
       )
 
-    # The activation (and gate) in float32, rounded to the compute dtype once: in bfloat16 each of its elementwise
-    # ops would round (GPT-2's tanh GELU has eight), and a CPU without bf16 arithmetic converts around every one.
+    # The activation (and gate) in float32, rounded to the compute dtype once (activations.activate).
     h = dense(self.hidden_dim, 'fc_in', ('embed', 'mlp'))(x)  # (B, T, F)
     if self.gated:
       gate = dense(self.hidden_dim, 'fc_gate', ('embed', 'mlp'))(x)
-      h = (act(gate.astype(jnp.float32)) * h.astype(jnp.float32)).astype(h.dtype)
+      h = activate(self.activation, gate, h)
     else:
-      h = act(h.astype(jnp.float32)).astype(h.dtype)
+      h = activate(self.activation, h)
     return dense(x.shape[-1], 'fc_out', ('mlp', 'embed'))(h)  # (B, T, D)
