@@ -47,6 +47,22 @@ def kernel_takes(name: str, x) -> bool:
   )
 
 
+@jax.custom_jvp
+def _relu_rounded(x):
+  """``reference('relu', x)``, whose tangent reads the rounded output rather than ``x``: the output passes the
+  tangent exactly where ``x`` does (rounding keeps a positive value positive). Nothing of the forward pass then needs
+  ``x`` but the ReLU itself, so XLA fuses the bias add and rounding before it into the same loop instead of writing
+  ``x`` out and keeping it for the backward pass."""
+  return reference('relu', x)
+
+
+@_relu_rounded.defjvp
+def _relu_rounded_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  y = _relu_rounded(x)
+  return y, jnp.where(y > 0, t, jnp.zeros_like(t)).astype(y.dtype)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _by_kernel(name: str, gated: bool, x, times):
   return activation_kernel.activation(name, x, times if gated else None)
@@ -62,7 +78,10 @@ def _by_kernel_jvp(name, gated, primals, tangents):
 def activate(name: str, x, times=None):
   """A feed-forward layer's ``act(x)``, or ``act(x) * times`` when gated (``times`` of ``x``'s shape and dtype), as
   :func:`reference` computes it; a decoding step's few bfloat16 values by the CPU kernel (:func:`kernel_takes`),
-  differentiable in both modes through the reference's tangents."""
+  differentiable in both modes through the reference's tangents; a plain ReLU's tangent from its output
+  (:func:`_relu_rounded`)."""
   if kernel_takes(name, x) and (times is None or (times.dtype, times.shape) == (x.dtype, x.shape)):
     return _by_kernel(name, times is not None, x, x if times is None else times)
+  if name == 'relu' and times is None:
+    return _relu_rounded(x)
   return reference(name, x, times)

@@ -1,6 +1,9 @@
-"""The activation CPU kernel against float64 and against the XLA reference: each kind, plain and gated, sizes that end
-inside a vector and a chunk, the tails, NaN; through ``activations.activate`` with derivatives, under vmap and jit,
-where it applies, and in a bf16 decoding program."""
+"""A feed-forward layer's activation: the CPU kernel against float64 and against the XLA reference (each kind, plain
+and gated, sizes that end inside a vector and a chunk, the tails, NaN); ``activations.activate`` with derivatives,
+under vmap and jit, where the kernel applies, and in a bf16 decoding program; the ReLU whose tangent reads its
+output."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -143,3 +146,27 @@ def test_vmapped_kernel_is_one_call_over_the_stack():
 def test_bf16_decoding_program_calls_the_kernel():
   hlo = greedy_generate_hlo(dtype=jnp.bfloat16, activation='gelu_tanh')
   assert kernel.TARGET in hlo
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32], ids=['bf16', 'f32'])
+def test_relu_tangent_from_its_output_is_the_references(dtype):
+  """Values and derivatives of every order as ``reference('relu')``'s, zeros of both signs included (no tangent
+  passes at 0, as ``jax.nn.relu``'s)."""
+  x = values((3, 7), seed=9).astype(dtype).at[0, :3].set(jnp.asarray([0.0, -0.0, 1e-30], dtype))
+  weights = values((3, 7), scale=1.0, seed=10).astype(jnp.float32)
+
+  def loss(f):
+    return lambda x: jnp.sum(f('relu', x).astype(jnp.float32) * weights)
+
+  np.testing.assert_array_equal(
+    as64(activations.activate('relu', x)), as64(activations.reference('relu', x))
+  )
+  ours, theirs = jax.grad(loss(activations.activate))(x), jax.grad(loss(activations.reference))(x)
+  np.testing.assert_array_equal(as64(ours), as64(theirs))
+  assert as64(ours)[0, 0] == as64(ours)[0, 1] == 0.0 and as64(ours)[0, 2] == as64(weights)[0, 2]
+  tangent = values((3, 7), scale=1.0, seed=11).astype(dtype)
+  for f in (activations.activate, activations.reference):
+    _, t = jax.jvp(functools.partial(f, 'relu'), (x,), (tangent,))
+    np.testing.assert_array_equal(as64(t), as64(tangent) * (as64(x) > 0))
+  curvature = jax.jvp(jax.grad(loss(activations.activate)), (x,), (tangent,))[1]
+  assert not np.any(as64(curvature))
