@@ -80,30 +80,27 @@ def test_gpt_case_losses_agree(gpt_shape, export):
 
 def sdpa_state(reference: dict, layers: int, heads: int) -> dict:
   """A ``torch_reference.NanoGPT`` state dict -> ``SdpaGPT``'s: its heads' query, key and value rows stacked into
-  one ``c_attn``, the rest renamed."""
-  names = {
-    'wte': 'token_embedding_table',
-    'wpe': 'position_embedding_table',
+  one ``c_attn``, the rest renamed (module by module, theirs -> ours)."""
+  renames = {
+    'token_embedding_table': 'wte',
+    'position_embedding_table': 'wpe',
     'ln_f': 'ln_f',
-    'head': 'lm_head',
+    'lm_head': 'head',
   }
   for i in range(layers):
-    names |= {
-      f'blocks.{i}.{ours}': f'blocks.{i}.{theirs}'
-      for ours, theirs in [
-        ('ln_1', 'ln1'),
-        ('ln_2', 'ln2'),
-        ('attn.c_proj', 'sa.proj'),
-        ('mlp.0', 'ffwd.net.0'),
-        ('mlp.2', 'ffwd.net.2'),
-      ]
-    }
+    for theirs, ours in [
+      ('ln1', 'ln_1'),
+      ('ln2', 'ln_2'),
+      ('sa.proj', 'attn.c_proj'),
+      ('ffwd.net.0', 'mlp.0'),
+      ('ffwd.net.2', 'mlp.2'),
+    ]:
+      renames[f'blocks.{i}.{theirs}'] = f'blocks.{i}.{ours}'
   state = {}
   for key, value in reference.items():
-    prefix, _, leaf = key.rpartition('.')
-    renamed = [ours for ours, theirs in names.items() if theirs == prefix]
-    if renamed:
-      state[f'{renamed[0]}.{leaf}'] = value
+    module, _, leaf = key.rpartition('.')
+    if module in renames:
+      state[f'{renames[module]}.{leaf}'] = value
   for i in range(layers):
     rows = [
       reference[f'blocks.{i}.sa.heads.{h}.{part}.weight']

@@ -35,13 +35,15 @@ def reference(name: str, x, times=None):
   return y.astype(x.dtype)
 
 
-def kernel_takes(name: str, x) -> bool:
+def kernel_takes(name: str, x, times=None) -> bool:
   """The CPU kernel computes this call: a transcendental activation over few bfloat16 values on a lone CPU device
-  (:data:`KERNEL_MAX_VALUES`), where XLA would split its loop over threads that cost more to wake than they save."""
+  (:data:`KERNEL_MAX_VALUES`), where XLA would split its loop over threads that cost more to wake than they save;
+  ``times``, if given, of ``x``'s shape and dtype."""
   return (
     name in activation_kernel.KINDS
     and x.dtype == jnp.bfloat16
     and 0 < x.size <= KERNEL_MAX_VALUES
+    and (times is None or (times.dtype, times.shape) == (x.dtype, x.shape))
     and cpu_build.sole_cpu_device()
     and activation_kernel.available()
   )
@@ -63,16 +65,16 @@ def _relu_rounded_jvp(primals, tangents):
   return y, jnp.where(y > 0, t, jnp.zeros_like(t)).astype(y.dtype)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _by_kernel(name: str, gated: bool, x, times):
-  return activation_kernel.activation(name, x, times if gated else None)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _by_kernel(name: str, x, times):
+  return activation_kernel.activation(name, x, times)
 
 
 @_by_kernel.defjvp
-def _by_kernel_jvp(name, gated, primals, tangents):
+def _by_kernel_jvp(name, primals, tangents):
   # the kernel's value; the reference's tangent (linear in the tangents, so reverse mode follows)
-  _, tangent = jax.jvp(lambda x, t: reference(name, x, t if gated else None), primals, tangents)
-  return _by_kernel(name, gated, *primals), tangent
+  _, tangent = jax.jvp(functools.partial(reference, name), primals, tangents)
+  return _by_kernel(name, *primals), tangent
 
 
 def activate(name: str, x, times=None):
@@ -80,8 +82,8 @@ def activate(name: str, x, times=None):
   :func:`reference` computes it; a decoding step's few bfloat16 values by the CPU kernel (:func:`kernel_takes`),
   differentiable in both modes through the reference's tangents; a plain ReLU's tangent from its output
   (:func:`_relu_rounded`)."""
-  if kernel_takes(name, x) and (times is None or (times.dtype, times.shape) == (x.dtype, x.shape)):
-    return _by_kernel(name, times is not None, x, x if times is None else times)
+  if kernel_takes(name, x, times):
+    return _by_kernel(name, x, times)
   if name == 'relu' and times is None:
     return _relu_rounded(x)
   return reference(name, x, times)

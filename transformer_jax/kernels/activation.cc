@@ -13,7 +13,7 @@ namespace transformer_jax {
 namespace {
 
 constexpr int64_t kGeluTanh = 0, kSilu = 1;
-constexpr int64_t kChunk = 512;  // float32 values of a and b in L1 at a time
+constexpr int64_t kChunk = 512;  // float32 values in L1 at a time
 
 // 0.5 x (1 + tanh(z)) with z = sqrt(2 / pi) (x + 0.044715 x^3), written as x / (1 + e^-2z): 1 + tanh(z) loses
 // its digits to cancellation where z is very negative (XLA's tanh saturates to -1 below z = -7.9 and gives 0),
@@ -34,15 +34,14 @@ inline vec activate(vec x) {
 
 template <int64_t kKind>
 void run(const uint16_t* a, const uint16_t* b, uint16_t* out, int64_t n) {
-  alignas(64) float x[kChunk + kLanes], g[kChunk];
+  alignas(64) float x[kChunk + kLanes];
   for (int64_t start = 0; start < n; start += kChunk) {
     const int64_t m = std::min(kChunk, n - start);
     for (int64_t i = 0; i < m; ++i) x[i] = widen(a[start + i]);
     for (int64_t i = m; i < m + kLanes; ++i) x[i] = 0.0f;  // the last vector's unused lanes
     for (int64_t i = 0; i < m; i += kLanes) store(x + i, activate<kKind>(load(x + i)));
     if (b != nullptr) {
-      for (int64_t i = 0; i < m; ++i) g[i] = widen(b[start + i]);
-      for (int64_t i = 0; i < m; ++i) x[i] *= g[i];
+      for (int64_t i = 0; i < m; ++i) x[i] *= widen(b[start + i]);
     }
     for (int64_t i = 0; i < m; ++i) out[start + i] = narrow<uint16_t>(x[i]);
   }
