@@ -4,9 +4,6 @@ Every layout of the product equals a float64 reference; its gradients (reverse, 
 equal XLA's; ``TRANSFORMER_JAX_MKL``, the CPU's vendor and the number of rows choose the path; a model's compiled
 training step calls the kernel for its dense layers."""
 
-import importlib.metadata
-import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,27 +30,6 @@ def mkl_on_any_cpu(monkeypatch):
 
 def normal(seed, shape):
   return jax.random.normal(jax.random.key(seed), shape, F32)
-
-
-# (M, K, N): odd sizes; 301 rows are split over the thread pool's threads, 5 rows are one block
-@pytest.mark.parametrize('m, k, n', [(5, 7, 3), (301, 13, 11)], ids=['one_block', 'split_rows'])
-@pytest.mark.parametrize('transpose_a', [False, True], ids=['a', 'a_T'])
-@pytest.mark.parametrize('transpose_b', [False, True], ids=['b', 'b_T'])
-def test_product_equals_float64(m, k, n, transpose_a, transpose_b):
-  a = normal(0, (k, m) if transpose_a else (m, k))
-  b = normal(1, (n, k) if transpose_b else (k, n))
-  out = jax.jit(mkl_matmul.product, static_argnums=(2, 3))(a, b, transpose_a, transpose_b)
-  a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  want = (a64.T if transpose_a else a64) @ (b64.T if transpose_b else b64)
-  assert out.shape == (m, n) and out.dtype == F32
-  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
-
-
-def test_empty_contraction_gives_zeros():
-  out = jax.jit(mkl_matmul.product, static_argnums=(2, 3))(
-    jnp.ones((3, 0)), jnp.ones((0, 4)), False, False
-  )
-  np.testing.assert_array_equal(out, np.zeros((3, 4), np.float32))
 
 
 @pytest.mark.parametrize('transposed', [False, True], ids=['kernel_KN', 'table_NK'])
@@ -135,16 +111,6 @@ def test_setting_vendor_and_rows_choose_the_path(monkeypatch, setting, intel, dt
   monkeypatch.setattr(mkl_matmul, 'intel_cpu', lambda: intel)
   monkeypatch.setattr(mkl_matmul, 'MIN_ROWS', 512)
   assert mkl_matmul.applies(dtype, dtype, dtype, rows) is applies
-
-
-def test_missing_package_is_one_logged_line(monkeypatch, caplog):
-  def missing(name):
-    raise importlib.metadata.PackageNotFoundError(name)
-
-  monkeypatch.setattr(importlib.metadata, 'distribution', missing)
-  with caplog.at_level(logging.INFO, logger=mkl_matmul.__name__):
-    assert mkl_matmul.load_mkl.__wrapped__() is None
-  assert len(caplog.records) == 1 and 'using XLA' in caplog.text
 
 
 def test_gpt_training_step_uses_mkl_and_equals_xla(monkeypatch):

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.metadata
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +29,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from transformer_jax.kernels import cpu_build
+from transformer_jax.kernels import cpu_build, packaged_library
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +45,7 @@ MIN_ROWS = 512
 
 def mode() -> str:
   """``TRANSFORMER_JAX_MKL``: ``auto``, ``on`` or ``off``."""
-  value = os.environ.get('TRANSFORMER_JAX_MKL', 'auto').lower()
-  if value in ('1', 'true', 'on'):
-    return 'on'
-  if value in ('0', 'false', 'off'):
-    return 'off'
-  return 'auto'
+  return packaged_library.mode('TRANSFORMER_JAX_MKL')
 
 
 def intel_cpu() -> bool:
@@ -62,22 +55,9 @@ def intel_cpu() -> bool:
 
 @functools.cache
 def load_mkl() -> ctypes.CDLL | None:
-  """``libmkl_rt`` from the ``mkl`` package, loaded privately (``RTLD_LOCAL``); None, with one logged line, when it
-  is not installed or does not load."""
-  try:
-    files = importlib.metadata.distribution('mkl').files or ()
-  except importlib.metadata.PackageNotFoundError:
-    log.info('MKL float32 products: the mkl package is not installed; using XLA')
-    return None
-  found = [f for f in files if f.name.startswith('libmkl_rt.so')]
-  if not found:
-    log.warning('MKL float32 products: the mkl package has no libmkl_rt; using XLA')
-    return None
-  try:
-    return ctypes.CDLL(str(found[0].locate()), mode=ctypes.RTLD_LOCAL)
-  except OSError as error:
-    log.warning('MKL float32 products unavailable, using XLA: %s', error)
-    return None
+  """``libmkl_rt`` from the ``mkl`` package, loaded privately; None, with one logged line, when it is not installed
+  or does not load."""
+  return packaged_library.load('mkl', 'libmkl_rt.so', 'MKL float32 products', log)
 
 
 @functools.cache

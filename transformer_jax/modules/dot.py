@@ -16,7 +16,10 @@ drop-in for ``lax.dot_general``) hand four cases to code that runs fast on the C
   the float32 result and rounds it once to the result dtype (bf16, or float32 logits), the same numbers as XLA's bf16
   product, which also accumulates in float32; its gradients are written the same way, the weight gradient's operand
   transposed by :mod:`~transformer_jax.kernels.transpose` so that XLA cannot fold it into a refused product, a dense
-  layer's bias added inside in float32 and its gradient summed by the few-row kernel.
+  layer's bias added inside in float32 and its gradient summed by the few-row kernel. Where
+  :func:`~transformer_jax.kernels.onednn_matmul.applies` (the ``onednn`` extra, a CPU with AVX512-BF16, enough
+  rows), these products are oneDNN's instead (the primitive's CPU lowering), each operand read transposed in place
+  with no transpose kernel.
 - **float32 by float32** (where MKL does not take it; the CPU the only device): the same :func:`cpu_matmul`. Left
   to itself, XLA feeds a weight gradient ``x^T g`` a transposed copy of ``g``, the larger operand (the 80 MB logits
   gradient of a 10,000-way head: 13-18 ms of a Zen 4 step), and sums a bias gradient in a tree of reductions; here
@@ -39,7 +42,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from transformer_jax.kernels import cpu_build, mkl_matmul, skinny_matmul, transpose
+from transformer_jax.kernels import cpu_build, mkl_matmul, onednn_matmul, skinny_matmul, transpose
 
 BF16 = jnp.dtype(jnp.bfloat16)
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), BF16)
@@ -91,6 +94,41 @@ product_p.def_abstract_eval(
   )
 )
 mlir.register_lowering(product_p, mlir.lower_fun(_f32_einsum, multiple_results=False))
+
+
+def matrix_product_layout(spec: str) -> tuple[bool, bool, bool] | None:
+  """``(swap, transpose_a, transpose_b)`` when ``spec`` multiplies two matrices into one: the result is ``op(a)
+  op(b)``, or ``op(b) op(a)`` when ``swap``, with ``op`` transposing the operand (the first one after a swap being
+  ``transpose_a``'s) where its contracted index comes first (left) or last (right). None for anything else."""
+  sa, sb, out = _operand_specs(spec)
+  shared = set(sa) & set(sb)
+  if not len(sa) == len(sb) == len(out) == 2 or len(set(sa + sb)) != 3 or len(shared) != 1:
+    return None
+  (c,) = shared
+  fa, fb = sa.replace(c, ''), sb.replace(c, '')
+  if out not in (fa + fb, fb + fa):
+    return None
+  swap = out != fa + fb
+  (left, free_left), (right, free_right) = ((sb, fb), (sa, fa)) if swap else ((sa, fa), (sb, fb))
+  return swap, left == c + free_left, right == free_right + c
+
+
+def _cpu_product(a, b, *, spec):
+  """The CPU's lowering: a bf16 product of two matrices by oneDNN where
+  :func:`~transformer_jax.kernels.onednn_matmul.applies`, else XLA's."""
+  layout = matrix_product_layout(spec)
+  if layout is not None:
+    swap, transpose_a, transpose_b = layout
+    left, right = (b, a) if swap else (a, b)
+    rows = left.shape[1] if transpose_a else left.shape[0]
+    if onednn_matmul.applies(left.dtype, right.dtype, rows):
+      return onednn_matmul.product(left, right, transpose_a, transpose_b)
+  return _f32_einsum(a, b, spec=spec)
+
+
+mlir.register_lowering(
+  product_p, mlir.lower_fun(_cpu_product, multiple_results=False), platform='cpu'
+)
 
 
 def _cotangent(spec: str, ct, other, dtype):
@@ -183,6 +221,8 @@ def _rows_contracted(a, b):
   device (:func:`~transformer_jax.kernels.cpu_build.sole_cpu_device`) XLA's product does it all, since a
   partitioner cannot split the kernel's custom call."""
   dtype = a.dtype
+  if onednn_matmul.applies(dtype, b.dtype, a.shape[1]):  # reads ``a`` transposed in place
+    return product_p.bind(a, b, spec='mp,mq->pq').astype(dtype)
   if not (cpu_build.sole_cpu_device() and transpose.available()):
     return product_p.bind(a, b, spec='mp,mq->pq').astype(dtype)
   (m, p), q = a.shape, b.shape[1]
