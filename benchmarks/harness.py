@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import time
+from importlib.metadata import version
 from typing import Callable, Sequence
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from transformer_jax.host_memory import keep_freed_memory
-from transformer_jax.kernels import cpu_build, mkl_matmul
+from transformer_jax.kernels import cpu_build, mkl_matmul, onednn_matmul
 from transformer_jax.modules.cross_entropy import softmax_cross_entropy
 
 _HOST_MEMORY = {'kept': False}
@@ -78,9 +79,11 @@ def machine_info() -> dict:
     len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   )
   info['xla_flags'] = os.environ.get('XLA_FLAGS', '')
-  # which library runs our float32 products on the CPU (transformer_jax.kernels.mkl_matmul)
-  f32 = jnp.float32
+  # which library runs our float32 and bf16 products on the CPU (transformer_jax.kernels.mkl_matmul, onednn_matmul)
+  f32, bf16 = jnp.float32, jnp.bfloat16
   info['f32_products'] = 'MKL' if mkl_matmul.applies(f32, f32, f32, mkl_matmul.MIN_ROWS) else 'XLA'
+  onednn = onednn_matmul.applies(bf16, bf16, onednn_matmul.MIN_ROWS)
+  info['bf16_products'] = f'oneDNN {version("onednn-cpu-gomp")}' if onednn else 'XLA'
   info['load_average'] = os.getloadavg() if hasattr(os, 'getloadavg') else None
   return info
 
@@ -104,6 +107,7 @@ def print_machine(info: dict) -> None:
     'xla_cpu_threads',
     'xla_flags',
     'f32_products',
+    'bf16_products',
     'load_average',
   )
   print('; '.join(f'{k}={info[k]}' for k in keys if k in info), flush=True)
