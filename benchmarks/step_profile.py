@@ -37,6 +37,7 @@ from benchmarks.harness import (
 )
 from benchmarks.train_cases import CASES, add_shape_arguments, parse_overrides
 from benchmarks.train_throughput import compiled_jax_step
+from transformer_jax.kernels import mkl_matmul, onednn_matmul
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\w+\[[^\]]*\])\S* (\S+)\((.*)$')
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) .*\{$')
@@ -44,6 +45,8 @@ _DIMS = re.compile(r'\w+\[([\d,]*)\]')
 
 
 CONTROL_FLOW = ('while', 'conditional', 'call')
+# the kernels whose custom call is one matrix product by a library (their FLOPs are counted like a dot's)
+LIBRARY_PRODUCTS = {mkl_matmul.TARGET: 'MKL', onednn_matmul.TARGET: 'oneDNN'}
 
 
 @dataclasses.dataclass
@@ -78,7 +81,8 @@ class Program:
 
 
 def parse_hlo(text: str) -> Program:
-  """The instructions of compiled HLO text, each dot's FLOPs (2 x result elements x contracted size) counted."""
+  """The instructions of compiled HLO text, the FLOPs of each dot and library product (2 x result elements x
+  contracted size) counted."""
   ops, members, shapes, computation, entry = {}, collections.defaultdict(list), {}, None, None
   for line in text.splitlines():
     if (start := _COMPUTATION.match(line)) and ' = ' not in line.split('{')[0]:
@@ -98,6 +102,10 @@ def parse_hlo(text: str) -> Program:
       flops = 2 * math.prod(dims(shape)) * depth
     calls = re.search(r'calls=%([\w.\-]+)', rest)
     target = re.search(r'custom_call_target="([^"]+)"', rest)
+    if target and target.group(1) in LIBRARY_PRODUCTS:
+      # op(a) op(b) of two matrices: K is a's second dimension, or its first when read transposed
+      a_dims = dims(shapes[rest.split(',')[0].strip().lstrip('%')])
+      flops = 2 * math.prod(dims(shape)) * a_dims[0 if 'transpose_a = true' in rest else 1]
     path = re.search(r'op_name="([^"]+)"', rest)
     ops[name] = Op(
       opcode,
@@ -111,6 +119,8 @@ def parse_hlo(text: str) -> Program:
 
 
 def kind_of(name: str, op: Op, flops: int) -> str:
+  if op.target in LIBRARY_PRODUCTS:
+    return f'products by {LIBRARY_PRODUCTS[op.target]}'
   if flops:
     return 'products (dots, with what XLA fused into them)'
   if op.opcode == 'custom-call':

@@ -141,3 +141,22 @@ def test_wall_shares_split_each_instant_between_running_ops(name, events, expect
   assert sum(shares.values()) == pytest.approx(
     len({t for e in events for t in range(e['ts'], e['ts'] + e['dur'])})
   )
+
+
+@pytest.mark.parametrize('transpose_a', [False, True], ids=['x_w', 'x_T_g'])
+def test_library_product_flops_and_kind(monkeypatch, transpose_a):
+  """A oneDNN product's custom call (m 300, k 7, n 5) counts 2 M K N FLOPs, read transposed or not, under its own
+  kind."""
+  from transformer_jax.kernels import onednn_matmul
+
+  if not (onednn_matmul.available() and onednn_matmul.cpu_supports(forced=True)):
+    pytest.skip('the onednn-cpu-gomp package, a C++ compiler or an AVX-512 CPU is missing')
+  monkeypatch.setenv('TRANSFORMER_JAX_ONEDNN', '1')
+  a = jnp.ones((K, 300) if transpose_a else (300, K), jnp.bfloat16)
+  b = jnp.ones((K, N), jnp.bfloat16)
+  fn = jax.jit(lambda a, b: onednn_matmul.product(a, b, transpose_a, False))
+  program = parse_hlo(fn.lower(a, b).compile().as_text())
+  flops = _entry_flops(program)
+  assert sum(flops.values()) == 2 * 300 * K * N
+  (call,) = [n for n, f in flops.items() if f]
+  assert kind_of(call, program.ops[call], flops[call]) == 'products by oneDNN'
