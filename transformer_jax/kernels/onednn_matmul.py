@@ -1,10 +1,13 @@
 """bfloat16 matrix products with float32 results by oneDNN (``onednn_matmul.cc``), on CPUs with AVX512-BF16.
 
 XLA:CPU runs a bf16 product through YNNPACK. On 2 cores of an AMD Zen 4 (``avx512_bf16``), oneDNN's
-``dnnl_gemm_bf16bf16f32`` runs a transformer's bf16 products about a fifth faster (``benchmarks/RESULTS.md``, "On
-Zen 4, seventh round"); it is the library behind ``torch.mm`` of bf16 there. :func:`product` is ``op(a) @ op(b)``,
-either operand read transposed in place. It is not differentiated itself: :mod:`transformer_jax.modules.dot` lowers
-its bf16 products (``cpu_matmul``'s, forward and gradient) to it on the CPU where :func:`applies`.
+``dnnl_gemm_bf16bf16f32``, the library behind ``torch.mm`` of bf16 there, ran a bf16 encoder-decoder's training
+products at 413 GFLOP/s against XLA's 359, and its step 1.2x faster (``benchmarks/RESULTS.md``, "On Zen 4, seventh
+round"). Not yet measured on other CPUs with AVX512-BF16 (Zen 5, Sapphire Rapids), where it is also the default.
+
+:func:`product` is ``op(a) @ op(b)``, either operand read transposed in place. It is not differentiated itself:
+:mod:`transformer_jax.modules.dot` lowers its bf16 products (``cpu_matmul``'s, forward and gradient) to it on the CPU
+where :func:`applies`.
 
 oneDNN comes from the ``onednn-cpu-gomp`` package on PyPI (``pip install 'transformer_jax[onednn]'``), its build
 threaded by GNU OpenMP, which needs the system's ``libgomp.so.1``. ``TRANSFORMER_JAX_ONEDNN`` chooses: ``auto``
