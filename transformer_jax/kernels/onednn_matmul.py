@@ -32,7 +32,7 @@ TARGET = 'transformer_jax_onednn_matmul'
 BF16 = jnp.dtype(jnp.bfloat16)
 # Products of fewer output rows stay XLA's (a decoding step's few rows go to the few-row kernel before this). A bf16
 # dense layer's product (and its value-and-gradient) at K x N = 512 x 2048, 2048 x 512, 384 x 1536 and 768 x 768 on
-# Zen 4, XLA's time over ours: 0.64-0.92 (0.77-0.92) at 64 rows, 1.00-1.40 (0.99-1.23) at 128, 1.00-1.26 (1.04-1.36)
+# Zen 4, XLA's time over ours: 0.64-0.89 (0.77-0.92) at 64 rows, 1.00-1.40 (0.99-1.23) at 128, 1.00-1.26 (1.04-1.36)
 # at 256, 1.03-1.23 (1.07-1.28) at 512.
 MIN_ROWS = 256
 
