@@ -83,7 +83,7 @@ def machine_info() -> dict:
   f32, bf16 = jnp.float32, jnp.bfloat16
   info['f32_products'] = 'MKL' if mkl_matmul.applies(f32, f32, f32, mkl_matmul.MIN_ROWS) else 'XLA'
   onednn = onednn_matmul.applies(bf16, bf16, onednn_matmul.MIN_ROWS)
-  info['bf16_products'] = f'oneDNN {version("onednn-cpu-gomp")}' if onednn else 'XLA'
+  info['bf16_products'] = f'oneDNN {version(onednn_matmul.DISTRIBUTION)}' if onednn else 'XLA'
   info['load_average'] = os.getloadavg() if hasattr(os, 'getloadavg') else None
   return info
 

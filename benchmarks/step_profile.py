@@ -94,18 +94,17 @@ def parse_hlo(text: str) -> Program:
       continue
     name, shape, opcode, rest = match.groups()
     shapes[name] = shape
-    flops = 0
-    if opcode == 'dot':
-      lhs = rest.split(',')[0].strip().lstrip('%')
-      contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest).group(1)
-      depth = math.prod(dims(shapes[lhs])[int(i)] for i in contracting.split(',') if i)
-      flops = 2 * math.prod(dims(shape)) * depth
     calls = re.search(r'calls=%([\w.\-]+)', rest)
     target = re.search(r'custom_call_target="([^"]+)"', rest)
-    if target and target.group(1) in LIBRARY_PRODUCTS:
-      # op(a) op(b) of two matrices: K is a's second dimension, or its first when read transposed
-      a_dims = dims(shapes[rest.split(',')[0].strip().lstrip('%')])
-      flops = 2 * math.prod(dims(shape)) * a_dims[0 if 'transpose_a = true' in rest else 1]
+    flops = 0
+    if opcode == 'dot' or (target and target.group(1) in LIBRARY_PRODUCTS):
+      lhs_dims = dims(shapes[rest.split(',')[0].strip().lstrip('%')])
+      if opcode == 'dot':
+        contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest).group(1)
+        depth = math.prod(lhs_dims[int(i)] for i in contracting.split(',') if i)
+      else:  # op(a) op(b) of two matrices: K is a's second dimension, or its first when read transposed
+        depth = lhs_dims[0 if 'transpose_a = true' in rest else 1]
+      flops = 2 * math.prod(dims(shape)) * depth
     path = re.search(r'op_name="([^"]+)"', rest)
     ops[name] = Op(
       opcode,

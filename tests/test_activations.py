@@ -136,7 +136,9 @@ def test_activate_derivatives_are_the_references(name, gated):
 
 def test_vmapped_kernel_is_one_call_over_the_stack():
   x, t = values((3, 2, 11), seed=7), values((3, 2, 11), seed=8)
-  stacked = jax.jit(jax.vmap(lambda a, b: kernel.activation('silu', a, b)))(x, t)
+  mapped = jax.jit(jax.vmap(lambda a, b: kernel.activation('silu', a, b)))
+  assert mapped.lower(x, t).compile().as_text().count(f'custom_call_target="{kernel.TARGET}"') == 1
+  stacked = mapped(x, t)
   for i in range(3):
     np.testing.assert_array_equal(
       np.asarray(stacked[i]), np.asarray(kernel.activation('silu', x[i], t[i]))

@@ -1,8 +1,8 @@
 """``kernels.mkl_matmul``: float32 products by MKL, split over XLA's thread pool, and the dense layers that use them.
 
-Every layout of the product equals a float64 reference; its gradients (reverse, forward, second order) and vmap
-equal XLA's; ``TRANSFORMER_JAX_MKL``, the CPU's vendor and the number of rows choose the path; a model's compiled
-training step calls the kernel for its dense layers."""
+A dense layer's product, its gradients (reverse, forward, second order) and vmap equal XLA's;
+``TRANSFORMER_JAX_MKL``, the CPU's vendor and the number of rows choose the path. Every layout against float64, and a
+GPT's training step on the kernel: tests/test_row_block_product.py."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from transformer_jax.kernels import mkl_matmul
-from transformer_jax.models.gpt import GPT, GPTConfig
 from transformer_jax.modules import dot
 
 pytestmark = pytest.mark.skipif(
@@ -111,32 +110,3 @@ def test_setting_vendor_and_rows_choose_the_path(monkeypatch, setting, intel, dt
   monkeypatch.setattr(mkl_matmul, 'intel_cpu', lambda: intel)
   monkeypatch.setattr(mkl_matmul, 'MIN_ROWS', 512)
   assert mkl_matmul.applies(dtype, dtype, dtype, rows) is applies
-
-
-def test_gpt_training_step_uses_mkl_and_equals_xla(monkeypatch):
-  """A float32 GPT (2 layers, d 12, 3 heads, vocab 37) with a tied head: the loss gradient with MKL products equals
-  the one with XLA's, and the compiled step calls the kernel for every dense layer and the head."""
-  cfg = GPTConfig(
-    num_layers=2, d_model=12, num_heads=3, d_ff=20, vocab_size=37, max_len=8, dropout_rate=0.0,
-    attention_dropout_rate=0.0, tie_output=True,
-  )  # fmt: skip
-  model = GPT(cfg)
-  ids = jax.random.randint(jax.random.key(7), (2, 7), 0, 37)
-  params = model.init(jax.random.key(8), ids)['params']
-
-  def loss(params):
-    return jnp.mean(jax.nn.logsumexp(model.apply({'params': params}, ids), axis=-1))
-
-  with jax.default_matmul_precision('highest'):
-    ours = jax.jit(jax.grad(loss))
-    calls = ours.lower(params).as_text().count('transformer_jax_mkl_matmul')
-    got = ours(params)
-    monkeypatch.setenv('TRANSFORMER_JAX_MKL', '0')
-    reference = jax.jit(jax.grad(loss))
-    assert mkl_matmul.TARGET not in reference.lower(params).as_text(), 'the reference is XLA'
-    want = reference(params)
-  # per layer 4 products (fused QKV, attention output, two FFN), and the head: each with its 2 gradient products
-  assert calls == (2 * 4 + 1) * 3
-  assert 'dot_general' not in ours.lower(params).as_text(), 'a product left to XLA'
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

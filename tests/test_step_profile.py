@@ -143,20 +143,26 @@ def test_wall_shares_split_each_instant_between_running_ops(name, events, expect
   )
 
 
+@pytest.mark.parametrize('library', ['MKL', 'oneDNN'])
 @pytest.mark.parametrize('transpose_a', [False, True], ids=['x_w', 'x_T_g'])
-def test_library_product_flops_and_kind(monkeypatch, transpose_a):
-  """A oneDNN product's custom call (m 300, k 7, n 5) counts 2 M K N FLOPs, read transposed or not, under its own
-  kind."""
-  from transformer_jax.kernels import onednn_matmul
+def test_library_product_flops_and_kind(monkeypatch, library, transpose_a):
+  """A library product's custom call (m 300, k 7, n 5; MKL's float32, oneDNN's bf16) counts 2 M K N FLOPs, read
+  transposed or not, under its library's own kind."""
+  from transformer_jax.kernels import mkl_matmul, onednn_matmul
 
-  if not (onednn_matmul.available() and onednn_matmul.cpu_supports(forced=True)):
-    pytest.skip('the onednn-cpu-gomp package, a C++ compiler or an AVX-512 CPU is missing')
-  monkeypatch.setenv('TRANSFORMER_JAX_ONEDNN', '1')
-  a = jnp.ones((K, 300) if transpose_a else (300, K), jnp.bfloat16)
-  b = jnp.ones((K, N), jnp.bfloat16)
-  fn = jax.jit(lambda a, b: onednn_matmul.product(a, b, transpose_a, False))
+  module, dtype = {'MKL': (mkl_matmul, jnp.float32), 'oneDNN': (onednn_matmul, jnp.bfloat16)}[
+    library
+  ]
+  if not module.available() or (
+    module is onednn_matmul and not onednn_matmul.cpu_supports(forced=True)
+  ):
+    pytest.skip(f'{library}: its package, a C++ compiler or the CPU it needs is missing')
+  monkeypatch.setenv(module.SWITCH, '1')
+  a = jnp.ones((K, 300) if transpose_a else (300, K), dtype)
+  b = jnp.ones((K, N), dtype)
+  fn = jax.jit(lambda a, b: module.product(a, b, transpose_a, False))
   program = parse_hlo(fn.lower(a, b).compile().as_text())
   flops = _entry_flops(program)
   assert sum(flops.values()) == 2 * 300 * K * N
   (call,) = [n for n, f in flops.items() if f]
-  assert kind_of(call, program.ops[call], flops[call]) == 'products by oneDNN'
+  assert kind_of(call, program.ops[call], flops[call]) == f'products by {library}'

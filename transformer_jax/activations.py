@@ -62,7 +62,7 @@ def _relu_rounded(x):
 def _relu_rounded_jvp(primals, tangents):
   (x,), (t,) = primals, tangents
   y = _relu_rounded(x)
-  return y, jnp.where(y > 0, t, jnp.zeros_like(t)).astype(y.dtype)
+  return y, jnp.where(y > 0, t, jnp.zeros_like(t))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

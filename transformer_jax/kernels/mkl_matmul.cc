@@ -2,7 +2,6 @@
 // thread-local setting, which leaves other users of MKL in the process as they were): row_block_product.h.
 // mkl_matmul.py loads libmkl_rt privately and hands its functions over with TransformerJaxSetMkl, so no symbol of
 // MKL's enters the process's global scope (another library's BLAS calls keep their own).
-#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -27,27 +26,18 @@ ffi::Error product(ffi::ThreadPool pool, Matrix a, Matrix b, ffi::Result<Matrix>
                    bool transpose_b) {
   if (sgemm_fn == nullptr || set_threads_local_fn == nullptr)
     return ffi::Error::Internal("mkl_matmul: MKL's functions were not handed over");
-  transformer_jax::ProductShape s;
-  if (auto error = transformer_jax::product_shape(a, b, *out, transpose_a, transpose_b, &s); error.failure())
-    return error;
   constexpr int64_t kMax = std::numeric_limits<int>::max();  // LP64 MKL takes 32-bit sizes
-  if (s.m > kMax || s.n > kMax || s.k > kMax)
-    return ffi::Error::InvalidArgument("mkl_matmul: a dimension is too large for 32-bit MKL");
-  float* c = out->typed_data();
-  if (s.m == 0 || s.n == 0) return ffi::Error::Success();
-  if (s.k == 0) {  // an empty sum; cblas_sgemm would reject the leading dimension 0 and leave `out` unwritten
-    std::fill(c, c + s.m * s.n, 0.f);
-    return ffi::Error::Success();
-  }
   const int lda = a.dimensions()[1], ldb = b.dimensions()[1];
-  transformer_jax::run_row_blocks(pool, s.m, [&](int64_t first, int64_t rows) {
-    const float* a_rows = a.typed_data() + (transpose_a ? first : first * lda);
-    const int before = set_threads_local_fn(1);
-    sgemm_fn(kRowMajor, transpose_a ? kTrans : kNoTrans, transpose_b ? kTrans : kNoTrans, rows, s.n, s.k, 1.f,
-             a_rows, lda, b.typed_data(), ldb, 0.f, c + first * s.n, s.n);
-    set_threads_local_fn(before);
-  });
-  return ffi::Error::Success();
+  float* c = out->typed_data();
+  return transformer_jax::row_block_product(
+      pool, a, b, *out, transpose_a, transpose_b, kMax,
+      [&](int64_t first, int64_t rows, int64_t a_offset, const transformer_jax::ProductShape& s) {
+        const int before = set_threads_local_fn(1);
+        sgemm_fn(kRowMajor, transpose_a ? kTrans : kNoTrans, transpose_b ? kTrans : kNoTrans, rows, s.n, s.k, 1.f,
+                 a.typed_data() + a_offset, lda, b.typed_data(), ldb, 0.f, c + first * s.n, s.n);
+        set_threads_local_fn(before);
+        return true;  // cblas_sgemm reports nothing
+      });
 }
 
 }  // namespace

@@ -3,8 +3,8 @@
 // takes its thread count from the calling thread's OpenMP setting, which each block sets to one and restores (a
 // thread-local setting: other OpenMP users in the process keep theirs). onednn_matmul.py loads libdnnl privately and
 // hands its functions over with TransformerJaxSetOnednn.
-#include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "row_block_product.h"
 #include "xla/ffi/api/ffi.h"
@@ -28,30 +28,20 @@ ffi::Error product(ffi::ThreadPool pool, Bf16Matrix a, Bf16Matrix b, ffi::Result
                    bool transpose_b) {
   if (gemm_fn == nullptr || set_threads_fn == nullptr || get_threads_fn == nullptr)
     return ffi::Error::Internal("onednn_matmul: oneDNN's functions were not handed over");
-  transformer_jax::ProductShape s;
-  if (auto error = transformer_jax::product_shape(a, b, *out, transpose_a, transpose_b, &s); error.failure())
-    return error;
-  float* c = out->typed_data();
-  if (s.m == 0 || s.n == 0) return ffi::Error::Success();
-  if (s.k == 0) {  // an empty sum, which oneDNN would reject
-    std::fill(c, c + s.m * s.n, 0.f);
-    return ffi::Error::Success();
-  }
   const int64_t lda = a.dimensions()[1], ldb = b.dimensions()[1];
   const auto* a_data = reinterpret_cast<const uint16_t*>(a.untyped_data());
   const auto* b_data = reinterpret_cast<const uint16_t*>(b.untyped_data());
-  int failed = 0;  // a status other than dnnl_success (0), from any block
-  transformer_jax::run_row_blocks(pool, s.m, [&](int64_t first, int64_t rows) {
-    const int before = get_threads_fn();
-    set_threads_fn(1);
-    const int status = gemm_fn(transpose_a ? 'T' : 'N', transpose_b ? 'T' : 'N', rows, s.n, s.k, 1.f,
-                               a_data + (transpose_a ? first : first * lda), lda, b_data, ldb, 0.f, c + first * s.n,
-                               s.n);
-    set_threads_fn(before);
-    if (status != 0) __atomic_store_n(&failed, status, __ATOMIC_RELAXED);
-  });
-  if (failed != 0) return ffi::Error::Internal("onednn_matmul: dnnl_gemm_bf16bf16f32 failed");
-  return ffi::Error::Success();
+  float* c = out->typed_data();
+  return transformer_jax::row_block_product(
+      pool, a, b, *out, transpose_a, transpose_b, std::numeric_limits<int64_t>::max(),
+      [&](int64_t first, int64_t rows, int64_t a_offset, const transformer_jax::ProductShape& s) {
+        const int before = get_threads_fn();
+        set_threads_fn(1);
+        const int status = gemm_fn(transpose_a ? 'T' : 'N', transpose_b ? 'T' : 'N', rows, s.n, s.k, 1.f,
+                                   a_data + a_offset, lda, b_data, ldb, 0.f, c + first * s.n, s.n);
+        set_threads_fn(before);
+        return status == 0;  // dnnl_success
+      });
 }
 
 }  // namespace

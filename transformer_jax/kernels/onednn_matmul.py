@@ -29,17 +29,14 @@ from transformer_jax.kernels import cpu_build, packaged_library
 log = logging.getLogger(__name__)
 
 TARGET = 'transformer_jax_onednn_matmul'
+DISTRIBUTION = 'onednn-cpu-gomp'  # the PyPI package that holds libdnnl
+SWITCH = 'TRANSFORMER_JAX_ONEDNN'
 BF16 = jnp.dtype(jnp.bfloat16)
 # Products of fewer output rows stay XLA's (a decoding step's few rows go to the few-row kernel before this). A bf16
 # dense layer's product (and its value-and-gradient) at K x N = 512 x 2048, 2048 x 512, 384 x 1536 and 768 x 768 on
 # Zen 4, XLA's time over ours: 0.64-0.89 (0.77-0.92) at 64 rows, 1.00-1.40 (0.99-1.23) at 128, 1.00-1.26 (1.04-1.36)
 # at 256, 1.03-1.23 (1.07-1.28) at 512.
 MIN_ROWS = 256
-
-
-def mode() -> str:
-  """``TRANSFORMER_JAX_ONEDNN``: ``auto``, ``on`` or ``off``."""
-  return packaged_library.mode('TRANSFORMER_JAX_ONEDNN')
 
 
 def cpu_supports(forced: bool) -> bool:
@@ -53,7 +50,7 @@ def cpu_supports(forced: bool) -> bool:
 def load_onednn() -> ctypes.CDLL | None:
   """``libdnnl`` from the ``onednn-cpu-gomp`` package, loaded privately; None, with one logged line, when it is not
   installed or does not load."""
-  return packaged_library.load('onednn-cpu-gomp', 'libdnnl.so', 'oneDNN bf16 products', log)
+  return packaged_library.load(DISTRIBUTION, 'libdnnl.so', 'oneDNN bf16 products', log)
 
 
 @functools.cache
@@ -84,7 +81,7 @@ def applies(lhs_dtype, rhs_dtype, rows: int) -> bool:
   kernel available."""
   if rows < MIN_ROWS or not jnp.dtype(lhs_dtype) == jnp.dtype(rhs_dtype) == BF16:
     return False
-  chosen = mode()
+  chosen = packaged_library.mode(SWITCH)
   if chosen == 'off' or not cpu_supports(forced=chosen == 'on'):
     return False
   return cpu_build.sole_cpu_device() and available()

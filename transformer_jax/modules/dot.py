@@ -221,9 +221,10 @@ def _rows_contracted(a, b):
   device (:func:`~transformer_jax.kernels.cpu_build.sole_cpu_device`) XLA's product does it all, since a
   partitioner cannot split the kernel's custom call."""
   dtype = a.dtype
-  if onednn_matmul.applies(dtype, b.dtype, a.shape[1]):  # reads ``a`` transposed in place
-    return product_p.bind(a, b, spec='mp,mq->pq').astype(dtype)
-  if not (cpu_build.sole_cpu_device() and transpose.available()):
+  # oneDNN (where it applies) reads ``a`` transposed in place; without the transpose kernel XLA does it all
+  if onednn_matmul.applies(dtype, b.dtype, a.shape[1]) or not (
+    cpu_build.sole_cpu_device() and transpose.available()
+  ):
     return product_p.bind(a, b, spec='mp,mq->pq').astype(dtype)
   (m, p), q = a.shape, b.shape[1]
   if m * p <= (m + p) * q:
