@@ -7,7 +7,8 @@
 # 1. the machine: the GPU, the driver, and the versions Python sees (JAX must report a GPU backend, or it stops);
 # 2. GPT-2 small training at T=1024 in bf16, ours (cuDNN attention) against GPT2LMHeadModel under autocast, eager and
 #    torch.compile, with our MFU against the card's datasheet bf16 peak;
-# 3. greedy decoding of GPT-2 small and the small shape at batch 1 and 8, float32 and bf16 weights.
+# 3. greedy decoding of GPT-2 small and the small shape at batch 1 and 8, float32 and bf16 weights;
+# 4. python -m benchmarks.targets over the training record: the bf16 MFU target, met or not.
 # Each part's log and JSON land in OUTPUT_DIR. A part that fails or runs past its time limit does not stop the next.
 set -uo pipefail
 out=${1:-benchmarks/results/gpu}
@@ -36,4 +37,5 @@ status=0
 timeout 330 "$python" -m benchmarks.train_throughput --models gpt --gpt-shape gpt2-small --seq 1024 \
   --out "$out/train_throughput.json" 2>&1 | tee "$out/train_throughput.log" || status=1
 timeout 200 "$python" -m benchmarks.decode --out "$out/decode.json" 2>&1 | tee "$out/decode.log" || status=1
+"$python" -m benchmarks.targets --train "$out/train_throughput.json" 2>&1 | tee "$out/targets.log" || status=1
 exit $status

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from benchmarks import train_cases
+from benchmarks.targets import main as check_targets
 from transformer_jax.convert.bert import to_bert
 from transformer_jax.convert.course_models import to_reference_gpt, to_reference_transformer
 from transformer_jax.convert.gpt2 import to_gpt2
@@ -129,9 +130,10 @@ def test_seq2seq_case_losses_agree():
 
 
 @pytest.mark.slow
-def test_gpu_command_runs_on_a_small_gpt2(tmp_path):
+def test_gpu_command_runs_on_a_small_gpt2(tmp_path, capsys):
   """The GPT-2-small training row the GPU figures come from (``benchmarks/gpu_check.sh``), here on a 1-layer,
-  narrow GPT-2 at T=15: every row is timed and written, and the JSON names the CPU."""
+  narrow GPT-2 at T=15: every row is timed and written, the JSON names the CPU, and ``benchmarks.targets`` reads it
+  (its CPU targets, met or not at this size)."""
   out = tmp_path / 'train.json'
   command = [
     *('--models', 'gpt', '--gpt-shape', 'gpt2-small', '--gpt-layers', '1', '--seq', '15'),
@@ -153,6 +155,10 @@ def test_gpu_command_runs_on_a_small_gpt2(tmp_path):
     assert rows[precision, 'jax']['params_M'] == rows[precision, 'torch eager']['params_M']
     assert all(rows[precision, i]['step_ms'] > 0 for i in ('jax', 'jax nnx', 'torch eager'))
   assert 'cpu_family' in result['machine']
+  assert check_targets(['--train', str(out)]) in (0, 1)
+  printed = capsys.readouterr().out
+  for precision in ('f32', 'bf16'):
+    assert f'gpt {precision} training vs torch eager' in printed
 
 
 def test_gpu_check_stops_where_jax_sees_no_gpu(tmp_path):

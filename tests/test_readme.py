@@ -45,6 +45,7 @@ NOT_RUN = {
   'gcloud compute tpus': 'needs a Cloud TPU pod slice (distributed.enabled finds the processes through it)',
   'python -m benchmarks.': 'measures full-size models against PyTorch and torch.compile for minutes by design',
   'bash benchmarks/gpu_check.sh': 'needs a GPU (test_benchmark_cases.py checks that it stops on a CPU)',
+  'bash benchmarks/cpu_check.sh': 'the training and decoding benchmarks in full, ten minutes by design',
 }
 
 
