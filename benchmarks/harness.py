@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -47,6 +48,36 @@ def cpu_info() -> dict:
   }
 
 
+# train_throughput's row of ours with the product library switched off (--xla-products)
+XLA_PRODUCTS = 'jax, XLA products'
+
+
+def product_library_switch(bf16: bool) -> str | None:
+  """The switch (environment variable) of the library that runs our training products of this precision on the
+  CPU (MKL's float32 ones, oneDNN's bf16 ones), or None where they are XLA's."""
+  if bf16:
+    dtype = jnp.bfloat16
+    return (
+      onednn_matmul.SWITCH if onednn_matmul.applies(dtype, dtype, onednn_matmul.MIN_ROWS) else None
+    )
+  dtype = jnp.float32
+  return mkl_matmul.SWITCH if mkl_matmul.applies(dtype, dtype, dtype, mkl_matmul.MIN_ROWS) else None
+
+
+@contextlib.contextmanager
+def switched_off(variable: str):
+  """The environment variable ``variable`` set to ``0`` inside the block (what was there before, after it)."""
+  before = os.environ.get(variable)
+  os.environ[variable] = '0'
+  try:
+    yield
+  finally:
+    if before is None:
+      del os.environ[variable]
+    else:
+      os.environ[variable] = before
+
+
 def machine_info() -> dict:
   """What the figures were measured on."""
   info = {
@@ -80,9 +111,8 @@ def machine_info() -> dict:
   )
   info['xla_flags'] = os.environ.get('XLA_FLAGS', '')
   # which library runs our float32 and bf16 products on the CPU (transformer_jax.kernels.mkl_matmul, onednn_matmul)
-  f32, bf16 = jnp.float32, jnp.bfloat16
-  info['f32_products'] = 'MKL' if mkl_matmul.applies(f32, f32, f32, mkl_matmul.MIN_ROWS) else 'XLA'
-  onednn = onednn_matmul.applies(bf16, bf16, onednn_matmul.MIN_ROWS)
+  info['f32_products'] = 'MKL' if product_library_switch(bf16=False) else 'XLA'
+  onednn = product_library_switch(bf16=True)
   info['bf16_products'] = f'oneDNN {version(onednn_matmul.DISTRIBUTION)}' if onednn else 'XLA'
   info['load_average'] = os.getloadavg() if hasattr(os, 'getloadavg') else None
   return info

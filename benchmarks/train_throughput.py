@@ -3,7 +3,7 @@
     python -m benchmarks.train_throughput [--models gpt seq2seq bert] [--batch 8] [--seq 256]
         [--gpt-shape course|gpt2-small] [--gpt-layers N] [--seq2seq-layers 2] [--bert-layers 2]
         [--bert-targets masked|all] [--dropout 0.0]
-        [--override fused_qkv=True] [--precision float32 bfloat16]
+        [--override fused_qkv=True] [--precision float32 bfloat16] [--xla-products]
     python -m benchmarks.train_throughput --models gpt --gpt-shape gpt2-small --seq 1024   # GPT-2 small, on a GPU
 
 Each model is built twice with the same shapes (``benchmarks/train_cases.py``): ours in Flax and its PyTorch
@@ -21,7 +21,10 @@ achieved FLOP/s from the matmul count (6 x dense weights + 12 x L x D x context 
 no discount for causal masking) and the model FLOPs utilisation against the machine's peak (measured with a large
 float32 ``jnp.dot`` on CPU, the datasheet bf16 peak on a GPU/TPU). ``--precision bfloat16`` rows compute in bf16 on
 both sides (our ``dtype='bfloat16'`` with float32 master weights; ``torch.autocast`` around PyTorch's forward), the
-default on a GPU/TPU; on GPUs ours asks for cuDNN attention.
+default on a GPU/TPU; on GPUs ours asks for cuDNN attention. Where a library runs our products on this CPU (MKL's
+float32 ones, oneDNN's bf16 ones: the ``f32_products`` and ``bf16_products`` of the machine line),
+``--xla-products`` adds ours compiled with it switched off (``jax, XLA products``), timed in the same rounds: its
+``jax_speedup`` is what the library gives on this CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from flax import nnx
 
 import transformer_jax.nnx as tnnx
 from benchmarks.harness import (
+  XLA_PRODUCTS,
   adamw_step,
   keep_host_memory,
   machine_info,
@@ -46,6 +50,8 @@ from benchmarks.harness import (
   peak_flops,
   print_machine,
   print_table,
+  product_library_switch,
+  switched_off,
   time_interleaved,
   torch_matmul_peak,
   write_json,
@@ -92,7 +98,7 @@ def compiled_jax_step(case: Case):
   return compiled, [params, opt_state], batch, rng, time.perf_counter() - start
 
 
-def prepare_jax(case: Case) -> Prepared:
+def prepare_jax(case: Case, impl: str = 'jax') -> Prepared:
   compiled, state, batch, rng, compile_s = compiled_jax_step(case)
   # counted now: the step donates these buffers
   params_m = sum(x.size for x in jax.tree.leaves(state[0])) / 1e6
@@ -101,7 +107,7 @@ def prepare_jax(case: Case) -> Prepared:
     state[0], state[1], loss = compiled(state[0], state[1], batch, rng)
     return jax.block_until_ready(loss)
 
-  return Prepared('jax', call, compile_s, params_m)
+  return Prepared(impl, call, compile_s, params_m)
 
 
 def prepare_nnx(case: Case) -> Prepared:
@@ -164,6 +170,10 @@ def time_case(case: Case, args, bf16: bool, peak: float) -> list[dict]:
   Every implementation is built and warmed up first, then timed in interleaved rounds (one step of each per round),
   so a change in what else the machine is doing falls on all of them alike."""
   prepared, failed = [prepare_jax(case)], []
+  switch = product_library_switch(bf16) if args.xla_products else None
+  if switch is not None:  # the same step compiled with the library off, products XLA's
+    with switched_off(switch):
+      prepared.append(prepare_jax(case, impl=XLA_PRODUCTS))
   if not args.no_nnx:
     prepared.append(prepare_nnx(case))
   if not args.no_torch:
@@ -233,6 +243,11 @@ def main(argv=None):
   parser.add_argument('--no-torch', action='store_true', help='ours only')
   parser.add_argument('--no-nnx', action='store_true', help='no row for our models in NNX')
   parser.add_argument('--no-torch-compile', action='store_true')
+  parser.add_argument(
+    '--xla-products',
+    action='store_true',
+    help=f'where a library runs our products (MKL float32, oneDNN bf16), a row of ours with it off ({XLA_PRODUCTS!r})',
+  )
   parser.add_argument('--out', default='benchmarks/results/train_throughput.json')
   args = parser.parse_args(argv)
 

@@ -1,5 +1,6 @@
 """The training benchmark compares like with like: each case's loss on our model equals its PyTorch counterpart's on
-the same weights and batch (every family, both GPT shapes, the SDPA peer), and the GPU command runs end to end."""
+the same weights and batch (every family, both GPT shapes, the SDPA peer), its ``--xla-products`` row really has
+XLA's products, and the GPU command runs end to end."""
 
 import argparse
 import functools
@@ -15,10 +16,13 @@ import pytest
 import torch
 
 from benchmarks import train_cases
+from benchmarks.harness import XLA_PRODUCTS, product_library_switch, switched_off
 from benchmarks.targets import main as check_targets
+from benchmarks.train_throughput import compiled_jax_step
 from transformer_jax.convert.bert import to_bert
 from transformer_jax.convert.course_models import to_reference_gpt, to_reference_transformer
 from transformer_jax.convert.gpt2 import to_gpt2
+from transformer_jax.kernels import onednn_matmul
 
 # odd, distinct sizes; the course models' FFN is 4 x d_model wide
 SMALL = dict(d_model=12, num_heads=3, d_ff=48)
@@ -129,6 +133,37 @@ def test_seq2seq_case_losses_agree():
   np.testing.assert_allclose(ours, theirs, rtol=1e-5)
 
 
+def test_switched_off_sets_and_restores(monkeypatch):
+  monkeypatch.setenv('TRANSFORMER_JAX_TEST_SWITCH', 'auto')
+  monkeypatch.delenv('TRANSFORMER_JAX_TEST_UNSET', raising=False)
+  with switched_off('TRANSFORMER_JAX_TEST_SWITCH'), switched_off('TRANSFORMER_JAX_TEST_UNSET'):
+    assert (
+      os.environ['TRANSFORMER_JAX_TEST_SWITCH'] == os.environ['TRANSFORMER_JAX_TEST_UNSET'] == '0'
+    )
+  assert os.environ['TRANSFORMER_JAX_TEST_SWITCH'] == 'auto'
+  assert 'TRANSFORMER_JAX_TEST_UNSET' not in os.environ
+
+
+def test_xla_products_row_compiles_without_the_library(monkeypatch):
+  """``--xla-products``: the bf16 step compiled inside ``switched_off`` calls oneDNN nowhere; ours, everywhere it
+  takes a product of at least ``MIN_ROWS`` rows."""
+  monkeypatch.setenv(onednn_matmul.SWITCH, '1')
+  switch = product_library_switch(bf16=True)
+  if switch is None:
+    pytest.skip('oneDNN does not run bf16 products here (not installed, or no AVX-512)')
+  assert switch == onednn_matmul.SWITCH
+  rows = onednn_matmul.MIN_ROWS
+  case = train_cases.gpt_case(
+    shape_args(seq=rows // 2), dict(vocab_size=101, dtype='bfloat16', **SMALL)
+  )
+  ours = compiled_jax_step(case)[0].as_text()
+  with switched_off(switch):
+    theirs = compiled_jax_step(case)[0].as_text()
+    assert product_library_switch(bf16=True) is None
+  assert ours.count(onednn_matmul.TARGET) >= 6 and theirs.count(onednn_matmul.TARGET) == 0
+  assert os.environ[switch] == '1'
+
+
 @pytest.mark.slow
 def test_gpu_command_runs_on_a_small_gpt2(tmp_path, capsys):
   """The GPT-2-small training row the GPU figures come from (``benchmarks/gpu_check.sh``), here on a 1-layer,
@@ -139,7 +174,8 @@ def test_gpu_command_runs_on_a_small_gpt2(tmp_path, capsys):
     *('--models', 'gpt', '--gpt-shape', 'gpt2-small', '--gpt-layers', '1', '--seq', '15'),
     *('--batch', '2', '--repeats', '1', '--pause', '0', '--no-torch-compile'),
     *('--override', 'vocab_size=103', '--override', 'd_model=24', '--override', 'num_heads=3'),
-    *('--override', 'd_ff=40', '--precision', 'float32', 'bfloat16', '--out', str(out)),
+    *('--override', 'd_ff=40', '--precision', 'float32', 'bfloat16', '--xla-products'),
+    *('--out', str(out)),
   ]
   done = subprocess.run(
     [sys.executable, '-m', 'benchmarks.train_throughput', *command],
@@ -155,6 +191,9 @@ def test_gpu_command_runs_on_a_small_gpt2(tmp_path, capsys):
     assert rows[precision, 'jax']['params_M'] == rows[precision, 'torch eager']['params_M']
     assert all(rows[precision, i]['step_ms'] > 0 for i in ('jax', 'jax nnx', 'torch eager'))
   assert 'cpu_family' in result['machine']
+  for precision, library in (('f32', 'f32_products'), ('bf16', 'bf16_products')):
+    # ours with the library off, where a library runs this precision's products
+    assert ((precision, XLA_PRODUCTS) in rows) == (result['machine'][library] != 'XLA')
   assert check_targets(['--train', str(out)]) in (0, 1)
   printed = capsys.readouterr().out
   for precision in ('f32', 'bf16'):

@@ -186,3 +186,18 @@ def test_a_bad_record_is_one_line_and_status_two(tmp_path, capsys, name, text, m
 def test_nothing_to_check_is_status_two(capsys):
   assert targets.main([]) == 2
   assert 'no record to check' in capsys.readouterr().err
+
+
+def test_library_gain_is_printed_and_no_target(tmp_path, capsys):
+  """With ``--xla-products`` rows: XLA's step over ours per model and precision, which decides no exit status."""
+  steps = {
+    ('seq2seq', 'bf16'): {'jax': 800, targets.XLA_PRODUCTS: 1000, 'torch eager': 1000},
+    ('gpt', 'f32'): {'jax': 500, targets.XLA_PRODUCTS: 400, 'torch eager': 700},
+    ('bert', 'f32'): {'jax': 500, 'torch eager': 700},
+  }
+  assert targets.main(['--train', write(tmp_path / 't.json', train_record(CPU, steps))]) == 0
+  out = capsys.readouterr().out
+  assert "seq2seq bf16: the product library over XLA's products 1.25x" in out
+  assert "gpt f32: the product library over XLA's products 0.80x" in out
+  assert 'bert f32: the product' not in out
+  assert len(verdicts(out)) == 3  # XLA's row is no peer to check against
