@@ -12,7 +12,9 @@ first (compiling) call is excluded. The decodes of one shape and batch are timed
 reaches all of them alike. ``match`` is the fraction of generated tokens on which the two agree (float32).
 
 Decoding one token at a small batch reads every weight once, so memory bandwidth bounds it: ``bound_tokens_s`` is
-``batch x bandwidth / weight bytes``, with the bandwidth measured here (the sum of a large array). ``bfloat16`` rows
+``batch x bandwidth / weight bytes``. The bandwidth (``bandwidth_GBs``) is measured in the same rounds as the decodes
+it bounds, the sum of a 512 MiB float32 array timed as one more call of each round (its median), since a shared
+machine's bandwidth moves from minute to minute (22-43 GB/s on one 2-core VM within an hour). ``bfloat16`` rows
 decode our model with bf16 weights (half the bytes to read); Hugging Face stays in float32.
 """
 
@@ -25,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.harness import (
+  bandwidth_probe,
   keep_host_memory,
   machine_info,
-  memory_bandwidth,
   print_machine,
   print_table,
   time_interleaved,
@@ -130,8 +132,7 @@ def main(argv=None):
 
   info = machine_info()
   print_machine(info)
-  bandwidth = memory_bandwidth()
-  print(f'memory bandwidth {bandwidth / 1e9:.1f} GB/s (sum of a 512 MiB float32 array)', flush=True)
+  probe, probe_bytes = bandwidth_probe()
   rows = []
   for shape in args.shapes:
     hf = hf_model(shape, args.vocab)
@@ -153,8 +154,12 @@ def main(argv=None):
           row['match'] = float(np.mean(tokens == hf_tokens))
         calls.append(decode)
         results.append((row, tree_bytes(params)))
-      # one decode of each per round: the machine's drift reaches every ratio equally
-      seconds = time_interleaved(calls, warmup=0, repeats=args.repeats, pause_s=args.pause)
+      # one decode of each and the bandwidth probe per round: the machine's drift reaches every ratio equally
+      *seconds, probe_s = time_interleaved(
+        [*calls, probe], warmup=0, repeats=args.repeats, pause_s=args.pause
+      )
+      bandwidth = probe_bytes / probe_s
+      print(f'memory bandwidth {bandwidth / 1e9:.1f} GB/s in these rounds', flush=True)
       hf_s = seconds[0]
       float32_s = dict(zip(ours, seconds[1:])).get('float32')
       for (row, weight_bytes), s in zip(results, seconds, strict=True):
@@ -166,6 +171,7 @@ def main(argv=None):
           row['vs_float32'] = float32_s / row['s']  # the speed-up bf16 weights give
         if weight_bytes:
           row['weights_MB'] = weight_bytes / 1e6
+          row['bandwidth_GBs'] = bandwidth / 1e9
           row['bound_tokens_s'] = batch * bandwidth / weight_bytes
           row['pct_of_bound'] = 100 * row['tokens_s'] / row['bound_tokens_s']
         rows.append(row)
@@ -181,6 +187,7 @@ def main(argv=None):
       'weights_MB',
       'ms_per_step',
       'tokens_s',
+      'bandwidth_GBs',
       'bound_tokens_s',
       'pct_of_bound',
       'vs_transformers',
@@ -188,7 +195,7 @@ def main(argv=None):
       'match',
     ],
   )
-  write_json(args.out, 'decode', info, {**vars(args), 'bandwidth_bytes_s': bandwidth}, rows)
+  write_json(args.out, 'decode', info, vars(args), rows)
 
 
 if __name__ == '__main__':

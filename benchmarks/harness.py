@@ -193,11 +193,20 @@ def peak_flops() -> tuple[float, str]:
   return matmul_peak(), f'measured float32 2048^2 jnp.dot on {kind}'
 
 
-def memory_bandwidth(mib: int = 512, repeats: int = 10) -> float:
-  """Read bandwidth in bytes/s: the fastest sum of a ``mib`` MiB float32 array (read once, nothing written back)."""
+def bandwidth_probe(mib: int = 512) -> tuple[Callable[[], object], int]:
+  """``(call, bytes)``: a call that sums a ``mib`` MiB float32 array (read once, nothing written back) and waits for
+  it, compiled and run once; ``bytes / seconds`` of a call is the read bandwidth."""
   x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
   total = jax.jit(jnp.sum)
-  return x.nbytes / time_call(lambda: total(x), warmup=2, repeats=repeats, best=True)
+  call = lambda: jax.block_until_ready(total(x))  # noqa: E731
+  call()
+  return call, x.nbytes
+
+
+def memory_bandwidth(mib: int = 512, repeats: int = 10) -> float:
+  """Read bandwidth in bytes/s: the fastest call of :func:`bandwidth_probe`."""
+  call, size = bandwidth_probe(mib)
+  return size / time_call(call, warmup=1, repeats=repeats, best=True)
 
 
 def tree_bytes(tree) -> int:
