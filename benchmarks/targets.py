@@ -46,6 +46,8 @@ class RecordError(ValueError):
 
 @dataclass(frozen=True)
 class Check:
+  """One target: what it measures, the record's figure, and the least figure that meets it."""
+
   target: str
   measured: float
   threshold: float
@@ -63,6 +65,8 @@ def read_record(path: str, benchmark: str) -> dict:
     raise RecordError(f'{path}: cannot be read ({error.strerror})') from None
   except json.JSONDecodeError as error:
     raise RecordError(f'{path}: not JSON ({error.msg}, line {error.lineno})') from None
+  except UnicodeDecodeError:
+    raise RecordError(f'{path}: not JSON (not UTF-8 text)') from None
   if not isinstance(record, dict) or record.get('benchmark') != benchmark:
     raise RecordError(f'{path}: not a record of benchmarks.{benchmark}')
   if not isinstance(record.get('rows'), list) or not isinstance(record.get('machine'), dict):

@@ -152,6 +152,7 @@ def test_default_paths_where_none_is_named(tmp_path, capsys):
   [
     ('missing', None, 'cannot be read'),
     ('not_json', '{"rows": [', 'not JSON'),
+    ('not_text', b'\x89PNG\r\n\x1a\n\xff\xfe', 'not UTF-8 text'),
     (
       'other_benchmark',
       json.dumps({'benchmark': 'decode', 'machine': {}, 'rows': []}),
@@ -176,7 +177,9 @@ def test_default_paths_where_none_is_named(tmp_path, capsys):
 )
 def test_a_bad_record_is_one_line_and_status_two(tmp_path, capsys, name, text, message):
   path = tmp_path / f'{name}.json'
-  if text is not None:
+  if isinstance(text, bytes):
+    path.write_bytes(text)
+  elif text is not None:
     path.write_text(text)
   assert targets.main(['--train', str(path)]) == 2
   err = capsys.readouterr().err.strip()
