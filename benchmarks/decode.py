@@ -14,8 +14,8 @@ reaches all of them alike. ``match`` is the fraction of generated tokens on whic
 Decoding one token at a small batch reads every weight once, so memory bandwidth bounds it: ``bound_tokens_s`` is
 ``batch x bandwidth / weight bytes``. The bandwidth (``bandwidth_GBs``) is measured in the same rounds as the decodes
 it bounds, the sum of a 512 MiB float32 array timed as one more call of each round (its median), since a shared
-machine's bandwidth moves from minute to minute (22-43 GB/s on one 2-core VM within an hour). ``bfloat16`` rows
-decode our model with bf16 weights (half the bytes to read); Hugging Face stays in float32.
+machine's bandwidth moves from minute to minute (27.5 and 42.6 GB/s on one 2-core VM, twenty minutes apart).
+``bfloat16`` rows decode our model with bf16 weights (half the bytes to read); Hugging Face stays in float32.
 """
 
 from __future__ import annotations
