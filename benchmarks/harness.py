@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import time
 from importlib.metadata import version
 from typing import Callable, Sequence
@@ -233,10 +234,10 @@ def time_call(
   return samples[0] if best else samples[len(samples) // 2]
 
 
-def time_interleaved(
+def interleaved_samples(
   calls: Sequence[Callable[[], object]], *, warmup: int = 1, repeats: int = 5, pause_s: float = 0.0
-) -> list[float]:
-  """Median seconds per call of each of ``calls`` (each runs one step and waits for it), timed in ``repeats``
+) -> list[list[float]]:
+  """Seconds of each call of each of ``calls`` (each runs one step and waits for it), timed in ``repeats``
   interleaved rounds after ``warmup`` untimed ones: on a shared machine whose speed drifts, every call sees the
   same drift, so their ratios hold where back-to-back blocks of one call each would not.
 
@@ -254,7 +255,12 @@ def time_interleaved(
       start = time.perf_counter()
       call()
       times.append(time.perf_counter() - start)
-  return [sorted(times)[len(times) // 2] for times in samples]
+  return samples
+
+
+def time_interleaved(calls: Sequence[Callable[[], object]], **timing) -> list[float]:
+  """Median seconds per call of each of ``calls``, timed as :func:`interleaved_samples` (same arguments)."""
+  return [statistics.median_high(times) for times in interleaved_samples(calls, **timing)]
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
