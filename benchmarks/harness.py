@@ -239,7 +239,9 @@ def interleaved_samples(
 ) -> list[list[float]]:
   """Seconds of each call of each of ``calls`` (each runs one step and waits for it), timed in ``repeats``
   interleaved rounds after ``warmup`` untimed ones: on a shared machine whose speed drifts, every call sees the
-  same drift, so their ratios hold where back-to-back blocks of one call each would not.
+  same drift, so their ratios hold where back-to-back blocks of one call each would not. Each round starts one call
+  later than the one before, so no call always follows the same one (a call that starts a round would otherwise
+  always follow the last, and meet whatever it leaves running).
 
   ``pause_s``: an untimed sleep before each call. A thread pool that spins after its work (PyTorch's OpenMP
   workers do, for tens of milliseconds) takes cores from whatever runs next; the pause lets each call start on
@@ -249,12 +251,13 @@ def interleaved_samples(
       time.sleep(pause_s)
       call()
   samples = [[] for _ in calls]
-  for _ in range(repeats):
-    for call, times in zip(calls, samples):
+  for round_ in range(repeats):
+    for i in range(len(calls)):
+      index = (round_ + i) % len(calls)
       time.sleep(pause_s)
       start = time.perf_counter()
-      call()
-      times.append(time.perf_counter() - start)
+      calls[index]()
+      samples[index].append(time.perf_counter() - start)
   return samples
 
 

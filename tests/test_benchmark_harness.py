@@ -1,5 +1,6 @@
-"""The benchmarks' interleaved timing: one call of each per round, warm-up rounds untimed, each call's own samples
-(the decode benchmark's bandwidth bound takes the fastest of its probe's), medians for the rest."""
+"""The benchmarks' interleaved timing: one call of each per round, each round starting one call later, warm-up
+rounds untimed, each call's own samples (the decode benchmark's bandwidth bound takes the fastest of its probe's),
+medians for the rest."""
 
 import itertools
 
@@ -20,11 +21,12 @@ def test_rounds_interleave_and_warm_up_untimed(monkeypatch):
     return call
 
   samples = harness.interleaved_samples(
-    [call_of('a', 1), call_of('b', 3)], warmup=2, repeats=3, pause_s=0
+    [call_of('a', 1), call_of('b', 3), call_of('c', 2)], warmup=2, repeats=3, pause_s=0
   )
-  assert order == ['a', 'b'] * 5  # two warm-up rounds, then three timed ones
+  # two warm-up rounds in order, then three timed ones, each starting one call later
+  assert order == list('abc' * 2 + 'abc' + 'bca' + 'cab')
   # a timed call spans its own ticks plus the tick of reading the clock after it
-  assert samples == [[2, 2, 2], [4, 4, 4]]
+  assert samples == [[2, 2, 2], [4, 4, 4], [3, 3, 3]]
 
 
 def test_time_interleaved_is_each_calls_median(monkeypatch):
