@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -63,20 +62,6 @@ def product_library_switch(bf16: bool) -> str | None:
     )
   dtype = jnp.float32
   return mkl_matmul.SWITCH if mkl_matmul.applies(dtype, dtype, dtype, mkl_matmul.MIN_ROWS) else None
-
-
-@contextlib.contextmanager
-def switched_off(variable: str):
-  """The environment variable ``variable`` set to ``0`` inside the block (what was there before, after it)."""
-  before = os.environ.get(variable)
-  os.environ[variable] = '0'
-  try:
-    yield
-  finally:
-    if before is None:
-      del os.environ[variable]
-    else:
-      os.environ[variable] = before
 
 
 def machine_info() -> dict:

@@ -88,33 +88,33 @@ def _field(row: dict, key: str, path: str) -> float:
   return float(value)
 
 
+def timed_rows(record: dict) -> dict[tuple[str, str, str], dict]:
+  """A training record's timed rows by ``(model, precision, impl)`` (a row that failed has an error, no step)."""
+  return {
+    (r['model'], r['precision'], r['impl']): r
+    for r in record['rows']
+    if isinstance(r, dict) and {'model', 'precision', 'impl', 'step_ms'} <= r.keys()
+  }
+
+
 def training_checks(record: dict, path: str) -> list[Check]:
   """On a CPU ours against PyTorch eager and ``torch.compile`` (where each was timed); on an accelerator the bf16
   MFU."""
-  # a timed row has its step (one that failed, an error instead)
-  rows = [
-    r
-    for r in record['rows']
-    if isinstance(r, dict) and {'model', 'precision', 'step_ms'} <= r.keys()
-  ]
-  ours = {(r['model'], r['precision']): r for r in rows if r.get('impl') == 'jax'}
+  rows = timed_rows(record)
+  ours = [(model, precision) for model, precision, impl in rows if impl == 'jax']
   if not ours:
     raise RecordError(f'{path}: has no timed row of ours (impl "jax")')
   checks = []
-  for (model, precision), row in ours.items():
+  for model, precision in ours:
+    row = rows[model, precision, 'jax']
     if not on_cpu(record):
       if precision == 'bf16':
-        checks.append(
-          Check(f'{model} bf16 training MFU %', _field(row, 'mfu_pct', path), GPU_MFU_PCT)
-        )
+        mfu = _field(row, 'mfu_pct', path)
+        checks.append(Check(f'{model} bf16 training MFU %', mfu, GPU_MFU_PCT))
       continue
-    mine = _field(row, 'step_ms', path)
     for impl, threshold in (('torch eager', VS_EAGER), ('torch.compile', VS_COMPILE)):
-      peer = [
-        r for r in rows if (r['model'], r['precision'], r.get('impl')) == (model, precision, impl)
-      ]
-      if peer:
-        ratio = _field(peer[0], 'step_ms', path) / mine
+      if (peer := rows.get((model, precision, impl))) is not None:
+        ratio = _field(peer, 'step_ms', path) / _field(row, 'step_ms', path)
         checks.append(Check(f'{model} {precision} training vs {impl}', ratio, threshold))
   if not checks:
     raise RecordError(
@@ -123,18 +123,15 @@ def training_checks(record: dict, path: str) -> list[Check]:
   return checks
 
 
-def library_gains(record: dict) -> list[str]:
+def library_gains(record: dict, path: str) -> list[str]:
   """Where the record has ours with XLA's products too (``--xla-products``): per model and precision, XLA's step
   over ours, the speed-up the product library (MKL, oneDNN) gives on this CPU. No target: below 1, it costs here."""
-  steps = {
-    (r['model'], r['precision'], r['impl']): r['step_ms']
-    for r in record['rows']
-    if isinstance(r, dict) and {'model', 'precision', 'impl', 'step_ms'} <= r.keys()
-  }
+  rows = timed_rows(record)
   return [
-    f"{model} {precision}: the product library over XLA's products {step / steps[model, precision, 'jax']:.2f}x"
-    for (model, precision, impl), step in steps.items()
-    if impl == XLA_PRODUCTS and (model, precision, 'jax') in steps
+    f"{model} {precision}: the product library over XLA's products "
+    f'{_field(row, "step_ms", path) / _field(rows[model, precision, "jax"], "step_ms", path):.2f}x'
+    for (model, precision, impl), row in rows.items()
+    if impl == XLA_PRODUCTS and (model, precision, 'jax') in rows
   ]
 
 
@@ -191,7 +188,7 @@ def main(argv=None) -> int:
       print(f'{path}: {machine_line(record)}')
       checks += read(record, path)
       if benchmark == 'train_throughput':
-        notes = library_gains(record)
+        notes = library_gains(record, path)
   except RecordError as error:
     print(f'error: {error}', file=sys.stderr)
     return 2

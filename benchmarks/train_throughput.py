@@ -32,8 +32,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import time
 from typing import Callable
+from unittest import mock
 
 import jax
 import numpy as np
@@ -51,7 +53,6 @@ from benchmarks.harness import (
   print_machine,
   print_table,
   product_library_switch,
-  switched_off,
   time_interleaved,
   torch_matmul_peak,
   write_json,
@@ -84,22 +85,25 @@ class Prepared:
   params_M: float
 
 
-def compiled_jax_step(case: Case):
+def compiled_jax_step(case: Case, library_off: str | None = None):
   """``(compiled, state, batch, rng, compile_s)``: our Linen AdamW step compiled with the parameters and optimizer
   state donated, ``state = [params, opt_state]`` to feed it, the batch already on the device (the step never waits
-  for the host)."""
+  for the host). ``library_off``: a product library's switch (``harness.product_library_switch``), set to ``0``
+  while the step is traced and compiled, so its products are XLA's."""
   optimizer, step = linen_step(case)
   params = init_params(case)
   opt_state = optimizer.init(params)
   batch = jax.device_put(case.batch)
   rng = jax.random.key(1)
   start = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch, rng).compile()
+  with mock.patch.dict(os.environ, {library_off: '0'} if library_off else {}):
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch, rng).compile()
   return compiled, [params, opt_state], batch, rng, time.perf_counter() - start
 
 
-def prepare_jax(case: Case, impl: str = 'jax') -> Prepared:
-  compiled, state, batch, rng, compile_s = compiled_jax_step(case)
+def prepare_jax(case: Case, library_off: str | None = None) -> Prepared:
+  """Our Linen step (:func:`compiled_jax_step`): ``jax``, or with ``library_off`` the :data:`XLA_PRODUCTS` row."""
+  compiled, state, batch, rng, compile_s = compiled_jax_step(case, library_off)
   # counted now: the step donates these buffers
   params_m = sum(x.size for x in jax.tree.leaves(state[0])) / 1e6
 
@@ -107,7 +111,7 @@ def prepare_jax(case: Case, impl: str = 'jax') -> Prepared:
     state[0], state[1], loss = compiled(state[0], state[1], batch, rng)
     return jax.block_until_ready(loss)
 
-  return Prepared(impl, call, compile_s, params_m)
+  return Prepared(XLA_PRODUCTS if library_off else 'jax', call, compile_s, params_m)
 
 
 def prepare_nnx(case: Case) -> Prepared:
@@ -171,9 +175,8 @@ def time_case(case: Case, args, bf16: bool, peak: float) -> list[dict]:
   so a change in what else the machine is doing falls on all of them alike."""
   prepared, failed = [prepare_jax(case)], []
   switch = product_library_switch(bf16) if args.xla_products else None
-  if switch is not None:  # the same step compiled with the library off, products XLA's
-    with switched_off(switch):
-      prepared.append(prepare_jax(case, impl=XLA_PRODUCTS))
+  if switch is not None:
+    prepared.append(prepare_jax(case, library_off=switch))
   if not args.no_nnx:
     prepared.append(prepare_nnx(case))
   if not args.no_torch:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from benchmarks import train_cases
-from benchmarks.harness import XLA_PRODUCTS, product_library_switch, switched_off
+from benchmarks.harness import XLA_PRODUCTS, product_library_switch
 from benchmarks.targets import main as check_targets
 from benchmarks.train_throughput import compiled_jax_step
 from transformer_jax.convert.bert import to_bert
@@ -133,20 +133,9 @@ def test_seq2seq_case_losses_agree():
   np.testing.assert_allclose(ours, theirs, rtol=1e-5)
 
 
-def test_switched_off_sets_and_restores(monkeypatch):
-  monkeypatch.setenv('TRANSFORMER_JAX_TEST_SWITCH', 'auto')
-  monkeypatch.delenv('TRANSFORMER_JAX_TEST_UNSET', raising=False)
-  with switched_off('TRANSFORMER_JAX_TEST_SWITCH'), switched_off('TRANSFORMER_JAX_TEST_UNSET'):
-    assert (
-      os.environ['TRANSFORMER_JAX_TEST_SWITCH'] == os.environ['TRANSFORMER_JAX_TEST_UNSET'] == '0'
-    )
-  assert os.environ['TRANSFORMER_JAX_TEST_SWITCH'] == 'auto'
-  assert 'TRANSFORMER_JAX_TEST_UNSET' not in os.environ
-
-
 def test_xla_products_row_compiles_without_the_library(monkeypatch):
-  """``--xla-products``: the bf16 step compiled inside ``switched_off`` calls oneDNN nowhere; ours, everywhere it
-  takes a product of at least ``MIN_ROWS`` rows."""
+  """``--xla-products``: the bf16 step compiled with the library off calls oneDNN nowhere; ours, everywhere it takes a
+  product of at least ``MIN_ROWS`` rows; the switch is as it was afterwards."""
   monkeypatch.setenv(onednn_matmul.SWITCH, '1')
   switch = product_library_switch(bf16=True)
   if switch is None:
@@ -157,9 +146,7 @@ def test_xla_products_row_compiles_without_the_library(monkeypatch):
     shape_args(seq=rows // 2), dict(vocab_size=101, dtype='bfloat16', **SMALL)
   )
   ours = compiled_jax_step(case)[0].as_text()
-  with switched_off(switch):
-    theirs = compiled_jax_step(case)[0].as_text()
-    assert product_library_switch(bf16=True) is None
+  theirs = compiled_jax_step(case, library_off=switch)[0].as_text()
   assert ours.count(onednn_matmul.TARGET) >= 6 and theirs.count(onednn_matmul.TARGET) == 0
   assert os.environ[switch] == '1'
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax import lax
+from test_row_block_product import KERNELS
 
 from benchmarks.step_profile import (
   kind_of,
@@ -143,26 +144,21 @@ def test_wall_shares_split_each_instant_between_running_ops(name, events, expect
   )
 
 
-@pytest.mark.parametrize('library', ['MKL', 'oneDNN'])
+@pytest.mark.parametrize('name', sorted(KERNELS))
 @pytest.mark.parametrize('transpose_a', [False, True], ids=['x_w', 'x_T_g'])
-def test_library_product_flops_and_kind(monkeypatch, library, transpose_a):
+def test_library_product_flops_and_kind(monkeypatch, name, transpose_a):
   """A library product's custom call (m 300, k 7, n 5; MKL's float32, oneDNN's bf16) counts 2 M K N FLOPs, read
   transposed or not, under its library's own kind."""
-  from transformer_jax.kernels import mkl_matmul, onednn_matmul
-
-  module, dtype = {'MKL': (mkl_matmul, jnp.float32), 'oneDNN': (onednn_matmul, jnp.bfloat16)}[
-    library
-  ]
-  if not module.available() or (
-    module is onednn_matmul and not onednn_matmul.cpu_supports(forced=True)
-  ):
-    pytest.skip(f'{library}: its package, a C++ compiler or the CPU it needs is missing')
-  monkeypatch.setenv(module.SWITCH, '1')
-  a = jnp.ones((K, 300) if transpose_a else (300, K), dtype)
-  b = jnp.ones((K, N), dtype)
-  fn = jax.jit(lambda a, b: module.product(a, b, transpose_a, False))
+  kernel = KERNELS[name]
+  if not kernel.runs():
+    pytest.skip(f'{name}: its package, a C++ compiler or the CPU it needs is missing')
+  monkeypatch.setenv(kernel.module.SWITCH, '1')
+  a = jnp.ones((K, 300) if transpose_a else (300, K), kernel.dtype)
+  b = jnp.ones((K, N), kernel.dtype)
+  fn = jax.jit(lambda a, b: kernel.module.product(a, b, transpose_a, False))
   program = parse_hlo(fn.lower(a, b).compile().as_text())
   flops = _entry_flops(program)
   assert sum(flops.values()) == 2 * 300 * K * N
   (call,) = [n for n, f in flops.items() if f]
+  library = {'mkl': 'MKL', 'onednn': 'oneDNN'}[name]
   assert kind_of(call, program.ops[call], flops[call]) == f'products by {library}'
