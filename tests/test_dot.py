@@ -1,6 +1,7 @@
 """``modules.dot`` and ``modules.dense`` with the CPU kernels (``transformer_jax.kernels``): each path equal to a
 float64 or XLA product, used exactly where it applies, differentiable, and a clean fallback when it cannot be built."""
 
+import functools
 import logging
 import re
 
@@ -46,11 +47,47 @@ def assert_kernel_equals_float64_product(k, n, rows, transposed, dtype, seed):
   )
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 @pytest.mark.parametrize('transposed', [False, True], ids=['kernel_KN', 'table_NK'])
-def test_bf16_kernel_at_every_row_count(transposed):
-  """The AVX-512 bf16 blocks are compiled once per row count (1 to 8): every count gets its own rows right."""
+def test_kernel_at_every_row_count(transposed, dtype):
+  """The AVX-512 blocks are compiled once per row count (1 to 8): every count gets its own rows right."""
   for rows in range(1, skinny_matmul.KERNEL_ROWS + 1):
-    assert_kernel_equals_float64_product(*SHAPES[0], rows, transposed, 'bfloat16', seed=100 + rows)
+    assert_kernel_equals_float64_product(*SHAPES[0], rows, transposed, dtype, seed=100 + rows)
+
+
+@pytest.mark.skipif(
+  not {'avx2', 'fma'} <= (cpu_build.cpu_flags() or set()), reason='needs an x86 CPU with AVX2'
+)
+def test_portable_blocks_built_without_avx512(monkeypatch, tmp_path):
+  """The kernel built for AVX2 alone (``-march=x86-64-v3``), as on a CPU without AVX-512, where its portable loops
+  run instead of skinny_avx512.h's blocks: equal to the float64 product for both weight dtypes and layouts."""
+  flags = tuple('-march=x86-64-v3' if f == '-march=native' else f for f in cpu_build.FLAGS)
+  monkeypatch.setattr(cpu_build, 'FLAGS', flags)
+  monkeypatch.setenv('TRANSFORMER_JAX_CACHE', str(tmp_path))
+  built = cpu_build.library.__wrapped__('skinny_matmul.cc')  # uncached: a build of its own
+  assert built is not None
+  target = 'transformer_jax_skinny_matmul_x86_64_v3'
+  handler = jax.ffi.pycapsule(built.TransformerJaxSkinnyMatmul)
+  jax.ffi.register_ffi_target(target, handler, platform='cpu')
+  for (k, n), rows, transposed, dtype in [
+    (shape, rows, transposed, dtype)
+    for shape in SHAPES
+    for rows in (1, 3, 8)
+    for transposed in (False, True)
+    for dtype in (jnp.float32, jnp.bfloat16)
+  ]:
+    kx, kw = jax.random.split(jax.random.key(rows))
+    x = jax.random.normal(kx, (rows, k), jnp.float32)
+    w = jax.random.normal(kw, (n, k) if transposed else (k, n), dtype)
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    out = jax.jit(functools.partial(call, transposed=transposed))(x, w)
+    np.testing.assert_allclose(
+      out,
+      float64_product(x, w, transposed),
+      rtol=1e-5,
+      atol=1e-5,
+      err_msg=f'{k}x{n}, {rows} rows, transposed={transposed}, {dtype.__name__}',
+    )
 
 
 def test_products_from_several_threads_at_once():

@@ -1,4 +1,4 @@
-// What skinny_matmul.cc and its AVX-512 blocks (bf16_avx512.h) share: the row limit, the table prefetch distance
+// What skinny_matmul.cc and its AVX-512 blocks (skinny_avx512.h) share: the row limit, the table prefetch distance
 // (and bfloat16.h).
 #ifndef TRANSFORMER_JAX_KERNELS_SKINNY_LIMITS_H_
 #define TRANSFORMER_JAX_KERNELS_SKINNY_LIMITS_H_

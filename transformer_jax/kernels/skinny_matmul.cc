@@ -7,8 +7,9 @@
 // W is either (K, N) row-major (a Dense kernel, `transposed` false) or (N, K) row-major (a tied embedding table,
 // `transposed` true). Work is split into column (or row) blocks shared out over helper threads that stay awake
 // between a decoding step's products (awake_helpers.h), or over XLA's intra-op pool when those are busy.
-// Compiled with -march=native by transformer_jax/kernels/cpu_build.py, so the loops vectorise for the host's ISA; with
-// AVX-512, bfloat16 weights take the blocks of bf16_avx512.h instead (two instructions widen 32 weights).
+// Compiled with -march=native by transformer_jax/kernels/cpu_build.py, so the portable loops below vectorise for the
+// host's ISA; with AVX-512, float32 and bfloat16 weights take the blocks of skinny_avx512.h instead (two instructions
+// widen 32 bfloat16 weights; the rows ahead are prefetched per cache line).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -19,7 +20,7 @@
 #include "awake_helpers.h"
 #include "skinny_limits.h"
 #if defined(__AVX512F__)
-#include "bf16_avx512.h"
+#include "skinny_avx512.h"
 #endif
 
 namespace ffi = xla::ffi;
@@ -79,13 +80,14 @@ void kn_block(const float* x, const Weight* w, float* part, int64_t rows, int64_
   const int64_t width = n1 - n0;
   std::fill(acc, acc + rows * width, 0.f);
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<Weight, uint16_t>) {
-    transformer_jax::kn_accumulate_bf16(x, w, acc, rows, k_dim, n_dim, k0, k1, n0, width);
+  transformer_jax::kn_accumulate_avx512(x, w, acc, rows, k_dim, n_dim, k0, k1, n0, width);
+  if constexpr (std::is_same_v<Weight, uint16_t>) {  // its accumulators are in even/odd order
     for (int64_t m = 0; m < rows; ++m) transformer_jax::store_in_order(acc + m * width, part + m * n_dim + n0, width);
     return;
   }
-#endif
+#else
   kn_accumulate(x, w, acc, rows, k_dim, n_dim, k0, k1, n0, width);
+#endif
   for (int64_t m = 0; m < rows; ++m) std::memcpy(part + m * n_dim + n0, acc + m * width, width * sizeof(float));
 }
 
@@ -149,16 +151,19 @@ void product(ffi::ThreadPool& pool, const float* x, const Weight* w, float* out,
              int64_t n_dim, bool transposed) {
   if (!transposed) return kn_product<Weight>(pool, x, w, out, rows, k_dim, n_dim);
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<Weight, uint16_t>) {
-    std::vector<float> paired(rows * k_dim);
+  const float* xp = x;
+  std::vector<float> paired;
+  if constexpr (std::is_same_v<Weight, uint16_t>) {  // bfloat16 blocks take x in even/odd order
+    paired.resize(rows * k_dim);
     for (int64_t m = 0; m < rows; ++m) transformer_jax::load_in_pairs(x + m * k_dim, paired.data() + m * k_dim, k_dim);
-    const float* xp = paired.data();
-    return table_blocks(pool, n_dim, [=](int64_t n0, int64_t n1) {
-      transformer_jax::nk_block_bf16(xp, w, out, rows, k_dim, n_dim, n0, n1);
-    });
+    xp = paired.data();
   }
-#endif
+  table_blocks(pool, n_dim, [=](int64_t n0, int64_t n1) {
+    transformer_jax::nk_block_avx512(xp, w, out, rows, k_dim, n_dim, n0, n1);
+  });
+#else
   table_blocks(pool, n_dim, [=](int64_t n0, int64_t n1) { nk_block<Weight>(x, w, out, rows, k_dim, n_dim, n0, n1); });
+#endif
 }
 
 ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,

@@ -1,10 +1,15 @@
-// The blocks of skinny_matmul.cc for bfloat16 weights on AVX-512. A bfloat16 is the high half of a float32, so one
-// 512-bit load of 32 weights gives the 16 even ones widened by a shift and the 16 odd ones by a mask: two
-// instructions per 32 weights where converting in order takes six (extract, zero-extend and shift per half). Fewer
-// instructions per cache line keep more lines in flight, which is what a product bound by memory reads needs.
-// The accumulators (or, for a table, x) are held in the same even/odd order and put back in order at the end.
-#ifndef TRANSFORMER_JAX_KERNELS_BF16_AVX512_H_
-#define TRANSFORMER_JAX_KERNELS_BF16_AVX512_H_
+// The blocks of skinny_matmul.cc on AVX-512, for float32 and bfloat16 weights alike. Each pass reads 32 weights of a
+// row as two vectors of 16 float32 (load_group): float32 ones as they are, bfloat16 ones by one 512-bit load whose 16
+// even weights are widened by a shift and 16 odd ones by a mask. That is two instructions per 32 weights where
+// converting in order takes six (extract, zero-extend and shift per half): fewer instructions per cache line keep more
+// lines in flight, which is what a product bound by memory reads needs. For bfloat16 the accumulators (or, for a
+// table, x) are held in the same even/odd order and put back in order at the end.
+//
+// Float32 weights take these blocks too, rather than skinny_matmul.cc's portable loops, for the prefetches of the rows
+// ahead issued per cache line: on Zen 4, GPT-2 small's 48 layer products read 22.7 -> 25.2 GB/s at one row (the
+// probe: 25.5), 20.1 -> 28.9 at four, and its tied head 23.2 -> 28.6 (benchmarks/RESULTS.md, "Zen 4, ninth round").
+#ifndef TRANSFORMER_JAX_KERNELS_SKINNY_AVX512_H_
+#define TRANSFORMER_JAX_KERNELS_SKINNY_AVX512_H_
 
 #include <immintrin.h>
 
@@ -17,7 +22,7 @@
 
 namespace transformer_jax {
 
-constexpr int64_t kPairWidth = 32;  // bfloat16 weights per 512-bit load
+constexpr int64_t kPairWidth = 32;  // weights per pass: one 512-bit load of bfloat16, two of float32
 // While a pass reads weight rows k..k+3 it asks for the same columns of rows k+4..k+7: four interleaved row streams
 // of a few KiB each are more than the hardware prefetcher runs ahead on (see benchmarks/RESULTS.md). They are asked
 // into L2, not L1 (_MM_HINT_T1): four rows ahead of a 3,072-wide layer are 24 KiB, most of a 32 KiB L1 that also
@@ -31,27 +36,41 @@ inline __m512 odd_half(__m512i v) {
 }
 inline __m512i load32(const uint16_t* p) { return _mm512_loadu_si512(static_cast<const void*>(p)); }
 
-// acc (kRows, width) += x[:, k0:k1] . W[k0:k1, n0:n0+width]; acc's first width / 32 * 32 columns are in even/odd
-// order per group of 32 (16 even columns, then 16 odd), the rest in order. Four weight rows per pass. kRows is a
-// template argument so that the loop over x's rows unrolls (x's broadcasts stay in the column loop: hoisting them by
-// hand into registers measured no faster).
-template <int64_t kRows>
-void kn_rows_bf16(const float* x, const uint16_t* w, float* acc, int64_t k_dim, int64_t n_dim, int64_t k0,
+// The 32 weights at p as two vectors of 16 float32: bfloat16's even and odd ones, or float32's in order.
+inline void load_group(const uint16_t* p, __m512& first, __m512& second) {
+  const __m512i v = load32(p);
+  first = even_half(v);
+  second = odd_half(v);
+}
+inline void load_group(const float* p, __m512& first, __m512& second) {
+  first = _mm512_loadu_ps(p);
+  second = _mm512_loadu_ps(p + 16);
+}
+
+// acc (kRows, width) += x[:, k0:k1] . W[k0:k1, n0:n0+width]; for bfloat16, acc's first width / 32 * 32 columns are
+// in even/odd order per group of 32 (16 even columns, then 16 odd), the rest in order. Four weight rows per pass.
+// kRows is a template argument so that the loop over x's rows unrolls (x's broadcasts stay in the column loop:
+// hoisting them by hand into registers measured no faster).
+template <int64_t kRows, typename Weight>
+void kn_rows(const float* x, const Weight* w, float* acc, int64_t k_dim, int64_t n_dim, int64_t k0,
                   int64_t k1, int64_t n0, int64_t width) {
+  constexpr int64_t kGroupBytes = kPairWidth * sizeof(Weight);
   const int64_t paired = width / kPairWidth * kPairWidth;
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {
-    const uint16_t *w0 = w + k * n_dim + n0, *w1 = w0 + n_dim, *w2 = w1 + n_dim, *w3 = w2 + n_dim;
-    // each group of 32 weights of the four rows is widened once, then used by every output row
+    const Weight *w0 = w + k * n_dim + n0, *w1 = w0 + n_dim, *w2 = w1 + n_dim, *w3 = w2 + n_dim;
     for (int64_t j = 0; j < paired; j += kPairWidth) {
       if (k + 4 + kPrefetchRows <= k1) {
-        for (const uint16_t* row : {w0, w1, w2, w3}) {
-          _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * n_dim + j), _MM_HINT_T1);
+        for (const Weight* row : {w0, w1, w2, w3}) {
+          const char* line = reinterpret_cast<const char*>(row + kPrefetchRows * n_dim + j);
+          for (int64_t b = 0; b < kGroupBytes; b += 64) _mm_prefetch(line + b, _MM_HINT_T1);
         }
       }
-      const __m512i v0 = load32(w0 + j), v1 = load32(w1 + j), v2 = load32(w2 + j), v3 = load32(w3 + j);
-      const __m512 e0 = even_half(v0), e1 = even_half(v1), e2 = even_half(v2), e3 = even_half(v3);
-      const __m512 o0 = odd_half(v0), o1 = odd_half(v1), o2 = odd_half(v2), o3 = odd_half(v3);
+      __m512 e0, e1, e2, e3, o0, o1, o2, o3;
+      load_group(w0 + j, e0, o0);
+      load_group(w1 + j, e1, o1);
+      load_group(w2 + j, e2, o2);
+      load_group(w3 + j, e3, o3);
       for (int64_t m = 0; m < kRows; ++m) {
         const float* xm = x + m * k_dim + k;
         const __m512 a0 = _mm512_set1_ps(xm[0]), a1 = _mm512_set1_ps(xm[1]);
@@ -80,15 +99,16 @@ void kn_rows_bf16(const float* x, const uint16_t* w, float* acc, int64_t k_dim, 
     }
   }
   for (; k < k1; ++k) {
-    const uint16_t* w0 = w + k * n_dim + n0;
+    const Weight* w0 = w + k * n_dim + n0;
     for (int64_t m = 0; m < kRows; ++m) {
       const float a = x[m * k_dim + k];
       const __m512 a0 = _mm512_set1_ps(a);
       float* o = acc + m * width;
       for (int64_t j = 0; j < paired; j += kPairWidth) {
-        const __m512i v0 = load32(w0 + j);
-        _mm512_storeu_ps(o + j, _mm512_fmadd_ps(a0, even_half(v0), _mm512_loadu_ps(o + j)));
-        _mm512_storeu_ps(o + j + 16, _mm512_fmadd_ps(a0, odd_half(v0), _mm512_loadu_ps(o + j + 16)));
+        __m512 e0, o0;
+        load_group(w0 + j, e0, o0);
+        _mm512_storeu_ps(o + j, _mm512_fmadd_ps(a0, e0, _mm512_loadu_ps(o + j)));
+        _mm512_storeu_ps(o + j + 16, _mm512_fmadd_ps(a0, o0, _mm512_loadu_ps(o + j + 16)));
       }
       for (int64_t j = paired; j < width; ++j) o[j] += a * widen(w0[j]);
     }
@@ -111,9 +131,10 @@ void with_rows(int64_t rows, F f) {
   }
 }
 
-inline void kn_accumulate_bf16(const float* x, const uint16_t* w, float* acc, int64_t rows, int64_t k_dim,
+template <typename Weight>
+void kn_accumulate_avx512(const float* x, const Weight* w, float* acc, int64_t rows, int64_t k_dim,
                                int64_t n_dim, int64_t k0, int64_t k1, int64_t n0, int64_t width) {
-  with_rows(rows, [&](auto r) { kn_rows_bf16<decltype(r)::value>(x, w, acc, k_dim, n_dim, k0, k1, n0, width); });
+  with_rows(rows, [&](auto r) { kn_rows<decltype(r)::value>(x, w, acc, k_dim, n_dim, k0, k1, n0, width); });
 }
 
 // dst[0:n] = src[0:n] with each whole group of 32 permuted (its first 16 outputs picked by `first`, its next 16 by
@@ -140,23 +161,27 @@ inline void load_in_pairs(const float* x, float* xp, int64_t k_dim) {
                  _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
 }
 
-// out[m, n] = sum_k x[m, k] * W[n, k] for the table rows n0..n1, for kRows rows of x; xp is x (kRows, k_dim) in
-// even/odd order. kRows is a template argument so that the accumulators live in registers: indexed by a runtime row
-// count they were kept on the stack, and each multiply-add then waited on a store and a load (a table read from
-// cache ran at a third of the float32 kernel's speed).
-template <int64_t kRows>
-void nk_rows_bf16(const float* xp, const uint16_t* w, float* out, int64_t k_dim, int64_t n_dim, int64_t n0,
+// out[m, n] = sum_k x[m, k] * W[n, k] for the table rows n0..n1, for kRows rows of x; xp is x (kRows, k_dim), for
+// bfloat16 weights in even/odd order. kRows is a template argument so that the accumulators live in registers: indexed by a runtime row
+// count they were kept on the stack, and each multiply-add then waited on a store and a load (a bfloat16 table read
+// from cache ran at a third of the portable float32 loop's speed).
+template <int64_t kRows, typename Weight>
+void nk_rows(const float* xp, const Weight* w, float* out, int64_t k_dim, int64_t n_dim, int64_t n0,
                   int64_t n1) {
+  constexpr int64_t kGroupBytes = kPairWidth * sizeof(Weight);
   const int64_t paired = k_dim / kPairWidth * kPairWidth;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* row = w + n * k_dim;
-    const uint16_t* ahead = n + kTablePrefetchRows < n1 ? row + kTablePrefetchRows * k_dim : nullptr;
+    const Weight* row = w + n * k_dim;
+    const Weight* ahead = n + kTablePrefetchRows < n1 ? row + kTablePrefetchRows * k_dim : nullptr;
     __m512 even[kRows], odd[kRows];
     for (int64_t m = 0; m < kRows; ++m) even[m] = odd[m] = _mm512_setzero_ps();
     for (int64_t k = 0; k < paired; k += kPairWidth) {
-      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + k), _MM_HINT_T0);
-      const __m512i v = load32(row + k);
-      const __m512 e = even_half(v), o = odd_half(v);
+      if (ahead) {
+        const char* line = reinterpret_cast<const char*>(ahead + k);
+        for (int64_t b = 0; b < kGroupBytes; b += 64) _mm_prefetch(line + b, _MM_HINT_T0);
+      }
+      __m512 e, o;
+      load_group(row + k, e, o);
       for (int64_t m = 0; m < kRows; ++m) {
         even[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + m * k_dim + k), e, even[m]);
         odd[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + m * k_dim + k + 16), o, odd[m]);
@@ -171,11 +196,12 @@ void nk_rows_bf16(const float* xp, const uint16_t* w, float* out, int64_t k_dim,
   }
 }
 
-inline void nk_block_bf16(const float* xp, const uint16_t* w, float* out, int64_t rows, int64_t k_dim,
+template <typename Weight>
+void nk_block_avx512(const float* xp, const Weight* w, float* out, int64_t rows, int64_t k_dim,
                           int64_t n_dim, int64_t n0, int64_t n1) {
-  with_rows(rows, [&](auto r) { nk_rows_bf16<decltype(r)::value>(xp, w, out, k_dim, n_dim, n0, n1); });
+  with_rows(rows, [&](auto r) { nk_rows<decltype(r)::value>(xp, w, out, k_dim, n_dim, n0, n1); });
 }
 
 }  // namespace transformer_jax
 
-#endif  // TRANSFORMER_JAX_KERNELS_BF16_AVX512_H_
+#endif  // TRANSFORMER_JAX_KERNELS_SKINNY_AVX512_H_
