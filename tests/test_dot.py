@@ -30,7 +30,7 @@ def float64_product(x, w, transposed):
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 @pytest.mark.parametrize('transposed', [False, True], ids=['kernel_KN', 'table_NK'])
-@pytest.mark.parametrize('rows', [1, 3, 8])  # the kernel takes 8; dot_general sends it MAX_ROWS
+@pytest.mark.parametrize('rows', [1, 3, 8])  # the kernel takes 8; dot_general sends it max_rows
 @pytest.mark.parametrize('k, n', SHAPES)
 def test_kernel_equals_float64_product(k, n, rows, transposed, dtype):
   assert_kernel_equals_float64_product(k, n, rows, transposed, dtype, seed=rows)
@@ -141,7 +141,7 @@ def test_dense_general_shapes_use_the_kernel_and_keep_dtype():
 @pytest.mark.parametrize(
   'lhs_shape, rhs_shape, dims, why',
   [
-    ((3, 3, 7), (7, 5), (((2,), (0,)), ((), ())), 'more rows than MAX_ROWS'),
+    ((3, 3, 7), (7, 5), (((2,), (0,)), ((), ())), 'more rows than the kernel takes'),
     ((2, 1, 7), (2, 7, 5), (((2,), (1,)), ((0,), (0,))), 'a batch dimension'),
     ((2, 7), (5, 7, 3), (((1,), (1,)), ((), ())), 'a middle contracting dimension'),
     (
@@ -159,19 +159,24 @@ def test_other_products_stay_with_xla(lhs_shape, rhs_shape, dims, why):
   np.testing.assert_array_equal(dot_general(lhs, rhs, dims), want)
 
 
-@pytest.mark.parametrize('bf16_dots', [True, False], ids=['cpu_with_bf16_dots', 'cpu_without'])
-def test_row_limit_follows_the_cpu(bf16_dots, monkeypatch):
-  """Seven rows of bf16 weights go to the kernel only on a CPU without bf16 dot instructions, where XLA emulates its
-  bf16 products; float32 weights keep the limit of four rows on either."""
+@pytest.mark.parametrize(
+  'avx512, bf16_dots, float32_rows, bf16_rows',
+  [(True, True, 8, 8), (True, False, 8, 8), (False, False, 4, 8), (False, True, 4, 4)],
+  ids=['avx512_bf16', 'avx512_only', 'avx2', 'bf16_dots_without_avx512'],
+)
+def test_row_limit_follows_the_cpu(avx512, bf16_dots, float32_rows, bf16_rows, monkeypatch):
+  """Seven rows go to the kernel where it runs its AVX-512 blocks, and for bf16 weights on a CPU without bf16 dot
+  instructions, where XLA emulates its bf16 products; elsewhere the limit is four rows."""
+  monkeypatch.setattr(skinny_matmul, 'cpu_has_avx512', lambda: avx512)
   monkeypatch.setattr(skinny_matmul, 'cpu_has_bf16_dots', lambda: bf16_dots)
-  assert skinny_matmul.max_rows(jnp.float32) == skinny_matmul.MAX_ROWS == 4
-  assert skinny_matmul.max_rows(jnp.bfloat16) == (4 if bf16_dots else skinny_matmul.KERNEL_ROWS)
+  assert skinny_matmul.max_rows(jnp.float32) == float32_rows
+  assert skinny_matmul.max_rows(jnp.bfloat16) == bf16_rows
   dims = (((1,), (0,)), ((), ()))
   x = jax.random.normal(jax.random.key(0), (7, 37))
   w = jax.random.normal(jax.random.key(1), (37, 1031), jnp.bfloat16)
   fn = lambda a, b: dot_general(a, b, dims)  # noqa: E731
-  assert custom_calls(fn, x, w) == (0 if bf16_dots else 1)
-  assert custom_calls(fn, x, w.astype(jnp.float32)) == 0
+  assert custom_calls(fn, x, w) == (bf16_rows >= 7)
+  assert custom_calls(fn, x, w.astype(jnp.float32)) == (float32_rows >= 7)
   np.testing.assert_allclose(jax.jit(fn)(x, w), float64_product(x, w, False), rtol=1e-5, atol=1e-4)
 
 
@@ -180,6 +185,7 @@ def test_cpu_flags_read():
   if flags is None:
     pytest.skip('no /proc/cpuinfo flags on this machine')
   assert skinny_matmul.cpu_has_bf16_dots() == bool(flags & set(skinny_matmul.BF16_DOT_FLAGS))
+  assert skinny_matmul.cpu_has_avx512() == ('avx512f' in flags)
 
 
 def test_layouts_found():

@@ -21,7 +21,8 @@ from jax import lax
 
 from transformer_jax.kernels import cpu_build
 
-MAX_ROWS = 4  # measured: at 8 rows XLA's library kernels (YNNPACK) are as fast or faster
+# the most rows the portable loops take: there, at 8 rows XLA's library kernels (YNNPACK) are as fast or faster
+MAX_ROWS = 4
 # the most rows the kernel takes (kMaxRows in skinny_limits.h)
 KERNEL_ROWS = 8
 TARGET = 'transformer_jax_skinny_matmul'
@@ -36,12 +37,24 @@ def cpu_has_bf16_dots() -> bool:
   return flags is None or any(flag in flags for flag in BF16_DOT_FLAGS)
 
 
+@functools.cache
+def cpu_has_avx512() -> bool:
+  """True when the CPU has AVX-512 (the kernel is then built with its blocks of ``skinny_avx512.h``); False where its
+  flags cannot be read."""
+  flags = cpu_build.cpu_flags()
+  return flags is not None and 'avx512f' in flags
+
+
 def max_rows(weight_dtype) -> int:
-  """The most rows :mod:`transformer_jax.modules.dot` sends the kernel for weights of ``weight_dtype``:
-  :data:`MAX_ROWS`, or all the kernel takes (:data:`KERNEL_ROWS`) for bfloat16 weights on a CPU without bfloat16 dot
-  instructions, where XLA emulates its bf16 products (GPT-2 small decoding 8 sequences in bf16 on an Ice Lake:
-  71 ms a step through XLA, 51 through the kernel; float32's 76 ms stays with XLA, which is faster there)."""
-  if jnp.dtype(weight_dtype) == jnp.bfloat16 and not cpu_has_bf16_dots():
+  """The most rows :mod:`transformer_jax.modules.dot` sends the kernel for weights of ``weight_dtype``.
+
+  All the kernel takes (:data:`KERNEL_ROWS`) where it runs its AVX-512 blocks, which read the weights once at any row
+  count where XLA's library kernels repack them on every call: on Zen 4, GPT-2 small's weight products at 8 rows took
+  28 ms against XLA's 41, and decoding 8 sequences ran 1.4x faster in float32, 1.2x in bf16
+  (``benchmarks/RESULTS.md``). The same for bfloat16 weights on a CPU without bfloat16 dot instructions, where XLA
+  emulates its bf16 products (GPT-2 small, 8 sequences, bf16 on an Ice Lake: 71 ms a step through XLA, 51 through
+  the kernel). Elsewhere :data:`MAX_ROWS`."""
+  if cpu_has_avx512() or (jnp.dtype(weight_dtype) == jnp.bfloat16 and not cpu_has_bf16_dots()):
     return KERNEL_ROWS
   return MAX_ROWS
 
