@@ -176,12 +176,14 @@ void nk_rows(const float* xp, const Weight* w, float* out, int64_t k_dim, int64_
     __m512 even[kRows], odd[kRows];
     for (int64_t m = 0; m < kRows; ++m) even[m] = odd[m] = _mm512_setzero_ps();
     for (int64_t k = 0; k < paired; k += kPairWidth) {
-      // into L2, not L1: x's rows (up to 24 KiB in float32) are read again for every table row and must stay in L1.
-      // One-off on Zen 4, GPT-2 small's float32 head at 1 / 4 / 8 rows: 25.6 / 20.2 / 16.2 -> 27.3 / 27.1 / 22.9
-      // GB/s; bf16 at 1 / 4 rows 19.2 / 16.5 -> 21.2 / 20.2.
+      // float32 rows into L2, not L1, where x's rows (up to 24 KiB) must stay: read again for every table row, they
+      // lost out to the float32 rows ahead (12 KiB). On Zen 4, GPT-2 small's float32 head at 1 / 4 / 8 rows read
+      // 25.6 / 20.2 / 16.2 -> 27.3 / 27.1 / 22.9 GB/s alone. bf16 rows stay with the L1 hint: alone its head read
+      // faster into L2 too, but whole bf16 decodes were 2-4% slower (benchmarks/RESULTS.md, "Zen 4, ninth round").
       if (ahead) {
         const char* line = reinterpret_cast<const char*>(ahead + k);
-        for (int64_t b = 0; b < kGroupBytes; b += 64) _mm_prefetch(line + b, _MM_HINT_T1);
+        constexpr auto kHint = std::is_same_v<Weight, float> ? _MM_HINT_T1 : _MM_HINT_T0;
+        for (int64_t b = 0; b < kGroupBytes; b += 64) _mm_prefetch(line + b, kHint);
       }
       __m512 e, o;
       load_group(row + k, e, o);
