@@ -1,7 +1,7 @@
 """``modules.dot`` and ``modules.dense`` with the CPU kernels (``transformer_jax.kernels``): each path equal to a
 float64 or XLA product, used exactly where it applies, differentiable, and a clean fallback when it cannot be built."""
 
-import functools
+import itertools
 import logging
 import re
 
@@ -36,14 +36,21 @@ def test_kernel_equals_float64_product(k, n, rows, transposed, dtype):
   assert_kernel_equals_float64_product(k, n, rows, transposed, dtype, seed=rows)
 
 
-def assert_kernel_equals_float64_product(k, n, rows, transposed, dtype, seed):
+def assert_kernel_equals_float64_product(
+  k, n, rows, transposed, dtype, seed, product=skinny_matmul.matmul
+):
+  """``product(x, w, transposed)`` (the kernel, or a build of it) against the float64 product."""
   kx, kw = jax.random.split(jax.random.key(seed))
   x = jax.random.normal(kx, (rows, k), jnp.float32)
   w = jax.random.normal(kw, (n, k) if transposed else (k, n), dtype)
-  out = jax.jit(skinny_matmul.matmul, static_argnums=2)(x, w, transposed)
+  out = jax.jit(product, static_argnums=2)(x, w, transposed)
   assert out.shape == (rows, n) and out.dtype == jnp.float32
   np.testing.assert_allclose(
-    out, float64_product(x, w, transposed), rtol=1e-5, atol=1e-5, err_msg=f'{rows} rows'
+    out,
+    float64_product(x, w, transposed),
+    rtol=1e-5,
+    atol=1e-5,
+    err_msg=f'{k}x{n}, {rows} rows, transposed={transposed}, {dtype}',
   )
 
 
@@ -69,25 +76,16 @@ def test_portable_blocks_built_without_avx512(monkeypatch, tmp_path):
   target = 'transformer_jax_skinny_matmul_x86_64_v3'
   handler = jax.ffi.pycapsule(built.TransformerJaxSkinnyMatmul)
   jax.ffi.register_ffi_target(target, handler, platform='cpu')
-  for (k, n), rows, transposed, dtype in [
-    (shape, rows, transposed, dtype)
-    for shape in SHAPES
-    for rows in (1, 3, 8)
-    for transposed in (False, True)
-    for dtype in (jnp.float32, jnp.bfloat16)
-  ]:
-    kx, kw = jax.random.split(jax.random.key(rows))
-    x = jax.random.normal(kx, (rows, k), jnp.float32)
-    w = jax.random.normal(kw, (n, k) if transposed else (k, n), dtype)
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), jnp.float32))
-    out = jax.jit(functools.partial(call, transposed=transposed))(x, w)
-    np.testing.assert_allclose(
-      out,
-      float64_product(x, w, transposed),
-      rtol=1e-5,
-      atol=1e-5,
-      err_msg=f'{k}x{n}, {rows} rows, transposed={transposed}, {dtype.__name__}',
-    )
+
+  def portable(x, w, transposed):
+    n = w.shape[0] if transposed else w.shape[1]
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(target, out)(x, w, transposed=transposed)
+
+  for (k, n), rows, transposed, dtype in itertools.product(
+    SHAPES, (1, 3, 8), (False, True), ('float32', 'bfloat16')
+  ):
+    assert_kernel_equals_float64_product(k, n, rows, transposed, dtype, seed=rows, product=portable)
 
 
 def test_products_from_several_threads_at_once():

@@ -36,6 +36,14 @@ inline __m512 odd_half(__m512i v) {
 }
 inline __m512i load32(const uint16_t* p) { return _mm512_loadu_si512(static_cast<const void*>(p)); }
 
+// Asks for the cache lines of the 32 weights at p (one line of bfloat16, two of float32) into the cache `kHint` names.
+// (`auto`: an enum in GCC's headers, an int in Clang's.)
+template <auto kHint, typename Weight>
+inline void prefetch_group(const Weight* p) {
+  const char* line = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < kPairWidth * int64_t(sizeof(Weight)); b += 64) _mm_prefetch(line + b, kHint);
+}
+
 // The 32 weights at p as two vectors of 16 float32: bfloat16's even and odd ones, or float32's in order.
 inline void load_group(const uint16_t* p, __m512& first, __m512& second) {
   const __m512i v = load32(p);
@@ -52,19 +60,15 @@ inline void load_group(const float* p, __m512& first, __m512& second) {
 // kRows is a template argument so that the loop over x's rows unrolls (x's broadcasts stay in the column loop:
 // hoisting them by hand into registers measured no faster).
 template <int64_t kRows, typename Weight>
-void kn_rows(const float* x, const Weight* w, float* acc, int64_t k_dim, int64_t n_dim, int64_t k0,
-                  int64_t k1, int64_t n0, int64_t width) {
-  constexpr int64_t kGroupBytes = kPairWidth * sizeof(Weight);
+void kn_rows(const float* x, const Weight* w, float* acc, int64_t k_dim, int64_t n_dim, int64_t k0, int64_t k1,
+             int64_t n0, int64_t width) {
   const int64_t paired = width / kPairWidth * kPairWidth;
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {
     const Weight *w0 = w + k * n_dim + n0, *w1 = w0 + n_dim, *w2 = w1 + n_dim, *w3 = w2 + n_dim;
     for (int64_t j = 0; j < paired; j += kPairWidth) {
       if (k + 4 + kPrefetchRows <= k1) {
-        for (const Weight* row : {w0, w1, w2, w3}) {
-          const char* line = reinterpret_cast<const char*>(row + kPrefetchRows * n_dim + j);
-          for (int64_t b = 0; b < kGroupBytes; b += 64) _mm_prefetch(line + b, _MM_HINT_T1);
-        }
+        for (const Weight* row : {w0, w1, w2, w3}) prefetch_group<_MM_HINT_T1>(row + kPrefetchRows * n_dim + j);
       }
       __m512 e0, e1, e2, e3, o0, o1, o2, o3;
       load_group(w0 + j, e0, o0);
@@ -132,8 +136,8 @@ void with_rows(int64_t rows, F f) {
 }
 
 template <typename Weight>
-void kn_accumulate_avx512(const float* x, const Weight* w, float* acc, int64_t rows, int64_t k_dim,
-                               int64_t n_dim, int64_t k0, int64_t k1, int64_t n0, int64_t width) {
+void kn_accumulate_avx512(const float* x, const Weight* w, float* acc, int64_t rows, int64_t k_dim, int64_t n_dim,
+                          int64_t k0, int64_t k1, int64_t n0, int64_t width) {
   with_rows(rows, [&](auto r) { kn_rows<decltype(r)::value>(x, w, acc, k_dim, n_dim, k0, k1, n0, width); });
 }
 
@@ -162,13 +166,16 @@ inline void load_in_pairs(const float* x, float* xp, int64_t k_dim) {
 }
 
 // out[m, n] = sum_k x[m, k] * W[n, k] for the table rows n0..n1, for kRows rows of x; xp is x (kRows, k_dim), for
-// bfloat16 weights in even/odd order. kRows is a template argument so that the accumulators live in registers: indexed by a runtime row
-// count they were kept on the stack, and each multiply-add then waited on a store and a load (a bfloat16 table read
-// from cache ran at a third of the portable float32 loop's speed).
+// bfloat16 weights in even/odd order. kRows is a template argument so that the accumulators live in registers:
+// indexed by a runtime row count they were kept on the stack, and each multiply-add then waited on a store and a load
+// (a bfloat16 table read from cache ran at a third of the portable float32 loop's speed).
 template <int64_t kRows, typename Weight>
-void nk_rows(const float* xp, const Weight* w, float* out, int64_t k_dim, int64_t n_dim, int64_t n0,
-                  int64_t n1) {
-  constexpr int64_t kGroupBytes = kPairWidth * sizeof(Weight);
+void nk_rows(const float* xp, const Weight* w, float* out, int64_t k_dim, int64_t n_dim, int64_t n0, int64_t n1) {
+  // The rows ahead: float32 ones into L2, not L1, where x's rows (up to 24 KiB) must stay, read again for every
+  // table row; they lost out to the float32 rows ahead (12 KiB). On Zen 4, GPT-2 small's float32 head at 1 / 4 / 8
+  // rows read 25.6 / 20.2 / 16.2 -> 27.3 / 27.1 / 22.9 GB/s alone. bf16 rows stay with the L1 hint: alone its head
+  // read faster into L2 too, but whole bf16 decodes were 2-4% slower (benchmarks/RESULTS.md, "Zen 4, ninth round").
+  constexpr auto kHint = std::is_same_v<Weight, float> ? _MM_HINT_T1 : _MM_HINT_T0;
   const int64_t paired = k_dim / kPairWidth * kPairWidth;
   for (int64_t n = n0; n < n1; ++n) {
     const Weight* row = w + n * k_dim;
@@ -176,15 +183,7 @@ void nk_rows(const float* xp, const Weight* w, float* out, int64_t k_dim, int64_
     __m512 even[kRows], odd[kRows];
     for (int64_t m = 0; m < kRows; ++m) even[m] = odd[m] = _mm512_setzero_ps();
     for (int64_t k = 0; k < paired; k += kPairWidth) {
-      // float32 rows into L2, not L1, where x's rows (up to 24 KiB) must stay: read again for every table row, they
-      // lost out to the float32 rows ahead (12 KiB). On Zen 4, GPT-2 small's float32 head at 1 / 4 / 8 rows read
-      // 25.6 / 20.2 / 16.2 -> 27.3 / 27.1 / 22.9 GB/s alone. bf16 rows stay with the L1 hint: alone its head read
-      // faster into L2 too, but whole bf16 decodes were 2-4% slower (benchmarks/RESULTS.md, "Zen 4, ninth round").
-      if (ahead) {
-        const char* line = reinterpret_cast<const char*>(ahead + k);
-        constexpr auto kHint = std::is_same_v<Weight, float> ? _MM_HINT_T1 : _MM_HINT_T0;
-        for (int64_t b = 0; b < kGroupBytes; b += 64) _mm_prefetch(line + b, kHint);
-      }
+      if (ahead) prefetch_group<kHint>(ahead + k);
       __m512 e, o;
       load_group(row + k, e, o);
       for (int64_t m = 0; m < kRows; ++m) {
@@ -202,8 +201,8 @@ void nk_rows(const float* xp, const Weight* w, float* out, int64_t k_dim, int64_
 }
 
 template <typename Weight>
-void nk_block_avx512(const float* xp, const Weight* w, float* out, int64_t rows, int64_t k_dim,
-                          int64_t n_dim, int64_t n0, int64_t n1) {
+void nk_block_avx512(const float* xp, const Weight* w, float* out, int64_t rows, int64_t k_dim, int64_t n_dim,
+                     int64_t n0, int64_t n1) {
   with_rows(rows, [&](auto r) { nk_rows<decltype(r)::value>(xp, w, out, k_dim, n_dim, n0, n1); });
 }
 

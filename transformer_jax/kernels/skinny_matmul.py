@@ -21,7 +21,8 @@ from jax import lax
 
 from transformer_jax.kernels import cpu_build
 
-# the most rows the portable loops take: there, at 8 rows XLA's library kernels (YNNPACK) are as fast or faster
+# the most rows sent to the kernel where it runs its portable loops (no AVX-512): at 8 rows XLA's library kernels
+# (YNNPACK) are as fast there or faster
 MAX_ROWS = 4
 # the most rows the kernel takes (kMaxRows in skinny_limits.h)
 KERNEL_ROWS = 8
