@@ -28,38 +28,61 @@ def float64_product(x, w, transposed):
   return np.asarray(x, np.float64) @ (w64.T if transposed else w64)
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+# (x's dtype, the weights' dtype): float32 rows by either weight dtype, and bf16 rows by bf16 weights (a bf16 model's
+# decoding step: AVX512-BF16 pairs where the CPU has them, else x widened)
+DTYPES = [('float32', 'float32'), ('float32', 'bfloat16'), ('bfloat16', 'bfloat16')]
+DTYPE_IDS = ['f32_by_f32', 'f32_by_bf16', 'bf16_by_bf16']
+
+
+@pytest.mark.parametrize('x_dtype, dtype', DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize('transposed', [False, True], ids=['kernel_KN', 'table_NK'])
 @pytest.mark.parametrize('rows', [1, 3, 8])  # the kernel takes 8; dot_general sends it max_rows
 @pytest.mark.parametrize('k, n', SHAPES)
-def test_kernel_equals_float64_product(k, n, rows, transposed, dtype):
-  assert_kernel_equals_float64_product(k, n, rows, transposed, dtype, seed=rows)
+def test_kernel_equals_float64_product(k, n, rows, transposed, x_dtype, dtype):
+  assert_kernel_equals_float64_product(k, n, rows, transposed, dtype, seed=rows, x_dtype=x_dtype)
 
 
 def assert_kernel_equals_float64_product(
-  k, n, rows, transposed, dtype, seed, product=skinny_matmul.matmul
+  k, n, rows, transposed, dtype, seed, product=skinny_matmul.matmul, x_dtype='float32'
 ):
   """``product(x, w, transposed)`` (the kernel, or a build of it) against the float64 product."""
   kx, kw = jax.random.split(jax.random.key(seed))
-  x = jax.random.normal(kx, (rows, k), jnp.float32)
+  x = jax.random.normal(kx, (rows, k), x_dtype)
   w = jax.random.normal(kw, (n, k) if transposed else (k, n), dtype)
   out = jax.jit(product, static_argnums=2)(x, w, transposed)
   assert out.shape == (rows, n) and out.dtype == jnp.float32
   np.testing.assert_allclose(
     out,
-    float64_product(x, w, transposed),
+    float64_product(x.astype(jnp.float32), w, transposed),
     rtol=1e-5,
     atol=1e-5,
-    err_msg=f'{k}x{n}, {rows} rows, transposed={transposed}, {dtype}',
+    err_msg=f'{k}x{n}, {rows} rows, transposed={transposed}, {x_dtype} by {dtype}',
   )
 
 
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('x_dtype, dtype', DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize('transposed', [False, True], ids=['kernel_KN', 'table_NK'])
-def test_kernel_at_every_row_count(transposed, dtype):
-  """The AVX-512 blocks are compiled once per row count (1 to 8): every count gets its own rows right."""
+def test_kernel_at_every_row_count(transposed, x_dtype, dtype):
+  """The AVX-512 blocks are compiled once per row count (1 to 8): every count gets its own rows right. K = 37 and
+  301 leave 5 and 1 weight rows after the bf16 pairs' passes of 8 (an odd last row paired with zeros)."""
   for rows in range(1, skinny_matmul.KERNEL_ROWS + 1):
-    assert_kernel_equals_float64_product(*SHAPES[0], rows, transposed, dtype, seed=100 + rows)
+    for k, n in SHAPES:
+      assert_kernel_equals_float64_product(
+        k, n, rows, transposed, dtype, 100 + rows, x_dtype=x_dtype
+      )
+
+
+def test_bf16_rows_by_bf16_weights_stay_bf16():
+  """A bf16 model's few-row product hands the kernel its bf16 rows as they are (not a float32 copy), and gets the
+  float32 product of the same values."""
+  x = jax.random.normal(jax.random.key(0), (3, 40), jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (40, 33), jnp.bfloat16)
+  dims = (((1,), (0,)), ((), ()))
+  text = jax.jit(lambda x, w: dot_general(x, w, dims)).lower(x, w).compile().as_text()
+  (call,) = [line for line in text.splitlines() if skinny_matmul.TARGET in line]
+  assert 'operand_layout_constraints={bf16[3,40]{1,0}, bf16[40,33]{1,0}}' in call, call
+  wide = skinny_matmul.matmul(x.astype(jnp.float32), w, False)
+  np.testing.assert_allclose(skinny_matmul.matmul(x, w, False), wide, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif(
@@ -67,7 +90,8 @@ def test_kernel_at_every_row_count(transposed, dtype):
 )
 def test_portable_blocks_built_without_avx512(monkeypatch, tmp_path):
   """The kernel built for AVX2 alone (``-march=x86-64-v3``), as on a CPU without AVX-512, where its portable loops
-  run instead of skinny_avx512.h's blocks: equal to the float64 product for both weight dtypes and layouts."""
+  run instead of skinny_avx512.h's blocks: equal to the float64 product for every pair of dtypes (bf16 rows widened)
+  and both layouts."""
   flags = tuple('-march=x86-64-v3' if f == '-march=native' else f for f in cpu_build.FLAGS)
   monkeypatch.setattr(cpu_build, 'FLAGS', flags)
   monkeypatch.setenv('TRANSFORMER_JAX_CACHE', str(tmp_path))
@@ -82,10 +106,12 @@ def test_portable_blocks_built_without_avx512(monkeypatch, tmp_path):
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     return jax.ffi.ffi_call(target, out)(x, w, transposed=transposed)
 
-  for (k, n), rows, transposed, dtype in itertools.product(
-    SHAPES, (1, 3, 8), (False, True), ('float32', 'bfloat16')
+  for (k, n), rows, transposed, (x_dtype, dtype) in itertools.product(
+    SHAPES, (1, 3, 8), (False, True), DTYPES
   ):
-    assert_kernel_equals_float64_product(k, n, rows, transposed, dtype, seed=rows, product=portable)
+    assert_kernel_equals_float64_product(
+      k, n, rows, transposed, dtype, rows, product=portable, x_dtype=x_dtype
+    )
 
 
 def test_products_from_several_threads_at_once():

@@ -119,11 +119,12 @@ void kn_rows(const float* x, const Weight* w, float* acc, int64_t k_dim, int64_t
   }
 }
 
-// f(std::integral_constant<int64_t, rows>{}) for a row count known only at run time (1 to kMaxRows): the blocks
-// below take it as a template argument.
+// f(std::integral_constant<int64_t, count>{}) for a count known only at run time (1 to 8: kMaxRows rows of x, or
+// the weight rows of a pass in skinny_bf16_pairs.h): the blocks below take it as a template argument.
 template <typename F>
-void with_rows(int64_t rows, F f) {
-  switch (rows) {
+void with_count(int64_t count, F f) {
+  static_assert(kMaxRows == 8);
+  switch (count) {
     case 1: return f(std::integral_constant<int64_t, 1>{});
     case 2: return f(std::integral_constant<int64_t, 2>{});
     case 3: return f(std::integral_constant<int64_t, 3>{});
@@ -138,7 +139,7 @@ void with_rows(int64_t rows, F f) {
 template <typename Weight>
 void kn_accumulate_avx512(const float* x, const Weight* w, float* acc, int64_t rows, int64_t k_dim, int64_t n_dim,
                           int64_t k0, int64_t k1, int64_t n0, int64_t width) {
-  with_rows(rows, [&](auto r) { kn_rows<decltype(r)::value>(x, w, acc, k_dim, n_dim, k0, k1, n0, width); });
+  with_count(rows, [&](auto r) { kn_rows<decltype(r)::value>(x, w, acc, k_dim, n_dim, k0, k1, n0, width); });
 }
 
 // dst[0:n] = src[0:n] with each whole group of 32 permuted (its first 16 outputs picked by `first`, its next 16 by
@@ -203,7 +204,7 @@ void nk_rows(const float* xp, const Weight* w, float* out, int64_t k_dim, int64_
 template <typename Weight>
 void nk_block_avx512(const float* xp, const Weight* w, float* out, int64_t rows, int64_t k_dim, int64_t n_dim,
                      int64_t n0, int64_t n1) {
-  with_rows(rows, [&](auto r) { nk_rows<decltype(r)::value>(xp, w, out, k_dim, n_dim, n0, n1); });
+  with_count(rows, [&](auto r) { nk_rows<decltype(r)::value>(xp, w, out, k_dim, n_dim, n0, n1); });
 }
 
 }  // namespace transformer_jax

@@ -9,7 +9,9 @@
 // between a decoding step's products (awake_helpers.h), or over XLA's intra-op pool when those are busy.
 // Compiled with -march=native by transformer_jax/kernels/cpu_build.py, so the portable loops below vectorise for the
 // host's ISA; with AVX-512, float32 and bfloat16 weights take the blocks of skinny_avx512.h instead (two instructions
-// widen 32 bfloat16 weights; the rows ahead are prefetched per cache line).
+// widen 32 bfloat16 weights; the rows ahead are prefetched per cache line). x is float32 or bfloat16: bfloat16 rows
+// by bfloat16 weights (a bf16 model's step) run as AVX512-BF16 dot products of pairs where the CPU has them
+// (skinny_bf16_pairs.h), any other bfloat16 rows are widened first.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -21,6 +23,7 @@
 #include "skinny_limits.h"
 #if defined(__AVX512F__)
 #include "skinny_avx512.h"
+#include "skinny_bf16_pairs.h"
 #endif
 
 namespace ffi = xla::ffi;
@@ -108,25 +111,37 @@ void nk_block(const float* x, const Weight* w, float* out, int64_t rows, int64_t
   }
 }
 
+#if defined(TRANSFORMER_JAX_BF16_PAIRS)
+// kn_block for bfloat16 rows of x by bfloat16 weights, by AVX512-BF16's pairs (skinny_bf16_pairs.h).
+void kn_pair_block(const uint16_t* x, const uint16_t* w, float* part, int64_t rows, int64_t k_dim, int64_t n_dim,
+                   int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
+  float acc[kAccumulators];
+  const int64_t width = n1 - n0;
+  std::fill(acc, acc + rows * width, 0.f);
+  transformer_jax::kn_accumulate_pairs(x, w, acc, rows, k_dim, n_dim, k0, k1, n0, width);
+  for (int64_t m = 0; m < rows; ++m) transformer_jax::store_pairs_in_order(acc + m * width, part + m * n_dim + n0, width);
+}
+#endif
+
 // A (K, N) weight is cut into column strips whose accumulators fit kAccumulators and, when that leaves fewer
 // blocks than twice the pool's threads, into slices of K too: each slice sums into its own partial output, and the
-// partials are added in a fixed order, so results never depend on the thread count's timing.
-template <typename Weight>
-void kn_product(ffi::ThreadPool& pool, const float* x, const Weight* w, float* out, int64_t rows, int64_t k_dim,
-                int64_t n_dim) {
+// partials are added in a fixed order, so results never depend on the thread count's timing. block(part, k0, k1,
+// n0, n1) is kn_block or kn_pair_block on this product's operands.
+template <typename Block>
+void kn_product(ffi::ThreadPool& pool, float* out, int64_t rows, int64_t k_dim, int64_t n_dim, Block block) {
   const int64_t columns = std::max<int64_t>(16, (kAccumulators / rows) / 16 * 16);
   const int64_t strips = (n_dim + columns - 1) / columns;
   const int64_t wanted = 2 * std::max<int64_t>(1, pool.num_threads());
   const int64_t slices = std::clamp<int64_t>((wanted + strips - 1) / strips, 1, std::max<int64_t>(1, k_dim / 64));
   const int64_t depth = (k_dim + slices - 1) / slices;
   std::vector<float> partials(slices > 1 ? (slices - 1) * rows * n_dim : 0);
-  transformer_jax::run_blocks_awake(pool, strips * slices, [=, &partials](int64_t block) {
-    const int64_t slice = block / strips, strip = block % strips;
+  transformer_jax::run_blocks_awake(pool, strips * slices, [=, &partials](int64_t index) {
+    const int64_t slice = index / strips, strip = index % strips;
     const int64_t n0 = strip * columns, n1 = std::min(n_dim, n0 + columns);
     const int64_t k0 = slice * depth, k1 = std::min(k_dim, k0 + depth);
     float* part = slice == 0 ? out : partials.data() + (slice - 1) * rows * n_dim;
     if (k0 < k1) {
-      kn_block<Weight>(x, w, part, rows, k_dim, n_dim, k0, k1, n0, n1);
+      block(part, k0, k1, n0, n1);
     } else {
       for (int64_t m = 0; m < rows; ++m) std::fill(part + m * n_dim + n0, part + m * n_dim + n1, 0.f);
     }
@@ -149,7 +164,11 @@ void table_blocks(ffi::ThreadPool& pool, int64_t n_dim, Block block) {
 template <typename Weight>
 void product(ffi::ThreadPool& pool, const float* x, const Weight* w, float* out, int64_t rows, int64_t k_dim,
              int64_t n_dim, bool transposed) {
-  if (!transposed) return kn_product<Weight>(pool, x, w, out, rows, k_dim, n_dim);
+  if (!transposed) {
+    return kn_product(pool, out, rows, k_dim, n_dim, [=](float* part, int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
+      kn_block<Weight>(x, w, part, rows, k_dim, n_dim, k0, k1, n0, n1);
+    });
+  }
 #if defined(__AVX512F__)
   const float* xp = x;
   std::vector<float> paired;
@@ -166,8 +185,23 @@ void product(ffi::ThreadPool& pool, const float* x, const Weight* w, float* out,
 #endif
 }
 
-ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                         ffi::ResultBuffer<ffi::F32> out, bool transposed) {
+#if defined(TRANSFORMER_JAX_BF16_PAIRS)
+// product for bfloat16 rows of x by bfloat16 weights, by AVX512-BF16's pairs.
+void pair_product(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float* out, int64_t rows,
+                  int64_t k_dim, int64_t n_dim, bool transposed) {
+  if (!transposed) {
+    return kn_product(pool, out, rows, k_dim, n_dim, [=](float* part, int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
+      kn_pair_block(x, w, part, rows, k_dim, n_dim, k0, k1, n0, n1);
+    });
+  }
+  table_blocks(pool, n_dim, [=](int64_t n0, int64_t n1) {
+    transformer_jax::nk_block_pairs(x, w, out, rows, k_dim, n_dim, n0, n1);
+  });
+}
+#endif
+
+ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> out,
+                         bool transposed) {
   const auto x_dims = x.dimensions();
   const auto w_dims = w.dimensions();
   if (x_dims.size() != 2 || w_dims.size() != 2) return ffi::Error::InvalidArgument("x and W must be matrices");
@@ -175,14 +209,29 @@ ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Any
   const int64_t n_dim = transposed ? w_dims[0] : w_dims[1];
   if (rows > kMaxRows) return ffi::Error::InvalidArgument("skinny_matmul takes at most 8 rows");
   if ((transposed ? w_dims[1] : w_dims[0]) != k_dim) return ffi::Error::InvalidArgument("x and W disagree on K");
-  if (w.element_type() == ffi::BF16) {
-    product(pool, x.typed_data(), reinterpret_cast<const uint16_t*>(w.untyped_data()), out->typed_data(), rows,
-            k_dim, n_dim, transposed);
-  } else if (w.element_type() == ffi::F32) {
-    product(pool, x.typed_data(), reinterpret_cast<const float*>(w.untyped_data()), out->typed_data(), rows, k_dim,
-            n_dim, transposed);
+  const bool x_bf16 = x.element_type() == ffi::BF16, w_bf16 = w.element_type() == ffi::BF16;
+  if ((!x_bf16 && x.element_type() != ffi::F32) || (!w_bf16 && w.element_type() != ffi::F32)) {
+    return ffi::Error::InvalidArgument("x and W must be bfloat16 or float32");
+  }
+  const auto* x_bits = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  const auto* w_bits = reinterpret_cast<const uint16_t*>(w.untyped_data());
+#if defined(TRANSFORMER_JAX_BF16_PAIRS)
+  if (x_bf16 && w_bf16) {
+    pair_product(pool, x_bits, w_bits, out->typed_data(), rows, k_dim, n_dim, transposed);
+    return ffi::Error::Success();
+  }
+#endif
+  std::vector<float> widened;  // bfloat16 rows of x, as float32 (the same values) for the blocks below
+  if (x_bf16) {
+    widened.resize(rows * k_dim);
+    std::transform(x_bits, x_bits + rows * k_dim, widened.begin(), [](uint16_t v) { return widen(v); });
+  }
+  const float* xf = x_bf16 ? widened.data() : reinterpret_cast<const float*>(x.untyped_data());
+  if (w_bf16) {
+    product(pool, xf, w_bits, out->typed_data(), rows, k_dim, n_dim, transposed);
   } else {
-    return ffi::Error::InvalidArgument("W must be bfloat16 or float32");
+    product(pool, xf, reinterpret_cast<const float*>(w.untyped_data()), out->typed_data(), rows, k_dim, n_dim,
+            transposed);
   }
   return ffi::Error::Success();
 }
@@ -192,7 +241,7 @@ ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Any
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TransformerJaxSkinnyMatmul, skinny_matmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transposed"));
