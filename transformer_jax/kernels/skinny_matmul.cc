@@ -9,9 +9,9 @@
 // between a decoding step's products (awake_helpers.h), or over XLA's intra-op pool when those are busy.
 // Compiled with -march=native by transformer_jax/kernels/cpu_build.py, so the portable loops below vectorise for the
 // host's ISA; with AVX-512, float32 and bfloat16 weights take the blocks of skinny_avx512.h instead (two instructions
-// widen 32 bfloat16 weights; the rows ahead are prefetched per cache line). x is float32 or bfloat16: bfloat16 rows
-// by bfloat16 weights (a bf16 model's step) run as AVX512-BF16 dot products of pairs where the CPU has them
-// (skinny_bf16_pairs.h), any other bfloat16 rows are widened first.
+// widen 32 bfloat16 weights; the rows ahead are prefetched per cache line). x is float32 or bfloat16: two or more bfloat16
+// rows by bfloat16 weights (a bf16 model's batched step) run as AVX512-BF16 dot products of pairs where the CPU has
+// them (skinny_bf16_pairs.h); any other bfloat16 rows are widened first.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -186,6 +186,11 @@ void product(ffi::ThreadPool& pool, const float* x, const Weight* w, float* out,
 }
 
 #if defined(TRANSFORMER_JAX_BF16_PAIRS)
+// The fewest rows of x that take the pairs. One row is bound by memory either way, and whole decodes with one
+// sequence were 1-3% slower with the pairs (bf16 GPT-2 small on Zen 4, 8.30-8.48 -> 8.52-8.59 ms a token); from two
+// rows, where a weight row serves several rows of x, they are faster (its tied head at 2 rows: 2.99 -> 2.09 ms).
+constexpr int64_t kPairRows = 2;
+
 // product for bfloat16 rows of x by bfloat16 weights, by AVX512-BF16's pairs.
 void pair_product(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* w, float* out, int64_t rows,
                   int64_t k_dim, int64_t n_dim, bool transposed) {
@@ -216,7 +221,7 @@ ffi::Error skinny_matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   const auto* x_bits = reinterpret_cast<const uint16_t*>(x.untyped_data());
   const auto* w_bits = reinterpret_cast<const uint16_t*>(w.untyped_data());
 #if defined(TRANSFORMER_JAX_BF16_PAIRS)
-  if (x_bf16 && w_bf16) {
+  if (x_bf16 && w_bf16 && rows >= kPairRows) {
     pair_product(pool, x_bits, w_bits, out->typed_data(), rows, k_dim, n_dim, transposed);
     return ffi::Error::Success();
   }

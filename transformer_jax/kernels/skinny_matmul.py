@@ -3,9 +3,9 @@
 A decoding step multiplies one row per sequence by every weight, so it is bound by the bytes it reads. XLA:CPU
 computes a one-row product with bfloat16 weights one element at a time (about 2 GB/s against 50-70 for float32), so
 bfloat16 weights, half the bytes, decode slower than float32 ones. :func:`matmul` runs ``skinny_matmul.cc``: each
-weight read once, widened to float32 in registers, accumulated in float32; a bf16 model's bf16 rows by bf16 weights
-run as AVX512-BF16 dot products of pairs where the CPU has them, which at 8 rows (batched decoding, beam search) do
-half the arithmetic. :mod:`transformer_jax.modules.dot` sends it the products of at most :func:`max_rows` rows on the
+weight read once, widened to float32 in registers, accumulated in float32; a bf16 model's bf16 rows by bf16 weights,
+from 2 rows (batched decoding, beam search), run as AVX512-BF16 dot products of pairs where the CPU has them, half
+the arithmetic. :mod:`transformer_jax.modules.dot` sends it the products of at most :func:`max_rows` rows on the
 CPU.
 
 The kernel is differentiable (its tangent is two XLA products) and vmappable (one call per example). It is built
@@ -79,8 +79,9 @@ def reference(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
 def matmul(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
   """``(M, K) x W -> (M, N)`` float32 by the kernel (CPU only; ``M <= KERNEL_ROWS``); see :func:`reference`.
 
-  ``x`` and ``w`` are float32 or bfloat16. bf16 by bf16 runs as AVX512-BF16 dot products of pairs where the CPU has
-  them (each product exact in float32, as in XLA's bf16 product), else widened like every other pair of dtypes."""
+  ``x`` and ``w`` are float32 or bfloat16. bf16 by bf16 at 2 rows or more runs as AVX512-BF16 dot products of pairs
+  where the CPU has them (each product exact in float32, as in XLA's bf16 product), else widened like every other
+  pair of dtypes."""
   if not available():
     raise RuntimeError('the skinny_matmul CPU kernel could not be built; see the logged warning')
   n = w.shape[0] if transposed else w.shape[1]
