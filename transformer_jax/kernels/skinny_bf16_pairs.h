@@ -1,5 +1,5 @@
-// The blocks of skinny_matmul.cc for bfloat16 rows of x by bfloat16 weights (a dtype='bfloat16' model's decoding
-// steps and beam searches) on CPUs with AVX512-BF16. vdpbf16ps (bf16_gemm.h) multiplies 16 pairs of bfloat16 and adds
+// The blocks of skinny_matmul.cc for bfloat16 rows of x by bfloat16 weights (a dtype='bfloat16' model's batched
+// decoding steps and beam searches, from skinny_matmul.cc's kPairRows rows) on CPUs with AVX512-BF16. vdpbf16ps (bf16_gemm.h) multiplies 16 pairs of bfloat16 and adds
 // both products of each pair to a float32 sum, where skinny_avx512.h's blocks widen every weight to float32 first and
 // spend one FMA on it: half the multiply instructions, none to widen, and x half the bytes. Each product of two
 // bfloat16 values is exact in float32, so the results differ from the widening blocks' only in the order of the sums
@@ -14,7 +14,6 @@
 
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
