@@ -1,9 +1,10 @@
 // The blocks of skinny_matmul.cc for bfloat16 rows of x by bfloat16 weights (a dtype='bfloat16' model's batched
-// decoding steps and beam searches, from skinny_matmul.cc's kPairRows rows) on CPUs with AVX512-BF16. vdpbf16ps (bf16_gemm.h) multiplies 16 pairs of bfloat16 and adds
-// both products of each pair to a float32 sum, where skinny_avx512.h's blocks widen every weight to float32 first and
-// spend one FMA on it: half the multiply instructions, none to widen, and x half the bytes. Each product of two
-// bfloat16 values is exact in float32, so the results differ from the widening blocks' only in the order of the sums
-// (and in that the instruction flushes subnormal inputs to zero).
+// decoding steps and beam searches, from skinny_matmul.cc's kPairRows rows) on CPUs with AVX512-BF16. vdpbf16ps
+// (bf16_gemm.h) multiplies 16 pairs of bfloat16 and adds both products of each pair to a float32 sum, where
+// skinny_avx512.h's blocks widen every weight to float32 first and spend one FMA on it: half the multiply
+// instructions, none to widen, and x half the bytes. Each product of two bfloat16 values is exact in float32, so the
+// results differ from the widening blocks' only in the order of the sums (and in that the instruction flushes
+// subnormal inputs to zero).
 //
 // An (N, K) table row holds its pairs over K in order, so a 512-bit load of weights meets a 512-bit load of x. A
 // (K, N) weight pairs rows k and k + 1 by interleaving their 16-bit words (vpunpcklwd / vpunpckhwd), which works
@@ -132,7 +133,9 @@ void nk_pair_rows(const uint16_t* x, const uint16_t* w, float* out, int64_t k_di
     if (k < grouped) {
       if (ahead) prefetch_group<_MM_HINT_T0>(ahead + k);
       const __m512bh w0 = as_pairs(load32(row + k));
-      for (int64_t m = 0; m < kRows; ++m) first[m] = _mm512_dpbf16_ps(first[m], as_pairs(load32(x + m * k_dim + k)), w0);
+      for (int64_t m = 0; m < kRows; ++m) {
+        first[m] = _mm512_dpbf16_ps(first[m], as_pairs(load32(x + m * k_dim + k)), w0);
+      }
     }
     for (int64_t m = 0; m < kRows; ++m) {
       const uint16_t* xm = x + m * k_dim;

@@ -9,9 +9,9 @@
 // between a decoding step's products (awake_helpers.h), or over XLA's intra-op pool when those are busy.
 // Compiled with -march=native by transformer_jax/kernels/cpu_build.py, so the portable loops below vectorise for the
 // host's ISA; with AVX-512, float32 and bfloat16 weights take the blocks of skinny_avx512.h instead (two instructions
-// widen 32 bfloat16 weights; the rows ahead are prefetched per cache line). x is float32 or bfloat16: two or more bfloat16
-// rows by bfloat16 weights (a bf16 model's batched step) run as AVX512-BF16 dot products of pairs where the CPU has
-// them (skinny_bf16_pairs.h); any other bfloat16 rows are widened first.
+// widen 32 bfloat16 weights; the rows ahead are prefetched per cache line). x is float32 or bfloat16: two or more
+// bfloat16 rows by bfloat16 weights (a bf16 model's batched step) run as AVX512-BF16 dot products of pairs where the
+// CPU has them (skinny_bf16_pairs.h); any other bfloat16 rows are widened first.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -119,7 +119,9 @@ void kn_pair_block(const uint16_t* x, const uint16_t* w, float* part, int64_t ro
   const int64_t width = n1 - n0;
   std::fill(acc, acc + rows * width, 0.f);
   transformer_jax::kn_accumulate_pairs(x, w, acc, rows, k_dim, n_dim, k0, k1, n0, width);
-  for (int64_t m = 0; m < rows; ++m) transformer_jax::store_pairs_in_order(acc + m * width, part + m * n_dim + n0, width);
+  for (int64_t m = 0; m < rows; ++m) {
+    transformer_jax::store_pairs_in_order(acc + m * width, part + m * n_dim + n0, width);
+  }
 }
 #endif
 
